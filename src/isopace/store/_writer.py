@@ -1,0 +1,142 @@
+"""The group-commit writer: one thread that owns a database connection and writes batches.
+
+``record`` callers hand a row and a future to the writer and await the future. The thread takes
+everything queued (up to ``max_batch``) and writes it in ONE database transaction, so a single
+fsync makes a whole batch durable; then it settles each caller's future (one wake-up per event
+loop per batch). While a batch is being written the next one accumulates: the busier the system,
+the bigger the batches, the fewer fsyncs per event. With ``group_commit=False`` each row is its
+own transaction (one fsync per event), which is what group commit is measured against.
+
+A failed batch fails every future in it with the error; the writer keeps going and reconnects
+when needed, so a transient condition (disk full, then space freed) heals by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from isopace.store.errors import JournalError
+
+T = TypeVar("T")
+C = TypeVar("C")
+
+log = logging.getLogger("isopace.store")
+
+_Item = tuple[T, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+class GroupWriter(Generic[T, C]):
+    """A writer thread that applies batches of ``T`` through a connection ``C``."""
+
+    def __init__(
+        self,
+        *,
+        connect: Callable[[], C],
+        apply: Callable[[C, list[T]], None],
+        disconnect: Callable[[C], None],
+        describe: Callable[[BaseException], str],
+        group_commit: bool = True,
+        max_batch: int = 1024,
+        name: str = "isopace-journal-writer",
+    ) -> None:
+        self._connect = connect
+        self._apply = apply
+        self._disconnect = disconnect
+        self._describe = describe
+        self._group_commit = group_commit
+        self._max_batch = max_batch if group_commit else 1
+        self._queue: queue.SimpleQueue[_Item[T] | None] = queue.SimpleQueue()
+        self._conn: C | None = None
+        self._closed = False
+        self.batches = 0
+        self.rows = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, row: T) -> asyncio.Future[None]:
+        if self._closed:
+            raise JournalError("journal is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._queue.put((row, loop, fut))
+        return fut
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread (blocking)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._write(batch)
+        if self._conn is not None:
+            try:
+                self._disconnect(self._conn)
+            except Exception:  # pragma: no cover - closing a broken connection
+                log.exception("journal: closing the connection failed")
+            self._conn = None
+
+    def _write(self, batch: list[_Item[T]]) -> None:
+        error: BaseException | None = None
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            self._apply(self._conn, [row for row, _, _ in batch])
+            self.batches += 1
+            self.rows += len(batch)
+        except Exception as exc:
+            error = JournalError(self._describe(exc))
+            error.__cause__ = exc
+            log.warning(
+                "journal: batch of %d rows failed: %s",
+                len(batch),
+                error,
+                extra={"rows": len(batch), "error": str(error)},
+            )
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    self._disconnect(conn)
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for _, loop, fut in batch:
+            by_loop.setdefault(loop, []).append(fut)
+        for loop, futures in by_loop.items():
+            # RuntimeError: the loop is closed, nobody is waiting any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, futures, error)

@@ -1,0 +1,182 @@
+"""Card data protection for journal records.
+
+Nothing a journal writes may hold card data in clear. :class:`CardDataProtector` turns a message
+into what a record may keep:
+
+- the PAN (DE 2, or the PAN inside track 2 when DE 2 is absent) as first 6 / last 4 digits plus a
+  keyed HMAC-SHA256 fingerprint, so operators can still find every record of one card
+  (:meth:`CardDataProtector.fingerprint`) without the journal ever holding the number;
+- track 1 / track 2 / track 3 (DE 45, 35, 36) and the PIN block (DE 52) removed;
+- EMV card tags inside DE 55 removed: 5A (PAN), 57 (track 2 equivalent), 56 (track 1 equivalent),
+  9F6B (track 2 data), 9F1F / 9F20 (track discretionary data), 5F20 (cardholder name),
+  5F24 (expiry).
+  A DE 55 that does not parse as BER-TLV is dropped whole: what cannot be inspected is not kept.
+
+The protected message is ``message.to_json(redact=True)`` of the message with DE 55 filtered, so
+``Message.from_json`` rebuilds it for recovery, with ``redacted`` naming the removed fields.
+
+Free text (abort causes) goes through :func:`scrub_text`, which masks any run of 12 to 19 digits.
+
+Without an HMAC key no fingerprint is stored (searching by card is then unavailable): a key kept
+in the same database as the fingerprints would make them reversible by brute force over the six
+hidden digits, so the key must come from the application's configuration, never from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from isopace.iso8583 import Message
+
+__all__ = [
+    "EMV_CARD_TAGS",
+    "CardDataProtector",
+    "ProtectedMessage",
+    "mask_pan",
+    "scrub_text",
+    "strip_emv_card_tags",
+]
+
+#: EMV tags removed from DE 55 before a message is journalled.
+EMV_CARD_TAGS = frozenset({"5A", "57", "56", "9F6B", "9F1F", "9F20", "5F20", "5F24"})
+
+_DIGITS = re.compile(r"(?<!\d)\d{12,19}(?!\d)")
+_TRACK2_PAN = re.compile(r"^;?(\d{12,19})[=D]")
+
+
+def mask_pan(pan: str) -> str:
+    """Keep the first 6 and last 4 digits, ``*`` for the rest (short numbers: last 4 only)."""
+    pan = pan.strip()
+    if len(pan) >= 13:
+        return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+    return "*" * max(len(pan) - 4, 0) + pan[-4:]
+
+
+def scrub_text(text: str) -> str:
+    """Mask every run of 12 to 19 digits (a possible PAN) in free text such as an error message."""
+    return _DIGITS.sub(lambda m: mask_pan(m.group(0)), text)
+
+
+def _read_tag(data: bytes, i: int) -> tuple[bytes, int]:
+    start = i
+    first = data[i]
+    i += 1
+    if first & 0x1F == 0x1F:
+        while True:
+            if i >= len(data):
+                raise ValueError("truncated tag")
+            b = data[i]
+            i += 1
+            if not b & 0x80:
+                break
+    return data[start:i], i
+
+
+def _read_length(data: bytes, i: int) -> tuple[int, int]:
+    if i >= len(data):
+        raise ValueError("missing length")
+    first = data[i]
+    i += 1
+    if first < 0x80:
+        return first, i
+    n = first & 0x7F
+    if n == 0 or n > 4 or i + n > len(data):
+        raise ValueError("bad length")
+    return int.from_bytes(data[i : i + n], "big"), i + n
+
+
+def strip_emv_card_tags(data: bytes, tags: frozenset[str] = EMV_CARD_TAGS) -> bytes:
+    """Return BER-TLV ``data`` without the given tags (searched inside constructed tags too).
+
+    Raises ``ValueError`` when ``data`` is not well-formed BER-TLV.
+    """
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        if data[i] in (0x00, 0xFF):  # padding between objects
+            i += 1
+            continue
+        tag, i = _read_tag(data, i)
+        length, i = _read_length(data, i)
+        if i + length > len(data):
+            raise ValueError("value runs past the end")
+        value = data[i : i + length]
+        i += length
+        if tag.hex().upper() in tags:
+            continue
+        if tag[0] & 0x20:  # constructed: filter what it contains
+            value = strip_emv_card_tags(value, tags)
+        out += tag + _encode_length(len(value)) + value
+    return bytes(out)
+
+
+def _encode_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectedMessage:
+    """What a record may keep of a message: the redacted JSON and the PAN's masked form and HMAC."""
+
+    json: str
+    pan_masked: str | None
+    pan_hmac: str | None
+
+
+class CardDataProtector:
+    """Protects messages for storage; ``hmac_key`` (bytes or str) keys the PAN fingerprints."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, hmac_key: bytes | str | None = None) -> None:
+        if isinstance(hmac_key, str):
+            hmac_key = hmac_key.encode()
+        if hmac_key is not None and not hmac_key:
+            raise ValueError("hmac_key must not be empty")
+        self._key = hmac_key
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    def fingerprint(self, pan: str) -> str | None:
+        """The keyed HMAC-SHA256 (hex) of a PAN, or None without a key."""
+        if self._key is None:
+            return None
+        return hmac.new(self._key, pan.strip().encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def pan_of(message: Message) -> str | None:
+        """The PAN of a message: DE 2, else the PAN part of track 2 (DE 35)."""
+        pan = message.get(2)
+        if isinstance(pan, str) and pan:
+            return pan
+        track2 = message.get(35)
+        if isinstance(track2, str):
+            m = _TRACK2_PAN.match(track2)
+            if m:
+                return m.group(1)
+        return None
+
+    def protect(self, message: Message) -> ProtectedMessage:
+        """Protect ``message`` for storage (see the module docstring)."""
+        if 55 in message:
+            raw = message.get(55)
+            try:
+                data = raw if isinstance(raw, bytes) else bytes.fromhex(str(raw))
+                message = message.set(55, strip_emv_card_tags(data))
+            except ValueError:
+                message = message.remove(55)
+        pan = self.pan_of(message)
+        text = message.to_json(redact=True)
+        if pan is None:
+            return ProtectedMessage(text, None, None)
+        return ProtectedMessage(text, mask_pan(pan), self.fingerprint(pan))
