@@ -6,32 +6,34 @@ Two backends with one interface (`Ledger`): `SqliteLedger` (standard library, th
 Money model (amounts in minor units, integers):
 
 - ``accounts``: ``opening`` (the balance when the account was created), ``balance`` (posted) and
-  ``held`` (the sum of open holds). Available funds are ``balance - held``; the database refuses any
-  row where that goes negative (a CHECK constraint), as a last line of defence.
-- ``holds``: one row per transaction id (the flow's exchange id), the reservation made in the prepare
-  pass. States: ``pending`` (prepared, outcome not known yet), ``authorized`` (an 0100 committed: the
-  funds stay held), ``captured`` (an 0200 committed: posted to the balance), ``released`` (aborted or an
-  authorization reversed) and ``refunded`` (a captured transaction reversed).
+  ``held`` (the sum of open holds). Available funds are ``balance - held``; the database refuses
+  any row where that goes negative (a CHECK constraint), as a last line of defence.
+- ``holds``: one row per transaction id (the flow's exchange id), the reservation made in the
+  prepare pass. States: ``pending`` (prepared, outcome not known yet), ``authorized`` (an 0100
+  committed: the funds stay held), ``captured`` (an 0200 committed: posted to the balance),
+  ``released`` (aborted or an authorization reversed) and ``refunded`` (a captured transaction
+  reversed).
 - ``captures``: one row per captured transaction (the posting), with ``refunded_at`` once reversed.
 
-Concurrency: a hold is taken by one conditional statement, ``UPDATE accounts SET held = held + :amount
-WHERE id = :account AND balance - held >= :amount``, in the same database transaction as the hold's
-INSERT (on PostgreSQL a single ``WITH ... UPDATE ... INSERT`` statement). Two holds racing for the last
-funds cannot both succeed: the database serialises the row update and re-checks the condition.
+Concurrency: a hold is taken by one conditional statement, ``UPDATE accounts SET held = held +
+:amount WHERE id = :account AND balance - held >= :amount``, in the same database transaction as
+the hold's INSERT (on PostgreSQL a single ``WITH ... UPDATE ... INSERT`` statement). Two holds
+racing for the last funds cannot both succeed: the database serialises the row update and re-checks
+the condition.
 
-Idempotency: ``capture``, ``authorize``, ``release`` and ``refund`` are conditional state transitions
-(``UPDATE holds ... WHERE txn_id = ? AND state IN (...)``); running one twice, as crash recovery may,
-changes nothing the second time. ``reserve`` of a transaction id that already has a hold returns the
-existing outcome instead of holding twice.
+Idempotency: ``capture``, ``authorize``, ``release`` and ``refund`` are conditional state
+transitions (``UPDATE holds ... WHERE txn_id = ? AND state IN (...)``); running one twice, as crash
+recovery may, changes nothing the second time. ``reserve`` of a transaction id that already has a
+hold returns the existing outcome instead of holding twice.
 
-Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under a key kept in
-the ledger's ``meta`` table (generated on first start; a production issuer keeps it in an HSM or KMS),
-with the masked PAN (first 6 / last 4) for display.
+Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under a key
+kept in the ledger's ``meta`` table (generated on first start; a production issuer keeps it in an
+HSM or KMS), with the masked PAN (first 6 / last 4) for display.
 
-The SQLite backend runs every operation on one writer thread that batches whatever is queued into one
-SQLite transaction (group commit, ``synchronous=FULL`` by default), each operation inside its own
-SAVEPOINT so one failure does not affect its neighbours. Operations apply in the order they were
-submitted, so a release queued after a reserve always sees the hold.
+The SQLite backend runs every operation on one writer thread that batches whatever is queued into
+one SQLite transaction (group commit, ``synchronous=FULL`` by default), each operation inside its
+own SAVEPOINT so one failure does not affect its neighbours. Operations apply in the order they
+were submitted, so a release queued after a reserve always sees the hold.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from isopace.host.errors import LedgerError
 
 if TYPE_CHECKING:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
 __all__ = [
     "Account",
@@ -194,7 +196,7 @@ def _now() -> str:
 
 
 class Ledger(abc.ABC):
-    """The operations the host's stages need. Every method is a coroutine; see the module docstring."""
+    """The operations the host's stages need; every method is a coroutine (see the module doc)."""
 
     _pan_key: bytes = b""
 
@@ -375,7 +377,8 @@ def _check_rows(
     for account_id, opening, balance, held, captured, open_holds in rows:
         if balance != opening - captured:
             problems.append(
-                f"account {account_id}: balance {balance} != opening {opening} - captures {captured}"
+                f"account {account_id}: balance {balance} != opening {opening}"
+                f" - captures {captured}"
             )
         if held != open_holds:
             problems.append(f"account {account_id}: held {held} != open holds {open_holds}")
@@ -502,7 +505,7 @@ class _SqliteWorker:
 
 
 class SqliteLedger(Ledger):
-    """The embedded ledger (standard library ``sqlite3``, WAL, group commit on one writer thread)."""
+    """The embedded ledger: standard library ``sqlite3``, WAL, group commit on one thread."""
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
@@ -916,7 +919,7 @@ class PostgresLedger(Ledger):
             ) from exc
         try:
             conn = await asyncpg.connect(self.dsn, timeout=10)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             raise LedgerError(f"ledger: cannot connect to PostgreSQL: {exc}") from exc
         try:
             async with conn.transaction():
