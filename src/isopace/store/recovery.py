@@ -1,0 +1,163 @@
+"""Crash recovery: ``await recover(flow, journal)`` at start-up, before serving.
+
+Every transaction the journal shows as begun and not finished (no COMMITTED / ABORTED) is
+finished from what the journal kept: its id, the protected request (card data removed), the
+properties stages set with ``durable=True``, and the response decided before commit.
+
+- **COMMITTING journalled** (the decision was to commit): ``recover(ex, committing=True)`` is called
+  on each stage that joined, by name, in prepare order, then COMMITTED is journalled.
+- **No COMMITTING** (the process died before the decision, possibly in the middle of the prepare
+  pass): the transaction is aborted. The journal does not know which stages prepared, so
+  ``recover(ex, committing=False)`` is called on EVERY stage of the flow that has a recover hook,
+  in reverse order of ``flow.stages()``, then ABORTED is journalled.
+
+Design choice for reservations made by a prepare that crashed mid-pass: reservations are keyed by
+the transaction id (``ex.id``), and each stage's ``recover`` must be idempotent and a no-op when it
+holds nothing for that id. The alternative, a journalled JOINED record per reserving stage, costs
+one more durable write (an fsync, or a slot in a group commit) per reserving stage per
+transaction on the hot path, and still leaves a window between the reservation and the JOINED
+record where the reservation is unknown; keying by transaction id costs nothing at run time and
+has no window: whatever a stage reserved, it can find again by the id.
+
+Idempotent: a transaction is journalled COMMITTED / ABORTED only after every hook succeeded, after
+which it is no longer in doubt; a crash during recovery leaves it in doubt and the next recovery
+calls the (idempotent) hooks again. A hook that raises leaves its transaction in doubt, is logged
+and named in the report; the other transactions are still recovered.
+
+Stages that joined a committing transaction but have no recover hook (or are no longer in the
+flow) are listed in :attr:`RecoveryReport.unrecoverable_stages` and logged; the transaction is still
+journalled COMMITTED because the decision was taken.
+
+Only this node's transactions are recovered by default (journals shared by several nodes record
+each row's node); ``all_nodes=True`` takes over every node's, for a node that will not come back.
+Idempotency claims of the crashed runs are not touched: their leases expire.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from isopace.store.errors import StoreError
+from isopace.store.records import InDoubt, RecoveryReport
+
+if TYPE_CHECKING:
+    from isopace.flow import Event, Exchange, Flow
+
+__all__ = ["RecoverableJournal", "RecoveredAbortError", "recover"]
+
+log = logging.getLogger("isopace.store")
+
+
+class RecoveredAbortError(StoreError):
+    """The abort cause journalled for a transaction that recovery rolled back."""
+
+    def __init__(self, tx_id: str) -> None:
+        super().__init__(
+            f"transaction {tx_id!r} aborted by recovery: the process stopped before the commit "
+            "decision"
+        )
+        self.tx_id = tx_id
+
+
+class RecoverableJournal(Protocol):
+    """What recovery needs from a journal."""
+
+    async def record(self, ex: Exchange, event: Event) -> None: ...
+
+    async def in_doubt(self, *, all_nodes: bool = False) -> Sequence[InDoubt]: ...
+
+
+def _rebuild(tx: InDoubt) -> Exchange:
+    from isopace.flow import Exchange
+
+    try:
+        request = tx.request
+    except Exception:
+        log.warning("recovery: transaction %r: request unreadable", tx.tx_id)
+        request = None
+    ex = Exchange(tx.tx_id, request)
+    for key, value in tx.durable.items():
+        ex.set(key, value, durable=True)
+    try:
+        response = tx.response
+    except Exception:
+        response = None
+    if response is not None:
+        ex.response = response
+    _restore_joined(ex, tx.joined)
+    return ex
+
+
+def _restore_joined(ex: Exchange, joined: Sequence[str]) -> None:
+    """Give the rebuilt exchange its joined stage names, so the outcome record carries them."""
+    target: Any = getattr(ex, "_joined", None)
+    if isinstance(target, list):
+        target[:] = list(joined)
+
+
+async def _call(hook: Any, ex: Exchange, committing: bool) -> None:
+    result = hook(ex, committing)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def recover(
+    flow: Flow, journal: RecoverableJournal, *, all_nodes: bool = False
+) -> RecoveryReport:
+    """Finish every transaction in doubt in ``journal`` through ``flow``'s recover hooks."""
+    from isopace.flow import Event, EventKind
+
+    stages = flow.stages()
+    order = list(stages)
+    report = RecoveryReport()
+    for tx in await journal.in_doubt(all_nodes=all_nodes):
+        ex = _rebuild(tx)
+        if tx.committing:
+            names = list(tx.joined)
+            missing = [n for n in names if getattr(stages.get(n), "recover", None) is None]
+        else:
+            names = list(reversed(order))
+            missing = []
+        try:
+            for name in names:
+                hook = getattr(stages.get(name), "recover", None)
+                if hook is not None:
+                    await _call(hook, ex, tx.committing)
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            report.failed[tx.tx_id] = text
+            log.error(
+                "recovery: transaction %r left in doubt: a recover hook failed: %s",
+                tx.tx_id,
+                text,
+                extra={"tx_id": tx.tx_id, "committing": tx.committing, "error": text},
+            )
+            continue
+        if missing:
+            report.unrecoverable_stages[tx.tx_id] = missing
+            log.warning(
+                "recovery: transaction %r committed; stages without a recover hook: %s",
+                tx.tx_id,
+                ", ".join(missing),
+                extra={"tx_id": tx.tx_id, "stages": missing},
+            )
+        if tx.committing:
+            await journal.record(ex, Event(EventKind.COMMITTED))
+            report.committed.append(tx.tx_id)
+        else:
+            cause = RecoveredAbortError(tx.tx_id)
+            ex.abort(cause)
+            await journal.record(ex, Event(EventKind.ABORTED, error=cause))
+            report.aborted.append(tx.tx_id)
+        log.info(
+            "recovery: transaction %r %s",
+            tx.tx_id,
+            "committed" if tx.committing else "aborted",
+            extra={"tx_id": tx.tx_id, "committing": tx.committing},
+        )
+    if report.total:
+        log.warning("%s", report, extra={"committed": len(report.committed)})
+    return report

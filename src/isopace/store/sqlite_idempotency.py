@@ -1,0 +1,328 @@
+"""Idempotency claims in a SQLite file, atomic across every process that shares the file.
+
+Table ``idempotency_keys``: one row per key, either *claimed* (by an owner token, until
+``lease_until``) or *done* (the response, protected with ``to_json(redact=True)``, until
+``expires`` = completion + ``ttl``). Each claim is one ``BEGIN IMMEDIATE`` transaction: SQLite's
+write lock makes read-check-write atomic across processes.
+
+- ``claim``: takes the key if it is free, its claim's lease expired, or its response expired ->
+  None (the caller owns it). A live response -> that response (replay). A live claim -> wait, then
+  try again. Waiters in the same process are woken at once by ``complete`` / ``release``; SQLite
+  has no cross-process notification, so waiters also re-check with a capped exponential back-off
+  (``poll`` = first and last delay), never beyond the holder's lease.
+- While a process holds claims, a background task renews their leases (every ``lease / 3``), so
+  a live run never loses its claim however long it takes, and a crashed one's claim frees itself
+  ``lease`` seconds after the crash. The same task deletes expired rows every ``purge_interval``.
+- ``complete`` stores the response unless another run has meanwhile taken the key over (then
+  :class:`LeaseLostError`); ``release`` deletes the owner's claim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+from isopace.store.errors import IdempotencyError, LeaseLostError
+from isopace.store.records import default_node
+
+if TYPE_CHECKING:
+    from isopace.iso8583 import Message
+
+__all__ = ["SqliteIdempotencyStore"]
+
+log = logging.getLogger("isopace.store")
+T = TypeVar("T")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS idempotency_migrations (
+        version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS idempotency_keys (
+        key TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('claimed', 'done')),
+        owner TEXT,
+        lease_until_us INTEGER,
+        response TEXT,
+        expires_us INTEGER
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys(expires_us)",
+    "INSERT OR IGNORE INTO idempotency_migrations VALUES (1, 'idempotency_keys', unixepoch())",
+)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class SqliteIdempotencyStore:
+    """The flow's ``IdempotencyStore`` protocol on a SQLite file shared by several processes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ttl: float = 24 * 3600.0,
+        lease: float = 30.0,
+        poll: tuple[float, float] = (0.005, 0.2),
+        purge_interval: float = 60.0,
+        synchronous: str = "FULL",
+        timeout: float = 10.0,
+        node: str | None = None,
+    ) -> None:
+        if ttl <= 0 or lease <= 0:
+            raise ValueError("ttl and lease must be positive")
+        self.path = str(Path(path))
+        self.ttl = ttl
+        self.lease = lease
+        self._poll = poll
+        self._purge_interval = purge_interval
+        self._sync = synchronous.upper()
+        self._timeout = timeout
+        self._node = node if node is not None else f"{default_node()}:{os.getpid()}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isopace-idem")
+        self._conn: sqlite3.Connection | None = None
+        self._held: dict[str, str] = {}
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        try:
+            self._executor.submit(self._open).result()
+        except sqlite3.Error as exc:
+            self._executor.shutdown(wait=False)
+            raise IdempotencyError(f"idempotency store {self.path}: cannot open: {exc}") from exc
+
+    # -- database side (runs on the store's thread) ---------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute(f"PRAGMA synchronous = {self._sync}")
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._open()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+            return result
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _try_claim(self, key: str, owner: str) -> tuple[str, str | None, float]:
+        def body(conn: sqlite3.Connection) -> tuple[str, str | None, float]:
+            now = _now_us()
+            row = conn.execute(
+                "SELECT state, lease_until_us, response, expires_us FROM idempotency_keys "
+                "WHERE key = ?",
+                (key,),
+            ).fetchone()
+            if row is not None:
+                state, lease_until, response, expires = row
+                if state == "done" and expires > now:
+                    return "done", response, 0.0
+                if state == "claimed" and lease_until > now:
+                    return "held", None, (lease_until - now) / 1e6
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL)",
+                (key, owner, now + int(self.lease * 1e6)),
+            )
+            return "claimed", None, 0.0
+
+        return self._tx(body)
+
+    def _complete(self, key: str, owner: str | None, text: str) -> bool:
+        def body(conn: sqlite3.Connection) -> bool:
+            now = _now_us()
+            row = conn.execute(
+                "SELECT state, owner, lease_until_us FROM idempotency_keys WHERE key = ?", (key,)
+            ).fetchone()
+            if row is not None and row[0] == "claimed" and row[1] != owner and row[2] > now:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'done', NULL, NULL, ?, ?)",
+                (key, text, now + int(self.ttl * 1e6)),
+            )
+            return True
+
+        return self._tx(body)
+
+    def _release(self, key: str, owner: str | None) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE key = ? AND state = 'claimed' AND owner = ?",
+                (key, owner),
+            )
+
+        self._tx(body)
+
+    def _renew(self, held: list[tuple[str, str]]) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            until = _now_us() + int(self.lease * 1e6)
+            conn.executemany(
+                "UPDATE idempotency_keys SET lease_until_us = ? "
+                "WHERE key = ? AND state = 'claimed' AND owner = ?",
+                [(until, k, o) for k, o in held],
+            )
+
+        self._tx(body)
+
+    def _purge(self) -> int:
+        def body(conn: sqlite3.Connection) -> int:
+            now = _now_us()
+            cur = conn.execute(
+                "DELETE FROM idempotency_keys WHERE (state = 'done' AND expires_us <= ?) "
+                "OR (state = 'claimed' AND lease_until_us <= ?)",
+                (now, now),
+            )
+            return int(cur.rowcount)
+
+        return self._tx(body)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _run(self, what: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise IdempotencyError(f"idempotency store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(self._executor, self._close_conn)
+            raise IdempotencyError(
+                f"idempotency store {self.path}: {what} of key {key!r} failed: {exc}"
+            ) from exc
+
+    # -- the IdempotencyStore protocol ----------------------------------------------------------
+
+    async def claim(self, key: str) -> Message | None:
+        """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
+        self._ensure_task()
+        delay = self._poll[0]
+        while True:
+            owner = f"{self._node}:{uuid.uuid4().hex}"
+            if key in self._held:  # another run of this process holds it: wait locally
+                status, text, remaining = "held", None, self.lease
+            else:
+                status, text, remaining = await self._run("claim", key, self._try_claim, key, owner)
+            if status == "claimed":
+                self._held[key] = owner
+                return None
+            if status == "done" and text is not None:
+                from isopace.iso8583 import Message
+
+                return Message.from_json(text)
+            wakeup = self._wakeups.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout=min(delay, remaining + 0.001))
+            delay = min(delay * 2, self._poll[1])
+
+    async def complete(self, key: str, response: Message) -> None:
+        """Store the response for ``key`` (replayed until ``ttl`` passes) and wake its waiters."""
+        owner = self._held.get(key)
+        try:
+            ok = await self._run(
+                "complete", key, self._complete, key, owner, response.to_json(redact=True)
+            )
+        finally:
+            if self._held.get(key) == owner:
+                self._held.pop(key, None)
+            self._wake(key)
+        if not ok:
+            raise LeaseLostError(key)
+
+    async def release(self, key: str) -> None:
+        """Give the claim on ``key`` up; waiters try to claim it again."""
+        owner = self._held.pop(key, None)
+        try:
+            if owner is not None:
+                await self._run("release", key, self._release, key, owner)
+        finally:
+            self._wake(key)
+
+    def _wake(self, key: str) -> None:
+        event = self._wakeups.pop(key, None)
+        if event is not None:
+            event.set()
+
+    # -- background maintenance -----------------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        renew_every = self.lease / 3
+        next_purge = loop.time()
+        while not self._closed:
+            try:
+                if self._held:
+                    await self._run("renew", "*", self._renew, list(self._held.items()))
+                if loop.time() >= next_purge:
+                    purged = await self._run("purge", "*", self._purge)
+                    next_purge = loop.time() + self._purge_interval
+                    if purged:
+                        log.debug("idempotency: purged %d expired keys", purged)
+            except IdempotencyError as exc:
+                log.warning("idempotency: maintenance failed: %s", exc)
+            await asyncio.sleep(min(renew_every, self._purge_interval))
+
+    async def purge(self) -> int:
+        """Delete expired responses and claims now; return how many rows went."""
+        return await self._run("purge", "*", self._purge)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_conn)
+        self._executor.shutdown(wait=True)
+        for event in self._wakeups.values():
+            event.set()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
