@@ -1,0 +1,260 @@
+"""The host's configuration: one TOML file (stdlib ``tomllib``), every option also a flag.
+
+`HostConfig` lists every option once, with its type, default and help text; the command line
+builds its ``isopace serve`` flags from that list (``db`` -> ``--db``, ``metrics_port`` ->
+``--metrics-port``), so the file and the flags cannot drift apart. Precedence: flag, then file,
+then default.
+
+The file uses the same names, at the top level (no sections), e.g.::
+
+    port = 8583
+    db = "isopace-data/isopace.db"
+    metrics_port = 9100
+    idempotency_key = [41, 11, 7]
+    bins = { "4" = "visa", "5" = "mastercard" }
+
+Unknown keys and values of the wrong type are rejected with a one-line `ConfigError` naming the
+key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from isopace.host.errors import ConfigError
+
+__all__ = ["DEFAULT_BINS", "HostConfig", "load_config", "option_help", "parse_bins"]
+
+DEFAULT_BINS: dict[str, str] = {"4": "visa", "5": "mastercard"}
+
+
+def _opt(default: Any, help: str, *, metavar: str | None = None) -> Any:
+    if isinstance(default, list | dict):
+        frozen = default
+
+        def factory() -> Any:
+            return type(frozen)(frozen)
+
+        return dataclasses.field(
+            default_factory=factory, metadata={"help": help, "metavar": metavar}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar})
+
+
+@dataclasses.dataclass(slots=True)
+class HostConfig:
+    """Every option of ``isopace serve`` (see the module docstring for the file format)."""
+
+    host: str = _opt("127.0.0.1", "address to listen on", metavar="ADDR")
+    port: int = _opt(8583, "TCP port for ISO 8583 traffic (0 picks a free port)")
+    framing: str = _opt(
+        "binary2",
+        "length header: binary2 (2-byte big-endian), binary4, ascii2, ascii4, bcd2 or vmlh",
+        metavar="KIND",
+    )
+    tls_cert: str | None = _opt(None, "PEM certificate chain: serve TLS (needs --tls-key)")
+    tls_key: str | None = _opt(None, "PEM private key of --tls-cert", metavar="FILE")
+    max_in_flight: int = _opt(256, "requests processed at once per connection (back-pressure)")
+    timeout: float = _opt(5.0, "deadline of one transaction in seconds", metavar="SECONDS")
+    db: str = _opt(
+        "isopace-data/isopace.db",
+        "SQLite ledger file; the journal and idempotency store sit next to it "
+        "(<name>.journal.db, <name>.idem.db)",
+        metavar="PATH",
+    )
+    synchronous: str = _opt("FULL", "SQLite synchronous level: NORMAL, FULL or EXTRA")
+    postgres: str | None = _opt(
+        None,
+        "PostgreSQL DSN: ledger and journal in PostgreSQL instead of SQLite "
+        "(several hosts may share it)",
+        metavar="DSN",
+    )
+    postgres_schema: str = _opt("isopace", "PostgreSQL schema of the ledger and journal tables")
+    redis: str | None = _opt(
+        None, "Redis URL for the idempotency store (shared by several hosts)", metavar="URL"
+    )
+    redis_prefix: str = _opt("isopace:", "prefix of the Redis idempotency keys")
+    node: str | None = _opt(
+        None,
+        "this host's name in a shared journal (recovery takes over its own transactions); "
+        "default: hostname:port",
+    )
+    journal_key: str | None = _opt(
+        None,
+        "secret for the journal's PAN HMAC (search by card); default: none (masked PAN only)",
+        metavar="SECRET",
+    )
+    idempotency_key: list[int] = _opt(  # noqa: RUF009
+        [41, 11, 7], "fields whose values (with the MTI class) identify a retransmission"
+    )
+    idempotency_ttl: float = _opt(
+        86400.0, "how long answers are kept for replay", metavar="SECONDS"
+    )
+    bins: dict[str, str] = _opt(  # noqa: RUF009
+        dict(DEFAULT_BINS), "BIN prefix -> network group (longest prefix wins)", metavar="BIN=NET"
+    )
+    unknown_bin_code: str = _opt("14", "response code for a PAN no BIN routes", metavar="CODE")
+    velocity_window: float = _opt(60.0, "window of the per-card velocity limits", metavar="SECONDS")
+    velocity_max_count: int = _opt(0, "most transactions per card per window (0: off), else 65")
+    velocity_max_amount: int = _opt(
+        0, "most spent per card per window in minor units (0: off), else 61"
+    )
+    seed_demo: bool = _opt(True, "create and print demo cards when the ledger is empty")
+    metrics_host: str = _opt("127.0.0.1", "address of the Prometheus metrics endpoint")
+    metrics_port: int | None = _opt(None, "serve Prometheus metrics on this port (0: free port)")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_transactions: bool = _opt(True, "log one masked line per transaction with its profile")
+    uvloop: bool = _opt(False, "run on uvloop if installed (the uvloop extra)")
+
+    def validate(self) -> HostConfig:
+        """Check values that types alone do not; raises `ConfigError`."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} out of range 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} out of range 0..65535")
+        if self.framing not in {"binary2", "binary4", "ascii2", "ascii4", "bcd2", "vmlh"}:
+            raise ConfigError(f"framing {self.framing!r}: not one of binary2, binary4, ascii2, ...")
+        if self.synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+            raise ConfigError(f"synchronous {self.synchronous!r}: use NORMAL, FULL or EXTRA")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout must be positive, not {self.timeout}")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be at least 1, not {self.max_in_flight}")
+        if not self.idempotency_key or any(not 1 <= f <= 128 for f in self.idempotency_key):
+            raise ConfigError(f"idempotency_key {self.idempotency_key}: fields 1..128 expected")
+        for prefix, group in self.bins.items():
+            if not prefix.isdigit() or not group:
+                raise ConfigError(f"bins: {prefix!r} = {group!r}: digits = group name expected")
+        if not (len(self.unknown_bin_code) == 2 and self.unknown_bin_code.isalnum()):
+            raise ConfigError(f"unknown_bin_code {self.unknown_bin_code!r}: two characters")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"log_level {self.log_level!r}: DEBUG, INFO, WARNING or ERROR")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context, or None; bad files raise a one-line `ConfigError`."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        for path in (self.tls_cert, self.tls_key):
+            if not os.path.isfile(path):
+                raise ConfigError(f"TLS file {path}: not found")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(
+                f"TLS files {self.tls_cert}, {self.tls_key}: cannot load: {reason}"
+            ) from exc
+        return ctx
+
+    @property
+    def journal_path(self) -> str:
+        return _sibling(self.db, "journal")
+
+    @property
+    def idempotency_path(self) -> str:
+        return _sibling(self.db, "idem")
+
+
+def _sibling(path: str, kind: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.{kind}{ext or '.db'}"
+
+
+def option_help() -> dict[str, tuple[Any, str, str | None]]:
+    """Each option's default, help text and metavar, in declaration order (for the CLI)."""
+    out: dict[str, tuple[Any, str, str | None]] = {}
+    for f in dataclasses.fields(HostConfig):
+        factory: Any = f.default_factory
+        default = factory() if f.default is dataclasses.MISSING else f.default
+        out[f.name] = (default, f.metadata["help"], f.metadata["metavar"])
+    return out
+
+
+_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(HostConfig)}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = _TYPES[name]
+    optional = "None" in kind
+    base = kind.replace(" | None", "")
+    if value is None and optional:
+        return None
+    bad = ConfigError(
+        f"{where}: {name} = {value!r}: expected {base.replace('list[int]', 'list of integers')}"
+    )
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if base == "list[int]":
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise bad
+        return list(value)
+    if base == "dict[str, str]":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise bad
+        return dict(value)
+    raise bad  # pragma: no cover - every declared type is handled above
+
+
+def parse_bins(items: list[str]) -> dict[str, str]:
+    """``["4=visa", "5=mastercard"]`` -> ``{"4": "visa", "5": "mastercard"}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        prefix, sep, group = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--bin {item!r}: expected BIN=GROUP, e.g. 4=visa")
+        out[prefix.strip()] = group.strip()
+    return out
+
+
+def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> HostConfig:
+    """Defaults, then the TOML file at ``path`` (if any), then ``overrides`` (None: not given)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config {path}: not found") from exc
+        except OSError as exc:
+            raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: not valid TOML: {exc}") from exc
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in _TYPES:
+                raise ConfigError(f"config {path}: unknown key {key!r}")
+            values[name] = _coerce(name, value, f"config {path}")
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in _TYPES:
+            raise ConfigError(f"unknown option {name!r}")
+        values[name] = _coerce(name, value, "option")
+    return HostConfig(**values).validate()

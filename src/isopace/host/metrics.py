@@ -1,0 +1,231 @@
+"""Prometheus metrics for the host: a `FlowListener` that counts, and a tiny HTTP endpoint.
+
+`Metrics` receives the flow's listener calls (``stage_finished``, ``run_finished``) and keeps, in
+plain Python counters (no third-party client):
+
+- ``isopace_transactions_total{outcome,code}``: runs by outcome (committed / aborted / replayed) and
+  response code (DE 39, ``none`` when no response was built);
+- ``isopace_transaction_seconds``: histogram of a whole run;
+- ``isopace_stage_seconds{stage,phase}``: histogram per stage method (prepare / commit / abort);
+- ``isopace_stage_errors_total{stage,phase}``: stage methods that raised;
+- ``isopace_in_flight``: transactions being processed now (the host brackets each run);
+- ``isopace_tps``: transactions finished per second over the last 10 seconds.
+
+`MetricsServer` answers ``GET /metrics`` (text exposition format 0.0.4) on its own port with
+asyncio streams, and 404 to anything else. It is meant for a scraper on a trusted network: no TLS,
+no authentication, one request per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from isopace.flow import Exchange, Outcome
+
+__all__ = ["BUCKETS", "Histogram", "Metrics", "MetricsServer"]
+
+log = logging.getLogger("isopace.host")
+
+BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+_TPS_WINDOW = 10
+
+
+class Histogram:
+    """Cumulative-bucket histogram in the Prometheus sense."""
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = []
+        running = 0
+        sep = "," if labels else ""
+        for bound, n in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+            running += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {running}')
+        wrapped = f"{{{labels}}}" if labels else ""
+        out.append(f"{name}_sum{wrapped} {self.sum!r}")
+        out.append(f"{name}_count{wrapped} {self.count}")
+        return out
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """The flow listener feeding the endpoint; cheap synchronous calls on the run's task."""
+
+    def __init__(self) -> None:
+        self.transactions: dict[tuple[str, str], int] = defaultdict(int)
+        self.stage_seconds: dict[tuple[str, str], Histogram] = defaultdict(Histogram)
+        self.stage_errors: dict[tuple[str, str], int] = defaultdict(int)
+        self.run_seconds = Histogram()
+        self.in_flight = 0
+        self._second = [0] * _TPS_WINDOW
+        self._stamp = [0] * _TPS_WINDOW
+        self.started = time.time()
+
+    # FlowListener ----------------------------------------------------------------------------
+
+    def stage_finished(
+        self, stage: str, phase: str, seconds: float, error: BaseException | None
+    ) -> None:
+        key = (stage, str(phase))
+        self.stage_seconds[key].observe(seconds)
+        if error is not None:
+            self.stage_errors[key] += 1
+
+    def run_finished(self, ex: Exchange, outcome: Outcome, seconds: float) -> None:
+        code = ex.response.get(39) if ex.response is not None else None
+        self.transactions[(str(outcome), code if isinstance(code, str) else "none")] += 1
+        self.run_seconds.observe(seconds)
+        now = int(time.monotonic())
+        slot = now % _TPS_WINDOW
+        if self._stamp[slot] != now:
+            self._stamp[slot] = now
+            self._second[slot] = 0
+        self._second[slot] += 1
+
+    # reading ---------------------------------------------------------------------------------
+
+    def tps(self) -> float:
+        """Transactions finished per second over the last full seconds of the window."""
+        now = int(time.monotonic())
+        total = sum(
+            n
+            for n, stamp in zip(self._second, self._stamp, strict=True)
+            if now - _TPS_WINDOW < stamp < now
+        )
+        return total / (_TPS_WINDOW - 1)
+
+    def render(self) -> str:
+        """The text exposition format."""
+        lines = [
+            "# HELP isopace_transactions_total Transactions by outcome and response code.",
+            "# TYPE isopace_transactions_total counter",
+        ]
+        for (outcome, code), n in sorted(self.transactions.items()):
+            lines.append(
+                f'isopace_transactions_total{{outcome="{_label(outcome)}",code="{_label(code)}"}} {n}'
+            )
+        lines += [
+            "# HELP isopace_transaction_seconds Duration of a whole transaction.",
+            "# TYPE isopace_transaction_seconds histogram",
+            *self.run_seconds.lines("isopace_transaction_seconds", ""),
+            "# HELP isopace_stage_seconds Duration of each stage method.",
+            "# TYPE isopace_stage_seconds histogram",
+        ]
+        for (stage, phase), hist in sorted(self.stage_seconds.items()):
+            labels = f'stage="{_label(stage)}",phase="{_label(phase)}"'
+            lines += hist.lines("isopace_stage_seconds", labels)
+        lines += [
+            "# HELP isopace_stage_errors_total Stage methods that raised.",
+            "# TYPE isopace_stage_errors_total counter",
+        ]
+        for (stage, phase), n in sorted(self.stage_errors.items()):
+            lines.append(
+                f'isopace_stage_errors_total{{stage="{_label(stage)}",phase="{_label(phase)}"}} {n}'
+            )
+        lines += [
+            "# HELP isopace_in_flight Transactions being processed.",
+            "# TYPE isopace_in_flight gauge",
+            f"isopace_in_flight {self.in_flight}",
+            "# HELP isopace_tps Transactions finished per second (10 s window).",
+            "# TYPE isopace_tps gauge",
+            f"isopace_tps {self.tps():.3f}",
+            "# HELP isopace_start_time_seconds Start time of the host (Unix time).",
+            "# TYPE isopace_start_time_seconds gauge",
+            f"isopace_start_time_seconds {self.started:.3f}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class MetricsServer:
+    """``GET /metrics`` over plain HTTP/1.0-style connections (one request per connection)."""
+
+    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.metrics = metrics
+        self.host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, self._port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = request_line.split()
+            if (
+                len(parts) >= 2
+                and parts[0] in ("GET", "HEAD")
+                and parts[1].split("?")[0]
+                in (
+                    "/metrics",
+                    "/",
+                )
+            ):
+                body = self.metrics.render().encode()
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                body, status, ctype = b"not found\n", "404 Not Found", "text/plain"
+            header = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            writer.write(header if parts and parts[0] == "HEAD" else header + body)
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
