@@ -1,1 +1,89 @@
-"""isopace.flow."""
+"""isopace.flow: the two-phase transaction manager.
+
+A transaction, carried in an :class:`Exchange`, runs through an ordered pipeline of stages taken
+from named groups. In the prepare pass each stage does reversible work and votes: ``CONTINUE``
+(join and go on), ``SKIP`` (go on without joining), ``route(*groups)`` (join and append those
+groups' stages), ``DONE`` (stop preparing and commit) — or it aborts, by raising or by calling
+``ex.abort()``. Then the stages that joined commit in prepare order, or abort in reverse order.
+
+Around the algorithm, all optional: a :class:`Journal` of lifecycle events (the basis of crash
+recovery and audit), idempotent replay of duplicate requests through an
+:class:`IdempotencyStore`, per-stage retry, a per-stage profiler and a :class:`FlowListener`
+for metrics. Stages may be plain functions or coroutines, mixed freely in one flow. An exchange
+belongs to one task at a time; one flow serves many concurrent runs.
+"""
+
+from isopace.flow.errors import (
+    AbortedError,
+    DuplicateStageError,
+    FlowError,
+    NoEntryError,
+    TooManyStagesError,
+    UnknownGroupError,
+)
+from isopace.flow.exchange import Exchange
+from isopace.flow.flow import Flow
+from isopace.flow.idempotency import IdempotencyStore, KeyFunc, MemoryStore, refill
+from isopace.flow.journal import (
+    Event,
+    EventKind,
+    Journal,
+    JournalEntry,
+    LoggingJournal,
+    MemoryJournal,
+)
+from isopace.flow.listener import FlowListener
+from isopace.flow.profiler import Phase, StageTiming
+from isopace.flow.result import CONTINUE, DONE, SKIP, Outcome, Result, route
+from isopace.flow.retry import RetryPolicy, RetryStage, exponential_backoff, fixed_backoff, retry
+from isopace.flow.stage import (
+    Aborter,
+    Committer,
+    FuncStage,
+    Recoverer,
+    Stage,
+    func_stage,
+    stage,
+)
+
+__all__ = [
+    "CONTINUE",
+    "DONE",
+    "SKIP",
+    "AbortedError",
+    "Aborter",
+    "Committer",
+    "DuplicateStageError",
+    "Event",
+    "EventKind",
+    "Exchange",
+    "Flow",
+    "FlowError",
+    "FlowListener",
+    "FuncStage",
+    "IdempotencyStore",
+    "Journal",
+    "JournalEntry",
+    "KeyFunc",
+    "LoggingJournal",
+    "MemoryJournal",
+    "MemoryStore",
+    "NoEntryError",
+    "Outcome",
+    "Phase",
+    "Recoverer",
+    "Result",
+    "RetryPolicy",
+    "RetryStage",
+    "Stage",
+    "StageTiming",
+    "TooManyStagesError",
+    "UnknownGroupError",
+    "exponential_backoff",
+    "fixed_backoff",
+    "func_stage",
+    "refill",
+    "retry",
+    "route",
+    "stage",
+]

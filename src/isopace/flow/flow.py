@@ -1,0 +1,520 @@
+"""The flow: named groups of stages and the two-phase run algorithm.
+
+A run starts with the entry group's stages as its work list and prepares them in order. Each
+prepare votes (see :mod:`isopace.flow.result`); ``route(...)`` appends the named groups' stages
+to the work list. The prepare pass ends when the work list is exhausted or a stage votes
+``DONE`` (then the joined stages commit, in prepare order), or when a prepare raises, a stage
+called ``ex.abort()``, a routed group does not exist, the run would prepare more than
+``max_stages`` stages, or the deadline passed (then the joined stages abort, in reverse order).
+
+Decisions beyond the table in the design document, written down here:
+
+- The deadline (``timeout=``) is checked before each prepare and once more at the decision
+  point, after the last prepare: a response produced after the caller stopped waiting is not
+  committed. An ``async`` prepare still running at the deadline is interrupted. Commits and
+  aborts are never cut short by the deadline.
+- A cancelled run rolls the joined stages back, journals ``ABORTED`` (with the
+  ``CancelledError`` as its error) and re-raises. The rollback and its journal record run in a
+  task shielded from further cancellation whenever they have anything to await. A cancellation
+  that arrives after the decision point (during the commit pass) does not undo the decision:
+  the remaining commits still run (shielded), ``COMMITTED`` is not journalled — the
+  interrupted commit is in doubt, which is what recovery (``stage.recover``) is for — and the
+  ``CancelledError`` propagates.
+- Commit errors do not stop the other commits; the outcome stays ``COMMITTED`` and
+  ``ex.error`` is an ``ExceptionGroup`` of them. Abort errors are logged; the other aborts run.
+- With idempotency, a duplicate waits for the first run of its key and replays its response.
+  A store that fails to answer ``claim`` aborts the run (``ex.error`` is the store's error)
+  rather than risk processing a duplicate. A committed run's response is stored; so is an
+  aborted run's response (a decline) unless the abort came from the deadline or a
+  cancellation: those release the key, so a retransmission gets a fresh run. Storing and
+  releasing are shielded from cancellation. Failures to store are logged.
+- A stage's prepare may return ``None`` for ``CONTINUE``. A prepare that returns something else
+  than a result aborts the run with a ``TypeError`` naming the stage. A plain function that
+  returns an awaitable (a callable object with an ``async __call__``, for instance) has it
+  awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from isopace.flow._resolve import ResolvedStage
+from isopace.flow.errors import (
+    AbortedError,
+    DuplicateStageError,
+    NoEntryError,
+    TooManyStagesError,
+    UnknownGroupError,
+)
+from isopace.flow.exchange import Exchange
+from isopace.flow.idempotency import IdempotencyStore, KeyFunc, refill
+from isopace.flow.journal import (
+    BEGIN_EVENT,
+    COMMITTED_EVENT,
+    COMMITTING_EVENT,
+    IDEMPOTENT_HIT_EVENT,
+    Event,
+    EventKind,
+    Journal,
+    mask_text,
+)
+from isopace.flow.listener import FlowListener
+from isopace.flow.result import CONTINUE, DONE, SKIP, Outcome, Result
+
+if TYPE_CHECKING:
+    from isopace.flow.stage import Stage
+
+_COMMITTED = Outcome.COMMITTED
+_ABORTED = Outcome.ABORTED
+_REPLAYED = Outcome.REPLAYED
+
+
+class Flow:
+    """A two-phase transaction manager over named groups of stages.
+
+    Build it once, add groups with :meth:`group`, then call :meth:`run` per transaction from as
+    many tasks as you like. Do not add groups while runs are in progress.
+    """
+
+    def __init__(
+        self,
+        *,
+        entry: str | None = None,
+        journal: Journal | None = None,
+        idempotency: IdempotencyStore | None = None,
+        key: KeyFunc | None = None,
+        profiler: bool = False,
+        max_stages: int = 1024,
+        logger: logging.Logger | None = None,
+        listener: FlowListener | None = None,
+    ) -> None:
+        if (idempotency is None) != (key is None):
+            raise ValueError("flow: idempotency= and key= go together")
+        if max_stages < 1:
+            raise ValueError("flow: max_stages must be at least 1")
+        self._entry_name = entry
+        self._journal = journal
+        self._store = idempotency
+        self._key = key
+        self._profiler = profiler
+        self._max_stages = max_stages
+        self._log = logger or logging.getLogger("isopace.flow")
+        self._listener = listener
+        self._groups: dict[str, tuple[ResolvedStage, ...]] = {}
+        self._by_name: dict[str, ResolvedStage] = {}
+        self._first_group: str | None = None
+        self._entry: tuple[ResolvedStage, ...] | None = None
+
+    # -- building -------------------------------------------------------------------------------
+
+    def group(self, name: str, *stages: Stage) -> Flow:
+        """Add ``stages`` to group ``name`` (created on first use, extended afterwards).
+
+        The first group added is the entry unless ``entry=`` names another. Stage names are
+        unique in a flow: the same stage object may sit in several groups, but a different
+        stage under a name already used raises ``DuplicateStageError`` (a ``ValueError``).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("flow: a group needs a non-empty name")
+        added: dict[str, ResolvedStage] = {}
+        resolved: list[ResolvedStage] = []
+        for stage in stages:
+            stage_name = getattr(stage, "name", None)
+            known = self._by_name.get(stage_name) if isinstance(stage_name, str) else None
+            if known is None and isinstance(stage_name, str):
+                known = added.get(stage_name)
+            if known is not None:
+                if known.stage is not stage:
+                    raise DuplicateStageError(known.name)
+                resolved.append(known)
+                continue
+            rs = ResolvedStage(
+                stage, profiler=self._profiler, listener=self._listener, logger=self._log
+            )
+            added[rs.name] = rs
+            resolved.append(rs)
+        self._by_name.update(added)
+        self._groups[name] = self._groups.get(name, ()) + tuple(resolved)
+        if self._first_group is None:
+            self._first_group = name
+        self._entry = None
+        return self
+
+    def stages(self) -> dict[str, Any]:
+        """Every distinct stage of the flow by name (what recovery looks stages up in)."""
+        return {name: rs.stage for name, rs in self._by_name.items()}
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """The groups and the names of their stages, in order."""
+        return {g: tuple(rs.name for rs in stages) for g, stages in self._groups.items()}
+
+    @property
+    def entry(self) -> str | None:
+        """The name of the entry group (None while there is none)."""
+        return self._entry_name or self._first_group
+
+    def _resolve_entry(self) -> tuple[ResolvedStage, ...]:
+        name = self._entry_name or self._first_group
+        if name is None:
+            raise NoEntryError()
+        stages = self._groups.get(name)
+        if stages is None:
+            raise UnknownGroupError(name)
+        self._entry = stages
+        return stages
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def run(self, ex: Exchange, *, timeout: float | None = None) -> Outcome:
+        """Run ``ex`` through the flow and return how it ended.
+
+        Never raises for a stage's failure (the cause is on ``ex.error``); raises
+        ``NoEntryError`` / ``UnknownGroupError`` for a mis-configured entry before anything is
+        journalled, and ``CancelledError`` when the task is cancelled (after the rollback).
+        """
+        work = self._entry
+        if work is None:
+            work = self._resolve_entry()
+        deadline = None
+        if timeout is not None:
+            deadline = asyncio.get_running_loop().time() + timeout
+            ex.deadline = deadline
+        if self._listener is not None:
+            return await self._run_listened(ex, work, deadline)
+        if self._store is not None:
+            return await self._run_idempotent(ex, work, deadline)
+        return await self._run(ex, work, deadline)
+
+    async def _run_listened(
+        self, ex: Exchange, work: tuple[ResolvedStage, ...], deadline: float | None
+    ) -> Outcome:
+        listener = self._listener
+        assert listener is not None
+        start = time.perf_counter()
+        outcome = _ABORTED
+        try:
+            if self._store is not None:
+                outcome = await self._run_idempotent(ex, work, deadline)
+            else:
+                outcome = await self._run(ex, work, deadline)
+            return outcome
+        finally:
+            try:
+                listener.run_finished(ex, outcome, time.perf_counter() - start)
+            except Exception:
+                self._log.exception("flow listener failed", extra={"exchange_id": ex.id})
+
+    async def _run_idempotent(
+        self, ex: Exchange, work: tuple[ResolvedStage, ...], deadline: float | None
+    ) -> Outcome:
+        store = self._store
+        key_func = self._key
+        assert store is not None and key_func is not None
+        try:
+            key = key_func(ex)
+        except Exception as exc:
+            return await self._refuse(ex, exc)
+        if key is None:
+            return await self._run(ex, work, deadline)
+        try:
+            if deadline is None:
+                stored = await store.claim(key)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    stored = await store.claim(key)
+        except Exception as exc:
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"flow: deadline passed waiting for the first run of {ex.id!r}")
+            else:
+                self._log.error(
+                    "flow: idempotency store failed to claim: %s",
+                    mask_text(f"{type(exc).__name__}: {exc}"),
+                    extra={"exchange_id": ex.id},
+                )
+            return await self._refuse(ex, exc)
+        if stored is not None:
+            ex.response = refill(stored, ex.request)
+            if self._journal is not None:
+                await self._record(ex, IDEMPOTENT_HIT_EVENT)
+            return _REPLAYED
+        try:
+            outcome = await self._run(ex, work, deadline)
+        except BaseException:
+            # Cancelled. Before the decision point the run was rolled back: give the key up.
+            # During the commit pass the decision stands: keep the response for duplicates.
+            await _shielded(self._settle(ex, key, None if ex.aborted else ex.response))
+            raise
+        response = ex.response
+        if response is not None and (
+            outcome is _COMMITTED or not isinstance(ex.error, TimeoutError)
+        ):
+            settle = self._settle(ex, key, response)
+        else:
+            settle = self._settle(ex, key, None)
+        if await _shielded(settle):
+            raise asyncio.CancelledError()
+        return outcome
+
+    async def _settle(self, ex: Exchange, key: str, response: Any) -> None:
+        store = self._store
+        assert store is not None
+        try:
+            if response is None:
+                await store.release(key)
+            else:
+                await store.complete(key, response)
+        except Exception as exc:
+            self._log.error(
+                "flow: idempotency store failed to %s: %s",
+                "release" if response is None else "complete",
+                mask_text(f"{type(exc).__name__}: {exc}"),
+                extra={"exchange_id": ex.id},
+            )
+
+    async def _refuse(self, ex: Exchange, error: BaseException) -> Outcome:
+        """End a run that could not start (no stage ran): BEGIN and ABORTED are journalled."""
+        ex.aborted = True
+        ex._error = error
+        if self._journal is not None:
+            await self._record(ex, BEGIN_EVENT)
+            await self._record(ex, Event(EventKind.ABORTED, error))
+        return _ABORTED
+
+    async def _run(
+        self, ex: Exchange, work: tuple[ResolvedStage, ...], deadline: float | None
+    ) -> Outcome:
+        journal = self._journal
+        joined: list[ResolvedStage] = []
+        ex._joined = joined
+        try:
+            if journal is not None:
+                await self._record(ex, BEGIN_EVENT)
+            if deadline is None:
+                commit = await self._prepare(ex, work, joined, None)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        commit = await self._prepare(ex, work, joined, deadline)
+                    if commit and asyncio.get_running_loop().time() >= deadline:
+                        commit = self._fail(ex, _deadline_error(ex))
+                except TimeoutError:
+                    commit = self._fail(ex, _deadline_error(ex))
+            if commit and journal is not None:
+                await self._record(ex, COMMITTING_EVENT)
+        except asyncio.CancelledError as exc:
+            ex.aborted = True
+            ex._error = exc
+            await _shielded(self._abort_pass(ex, joined))
+            raise
+        if commit:
+            return await self._commit_pass(ex, joined)
+        if journal is not None or any(rs.abort_async for rs in joined):
+            if await _shielded(self._abort_pass(ex, joined)):
+                raise asyncio.CancelledError()
+        else:
+            await self._abort_pass(ex, joined)
+        return _ABORTED
+
+    def _fail(self, ex: Exchange, error: BaseException) -> bool:
+        ex.aborted = True
+        ex._error = error
+        return False
+
+    async def _prepare(
+        self,
+        ex: Exchange,
+        entry: tuple[ResolvedStage, ...],
+        joined: list[ResolvedStage],
+        deadline: float | None,
+    ) -> bool:
+        """The prepare pass; True: commit, False: abort (``ex.error`` set)."""
+        max_stages = self._max_stages
+        work = list(entry)
+        overflow = len(work) > max_stages
+        if overflow:
+            del work[max_stages:]
+        time_now = asyncio.get_running_loop().time if deadline is not None else None
+        for rs in work:
+            if time_now is not None and time_now() >= deadline:  # type: ignore[operator]
+                return self._fail(ex, _deadline_error(ex))
+            try:
+                result = rs.prepare(ex)
+                if rs.prepare_async:
+                    result = await result
+                if result is not None and result.__class__ is not Result:
+                    result = await _odd_result(rs, result)
+            except Exception as exc:
+                self._log.debug(
+                    "flow: prepare of stage %s raised %s",
+                    rs.name,
+                    type(exc).__name__,
+                    extra={"exchange_id": ex.id, "stage": rs.name},
+                )
+                return self._fail(ex, exc)
+            if result is None or result is CONTINUE:
+                joined.append(rs)
+            elif result is SKIP:
+                pass
+            elif result is DONE:
+                if ex.aborted:
+                    break
+                return True
+            else:
+                kind = result.kind
+                if kind == "route":
+                    joined.append(rs)
+                    routed: list[ResolvedStage] = []
+                    for group in result.groups:
+                        stages = self._groups.get(group)
+                        if stages is None:
+                            return self._fail(ex, UnknownGroupError(group))
+                        routed.extend(stages)
+                    work.extend(routed)
+                    if len(work) > max_stages:
+                        del work[max_stages:]
+                        overflow = True
+                elif kind == "continue":
+                    joined.append(rs)
+                elif kind == "done" and not ex.aborted:
+                    return True
+            if ex.aborted:
+                break
+        if ex.aborted:
+            cause = ex._cause
+            return self._fail(ex, cause if cause is not None else AbortedError())
+        if overflow:
+            return self._fail(ex, TooManyStagesError(max_stages))
+        return True
+
+    async def _commit_pass(self, ex: Exchange, joined: list[ResolvedStage]) -> Outcome:
+        errors: list[Exception] | None = None
+        for index, rs in enumerate(joined):
+            commit = rs.commit
+            if commit is None:
+                continue
+            try:
+                result = commit(ex)
+                if rs.commit_async or (result is not None and inspect.isawaitable(result)):
+                    await result
+            except Exception as exc:
+                errors = self._commit_failed(ex, rs, exc, errors)
+            except asyncio.CancelledError:
+                self._log.error(
+                    "flow: commit of stage %s interrupted by cancellation; "
+                    "the transaction is in doubt",
+                    rs.name,
+                    extra={"exchange_id": ex.id, "stage": rs.name},
+                )
+                await _shielded(self._commit_rest(ex, joined[index + 1 :], errors))
+                raise
+        if errors:
+            ex._error = _commit_group(errors)
+        if self._journal is not None:
+            await self._record(
+                ex, Event(EventKind.COMMITTED, ex._error) if errors else COMMITTED_EVENT
+            )
+        return _COMMITTED
+
+    async def _commit_rest(
+        self, ex: Exchange, rest: list[ResolvedStage], errors: list[Exception] | None
+    ) -> None:
+        for rs in rest:
+            if rs.commit is None:
+                continue
+            try:
+                result = rs.commit(ex)
+                if rs.commit_async or inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                errors = self._commit_failed(ex, rs, exc, errors)
+        if errors:
+            ex._error = _commit_group(errors)
+
+    def _commit_failed(
+        self, ex: Exchange, rs: ResolvedStage, exc: Exception, errors: list[Exception] | None
+    ) -> list[Exception]:
+        self._log.error(
+            "flow: commit of stage %s failed: %s",
+            rs.name,
+            mask_text(f"{type(exc).__name__}: {exc}"),
+            extra={"exchange_id": ex.id, "stage": rs.name},
+        )
+        exc.add_note(f"in the commit of stage {rs.name!r}")
+        if errors is None:
+            errors = []
+        errors.append(exc)
+        return errors
+
+    async def _abort_pass(self, ex: Exchange, joined: list[ResolvedStage]) -> None:
+        """Abort the joined stages in reverse order, then journal ``ABORTED``."""
+        for rs in reversed(joined):
+            abort = rs.abort
+            if abort is None:
+                continue
+            try:
+                result = abort(ex)
+                if rs.abort_async or (result is not None and inspect.isawaitable(result)):
+                    await result
+            except Exception as exc:
+                self._log.error(
+                    "flow: abort of stage %s failed: %s",
+                    rs.name,
+                    mask_text(f"{type(exc).__name__}: {exc}"),
+                    extra={"exchange_id": ex.id, "stage": rs.name},
+                )
+        if self._journal is not None:
+            await self._record(ex, Event(EventKind.ABORTED, ex._error))
+
+    async def _record(self, ex: Exchange, event: Event) -> None:
+        journal = self._journal
+        assert journal is not None
+        try:
+            await journal.record(ex, event)
+        except Exception as exc:
+            self._log.error(
+                "flow: journal failed to record %s: %s",
+                event.kind.value,
+                mask_text(f"{type(exc).__name__}: {exc}"),
+                extra={"exchange_id": ex.id, "flow_event": event.kind.value},
+            )
+
+
+def _deadline_error(ex: Exchange) -> TimeoutError:
+    return TimeoutError(f"flow: deadline passed for exchange {ex.id!r}")
+
+
+def _commit_group(errors: list[Exception]) -> ExceptionGroup[Exception]:
+    return ExceptionGroup(f"flow: {len(errors)} commit(s) failed", errors)
+
+
+async def _odd_result(rs: ResolvedStage, result: object) -> Result | None:
+    """A prepare result that is not a ``Result``: await an awaitable, reject anything else."""
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None or isinstance(result, Result):
+        return result
+    raise TypeError(
+        f"flow: stage {rs.name!r} returned {type(result).__name__} from prepare; "
+        "expected CONTINUE, SKIP, DONE, route(...) or None"
+    )
+
+
+async def _shielded(aw: Coroutine[Any, Any, None] | Awaitable[None]) -> bool:
+    """Run ``aw`` to completion even if this task is cancelled meanwhile; True if it was."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("isopace.flow").error(
+            "flow: shielded step failed", exc_info=task.exception()
+        )
+    return cancelled

@@ -1,0 +1,160 @@
+"""Journalling the lifecycle of transactions.
+
+A run records, in order: ``BEGIN``; then either ``COMMITTING`` (after the last prepare, before the
+first commit: the decision point recovery needs) and ``COMMITTED``, or ``ABORTED`` (its
+``error`` is the cause). A duplicate answered from the idempotency store records only
+``IDEMPOTENT_HIT``. ``record`` runs inline on the run's task and a journal reads the exchange at
+record time (``ex.id``, ``ex.joined``, ``ex.durable()``, ``ex.request``, ``ex.response``,
+``ex.error``); a journal that raises is logged and never aborts a transaction by itself.
+
+``MemoryJournal`` keeps entries in memory (optionally only the newest ``max_entries``);
+``LoggingJournal`` writes one structured log record per event with card data masked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final, Protocol
+
+from isopace.flow.exchange import Exchange
+
+
+class EventKind(StrEnum):
+    """The lifecycle events of a transaction."""
+
+    BEGIN = "begin"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    IDEMPOTENT_HIT = "idempotent_hit"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One journalled event; ``error`` is the abort cause for ``ABORTED`` (and the group of
+    commit errors for a ``COMMITTED`` whose commits failed)."""
+
+    kind: EventKind
+    error: BaseException | None = None
+
+
+BEGIN_EVENT: Final = Event(EventKind.BEGIN)
+COMMITTING_EVENT: Final = Event(EventKind.COMMITTING)
+COMMITTED_EVENT: Final = Event(EventKind.COMMITTED)
+IDEMPOTENT_HIT_EVENT: Final = Event(EventKind.IDEMPOTENT_HIT)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A stored record: the exchange id and the event."""
+
+    id: str
+    event: Event
+
+
+class Journal(Protocol):
+    """Where a flow records lifecycle events. Must be safe for concurrent runs."""
+
+    async def record(self, ex: Exchange, event: Event) -> None: ...
+
+
+class MemoryJournal:
+    """Keeps entries in memory, for tests and inspection. ``max_entries`` bounds it (oldest
+    entries are dropped first); unbounded by default."""
+
+    def __init__(self, max_entries: int | None = None) -> None:
+        if max_entries is not None and max_entries < 1:
+            raise ValueError("flow: MemoryJournal max_entries must be at least 1")
+        self._entries: deque[JournalEntry] = deque(maxlen=max_entries)
+
+    async def record(self, ex: Exchange, event: Event) -> None:
+        self._entries.append(JournalEntry(ex.id, event))
+
+    def entries(self) -> list[JournalEntry]:
+        """A snapshot of the entries, oldest first."""
+        return list(self._entries)
+
+    def kinds(self, id: str) -> list[EventKind]:
+        """The kinds of the events recorded for exchange ``id``, in order."""
+        return [e.event.kind for e in self._entries if e.id == id]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class LoggingJournal:
+    """Writes each event as one log record on ``logger`` (default ``isopace.flow.journal``).
+
+    The record's message is ``"<kind> <id>"``; ``extra=`` carries ``flow_event``,
+    ``exchange_id``, ``joined``, ``durable``, ``request``, ``response`` and ``error``. Messages
+    are rendered with their masked view (``to_masked_dict()``), and every other text (error
+    messages, durable values) has anything that looks like a card number masked to its first
+    six and last four digits. ``ABORTED`` logs at WARNING, the rest at INFO.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger("isopace.flow.journal")
+
+    async def record(self, ex: Exchange, event: Event) -> None:
+        level = logging.WARNING if event.kind is EventKind.ABORTED else logging.INFO
+        logger = self._logger
+        if not logger.isEnabledFor(level):
+            return
+        error = event.error
+        logger.log(
+            level,
+            "%s %s",
+            event.kind.value,
+            mask_text(ex.id),
+            extra={
+                "flow_event": event.kind.value,
+                "exchange_id": mask_text(ex.id),
+                "joined": list(ex.joined),
+                "durable": _mask_json(ex.durable()),
+                "request": masked_message(ex.request),
+                "response": masked_message(ex.response),
+                "error": None if error is None else mask_text(f"{type(error).__name__}: {error}"),
+            },
+        )
+
+
+# -- masking ------------------------------------------------------------------------------------
+
+_PAN_RE: Final = re.compile(r"(?<!\d)(\d{6})(\d{3,9})(\d{4})(?!\d)")
+
+
+def mask_text(text: str) -> str:
+    """Mask every run of 13 to 19 digits (a card number's shape) to first six / last four."""
+    return _PAN_RE.sub(lambda m: m[1] + "*" * len(m[2]) + m[3], text)
+
+
+def masked_message(message: object) -> dict[str, str] | str | None:
+    """A message as its masked field dict; something else only by its type name."""
+    if message is None:
+        return None
+    to_masked = getattr(message, "to_masked_dict", None)
+    if callable(to_masked):
+        masked: dict[str, str] = to_masked()
+        return masked
+    if isinstance(message, str):
+        return mask_text(message)
+    return f"<{type(message).__name__}>"
+
+
+def _mask_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, list | tuple):
+        return [_mask_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _mask_json(v) for k, v in value.items()}
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return mask_text(str(value))
+    return value
