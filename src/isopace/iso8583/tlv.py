@@ -437,7 +437,7 @@ class TLV(Mapping[str, bytes]):
     # value semantics ----------------------------------------------------------------------
     def _key(self) -> tuple[tuple[str, bytes], ...]:
         return tuple(
-            (tag, child.build() if child else value) for tag, value, child in self._entries
+            (tag, value if child is None else child.build()) for tag, value, child in self._entries
         )
 
     def __eq__(self, other: object) -> bool:
