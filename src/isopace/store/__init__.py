@@ -1,1 +1,75 @@
-"""isopace.store."""
+"""isopace.store: durable journals, idempotency stores and crash recovery.
+
+- :class:`SqliteJournal` / :class:`SqliteIdempotencyStore`: the embedded default (standard
+  library ``sqlite3``): WAL, ``synchronous=FULL``, group commit, versioned schema.
+- :class:`PostgresJournal` / :class:`PostgresIdempotencyStore` (``isopace[postgres]``, asyncpg) and
+  :class:`RedisIdempotencyStore` (``isopace[redis]``) for several nodes; imported lazily, so
+  ``import isopace.store`` needs neither package.
+- :func:`recover`: finish every transaction a crash left in doubt, through the stages'
+  ``recover(ex, committing)`` hooks.
+- Card data in records is protected by :class:`CardDataProtector` (PAN first 6 / last 4 plus a
+  keyed HMAC-SHA256; track data, PIN block and EMV card tags removed).
+
+Journals answer operators' queries: ``by_id``, ``by_time``, ``by_pan``, ``in_doubt``, ``counts``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from isopace.store.errors import (
+    IdempotencyError,
+    JournalError,
+    LeaseLostError,
+    RecoveryError,
+    SchemaError,
+    StoreError,
+)
+from isopace.store.protect import CardDataProtector, mask_pan, scrub_text
+from isopace.store.records import InDoubt, JournalRecord, RecoveryReport
+from isopace.store.recovery import RecoverableJournal, RecoveredAbortError, recover
+from isopace.store.sqlite_idempotency import SqliteIdempotencyStore
+from isopace.store.sqlite_journal import SCHEMA_VERSION, SqliteJournal
+
+if TYPE_CHECKING:
+    from isopace.store.postgres import PostgresIdempotencyStore, PostgresJournal
+    from isopace.store.redis import RedisIdempotencyStore
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CardDataProtector",
+    "IdempotencyError",
+    "InDoubt",
+    "JournalError",
+    "JournalRecord",
+    "LeaseLostError",
+    "PostgresIdempotencyStore",
+    "PostgresJournal",
+    "RecoverableJournal",
+    "RecoveredAbortError",
+    "RecoveryError",
+    "RecoveryReport",
+    "RedisIdempotencyStore",
+    "SchemaError",
+    "SqliteIdempotencyStore",
+    "SqliteJournal",
+    "StoreError",
+    "mask_pan",
+    "recover",
+    "scrub_text",
+]
+
+_LAZY = {
+    "PostgresJournal": "isopace.store.postgres",
+    "PostgresIdempotencyStore": "isopace.store.postgres",
+    "RedisIdempotencyStore": "isopace.store.redis",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'isopace.store' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -78,24 +78,17 @@ def _rebuild(tx: InDoubt) -> Exchange:
     except Exception:
         log.warning("recovery: transaction %r: request unreadable", tx.tx_id)
         request = None
-    ex = Exchange(tx.tx_id, request)
-    for key, value in tx.durable.items():
-        ex.set(key, value, durable=True)
     try:
         response = tx.response
     except Exception:
         response = None
-    if response is not None:
-        ex.response = response
-    _restore_joined(ex, tx.joined)
-    return ex
-
-
-def _restore_joined(ex: Exchange, joined: Sequence[str]) -> None:
-    """Give the rebuilt exchange its joined stage names, so the outcome record carries them."""
-    target: Any = getattr(ex, "_joined", None)
-    if isinstance(target, list):
-        target[:] = list(joined)
+    return Exchange.restore(
+        tx.tx_id,
+        request,  # type: ignore[arg-type]
+        durable=tx.durable,
+        joined=tx.joined,
+        response=response,
+    )
 
 
 async def _call(hook: Any, ex: Exchange, committing: bool) -> None:
@@ -145,13 +138,24 @@ async def recover(
                 extra={"tx_id": tx.tx_id, "stages": missing},
             )
         if tx.committing:
-            await journal.record(ex, Event(EventKind.COMMITTED))
-            report.committed.append(tx.tx_id)
+            event = Event(EventKind.COMMITTED)
         else:
             cause = RecoveredAbortError(tx.tx_id)
             ex.abort(cause)
-            await journal.record(ex, Event(EventKind.ABORTED, error=cause))
-            report.aborted.append(tx.tx_id)
+            event = Event(EventKind.ABORTED, error=cause)
+        try:
+            await journal.record(ex, event)
+        except Exception as exc:
+            report.failed[tx.tx_id] = f"journal: {type(exc).__name__}: {exc}"
+            log.error(
+                "recovery: transaction %r left in doubt: journalling %s failed: %s",
+                tx.tx_id,
+                event.kind.name,
+                exc,
+                extra={"tx_id": tx.tx_id, "error": str(exc)},
+            )
+            continue
+        (report.committed if tx.committing else report.aborted).append(tx.tx_id)
         log.info(
             "recovery: transaction %r %s",
             tx.tx_id,

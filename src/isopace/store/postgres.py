@@ -1,0 +1,750 @@
+"""PostgreSQL journal and idempotency store (asyncpg), for several nodes sharing one database.
+
+``asyncpg`` is imported here only: install ``isopace[postgres]``.
+
+Both classes take a DSN (they then own a connection pool) or an existing ``asyncpg.Pool``, and a
+``schema`` (created if missing) holding their tables. They connect lazily (or on ``await open()``
+/ ``async with``); the schema is versioned in ``<schema>.schema_migrations`` and migrated on open
+under a transaction-level advisory lock, so nodes starting together migrate once.
+
+``PostgresJournal`` stores exactly what :class:`~isopace.store.SqliteJournal` stores (same rows,
+same card data protection, same ``inflight`` table and operator queries). Group commit: one writer
+task takes every queued row and writes the batch in one transaction with ONE multi-row
+``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal plus one upsert and one delete
+for ``inflight`` (asyncpg prepares and caches these statements per connection); each ``record``
+awaits its own batch's commit. ``group_commit=False`` commits each event alone.
+
+``PostgresIdempotencyStore``: the claim is one atomic statement, ``INSERT ... ON CONFLICT (key) DO
+UPDATE ... WHERE <the existing claim's lease or response expired> RETURNING``; two nodes can
+never both get it. ``complete`` and ``release`` notify in the same statement
+(``pg_notify(channel, key)``, delivered at commit); waiters LISTEN on one dedicated connection per
+store and re-check when their key is notified; a re-check also happens at the holder's lease
+expiry and every ``recheck`` seconds as a safety net if the listening connection was lost (it
+reconnects by itself). Live claims' leases are renewed in the background; expired rows purged.
+
+A dropped connection (server restart, ``pg_terminate_backend``) fails the operations running on
+it with :class:`JournalError` / :class:`IdempotencyError`; the pool replaces the connection and
+the next operations succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import asyncpg  # type: ignore[import-untyped]
+
+from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
+from isopace.store.protect import CardDataProtector
+from isopace.store.records import (
+    InDoubt,
+    JournalRecord,
+    Row,
+    build_row,
+    default_node,
+    loads_durable,
+    loads_joined,
+)
+
+if TYPE_CHECKING:
+    from isopace.flow import Event, Exchange
+    from isopace.iso8583 import Message
+
+__all__ = ["PostgresIdempotencyStore", "PostgresJournal"]
+
+log = logging.getLogger("isopace.store")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+_JOURNAL_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "journal and inflight tables",
+        (
+            """CREATE TABLE IF NOT EXISTS {s}.journal (
+                seq BIGSERIAL PRIMARY KEY,
+                tx_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                at TIMESTAMPTZ NOT NULL,
+                node TEXT NOT NULL DEFAULT '',
+                joined TEXT NOT NULL DEFAULT '[]',
+                durable TEXT,
+                request TEXT,
+                response TEXT,
+                pan_masked TEXT,
+                pan_hmac TEXT,
+                error TEXT
+            )""",
+            "CREATE INDEX IF NOT EXISTS journal_tx ON {s}.journal (tx_id)",
+            "CREATE INDEX IF NOT EXISTS journal_at ON {s}.journal (at)",
+            "CREATE INDEX IF NOT EXISTS journal_kind_at ON {s}.journal (kind, at)",
+            """CREATE INDEX IF NOT EXISTS journal_pan ON {s}.journal (pan_hmac)
+               WHERE pan_hmac IS NOT NULL""",
+            """CREATE TABLE IF NOT EXISTS {s}.inflight (
+                tx_id TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                node TEXT NOT NULL,
+                began_at TIMESTAMPTZ NOT NULL,
+                updated_at TIMESTAMPTZ NOT NULL,
+                joined TEXT NOT NULL DEFAULT '[]',
+                durable TEXT,
+                request TEXT,
+                response TEXT
+            )""",
+        ),
+    ),
+)
+
+_IDEMPOTENCY_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        101,
+        "idempotency_keys table",
+        (
+            """CREATE TABLE IF NOT EXISTS {s}.idempotency_keys (
+                key TEXT PRIMARY KEY,
+                state TEXT NOT NULL CHECK (state IN ('claimed', 'done')),
+                owner TEXT,
+                lease_until TIMESTAMPTZ,
+                response TEXT,
+                expires TIMESTAMPTZ
+            )""",
+            "CREATE INDEX IF NOT EXISTS idempotency_expires ON {s}.idempotency_keys (expires)",
+        ),
+    ),
+)
+
+_PG_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def _check_schema(schema: str) -> str:
+    if not _IDENT.match(schema):
+        raise ValueError(f"schema must be a plain SQL identifier, not {schema!r}")
+    return schema
+
+
+async def _migrate(
+    pool: asyncpg.Pool,
+    schema: str,
+    migrations: tuple[tuple[int, str, tuple[str, ...]], ...],
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"isopace:{schema}")
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+                version INTEGER PRIMARY KEY, description TEXT NOT NULL,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"""
+        )
+        done = {r[0] for r in await conn.fetch(f"SELECT version FROM {schema}.schema_migrations")}
+        for version, description, statements in migrations:
+            if version in done:
+                continue
+            for statement in statements:
+                await conn.execute(statement.format(s=schema))
+            await conn.execute(
+                f"INSERT INTO {schema}.schema_migrations (version, description) VALUES ($1, $2)",
+                version,
+                description,
+            )
+            log.info("postgres %s: applied schema migration %d (%s)", schema, version, description)
+
+
+class _PoolOwner:
+    """Lazy pool creation and schema migration shared by the journal and the store."""
+
+    _migrations: tuple[tuple[int, str, tuple[str, ...]], ...] = ()
+
+    def __init__(
+        self,
+        dsn_or_pool: str | asyncpg.Pool,
+        *,
+        schema: str,
+        min_size: int,
+        max_size: int,
+    ) -> None:
+        self.schema = _check_schema(schema)
+        if isinstance(dsn_or_pool, str):
+            self._dsn: str | None = dsn_or_pool
+            self._pool: asyncpg.Pool | None = None
+        else:
+            self._dsn = None
+            self._pool = dsn_or_pool
+        self._owns_pool = self._pool is None
+        self._min_size = min_size
+        self._max_size = max_size
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("not open: await open() first")
+        return self._pool
+
+    async def open(self) -> Self:
+        """Create the pool (when given a DSN) and migrate the schema; safe to call again."""
+        if self._opened:
+            return self
+        if self._closed:
+            raise StoreError(f"postgres {self.schema}: closed")
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._opened:
+                return self
+            try:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=self._min_size, max_size=self._max_size
+                    )
+                await _migrate(self._pool, self.schema, self._migrations)
+            except _PG_ERRORS as exc:
+                raise self._error(f"cannot open: {exc}") from exc
+            await self._started()
+            self._opened = True
+        return self
+
+    def _error(self, text: str) -> StoreError:
+        return StoreError(f"postgres {self.schema}: {text}")
+
+    async def _started(self) -> None:
+        pass
+
+    async def _close_pool(self) -> None:
+        self._closed = True
+        if self._owns_pool and self._pool is not None:
+            await self._pool.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._close_pool()
+
+
+class PostgresJournal(_PoolOwner):
+    """Durable, group-committed flow journal in PostgreSQL (see the module docstring)."""
+
+    _migrations = _JOURNAL_MIGRATIONS
+
+    def __init__(
+        self,
+        dsn_or_pool: str | asyncpg.Pool,
+        *,
+        schema: str = "isopace",
+        hmac_key: bytes | str | None = None,
+        node: str | None = None,
+        group_commit: bool = True,
+        max_batch: int = 1024,
+        min_size: int = 2,
+        max_size: int = 10,
+    ) -> None:
+        super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)
+        self.node = node if node is not None else default_node()
+        self._protector = CardDataProtector(hmac_key)
+        self._group_commit = group_commit
+        self._max_batch = max_batch if group_commit else 1
+        self._queue: asyncio.Queue[tuple[Row, asyncio.Future[None]] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.rows = 0
+        s = self.schema
+        self._sql_insert = f"""INSERT INTO {s}.journal (tx_id, kind, at, node, joined, durable,
+            request, response, pan_masked, pan_hmac, error)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"""
+        self._sql_upsert = f"""INSERT INTO {s}.inflight AS f (tx_id, state, node, began_at,
+            updated_at, joined, durable, request, response)
+            SELECT t, st, n, a, a, j, d, rq, rs FROM unnest($1::text[], $2::text[], $3::text[],
+                $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[])
+                AS u(t, st, n, a, j, d, rq, rs)
+            ON CONFLICT (tx_id) DO UPDATE SET state = excluded.state,
+                updated_at = excluded.updated_at, joined = excluded.joined,
+                durable = excluded.durable, response = excluded.response,
+                node = CASE WHEN excluded.state = 'began' THEN excluded.node ELSE f.node END,
+                began_at = CASE WHEN excluded.state = 'began' THEN excluded.began_at
+                                ELSE f.began_at END,
+                request = CASE WHEN excluded.state = 'began' THEN excluded.request
+                               ELSE f.request END"""
+        self._sql_delete = f"DELETE FROM {s}.inflight WHERE tx_id = ANY($1::text[])"
+
+    def _error(self, text: str) -> StoreError:
+        return JournalError(f"postgres journal {self.schema}: {text}")
+
+    async def _started(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    # -- the Journal protocol ------------------------------------------------------------------
+
+    async def record(self, ex: Exchange, event: Event) -> None:
+        """Journal ``event`` of ``ex``; returns once its batch is committed (or JournalError)."""
+        row = build_row(ex, event, self._protector, self.node)
+        if not self._opened:
+            await self.open()
+        if self._closed:
+            raise JournalError(f"postgres journal {self.schema}: closed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((row, fut))
+        await fut
+
+    async def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            item = await self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            error: BaseException | None = None
+            try:
+                await self._write([row for row, _ in batch])
+                self.batches += 1
+                self.rows += len(batch)
+            except _PG_ERRORS as exc:
+                error = JournalError(f"postgres journal {self.schema}: write failed: {exc}")
+                error.__cause__ = exc
+                log.warning("journal: batch of %d rows failed: %s", len(batch), error)
+            except Exception as exc:  # never let the writer die: fail the batch instead
+                error = JournalError(f"postgres journal {self.schema}: write failed: {exc!r}")
+                log.exception("journal: unexpected failure")
+            for _, fut in batch:
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
+
+    async def _write(self, rows: list[Row]) -> None:
+        columns: list[list[Any]] = [[] for _ in range(11)]
+        upserts: dict[str, tuple[Any, ...]] = {}
+        finished: list[str] = []
+        for r in rows:
+            for i, v in enumerate(
+                (
+                    r.tx_id,
+                    r.kind,
+                    r.at,
+                    r.node,
+                    r.joined,
+                    r.durable,
+                    r.request,
+                    r.response,
+                    r.pan_masked,
+                    r.pan_hmac,
+                    r.error,
+                )
+            ):
+                columns[i].append(v)
+            if r.kind == "BEGIN":
+                upserts[r.tx_id] = (
+                    "began", r.node, r.at, r.joined, r.durable, r.request, None
+                )  # fmt: skip
+            elif r.kind == "COMMITTING":
+                upserts[r.tx_id] = (
+                    "committing", r.node, r.at, r.joined, r.durable, None, r.response
+                )  # fmt: skip
+            elif r.kind in ("COMMITTED", "ABORTED"):
+                upserts.pop(r.tx_id, None)
+                finished.append(r.tx_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._sql_insert, *columns)
+            if upserts:
+                ups: list[list[Any]] = [list(upserts)] + [[] for _ in range(7)]
+                for values in upserts.values():
+                    for i, v in enumerate(values):
+                        ups[i + 1].append(v)
+                await conn.execute(self._sql_upsert, *ups)
+            if finished:
+                await conn.execute(self._sql_delete, finished)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"rows": self.rows, "batches": self.batches}
+
+    async def close(self) -> None:
+        """Write what is queued, stop the writer, close the pool (when this journal made it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+        await self._close_pool()
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        await self.open()
+        try:
+            return list(await self.pool.fetch(sql, *args))
+        except _PG_ERRORS as exc:
+            raise StoreError(f"postgres journal {self.schema}: query failed: {exc}") from exc
+
+    _COLUMNS = """seq, tx_id, kind, at, node, joined, durable, request, response, pan_masked,
+        pan_hmac, error"""
+
+    @staticmethod
+    def _record(r: Any) -> JournalRecord:
+        return JournalRecord(
+            seq=int(r[0]),
+            tx_id=r[1],
+            kind=r[2],
+            at=r[3],
+            node=r[4],
+            joined=loads_joined(r[5]),
+            durable=loads_durable(r[6]),
+            request_json=r[7],
+            response_json=r[8],
+            pan_masked=r[9],
+            pan_hmac=r[10],
+            error=r[11],
+        )
+
+    async def by_id(self, tx_id: str) -> list[JournalRecord]:
+        """Every record of one transaction, oldest first."""
+        rows = await self._fetch(
+            f"SELECT {self._COLUMNS} FROM {self.schema}.journal WHERE tx_id = $1 ORDER BY seq",
+            tx_id,
+        )
+        return [self._record(r) for r in rows]
+
+    async def by_time(
+        self, start: datetime, end: datetime, *, kind: str | None = None, limit: int = 10_000
+    ) -> list[JournalRecord]:
+        """Records with ``start <= time < end`` (aware datetimes), oldest first."""
+        rows = await self._fetch(
+            f"""SELECT {self._COLUMNS} FROM {self.schema}.journal
+                WHERE at >= $1 AND at < $2 AND ($3::text IS NULL OR kind = $3)
+                ORDER BY at, seq LIMIT $4""",
+            start,
+            end,
+            kind,
+            limit,
+        )
+        return [self._record(r) for r in rows]
+
+    async def by_pan(self, pan: str, *, limit: int = 10_000) -> list[JournalRecord]:
+        """Records of one card, by its keyed fingerprint (needs ``hmac_key``)."""
+        fingerprint = self._protector.fingerprint(pan)
+        if fingerprint is None:
+            raise StoreError(f"postgres journal {self.schema}: searching by PAN needs an hmac_key")
+        rows = await self._fetch(
+            f"""SELECT {self._COLUMNS} FROM {self.schema}.journal WHERE pan_hmac = $1
+                ORDER BY seq LIMIT $2""",
+            fingerprint,
+            limit,
+        )
+        return [self._record(r) for r in rows]
+
+    async def in_doubt(
+        self, *, all_nodes: bool = False, older_than: float | None = None
+    ) -> list[InDoubt]:
+        """Transactions begun and not finished (this node's unless ``all_nodes``), oldest first."""
+        rows = await self._fetch(
+            f"""SELECT tx_id, state, began_at, node, joined, durable, request, response
+                FROM {self.schema}.inflight
+                WHERE ($1 OR node = $2)
+                  AND ($3::float8 IS NULL OR updated_at < now() - $3 * interval '1 second')
+                ORDER BY began_at""",
+            all_nodes,
+            self.node,
+            older_than,
+        )
+        return [
+            InDoubt(
+                tx_id=r[0],
+                committing=r[1] == "committing",
+                began_at=r[2],
+                node=r[3],
+                joined=loads_joined(r[4]),
+                durable=loads_durable(r[5]),
+                request_json=r[6],
+                response_json=r[7],
+            )
+            for r in rows
+        ]
+
+    async def counts(
+        self, start: datetime | None = None, end: datetime | None = None
+    ) -> dict[str, int]:
+        """Records per event kind in a time range (all by default), plus ``IN_DOUBT``."""
+        rows = await self._fetch(
+            f"""SELECT kind, count(*) FROM {self.schema}.journal
+                WHERE ($1::timestamptz IS NULL OR at >= $1)
+                  AND ($2::timestamptz IS NULL OR at < $2) GROUP BY kind""",
+            start,
+            end,
+        )
+        result = {str(r[0]): int(r[1]) for r in rows}
+        (n,) = (await self._fetch(f"SELECT count(*) FROM {self.schema}.inflight"))[0]
+        result["IN_DOUBT"] = int(n)
+        return result
+
+
+class PostgresIdempotencyStore(_PoolOwner):
+    """The flow's ``IdempotencyStore`` protocol on PostgreSQL (see the module docstring)."""
+
+    _migrations = _IDEMPOTENCY_MIGRATIONS
+
+    def __init__(
+        self,
+        dsn_or_pool: str | asyncpg.Pool,
+        *,
+        schema: str = "isopace",
+        ttl: float = 24 * 3600.0,
+        lease: float = 30.0,
+        recheck: float = 1.0,
+        purge_interval: float = 60.0,
+        node: str | None = None,
+        min_size: int = 2,
+        max_size: int = 10,
+    ) -> None:
+        super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)
+        if ttl <= 0 or lease <= 0:
+            raise ValueError("ttl and lease must be positive")
+        self.ttl = ttl
+        self.lease = lease
+        self._recheck = recheck
+        self._purge_interval = purge_interval
+        self._node = node if node is not None else default_node()
+        self._channel = f"isopace_idem_{self.schema}"
+        self._held: dict[str, str] = {}
+        self._waiters: dict[str, list[asyncio.Event]] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        s = self.schema
+        self._sql_claim = f"""INSERT INTO {s}.idempotency_keys AS k
+                (key, state, owner, lease_until, response, expires)
+            VALUES ($1, 'claimed', $2, clock_timestamp() + $3 * interval '1 second', NULL, NULL)
+            ON CONFLICT (key) DO UPDATE SET state = 'claimed', owner = excluded.owner,
+                lease_until = excluded.lease_until, response = NULL, expires = NULL
+            WHERE (k.state = 'claimed' AND k.lease_until <= clock_timestamp())
+               OR (k.state = 'done' AND k.expires <= clock_timestamp())
+            RETURNING k.owner"""
+        self._sql_peek = f"""SELECT state, response,
+                EXTRACT(EPOCH FROM (lease_until - clock_timestamp()))::float8
+            FROM {s}.idempotency_keys WHERE key = $1"""
+        self._sql_complete = f"""WITH u AS (
+                INSERT INTO {s}.idempotency_keys AS k
+                    (key, state, owner, lease_until, response, expires)
+                VALUES ($1, 'done', NULL, NULL, $2, clock_timestamp() + $3 * interval '1 second')
+                ON CONFLICT (key) DO UPDATE SET state = 'done', owner = NULL,
+                    lease_until = NULL, response = excluded.response, expires = excluded.expires
+                WHERE k.state = 'done' OR k.owner = $4 OR k.lease_until <= clock_timestamp()
+                RETURNING k.key)
+            SELECT pg_notify($5, key) FROM u"""
+        self._sql_release = f"""WITH d AS (
+                DELETE FROM {s}.idempotency_keys
+                WHERE key = $1 AND state = 'claimed' AND owner = $2 RETURNING key)
+            SELECT pg_notify($3, key) FROM d"""
+
+    def _error(self, text: str) -> StoreError:
+        return IdempotencyError(f"postgres idempotency {self.schema}: {text}")
+
+    async def _started(self) -> None:
+        await self._listen()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._maintain()))
+
+    # -- notifications -------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        conn: asyncpg.Connection = await self.pool.acquire()
+        try:
+            await conn.add_listener(self._channel, self._notified)
+            conn.add_termination_listener(self._listener_lost)
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        self._listener = conn
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        for event in self._waiters.pop(str(payload), ()):
+            event.set()
+
+    def _listener_lost(self, conn: object) -> None:
+        if self._closed:
+            return
+        log.warning("idempotency: the LISTEN connection was lost; reconnecting")
+        self._listener = None
+        for events in self._waiters.values():  # notifications may have been missed
+            for event in events:
+                event.set()
+        self._waiters.clear()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._relisten()))
+
+    async def _relisten(self) -> None:
+        delay = 0.05
+        while not self._closed and self._listener is None:
+            try:
+                await self._listen()
+                log.info("idempotency: LISTEN connection re-established")
+                return
+            except _PG_ERRORS as exc:
+                log.warning("idempotency: LISTEN reconnect failed: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- the IdempotencyStore protocol ----------------------------------------------------------
+
+    async def _call(self, what: str, key: str, method: str, sql: str, *args: Any) -> Any:
+        await self.open()
+        try:
+            return await getattr(self.pool, method)(sql, *args)
+        except _PG_ERRORS as exc:
+            raise IdempotencyError(
+                f"postgres idempotency {self.schema}: {what} of key {key!r} failed: {exc}"
+            ) from exc
+
+    async def claim(self, key: str) -> Message | None:
+        """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
+        await self.open()
+        while True:
+            if key in self._held:  # a run of this process holds it: wait for it locally
+                event = asyncio.Event()
+                self._waiters.setdefault(key, []).append(event)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), self._recheck)
+                continue
+            owner = f"{self._node}:{uuid.uuid4().hex}"
+            event = asyncio.Event()
+            self._waiters.setdefault(key, []).append(event)  # before the check: no lost wake-up
+            try:
+                got = await self._call(
+                    "claim", key, "fetchval", self._sql_claim, key, owner, self.lease
+                )
+                if got is not None:
+                    self._held[key] = owner
+                    return None
+                row = await self._call("claim", key, "fetchrow", self._sql_peek, key)
+                if row is None:
+                    continue  # released meanwhile: try again at once
+                if row[0] == "done" and row[1] is not None:
+                    from isopace.iso8583 import Message
+
+                    return Message.from_json(row[1])
+                remaining = max(float(row[2] or 0.0), 0.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining + 0.01, self._recheck))
+            finally:
+                events = self._waiters.get(key)
+                if events is not None and event in events:
+                    events.remove(event)
+                    if not events:
+                        del self._waiters[key]
+
+    async def complete(self, key: str, response: Message) -> None:
+        """Store the response for ``key`` (for ``ttl``) and notify every node's waiters."""
+        owner = self._held.get(key)
+        try:
+            rows = await self._call(
+                "complete",
+                key,
+                "fetch",
+                self._sql_complete,
+                key,
+                response.to_json(redact=True),
+                self.ttl,
+                owner,
+                self._channel,
+            )
+        finally:
+            if self._held.get(key) == owner:
+                self._held.pop(key, None)
+            self._notified(None, 0, self._channel, key)
+        if not rows:
+            raise LeaseLostError(key)
+
+    async def release(self, key: str) -> None:
+        """Give the claim on ``key`` up; waiters (on any node) try to claim it again."""
+        owner = self._held.pop(key, None)
+        try:
+            if owner is not None:
+                await self._call(
+                    "release", key, "fetch", self._sql_release, key, owner, self._channel
+                )
+        finally:
+            self._notified(None, 0, self._channel, key)
+
+    # -- background maintenance -----------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_purge = loop.time()
+        s = self.schema
+        while not self._closed:
+            try:
+                if self._held:
+                    keys, owners = zip(*self._held.items(), strict=True)
+                    await self.pool.execute(
+                        f"""UPDATE {s}.idempotency_keys AS k
+                            SET lease_until = clock_timestamp() + $3 * interval '1 second'
+                            FROM unnest($1::text[], $2::text[]) AS u(key, owner)
+                            WHERE k.key = u.key AND k.owner = u.owner AND k.state = 'claimed'""",
+                        list(keys),
+                        list(owners),
+                        self.lease,
+                    )
+                if loop.time() >= next_purge:
+                    await self.purge()
+                    next_purge = loop.time() + self._purge_interval
+            except Exception as exc:
+                log.warning("idempotency: maintenance failed: %s", exc)
+            await asyncio.sleep(min(self.lease / 3, self._purge_interval))
+
+    async def purge(self) -> int:
+        """Delete expired responses and claims now; return how many rows went."""
+        status = await self._call(
+            "purge",
+            "*",
+            "execute",
+            f"""DELETE FROM {self.schema}.idempotency_keys
+                WHERE (state = 'done' AND expires <= clock_timestamp())
+                   OR (state = 'claimed' AND lease_until <= clock_timestamp())""",
+        )
+        return int(str(status).rsplit(" ", 1)[-1])
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.remove_listener(self._channel, self._notified)
+            with contextlib.suppress(Exception):
+                await self.pool.release(self._listener)
+            self._listener = None
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+        await self._close_pool()

@@ -1,0 +1,307 @@
+"""Idempotency claims in Redis (redis-py asyncio), shared by several nodes.
+
+``redis`` is imported here only: install ``isopace[redis]``.
+
+One Redis key per idempotency key, ``<prefix>k:<key>``, holding either ``C<owner>`` (a claim, with
+the lease as its expiry) or ``R<response JSON>`` (the response, protected with
+``to_json(redact=True)``, with the TTL as its expiry). Redis expires both by itself: a crashed
+owner's claim disappears ``lease`` seconds after its last renewal; nothing needs purging.
+
+- ``claim``: ``SET k C<owner> NX PX lease`` -- atomic on the server, so exactly one node gets a
+  free key. Otherwise ``GET k``: a response is replayed; a claim is waited for.
+- ``complete`` / ``release`` are Lua scripts (atomic check of the owner, then ``SET ... PX ttl``
+  or ``DEL``) that ``PUBLISH`` the key on ``<prefix>done``.
+- Waiters: each store holds one pub/sub subscription (one connection) to ``<prefix>done`` and
+  wakes its local waiters of the published key, which re-check at once. No busy polling: a waiter
+  only re-checks on a notification, at the holder's lease expiry, or every ``recheck`` seconds as
+  a safety net (after a lost connection the subscription is re-established and every waiter
+  re-checks, since notifications may have been missed).
+- Live claims' leases are renewed in the background (every ``lease / 3``) by a script that checks
+  the owner.
+
+Errors (server down, restarted, connection killed) raise :class:`IdempotencyError`; the client
+reconnects on the next call. Redis keeps claims and responses only as durably as it is
+configured to (``appendonly yes`` with ``appendfsync always`` to survive a Redis crash).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from isopace.store.errors import IdempotencyError, LeaseLostError
+from isopace.store.records import default_node
+
+if TYPE_CHECKING:
+    from isopace.iso8583 import Message
+
+__all__ = ["RedisIdempotencyStore"]
+
+log = logging.getLogger("isopace.store")
+
+_COMPLETE = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 1) == 'C' and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
+    redis.call('PUBLISH', ARGV[2], ARGV[3])
+    return 1
+end
+return 0
+"""
+
+_RENEW = """
+local n = 0
+for i, k in ipairs(KEYS) do
+    if redis.call('GET', k) == ARGV[i + 1] then
+        redis.call('PEXPIRE', k, ARGV[1])
+        n = n + 1
+    end
+end
+return n
+"""
+
+_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisIdempotencyStore:
+    """The flow's ``IdempotencyStore`` protocol on Redis (see the module docstring).
+
+    ``url_or_client``: a ``redis://`` URL (the store then owns its client) or a
+    ``redis.asyncio.Redis``; ``prefix`` namespaces the keys and the channel.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | aioredis.Redis,
+        *,
+        prefix: str = "isopace:idem:",
+        ttl: float = 24 * 3600.0,
+        lease: float = 30.0,
+        recheck: float = 1.0,
+        node: str | None = None,
+    ) -> None:
+        if ttl <= 0 or lease <= 0:
+            raise ValueError("ttl and lease must be positive")
+        if isinstance(url_or_client, str):
+            self._client: aioredis.Redis = aioredis.Redis.from_url(
+                url_or_client, client_name=f"isopace-idem-{prefix.strip(':')}"
+            )
+            self._owns_client = True
+        else:
+            self._client = url_or_client
+            self._owns_client = False
+        self.prefix = prefix
+        self.ttl = ttl
+        self.lease = lease
+        self._recheck = recheck
+        self._node = node if node is not None else default_node()
+        self._channel = f"{prefix}done"
+        self._complete = self._client.register_script(_COMPLETE)
+        self._release = self._client.register_script(_RELEASE)
+        self._renew = self._client.register_script(_RENEW)
+        self._held: dict[str, str] = {}
+        self._waiters: dict[str, list[asyncio.Event]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+        self._closed = False
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}k:{key}"
+
+    def _error(self, what: str, key: str, exc: BaseException) -> IdempotencyError:
+        err = IdempotencyError(f"redis idempotency {self.prefix!r}: {what} of key {key!r}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    # -- background: subscription and lease renewal ---------------------------------------------
+
+    def _start(self) -> None:
+        if self._closed:
+            raise IdempotencyError(f"redis idempotency {self.prefix!r}: closed")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._listen()), loop.create_task(self._maintain())]
+
+    async def _listen(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self._subscribed.set()
+                delay = 0.05
+                self._wake_all()  # anything published while not subscribed was missed
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None and message.get("type") == "message":
+                        data = message["data"]
+                        key = data.decode() if isinstance(data, bytes) else str(data)
+                        self._wake(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._subscribed.clear()
+                self._wake_all()
+                if self._closed:
+                    break
+                log.warning("idempotency: redis subscription lost (%s); reconnecting", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _maintain(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.lease / 3)
+            if not self._held:
+                continue
+            items = list(self._held.items())
+            try:
+                await self._renew(
+                    keys=[self._key(k) for k, _ in items],
+                    args=[int(self.lease * 1000), *(f"C{o}" for _, o in items)],
+                )
+            except _ERRORS as exc:
+                log.warning("idempotency: renewing leases failed: %s", exc)
+
+    def _wake(self, key: str) -> None:
+        for event in self._waiters.pop(key, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for events in waiters.values():
+            for event in events:
+                event.set()
+
+    # -- the IdempotencyStore protocol ----------------------------------------------------------
+
+    async def claim(self, key: str) -> Message | None:
+        """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
+        self._start()
+        rkey = self._key(key)
+        while True:
+            event = asyncio.Event()
+            self._waiters.setdefault(key, []).append(event)  # before the check: no lost wake-up
+            try:
+                if key in self._held:  # a run of this process holds it
+                    timeout = self._recheck
+                else:
+                    owner = f"{self._node}:{uuid.uuid4().hex}"
+                    try:
+                        got = await self._client.set(
+                            rkey, f"C{owner}", nx=True, px=int(self.lease * 1000)
+                        )
+                        if got:
+                            self._held[key] = owner
+                            return None
+                        value, pttl = await self._peek(rkey)
+                    except _ERRORS as exc:
+                        raise self._error("claim", key, exc) from exc
+                    if value is None:
+                        continue  # released or expired meanwhile: try again at once
+                    if value.startswith(b"R"):
+                        from isopace.iso8583 import Message
+
+                        return Message.from_json(value[1:].decode())
+                    timeout = min(max(pttl, 0) / 1000 + 0.005, self._recheck)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout)
+            finally:
+                events = self._waiters.get(key)
+                if events is not None and event in events:
+                    events.remove(event)
+                    if not events:
+                        del self._waiters[key]
+
+    async def _peek(self, rkey: str) -> tuple[bytes | None, int]:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.get(rkey)
+            pipe.pttl(rkey)
+            value, pttl = await pipe.execute()
+        if isinstance(value, str):
+            value = value.encode()
+        return value, int(pttl)
+
+    async def complete(self, key: str, response: Message) -> None:
+        """Store the response for ``key`` (for ``ttl``) and notify every node's waiters."""
+        owner = self._held.get(key)
+        try:
+            ok = await self._complete(
+                keys=[self._key(key)],
+                args=[
+                    f"C{owner}" if owner else "",
+                    "R" + response.to_json(redact=True),
+                    int(self.ttl * 1000),
+                    self._channel,
+                    key,
+                ],
+            )
+        except _ERRORS as exc:
+            raise self._error("complete", key, exc) from exc
+        finally:
+            if self._held.get(key) == owner:
+                self._held.pop(key, None)
+            self._wake(key)
+        if not ok:
+            raise LeaseLostError(key)
+
+    async def release(self, key: str) -> None:
+        """Give the claim on ``key`` up; waiters (on any node) try to claim it again."""
+        owner = self._held.pop(key, None)
+        try:
+            if owner is not None:
+                await self._release(keys=[self._key(key)], args=[f"C{owner}", self._channel, key])
+        except _ERRORS as exc:
+            raise self._error("release", key, exc) from exc
+        finally:
+            self._wake(key)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Check the server answers (raises IdempotencyError)."""
+        try:
+            await self._client.ping()
+        except _ERRORS as exc:
+            raise self._error("ping", "*", exc) from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._wake_all()
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
