@@ -1,0 +1,486 @@
+"""`Message`: an immutable, copy-on-write ISO 8583 message.
+
+Decisions:
+
+- Values are ``str`` for every non-binary field (numeric fields keep their leading zeros) and
+  ``bytes`` for binary ones. ``Message`` itself does not know a spec: a value's type is checked
+  against the spec when the message is encoded. Data elements are 2..192; 1 and 65 are the
+  secondary / tertiary bitmaps, always derived from the fields present, so they cannot be set.
+- Immutable by API: every change returns a new ``Message`` that shares the unchanged values and,
+  for a decoded message, the original wire bytes and field spans. A decoded message caches the
+  values it decoded on first access (invisible to callers).
+- A decoded message remembers its spec and bytes: ``spec.encode(m)`` hands the bytes back while
+  ``m`` is unchanged, and after changes re-encodes only the changed fields.
+- Equality and hash by content: MTI, header and data elements. ``redacted`` is not part of it.
+- ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55).
+- JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
+  values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
+  and listed in ``redacted``; DE 55 keeps its other EMV tags but loses 5A (PAN) and 57 (track 2
+  equivalent) — if DE 55 cannot be parsed as TLV it is dropped whole and listed.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from isopace.iso8583.errors import EncodeError, Iso8583Error
+
+if TYPE_CHECKING:
+    from isopace.iso8583.spec import Layout, Spec
+    from isopace.iso8583.tlv import TLV
+
+Value = str | bytes
+_bytes = bytes
+
+ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
+REDACTED_FIELDS = frozenset({2, 35, 36, 45, 52})
+_REDACTED_TAGS = ("5A", "57")
+_EMPTY: frozenset[int] = frozenset()
+_new = object.__new__
+
+
+def _check(n: Any, v: Any) -> Value:
+    if type(n) is not int or not 2 <= n <= 192 or n == 65:
+        if n in (1, 65):
+            raise EncodeError(n, "bitmaps are derived from the fields present and cannot be set")
+        raise EncodeError(None, f"data element numbers are ints 2..192, got {n!r}")
+    tv = type(v)
+    if tv is str or tv is bytes:
+        return v  # type: ignore[no-any-return]
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    raise EncodeError(n, f"value must be str or bytes, got {type(v).__name__}")
+
+
+class Message:
+    """An ISO 8583 message: an MTI and data elements 2..192 (see the module docstring)."""
+
+    __slots__ = (
+        "_clean",
+        "_data",
+        "_dirty",
+        "_gone",
+        "_hash",
+        "_hdr",
+        "_keys",
+        "_lay",
+        "_mti",
+        "_offs",
+        "_redacted",
+        "_spec",
+        "_vals",
+    )
+
+    _mti: str
+    _vals: dict[int, Value]
+    _spec: Spec | None
+    _data: bytes | None
+    _lay: Layout | None
+    _offs: tuple[int, ...] | None
+    _gone: frozenset[int]
+    _dirty: frozenset[int]
+    _hdr: Value | None
+    _hash: int | None
+    _keys: tuple[int, ...] | None
+    _redacted: frozenset[int]
+    _clean: bool
+
+    def __init__(
+        self,
+        mti: str,
+        fields: Mapping[int, Value] | None = None,
+        *,
+        header: Value | None = None,
+    ) -> None:
+        if not isinstance(mti, str):
+            raise EncodeError(0, f"MTI must be a str, got {type(mti).__name__}")
+        vals: dict[int, Value] = {}
+        if fields:
+            for n, v in fields.items():
+                vals[n] = _check(n, v)
+        self._mti = mti
+        self._vals = vals
+        self._spec = None
+        self._data = None
+        self._lay = None
+        self._offs = None
+        self._gone = _EMPTY
+        self._dirty = _EMPTY
+        self._hdr = header
+        self._hash = None
+        self._keys = None
+        self._redacted = _EMPTY
+        self._clean = False
+
+    # --- internal ---------------------------------------------------------------------------
+    def _sorted_keys(self) -> tuple[int, ...]:
+        keys = self._keys
+        if keys is None:
+            lay = self._lay
+            if lay is None:
+                keys = tuple(sorted(self._vals))
+            else:
+                ks = set(lay.fields)
+                ks.update(self._vals)
+                ks.difference_update(self._gone)
+                keys = tuple(sorted(ks))
+            self._keys = keys
+        return keys
+
+    def _derive(self) -> Message:
+        m = _new(Message)
+        m._mti = self._mti
+        m._vals = self._vals.copy()
+        m._spec = self._spec
+        m._data = self._data
+        m._lay = self._lay
+        m._offs = self._offs
+        m._gone = self._gone
+        m._dirty = self._dirty
+        m._hdr = self._hdr
+        m._hash = None
+        m._keys = self._keys
+        m._redacted = self._redacted
+        m._clean = False
+        return m
+
+    # --- reading ----------------------------------------------------------------------------
+    @property
+    def mti(self) -> str:
+        return self._mti
+
+    @property
+    def header(self) -> Value | None:
+        """The message header (specs with an ``h`` field), or None."""
+        return self._hdr
+
+    @property
+    def redacted(self) -> frozenset[int]:
+        """Fields dropped by ``to_json(redact=True)`` before this message was rebuilt from it."""
+        return self._redacted
+
+    @property
+    def spec(self) -> Spec | None:
+        """The spec this message was decoded with (None for a message built in code)."""
+        return self._spec
+
+    def __getitem__(self, n: int) -> Value:
+        vals = self._vals
+        if n in vals:
+            return vals[n]
+        lay = self._lay
+        if lay is None or n in self._gone:
+            raise KeyError(n)
+        i = lay.index[n]
+        spec = self._spec
+        offs = self._offs
+        assert spec is not None and offs is not None
+        v = spec._decs[n](self._data, offs[i] + spec._plens[n], offs[i + 1])  # type: ignore[misc, arg-type]
+        vals[n] = v
+        return v
+
+    def get(self, n: int, default: Any = None) -> Any:
+        try:
+            return self[n]
+        except KeyError:
+            return default
+
+    def __contains__(self, n: object) -> bool:
+        if n in self._vals:
+            return True
+        lay = self._lay
+        return lay is not None and n in lay.index and n not in self._gone
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._sorted_keys())
+
+    def __len__(self) -> int:
+        return len(self._sorted_keys())
+
+    def keys(self) -> tuple[int, ...]:
+        """The data elements present, in numeric order."""
+        return self._sorted_keys()
+
+    def fields(self) -> dict[int, Value]:
+        """All data elements (no MTI, no bitmaps) in numeric order."""
+        keys = self._keys
+        if keys is None:
+            keys = self._sorted_keys()
+        vals = self._vals
+        lay = self._lay
+        if lay is None:
+            return {n: vals[n] for n in keys}
+        spec = self._spec
+        assert spec is not None
+        decs = spec._decs
+        plens = spec._plens
+        data = self._data
+        offs = self._offs
+        assert offs is not None
+        index = lay.index
+        out: dict[int, Value] = {}
+        for n in keys:
+            if n in vals:
+                out[n] = vals[n]
+            else:
+                i = index[n]
+                v = decs[n](data, offs[i] + plens[n], offs[i + 1])  # type: ignore[misc, arg-type]
+                vals[n] = out[n] = v
+        return out
+
+    def items(self) -> Iterable[tuple[int, Value]]:
+        return self.fields().items()
+
+    # --- typed accessors --------------------------------------------------------------------
+    def numeric(self, n: int) -> int:
+        """Data element ``n`` as an int (digits only)."""
+        v = self[n]
+        if isinstance(v, str) and v.isascii() and v.isdigit():
+            return int(v)
+        raise Iso8583Error(f"field {n}: not a numeric value")
+
+    def amount(self, n: int = 4) -> int:
+        """An amount in minor units; ``x+n`` amounts (``C``/``D`` prefix) give a signed value
+        (credit positive, debit negative)."""
+        v = self[n]
+        if isinstance(v, str) and v.isascii():
+            sign = 1
+            if v[:1] in ("C", "D"):
+                sign = -1 if v[0] == "D" else 1
+                v = v[1:]
+            if v.isdigit():
+                return sign * int(v)
+        raise Iso8583Error(f"field {n}: not an amount")
+
+    def bytes(self, n: int) -> bytes:
+        """A binary data element; a str value is read as hex."""
+        v = self[n]
+        if isinstance(v, bytes):
+            return v
+        try:
+            return binascii.a2b_hex(v)
+        except (binascii.Error, ValueError):
+            raise Iso8583Error(f"field {n}: not binary data") from None
+
+    def date_time(self, n: int = 7, *, year: int | None = None) -> datetime:
+        """A date-time field as a UTC datetime: ``MMDDhhmmss`` (DE 7; ``year`` defaults to the
+        current UTC year), ``YYMMDDhhmmss`` or ``CCYYMMDDhhmmss``."""
+        v = self[n]
+        if not (isinstance(v, str) and v.isascii() and v.isdigit()):
+            raise Iso8583Error(f"field {n}: not a date-time")
+        try:
+            if len(v) == 10:
+                y = year if year is not None else datetime.now(UTC).year
+                return datetime.strptime(f"{y:04d}{v}", "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+            if len(v) == 12:
+                return datetime.strptime(v, "%y%m%d%H%M%S").replace(tzinfo=UTC)
+            if len(v) == 14:
+                return datetime.strptime(v, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        except ValueError:
+            pass
+        raise Iso8583Error(f"field {n}: not a date-time")
+
+    def tlv(self, n: int = 55) -> TLV:
+        """A BER-TLV field (EMV DE 55) as a read-only mapping: ``m.tlv(55)["9F26"]``."""
+        from isopace.iso8583.tlv import parse_tlv
+
+        return parse_tlv(self.bytes(n), field=n)
+
+    def composite(self, n: int, spec: Spec | None = None) -> dict[Any, Any]:
+        """The sub-fields of a composite field (e.g. DE 43, DE 127) per the spec's format."""
+        from isopace.iso8583.specs import ISO87_ASCII
+
+        sp = spec or self._spec or ISO87_ASCII
+        return sp.composite(n).parse(self[n])  # type: ignore[no-any-return]
+
+    # --- changing ---------------------------------------------------------------------------
+    def set(self, n: int, value: Value) -> Message:
+        """A new message with data element ``n`` set to ``value``."""
+        v = _check(n, value)
+        m = self._derive()
+        present = n in self
+        m._vals[n] = v
+        if self._data is not None:
+            m._dirty = self._dirty | {n}
+            if n in self._gone:
+                m._gone = self._gone - {n}
+        if not present:
+            m._keys = None
+        return m
+
+    def set_many(self, values: Mapping[int, Value]) -> Message:
+        checked = {n: _check(n, v) for n, v in values.items()}
+        m = self._derive()
+        m._vals.update(checked)
+        if self._data is not None:
+            m._dirty = self._dirty | checked.keys()
+            m._gone = self._gone - checked.keys()
+        m._keys = None
+        return m
+
+    def remove(self, *ns: int) -> Message:
+        """A new message without the given data elements (absent ones are ignored)."""
+        m = self._derive()
+        for n in ns:
+            m._vals.pop(n, None)
+        if self._lay is not None:
+            m._gone = self._gone | {n for n in ns if n in self._lay.index}
+            m._dirty = self._dirty - set(ns)
+        m._keys = None
+        return m
+
+    def with_mti(self, mti: str) -> Message:
+        if not isinstance(mti, str):
+            raise EncodeError(0, f"MTI must be a str, got {type(mti).__name__}")
+        m = self._derive()
+        m._mti = mti
+        return m
+
+    def with_header(self, header: Value | None) -> Message:
+        m = self._derive()
+        m._hdr = header
+        return m
+
+    def reply(self, mti: str | None = None, copy: Iterable[int] = ECHO_FIELDS) -> Message:
+        """A response: the echo fields that are present copied, MTI ``0200`` -> ``0210`` (third
+        digit + 1) unless ``mti`` is given."""
+        if mti is None:
+            mti = response_mti(self._mti)
+        fields = {}
+        for n in copy:
+            if n in self:
+                fields[n] = self[n]
+        return Message(mti, fields, header=self._hdr)
+
+    # --- equality ---------------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        if self is other:
+            return True
+        if self._mti != other._mti or self._hdr != other._hdr:
+            return False
+        if self._clean and other._clean and self._spec is other._spec and self._data == other._data:
+            return True
+        return self.fields() == other.fields()
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if h is None:
+            h = self._hash = hash((self._mti, self._hdr, tuple(self.fields().items())))
+        return h
+
+    # --- masking, describing ----------------------------------------------------------------
+    def to_masked_dict(self) -> dict[str, str]:
+        """``{"mti": ..., "2": "476173******0010", ...}``: printable, masked values for logs and
+        journal records."""
+        from isopace.iso8583.masking import mask_value
+
+        out = {"mti": self._mti}
+        for n, v in self.fields().items():
+            out[str(n)] = mask_value(n, v)
+        return out
+
+    def __repr__(self) -> str:
+        from isopace.iso8583.masking import mask_value
+
+        inner = ", ".join(f"{n}: {mask_value(n, v)!r}" for n, v in self._safe_items())
+        return f"Message({self._mti!r}, {{{inner}}})"
+
+    def _safe_items(self) -> list[tuple[int, Value]]:
+        out = []
+        for n in self._sorted_keys():
+            try:
+                out.append((n, self[n]))
+            except Iso8583Error:
+                out.append((n, "<undecodable>"))
+        return out
+
+    def describe(self, spec: Spec | None = None) -> str:
+        """A table of the fields with their descriptions; card data masked."""
+        from isopace.iso8583.masking import mask_value
+        from isopace.iso8583.specs import ISO87_ASCII
+
+        sp = spec or self._spec or ISO87_ASCII
+        rows = [("MTI", "Message Type Indicator", self._mti)]
+        if self._hdr is not None:
+            rows.insert(0, ("h", "Message Header", mask_value(0, self._hdr)))
+        for n, v in self._safe_items():
+            rows.append((str(n), sp.description(n), mask_value(n, v)))
+        w0 = max(len(r[0]) for r in rows)
+        w1 = min(40, max(len(r[1]) for r in rows))
+        return "\n".join(f"{a:>{w0}}  {b[:w1]:<{w1}}  {c}" for a, b, c in rows)
+
+    # --- JSON -------------------------------------------------------------------------------
+    def to_json(self, redact: bool = False) -> str:
+        fields: dict[str, Any] = {}
+        redacted = set(self._redacted)
+        for n, v in self.fields().items():
+            if redact and n in REDACTED_FIELDS:
+                redacted.add(n)
+                continue
+            if redact and n == 55:
+                try:
+                    v2 = _strip_tags(v)
+                except (Iso8583Error, ValueError):
+                    redacted.add(n)
+                    continue
+                v = v2
+            fields[str(n)] = {"hex": v.hex().upper()} if isinstance(v, bytes) else v
+        doc: dict[str, Any] = {"mti": self._mti, "fields": fields}
+        if self._hdr is not None:
+            h = self._hdr
+            doc["header"] = {"hex": h.hex().upper()} if isinstance(h, bytes) else h
+        if redacted:
+            doc["redacted"] = sorted(redacted)
+        return json.dumps(doc, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | _bytes) -> Message:
+        try:
+            doc = json.loads(text)
+            if not isinstance(doc, dict) or not isinstance(doc.get("mti"), str):
+                raise ValueError("expected an object with an 'mti'")
+            raw = doc.get("fields", {})
+            if not isinstance(raw, dict):
+                raise ValueError("'fields' must be an object")
+            fields = {int(k): _json_value(v) for k, v in raw.items()}
+            header = _json_value(doc["header"]) if doc.get("header") is not None else None
+            redacted = frozenset(int(x) for x in doc.get("redacted", ()))
+        except (ValueError, TypeError, binascii.Error) as e:
+            raise Iso8583Error(f"message JSON is invalid: {e}") from None
+        m = cls(doc["mti"], fields, header=header)
+        m._redacted = redacted
+        return m
+
+
+def _json_value(v: Any) -> Value:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("hex"), str):
+        return binascii.a2b_hex(v["hex"])
+    raise ValueError("field values are strings or {'hex': ...}")
+
+
+def _strip_tags(v: Value) -> Value:
+    from isopace.iso8583.tlv import parse_tlv
+
+    raw = v if isinstance(v, bytes) else binascii.a2b_hex(v)
+    t = parse_tlv(raw)
+    if not any(tag in t for tag in _REDACTED_TAGS):
+        return v
+    out = t.remove(*_REDACTED_TAGS).build()
+    return out if isinstance(v, bytes) else out.hex().upper()
+
+
+def response_mti(mti: str) -> str:
+    """The response MTI of a request: third digit + 1 (0200 -> 0210, 0420 -> 0430)."""
+    if len(mti) == 4 and mti.isdigit() and int(mti[2]) % 2 == 0:
+        return mti[:2] + str(int(mti[2]) + 1) + mti[3]
+    raise Iso8583Error(f"MTI {mti!r} is not a request MTI")
