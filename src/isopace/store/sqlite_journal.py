@@ -30,7 +30,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -138,9 +138,15 @@ _COLUMNS = """seq, tx_id, kind, at_us, node, joined, durable, request, response,
     pan_hmac, error"""
 
 
-def _connect(path: str, *, synchronous: str, timeout: float) -> sqlite3.Connection:
+def _connect(
+    path: str, *, synchronous: str, timeout: float, pragmas: Mapping[str, str | int] | None = None
+) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+    for name, value in (pragmas or {}).items():
+        if not name.isidentifier() or not str(value).replace("-", "").isalnum():
+            raise ValueError(f"bad pragma {name!r} = {value!r}")
+        conn.execute(f"PRAGMA {name} = {value}")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise JournalError(f"journal {path}: could not switch to WAL mode (got {mode!r})")
@@ -149,7 +155,18 @@ def _connect(path: str, *, synchronous: str, timeout: float) -> sqlite3.Connecti
 
 
 def migrate(conn: sqlite3.Connection, *, path: str = "", upto: int | None = None) -> int:
-    """Apply the missing migrations (up to ``upto``); return the resulting schema version."""
+    """Apply the missing migrations (up to ``upto``); return the resulting schema version.
+
+    A file already at the current version is only read (so a read-only file opens, and its
+    writes fail later with a clear error)."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if has_table:
+        sql = "SELECT COALESCE(max(version), 0) FROM schema_migrations"
+        version = int(conn.execute(sql).fetchone()[0])
+        if version == SCHEMA_VERSION and upto is None:
+            return version
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
@@ -256,8 +273,10 @@ class SqliteJournal:
 
     ``hmac_key`` keys the PAN fingerprints (see :mod:`isopace.store.protect`); ``node`` names this
     process's transactions (default: host name); ``group_commit=False`` gives one transaction and
-    one fsync per event; ``synchronous`` may be lowered to ``"NORMAL"`` (durable against a process
-    crash, not a power loss) where that trade-off is acceptable.
+    one fsync per event; ``pragmas`` are applied to the writer's connection (e.g.
+    ``{"max_page_count": 100000}`` to cap the file size); ``synchronous`` may be lowered to
+    ``"NORMAL"`` (durable against a process crash, not a power loss) where that trade-off is
+    acceptable.
     """
 
     def __init__(
@@ -270,6 +289,7 @@ class SqliteJournal:
         max_batch: int = 1024,
         synchronous: str = "FULL",
         timeout: float = 10.0,
+        pragmas: Mapping[str, str | int] | None = None,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -278,6 +298,7 @@ class SqliteJournal:
         self._protector = CardDataProtector(hmac_key)
         self._sync = synchronous.upper()
         self._timeout = timeout
+        self._pragmas = dict(pragmas or {})
         try:
             conn = _connect(self.path, synchronous=self._sync, timeout=timeout)
             try:
@@ -289,7 +310,9 @@ class SqliteJournal:
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
         self._writer: GroupWriter[Row, sqlite3.Connection] = GroupWriter(
-            connect=lambda: _connect(self.path, synchronous=self._sync, timeout=self._timeout),
+            connect=lambda: _connect(
+                self.path, synchronous=self._sync, timeout=self._timeout, pragmas=self._pragmas
+            ),
             apply=_apply,
             disconnect=lambda c: c.close(),
             describe=lambda exc: f"journal {self.path}: write failed: {exc}",
