@@ -5,6 +5,7 @@ and :mod:`~isopace.net.matching` (request/response matching by key) — and a th
 :class:`Server`, :class:`Client` and :class:`ClientPool`. Logger: ``isopace.net``.
 """
 
+from isopace.net.client import Client, SignOnHook, UnmatchedHandler, echo_test
 from isopace.net.errors import (
     ConnectionLostError,
     DuplicateKeyError,
@@ -25,9 +26,14 @@ from isopace.net.framing import (
     Tpdu,
 )
 from isopace.net.matching import KeyFunc, Matcher, rrn_key, stan_terminal_key
+from isopace.net.pool import ClientPool
+from isopace.net.server import ECHO_FIELDS, Handler, Server, error_response, recover_mti
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "ECHO_FIELDS",
+    "Client",
+    "ClientPool",
     "ConnectionLostError",
     "DuplicateKeyError",
     "Frame",
@@ -35,6 +41,7 @@ __all__ = [
     "FrameError",
     "FrameTooLargeError",
     "Framing",
+    "Handler",
     "IncompleteFrameError",
     "KeyFunc",
     "LengthHeader",
@@ -43,7 +50,13 @@ __all__ = [
     "NetError",
     "NotConnectedError",
     "RequestTimeoutError",
+    "Server",
+    "SignOnHook",
     "Tpdu",
+    "UnmatchedHandler",
+    "echo_test",
+    "error_response",
+    "recover_mti",
     "rrn_key",
     "stan_terminal_key",
 ]

@@ -48,7 +48,8 @@ def stan_terminal_key(message: Message) -> Hashable | None:
 
 def rrn_key(message: Message) -> Hashable | None:
     """DE 37 (retrieval reference number); None without it."""
-    return message.get(37)
+    rrn: Hashable | None = message.get(37)
+    return rrn
 
 
 class Matcher(Generic[T]):

@@ -1,0 +1,130 @@
+"""The asyncio shell shared by the server and the client: a ``Protocol`` that feeds a
+:class:`FrameDecoder`, batches writes and tracks write back-pressure. Private."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from isopace.net.framing import Frame, FrameDecoder, Framing
+
+logger = logging.getLogger("isopace.net")
+
+
+def peer_name(transport: asyncio.BaseTransport) -> str:
+    peer: Any = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def is_request_mti(mti: str) -> bool:
+    """True for an MTI whose function digit asks for an answer (request, advice, notification)."""
+    return len(mti) == 4 and mti.isdigit() and mti[2] in "024"
+
+
+def is_response_mti(mti: str) -> bool:
+    """True for an MTI whose function digit marks an answer (to a request, advice, notification)."""
+    return len(mti) == 4 and mti.isdigit() and mti[2] in "135"
+
+
+def response_mti(mti: str) -> str:
+    """The answer's MTI: function digit + 1 (0200 -> 0210, 0420 -> 0430)."""
+    return f"{mti[:2]}{int(mti[2]) + 1}{mti[3]}"
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Frames in (``frame_received``), frames out (``write_frame``, batched once per loop turn)."""
+
+    def __init__(self, framing: Framing) -> None:
+        self.framing = framing
+        self.decoder: FrameDecoder = framing.decoder()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.closed = False
+        self.last_activity = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._reading_paused = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = peer_name(transport)
+        self.last_activity = self._loop.time()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain_waiters()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._out.clear()
+        self._wake_drain_waiters()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes; they go out in one write at the end of this loop turn."""
+        if self.closed:
+            return
+        self._out.append(data)
+        self.last_activity = self._loop.time()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if not out or self.closed or self.transport is None:
+            out.clear()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self._write_paused and not self.closed:
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def frame_received(self, frame: Frame) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def close_transport(self, abort: bool = False) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.flush()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()

@@ -1,0 +1,445 @@
+"""The asyncio ISO 8583 server.
+
+``Server(spec, handler)`` accepts TCP (or TLS) connections, cuts each byte stream into frames with
+the sans-IO :class:`~isopace.net.framing.FrameDecoder`, decodes every frame with ``spec`` and calls
+``handler(request) -> response | None``; a response goes back on the same connection.
+
+Decisions:
+
+- Each connection is an ``asyncio.Protocol`` (faster than streams); each request runs in its own
+  task, so responses leave in completion order, not arrival order (pipelining; the client matches
+  them by key). Writes made in one loop turn go out in one ``transport.write``.
+- Back-pressure: at most ``max_in_flight`` requests per connection run at once; at the bound the
+  server stops taking frames and pauses reading the socket, and resumes when one finishes.
+- Keep-alive (zero-length) frames are answered with a keep-alive frame (``keepalive_reply``).
+- Bad input never kills the server, and the connection survives whatever leaves the stream in sync:
+  * a frame that cannot be decoded: if the MTI can be read (ASCII, EBCDIC or BCD digits at the start
+    of the message) and asks for an answer, the server answers with a format error — MTI function
+    digit + 1, DE 39 = ``"30"``; otherwise the frame is logged and dropped;
+  * a request whose fields fail to decode when the handler reads them (decoding is lazy), or that
+    ``spec.validate`` rejects when ``validate=True``: format error echoing the fields that still
+    decode (the :meth:`Message.reply` echo set);
+  * a handler that raises anything else: logged, answered with DE 39 = ``"96"`` (system
+    malfunction) so the acquirer does not wait for its timeout;
+  * a message that is itself a response (0210, 0810...) is logged and dropped;
+  * a length header that cannot be read or declares more than ``framing.max_frame_size``: the
+    stream is out of sync, so the connection is closed with an error log line naming the peer and
+    the length; the declared size is never allocated.
+  Logs show messages through their masked ``repr`` and never log raw bytes.
+- ``close(timeout)``: stop accepting, stop reading new requests, let the running transactions
+  finish and send their responses within ``timeout`` seconds, then cancel what remains (the flow
+  rolls it back) and close the connections. Requests still buffered unread are not started.
+- TLS: pass an ``ssl.SSLContext`` (server side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl as _ssl
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from isopace.iso8583 import Message
+from isopace.iso8583.errors import Iso8583Error
+from isopace.net._transport import (
+    FramedProtocol,
+    is_request_mti,
+    response_mti,
+)
+from isopace.net.errors import FrameError, FrameTooLargeError, NetError
+from isopace.net.framing import Frame, Framing, Tpdu
+
+if TYPE_CHECKING:
+    from isopace.iso8583 import Spec
+
+__all__ = ["ECHO_FIELDS", "Handler", "Server", "error_response", "recover_mti"]
+
+Handler = Callable[[Message], Awaitable[Message | None]]
+"""``async (request) -> response | None`` (None: no answer, e.g. for a notification)."""
+
+ECHO_FIELDS = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
+"""The fields an error response echoes from the request (those :meth:`Message.reply` copies)."""
+
+FORMAT_ERROR = "30"
+SYSTEM_MALFUNCTION = "96"
+
+logger = logging.getLogger("isopace.net")
+
+
+def recover_mti(payload: bytes) -> str | None:
+    """The MTI at the start of an undecodable message, if it can be read: 4 ASCII digits, 4 EBCDIC
+    digits or 2 BCD bytes (tried in that order). None otherwise."""
+    head = payload[:4]
+    if len(head) == 4:
+        if head.isdigit() and head.isascii():
+            return head.decode("ascii")
+        if all(0xF0 <= b <= 0xF9 for b in head):
+            return "".join(chr(b - 0xC0) for b in head)
+    if len(payload) >= 2:
+        digits = payload[:2].hex()
+        if digits.isdigit():
+            return digits
+    return None
+
+
+def error_response(request: Message, code: str) -> Message:
+    """An answer to ``request`` carrying response code ``code`` in DE 39 and the echo fields of
+    the request that can be decoded."""
+    fields: dict[int, str | bytes] = {}
+    for n in ECHO_FIELDS:
+        try:
+            value = request.get(n)
+        except Iso8583Error:
+            continue
+        if value is not None:
+            fields[n] = value
+    fields[39] = code
+    return Message(response_mti(request.mti), fields)
+
+
+class _Connection(FramedProtocol):
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.framing)
+        self.server = server
+        self.in_flight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+        self._blocked = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server._connections.add(self)
+        logger.debug("connection from %s", self.peer, extra={"peer": self.peer})
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server._connections.discard(self)
+        pending = self.decoder.pending
+        if pending and not self.decoder_broken:
+            logger.warning(
+                "connection from %s closed in the middle of a frame (%d bytes dropped)",
+                self.peer,
+                pending,
+                extra={"peer": self.peer, "pending": pending},
+            )
+        elif exc is not None:
+            logger.info("connection from %s lost: %s", self.peer, exc, extra={"peer": self.peer})
+        else:
+            logger.debug("connection from %s closed", self.peer, extra={"peer": self.peer})
+        if self.server._connections_changed is not None:
+            self.server._connections_changed.set()
+
+    decoder_broken = False
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        self.pump()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def pump(self) -> None:
+        limit = self.server.max_in_flight
+        decoder = self.decoder
+        while not self.stopping and not self.closed:
+            if self.in_flight >= limit:
+                self._blocked = True
+                self.pause()
+                return
+            try:
+                frame = decoder.next_frame()
+            except FrameError as exc:
+                self.decoder_broken = True
+                self._fatal(exc)
+                return
+            if frame is None:
+                self.resume()
+                return
+            self.frame_received(frame)
+
+    def _fatal(self, exc: FrameError) -> None:
+        extra = {"peer": self.peer, "error": str(exc)}
+        if isinstance(exc, FrameTooLargeError):
+            logger.error(
+                "closing connection from %s: declared frame length %d exceeds the maximum %d",
+                self.peer,
+                exc.length,
+                exc.max_size,
+                extra=extra,
+            )
+        else:
+            logger.error("closing connection from %s: %s", self.peer, exc, extra=extra)
+        self.close_transport()
+
+    def frame_received(self, frame: Frame) -> None:
+        server = self.server
+        if frame.keepalive:
+            if server.keepalive_reply:
+                self.write(self.framing.keepalive())
+            return
+        if self.framing.tpdu and frame.tpdu is None:
+            logger.warning(
+                "frame of %d bytes from %s is too short for its TPDU; dropped",
+                len(frame.payload),
+                self.peer,
+                extra={"peer": self.peer, "length": len(frame.payload)},
+            )
+            return
+        try:
+            request = server.spec.decode(frame.payload)
+            mti = request.mti
+        except Iso8583Error as exc:
+            self._undecodable(frame, exc)
+            return
+        if not is_request_mti(mti):
+            logger.warning(
+                "unexpected message %r from %s (not a request); dropped",
+                request,
+                self.peer,
+                extra={"peer": self.peer, "mti": mti},
+            )
+            return
+        self.in_flight += 1
+        task = self._loop.create_task(self._handle(request, frame.tpdu))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _undecodable(self, frame: Frame, exc: Iso8583Error) -> None:
+        mti = recover_mti(frame.payload)
+        extra = {"peer": self.peer, "error": str(exc), "length": len(frame.payload), "mti": mti}
+        if mti is not None and is_request_mti(mti):
+            logger.warning(
+                "malformed %s message from %s: %s; answering with a format error",
+                mti,
+                self.peer,
+                exc,
+                extra=extra,
+            )
+            response = Message(response_mti(mti), {39: FORMAT_ERROR})
+            self._send_first([response], frame.tpdu)
+        else:
+            logger.warning(
+                "unparseable frame of %d bytes from %s: %s; dropped",
+                len(frame.payload),
+                self.peer,
+                exc,
+                extra=extra,
+            )
+
+    async def _handle(self, request: Message, tpdu: Tpdu | None) -> None:
+        server = self.server
+        try:
+            try:
+                if server.validate and (violations := server.spec.validate(request)):
+                    logger.warning(
+                        "request %r from %s fails validation: %s; answering with a format error",
+                        request,
+                        self.peer,
+                        "; ".join(v.message for v in violations),
+                        extra={"peer": self.peer, "mti": request.mti},
+                    )
+                    response: Message | None = error_response(request, FORMAT_ERROR)
+                else:
+                    response = await server.handler(request)
+            except Iso8583Error as exc:
+                logger.warning(
+                    "malformed request %r from %s: %s; answering with a format error",
+                    request,
+                    self.peer,
+                    exc,
+                    extra={"peer": self.peer, "mti": request.mti, "error": str(exc)},
+                )
+                response = error_response(request, FORMAT_ERROR)
+            except Exception as exc:
+                logger.error(
+                    "handler failed for %r from %s: %r; answering with DE 39 = 96",
+                    request,
+                    self.peer,
+                    exc,
+                    exc_info=True,
+                    extra={"peer": self.peer, "mti": request.mti},
+                )
+                response = error_response(request, SYSTEM_MALFUNCTION)
+            if response is not None:
+                self._send_first([response, error_response(request, SYSTEM_MALFUNCTION)], tpdu)
+        finally:
+            self.in_flight -= 1
+            if self._blocked:
+                self._blocked = False
+                self.pump()
+
+    def _send_first(self, candidates: list[Message], tpdu: Tpdu | None) -> None:
+        """Encode and send the first candidate that encodes (the fallback is a bare error)."""
+        if self.closed:
+            logger.info(
+                "connection from %s closed; response %r dropped",
+                self.peer,
+                candidates[0],
+                extra={"peer": self.peer},
+            )
+            return
+        spec = self.server.spec
+        reply_tpdu = tpdu.reply() if tpdu is not None else None
+        for response in candidates:
+            try:
+                self.write(self.framing.encode_frame(spec.encode(response), reply_tpdu))
+                return
+            except (Iso8583Error, FrameError) as exc:
+                logger.error(
+                    "response %r to %s cannot be sent: %s",
+                    response,
+                    self.peer,
+                    exc,
+                    extra={"peer": self.peer, "mti": response.mti, "error": str(exc)},
+                )
+        bare = Message(candidates[0].mti, {39: SYSTEM_MALFUNCTION})
+        with contextlib.suppress(Iso8583Error, FrameError):  # a spec that cannot encode DE 39
+            self.write(self.framing.encode_frame(spec.encode(bare), reply_tpdu))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.pause()
+
+
+class Server:
+    """An ISO 8583 server. ``await start()`` (or ``async with``), then ``port`` is the bound port.
+
+    ``max_in_flight`` bounds the concurrent requests per connection; ``keepalive_reply`` answers
+    zero-length frames; ``validate`` runs ``spec.validate`` on each request before the handler."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        handler: Handler,
+        *,
+        framing: Framing | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl: _ssl.SSLContext | None = None,
+        max_in_flight: int = 256,
+        keepalive_reply: bool = True,
+        validate: bool = False,
+        backlog: int = 128,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.spec = spec
+        self.handler = handler
+        self.framing = framing if framing is not None else Framing()
+        self.host = host
+        self.ssl = ssl
+        self.max_in_flight = max_in_flight
+        self.keepalive_reply = keepalive_reply
+        self.validate = validate
+        self._requested_port = port
+        self._backlog = backlog
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._connections_changed: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (after :meth:`start`)."""
+        if self._server is None or not self._server.sockets:
+            raise NetError("the server is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def connections(self) -> int:
+        """The number of open connections."""
+        return len(self._connections)
+
+    @property
+    def in_flight(self) -> int:
+        """The number of requests being handled, across connections."""
+        return sum(c.in_flight for c in self._connections)
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise NetError("the server is already started")
+        loop = asyncio.get_running_loop()
+        self._connections_changed = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._server = await loop.create_server(
+            lambda: _Connection(self),
+            self.host,
+            self._requested_port,
+            ssl=self.ssl,
+            backlog=self._backlog,
+        )
+        self._port = self.port
+        logger.info(
+            "listening on %s:%d%s",
+            self.host,
+            self.port,
+            " (TLS)" if self.ssl else "",
+            extra={"host": self.host, "port": self.port, "tls": self.ssl is not None},
+        )
+
+    async def serve_forever(self) -> None:
+        """Start if needed, then wait until :meth:`close`."""
+        if self._server is None:
+            await self.start()
+        assert self._closed is not None
+        await self._closed.wait()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Graceful shutdown: stop accepting and reading, let running transactions finish within
+        ``timeout`` seconds (then cancel them), close every connection."""
+        server = self._server
+        if server is None or self._closed is None or self._closed.is_set():
+            return
+        server.close()
+        connections = list(self._connections)
+        for conn in connections:
+            conn.stop()
+        tasks = [t for conn in connections for t in conn.tasks]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            if pending:
+                logger.warning(
+                    "shutdown deadline of %g s passed: cancelling %d transactions",
+                    timeout,
+                    len(pending),
+                    extra={"cancelled": len(pending)},
+                )
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1.0)
+        for conn in connections:
+            conn.close_transport()
+        await self._wait_connections_closed(1.0)
+        for conn in list(self._connections):
+            conn.close_transport(abort=True)
+        await server.wait_closed()
+        self._closed.set()
+        logger.info("server on port %s closed", self._port, extra={"port": self._port})
+
+    async def _wait_connections_closed(self, timeout: float) -> None:
+        assert self._connections_changed is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._connections and (left := deadline - loop.time()) > 0:
+            self._connections_changed.clear()
+            try:
+                await asyncio.wait_for(self._connections_changed.wait(), left)
+            except TimeoutError:
+                break
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

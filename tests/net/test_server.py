@@ -1,0 +1,266 @@
+"""Server behaviour on real sockets (127.0.0.1, port 0).
+
+Inputs tried: every framing kind (length headers x include-header x TPDU); 1-byte writes; 50
+frames in one write; keep-alive frames; a declared length over the maximum; non-digit length
+headers; garbage payloads with and without a readable MTI; a response MTI sent as a request; a
+frame too short for its TPDU; a peer closing mid-frame; a handler that raises; a handler that
+returns None; back-pressure at the in-flight bound; graceful shutdown within and past its deadline;
+TLS with a self-signed certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from isopace.iso8583 import Message
+from isopace.net import Client, Framing, LengthHeader, NetError, Server, Tpdu, recover_mti
+
+from .conftest import SPEC, make_request, raw_exchange, reply_handler
+
+ALL_FRAMINGS = [
+    Framing(header=h, include_header=inc, tpdu=tp)
+    for h in LengthHeader
+    for inc in (False, True)
+    for tp in (False, True)
+]
+
+
+async def test_round_trip_every_framing() -> None:
+    for framing in ALL_FRAMINGS:
+        async with (
+            Server(SPEC, reply_handler, framing=framing) as server,
+            Client(SPEC, port=server.port, framing=framing, timeout=5) as client,
+        ):
+            response = await client.request(make_request(1))
+            assert response.mti == "0210"
+            assert response[39] == "00" and response[11] == "000001"
+
+
+async def test_tpdu_swapped_on_reply() -> None:
+    framing = Framing(tpdu=True)
+    async with Server(SPEC, reply_handler, framing=framing) as server:
+        tpdu = Tpdu(destination=b"\x00\x01", source=b"\x00\x02")
+        wire = framing.encode_frame(SPEC.encode(make_request(7)), tpdu)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(wire)
+        dec = framing.decoder()
+        frames = []
+        while not frames:
+            frames = dec.frames(await asyncio.wait_for(reader.read(4096), 5))
+        writer.close()
+        assert frames[0].tpdu == Tpdu(destination=b"\x00\x02", source=b"\x00\x01")
+        assert SPEC.decode(frames[0].payload).mti == "0210"
+
+
+async def test_one_byte_writes_and_coalesced_frames(server: Server) -> None:
+    framing = Framing()
+    one = framing.encode_frame(SPEC.encode(make_request(1)))
+    (resp,) = await raw_exchange(server.port, one, chunk=1)
+    assert SPEC.decode(resp)[11] == "000001"
+    many = b"".join(framing.encode_frame(SPEC.encode(make_request(i))) for i in range(50))
+    responses = await raw_exchange(server.port, many, count=50)
+    assert sorted(SPEC.decode(r)[11] for r in responses) == [f"{i:06d}" for i in range(50)]
+
+
+async def test_keepalive_answered(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"\x00\x00")
+    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x00\x00"
+    writer.close()
+
+
+async def test_oversize_length_closes_with_clear_log(caplog: pytest.LogCaptureFixture) -> None:
+    framing = Framing(header=LengthHeader.BINARY4, max_frame_size=1024)
+    async with Server(SPEC, reply_handler, framing=framing) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"\x7f\xff\xff\xff" + b"x" * 100)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+        assert "declared frame length 2147483647 exceeds the maximum 1024" in caplog.text
+        # the server itself still serves
+        async with Client(SPEC, port=server.port, framing=framing) as client:
+            assert (await client.request(make_request(2)))[39] == "00"
+
+
+async def test_bad_ascii_length_closes(caplog: pytest.LogCaptureFixture) -> None:
+    framing = Framing(header=LengthHeader.ASCII4)
+    async with Server(SPEC, reply_handler, framing=framing) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"12ab0200")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert "not 4 ASCII digits" in caplog.text
+
+
+async def test_garbage_payloads_connection_survives(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    framing = Framing()
+    caplog.set_level(logging.WARNING, "isopace.net")
+    good = SPEC.encode(make_request(5))
+    wire = (
+        framing.encode_frame(b"\xde\xad\xbe\xef garbage")  # no MTI: logged, dropped
+        + framing.encode_frame(b"0200ZZZZ")  # MTI readable, bitmap not: format error
+        + framing.encode_frame(SPEC.encode(make_request(4).with_mti("0210")))  # a response
+        + framing.encode_frame(good)
+    )
+    responses = [SPEC.decode(r) for r in await raw_exchange(server.port, wire, count=2)]
+    assert responses[0].mti == "0210" and responses[0][39] == "30"
+    assert responses[1][11] == "000005" and responses[1][39] == "00"
+    assert "unparseable frame of 12 bytes" in caplog.text
+    assert "malformed 0200 message" in caplog.text
+    assert "not a request" in caplog.text
+    assert "4761739001010119" not in caplog.text  # card data masked
+
+
+async def test_truncated_message_gets_format_error(server: Server) -> None:
+    good = SPEC.encode(make_request(6))
+    (resp,) = await raw_exchange(server.port, Framing().encode_frame(good[:-3]))
+    assert SPEC.decode(resp).mti == "0210" and SPEC.decode(resp)[39] == "30"
+
+
+async def test_short_tpdu_frame_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    framing = Framing(tpdu=True)
+    async with Server(SPEC, reply_handler, framing=framing) as server:
+        good = framing.encode_frame(SPEC.encode(make_request(8)), Tpdu())
+        (resp,) = await raw_exchange(server.port, b"\x00\x03abc" + good, framing=framing)
+        assert SPEC.decode(resp)[11] == "000008"
+    assert "too short for its TPDU" in caplog.text
+
+
+async def test_peer_closing_mid_frame(server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"\x00\x50" + b"0200")
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(100):
+        if server.connections == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.connections == 0
+    assert "closed in the middle of a frame (6 bytes dropped)" in caplog.text
+    async with Client(SPEC, port=server.port) as client:
+        assert (await client.request(make_request(9)))[39] == "00"
+
+
+async def test_handler_errors_and_none() -> None:
+    async def handler(request: Message) -> Message | None:
+        if request[11] == "000001":
+            raise RuntimeError("boom")
+        if request[11] == "000002":
+            return None
+        return request.reply().set(39, "00")
+
+    async with Server(SPEC, handler) as server, Client(SPEC, port=server.port) as client:
+        failed = await client.request(make_request(1))
+        assert failed.mti == "0210" and failed[39] == "96" and failed[41] == "TERM0001"
+        with pytest.raises(TimeoutError):
+            await client.request(make_request(2), timeout=0.1)
+        assert (await client.request(make_request(3)))[39] == "00"
+
+
+async def test_back_pressure_bounds_in_flight() -> None:
+    running = 0
+    peak = 0
+    gate = asyncio.Event()
+
+    async def handler(request: Message) -> Message:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+        return request.reply().set(39, "00")
+
+    async with (
+        Server(SPEC, handler, max_in_flight=3) as server,
+        Client(SPEC, port=server.port) as client,
+    ):
+        tasks = [asyncio.create_task(client.request(make_request(i))) for i in range(20)]
+        await asyncio.sleep(0.1)
+        assert peak == 3 and server.in_flight == 3
+        gate.set()
+        responses = await asyncio.gather(*tasks)
+        assert len(responses) == 20 and peak == 3
+
+
+async def test_graceful_shutdown_finishes_in_flight() -> None:
+    started = asyncio.Event()
+
+    async def handler(request: Message) -> Message:
+        started.set()
+        await asyncio.sleep(0.2 if request[11] == "000001" else 30)
+        return request.reply().set(39, "00")
+
+    server = Server(SPEC, handler)
+    await server.start()
+    async with Client(SPEC, port=server.port, reconnect=False) as client:
+        slow_ok = asyncio.create_task(client.request(make_request(1)))
+        await started.wait()
+        await server.close(timeout=2)
+        assert (await slow_ok)[39] == "00"
+        assert server.connections == 0
+
+    server = Server(SPEC, handler)
+    await server.start()
+    async with Client(SPEC, port=server.port, reconnect=False) as client:
+        started.clear()
+        stuck = asyncio.create_task(client.request(make_request(2)))
+        await started.wait()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await server.close(timeout=0.2)
+        assert loop.time() - t0 < 2
+        with pytest.raises(ConnectionError):
+            await stuck
+    with pytest.raises(NetError):
+        _ = server.port
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    async with (
+        Server(SPEC, reply_handler, ssl=server_ctx) as server,
+        Client(SPEC, port=server.port, ssl=client_ctx, server_hostname="localhost") as client,
+    ):
+        responses = await asyncio.gather(*(client.request(make_request(i)) for i in range(20)))
+        assert [r[11] for r in responses] == [f"{i:06d}" for i in range(20)]
+    # a client that does not trust the certificate cannot connect
+    async with Server(SPEC, reply_handler, ssl=server_ctx) as server:
+        untrusting = Client(SPEC, port=server.port, ssl=ssl.create_default_context())
+        with pytest.raises(ConnectionError):
+            await untrusting.connect()
+        await untrusting.close()
+
+
+def test_recover_mti() -> None:
+    assert recover_mti(b"0200\xff") == "0200"
+    assert recover_mti("0200".encode("cp500") + b"x") == "0200"
+    assert recover_mti(b"\x02\x00\x01") == "0200"
+    assert recover_mti(b"\xde\xad") is None
+    assert recover_mti(b"") is None
