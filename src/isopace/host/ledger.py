@@ -27,7 +27,7 @@ recovery may, changes nothing the second time. ``reserve`` of a transaction id t
 hold returns the existing outcome instead of holding twice.
 
 Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under a key
-kept in the ledger's ``meta`` table (generated on first start; a production issuer keeps it in an
+kept in the ``ledger_meta`` table (generated on first start; a production issuer keeps it in an
 HSM or KMS), with the masked PAN (first 6 / last 4) for display.
 
 The SQLite backend runs every operation on one writer thread that batches whatever is queued into
@@ -311,7 +311,7 @@ class Ledger(abc.ABC):
 
 
 _SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (
     id TEXT PRIMARY KEY,
     currency TEXT NOT NULL,
@@ -516,10 +516,10 @@ class SqliteLedger(Ledger):
 
     def _init(self, conn: sqlite3.Connection) -> None:
         conn.executescript(_SQLITE_SCHEMA)
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
         elif int(row[0]) > SCHEMA_VERSION:
@@ -527,10 +527,10 @@ class SqliteLedger(Ledger):
                 f"schema version {row[0]} is newer than this isopace ({SCHEMA_VERSION})"
             )
         conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('pan_key', ?)",
+            "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('pan_key', ?)",
             (secrets.token_hex(32),),
         )
-        (key,) = conn.execute("SELECT value FROM meta WHERE key = 'pan_key'").fetchone()
+        (key,) = conn.execute("SELECT value FROM ledger_meta WHERE key = 'pan_key'").fetchone()
         self._pan_key = bytes.fromhex(key)
 
     async def open(self) -> None:
@@ -796,7 +796,7 @@ class SqliteLedger(Ledger):
 
 
 _PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (
     id TEXT PRIMARY KEY,
     currency TEXT NOT NULL,
@@ -928,13 +928,15 @@ class PostgresLedger(Ledger):
                 await conn.execute(f"SET LOCAL search_path TO {self.schema}")
                 await conn.execute(_PG_SCHEMA)
                 await conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', $1), ('pan_key', $2) "
-                    "ON CONFLICT (key) DO NOTHING",
+                    "INSERT INTO ledger_meta (key, value) "
+                    "VALUES ('schema_version', $1), ('pan_key', $2) ON CONFLICT (key) DO NOTHING",
                     str(SCHEMA_VERSION),
                     secrets.token_hex(32),
                 )
-                key = await conn.fetchval("SELECT value FROM meta WHERE key = 'pan_key'")
-                version = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+                key = await conn.fetchval("SELECT value FROM ledger_meta WHERE key = 'pan_key'")
+                version = await conn.fetchval(
+                    "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
+                )
         except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger: cannot create the schema {self.schema}: {exc}") from exc
         finally:

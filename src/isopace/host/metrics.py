@@ -139,9 +139,8 @@ class Metrics:
             "# TYPE isopace_transactions_total counter",
         ]
         for (outcome, code), n in sorted(self.transactions.items()):
-            lines.append(
-                f'isopace_transactions_total{{outcome="{_label(outcome)}",code="{_label(code)}"}} {n}'
-            )
+            labels = f'outcome="{_label(outcome)}",code="{_label(code)}"'
+            lines.append(f"isopace_transactions_total{{{labels}}} {n}")
         lines += [
             "# HELP isopace_transaction_seconds Duration of a whole transaction.",
             "# TYPE isopace_transaction_seconds histogram",

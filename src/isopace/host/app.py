@@ -1,0 +1,390 @@
+"""The authorization host: the reference flow wired to a ledger, a journal, an idempotency store,
+the TCP server and the metrics endpoint.
+
+`build_flow` assembles the flow from the stages of `isopace.host.stages` (the part users copy);
+`AuthorizationHost` owns the resources and their start-up order:
+
+1. the TLS context (bad files fail before anything is opened);
+2. the ledger (SQLite file, or PostgreSQL), seeded with the demo cards when it is empty;
+3. the journal and the idempotency store (SQLite files next to the ledger; PostgreSQL and/or Redis
+   when configured);
+4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
+   or rolled back through the stages' ``recover`` hooks before the port opens;
+5. the ISO 8583 server, then the metrics endpoint.
+
+Each transaction gets a fresh id (a UUID: unique across nodes sharing a journal); the idempotency
+key is the MTI class (``020`` for 0200/0201) plus DE 41, DE 11, DE 7 by default, so a retransmission
+is answered from the store and never applied twice. Network management (08xx) is not idempotent.
+A transaction that ends without a response (a stage failed, the deadline passed) is answered 96.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from isopace.flow import Exchange, Flow, Outcome
+from isopace.host.config import HostConfig
+from isopace.host.errors import HostError, StartupError
+from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
+from isopace.host.metrics import Metrics, MetricsServer
+from isopace.host.stages import (
+    BinRoute,
+    Dispatch,
+    NetworkManagement,
+    Parse,
+    Reserve,
+    Respond,
+    Reversal,
+    Risk,
+    Velocity,
+    error_reply,
+)
+
+if TYPE_CHECKING:
+    from isopace.flow import FlowListener, IdempotencyStore, Journal
+    from isopace.iso8583 import Message, Spec
+
+__all__ = ["BENCH_PAN", "DEMO_CARDS", "AuthorizationHost", "build_flow", "idempotency_key"]
+
+log = logging.getLogger("isopace.host")
+
+#: Demo cards (Luhn-valid test numbers) created on the first start of an empty ledger.
+DEMO_CARDS: tuple[SeedCard, ...] = (
+    SeedCard("4111111111111111", "ACC-1001", 100_000, label="visa, active"),
+    SeedCard("5555555555554444", "ACC-1002", 250_000, label="mastercard, active"),
+    SeedCard("5105105105105100", "ACC-1003", 1_000, label="mastercard, low balance"),
+    SeedCard("4012888888881881", "ACC-1004", 50_000, status="blocked", label="visa, blocked"),
+    SeedCard("4000056655665556", "ACC-9000", 1_000_000_000, label="visa, for isopace bench"),
+)
+#: The card `isopace bench` uses by default.
+BENCH_PAN = "4000056655665556"
+
+
+def idempotency_key(fields: Sequence[int] = (41, 11, 7)) -> Callable[[Exchange], str | None]:
+    """The key function: MTI class + the given fields; None (not idempotent) for 08xx or when a
+    field is missing (such a request is declined 30 anyway)."""
+    wanted = tuple(fields)
+
+    def key(ex: Exchange) -> str | None:
+        m = ex.request
+        mti = m.mti
+        if mti.startswith("08"):
+            return None
+        parts = [mti[:3]]
+        for n in wanted:
+            value = m.get(n)
+            if value is None:
+                return None
+            parts.append(value if isinstance(value, str) else value.hex())
+        return "|".join(parts)
+
+    return key
+
+
+def build_flow(
+    ledger: Ledger,
+    config: HostConfig | None = None,
+    *,
+    spec: Spec | None = None,
+    journal: Journal | None = None,
+    idempotency: IdempotencyStore | None = None,
+    listener: FlowListener | None = None,
+    profiler: bool = True,
+) -> Flow:
+    """The reference authorization flow (see `isopace.host.stages` for the picture)."""
+    config = config or HostConfig()
+    velocity = Velocity(
+        config.velocity_window, config.velocity_max_count, config.velocity_max_amount
+    )
+    reserve = Reserve(ledger)
+    flow = Flow(
+        entry="main",
+        journal=journal,
+        idempotency=idempotency,
+        key=idempotency_key(config.idempotency_key) if idempotency is not None else None,
+        profiler=profiler,
+        listener=listener,
+    )
+    flow.group("main", Parse(spec), Dispatch())
+    flow.group("netmgmt", NetworkManagement())
+    flow.group("authorize", Risk(ledger, velocity), BinRoute(config.bins, config.unknown_bin_code))
+    for network in sorted(set(config.bins.values())):
+        flow.group(network, reserve)
+    flow.group("reversal", Reversal(ledger))
+    flow.group("respond", Respond())
+    return flow
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class AuthorizationHost:
+    """Runs the host described by a `HostConfig`: ``await host.start()`` ... ``await host.close()``
+    (or ``async with``). ``host.handle(message)`` is the server's handler, usable directly."""
+
+    def __init__(self, config: HostConfig, *, spec: Spec | None = None) -> None:
+        from isopace.iso8583 import ISO87_ASCII
+
+        self.config = config
+        self.spec: Spec = spec if spec is not None else ISO87_ASCII
+        self.node = config.node or f"{socket.gethostname()}:{config.port}"
+        self.metrics = Metrics()
+        self.ledger: Ledger | None = None
+        self.journal: Any = None
+        self.idempotency: Any = None
+        self.flow: Flow | None = None
+        self.server: Any = None
+        self.metrics_server: MetricsServer | None = None
+        self.seeded: list[SeedCard] = []
+        self.recovery: Any = None
+        self._closers: list[Callable[[], Any]] = []
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port) if self.server is not None else self.config.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server is not None else None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AuthorizationHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open everything in order (module docstring); one-line `HostError` on failure."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        ssl_context = cfg.ssl_context()
+        self.ledger = await self._open_ledger()
+        if cfg.seed_demo and not await self.ledger.accounts():
+            self.seeded = await self.ledger.seed(DEMO_CARDS)
+        self.journal = await self._open_journal()
+        self.idempotency = await self._open_idempotency()
+        self.flow = build_flow(
+            self.ledger,
+            cfg,
+            spec=self.spec,
+            journal=self.journal,
+            idempotency=self.idempotency,
+            listener=self.metrics,
+        )
+        from isopace.store import recover
+
+        try:
+            self.recovery = await recover(self.flow, self.journal)
+        except Exception as exc:
+            raise StartupError(f"recovery failed: {_one_line(exc)}") from exc
+        if self.recovery.total:
+            log.warning("%s", self.recovery, extra={"node": self.node})
+        await self._start_server(ssl_context)
+        if cfg.metrics_port is not None:
+            self.metrics_server = MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                self.metrics_server = None
+                raise StartupError(
+                    _bind_error("metrics", cfg.metrics_host, cfg.metrics_port, exc)
+                ) from exc
+            self._closers.append(self._close_metrics)
+
+    async def _close_metrics(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
+
+    async def _open_ledger(self) -> Ledger:
+        cfg = self.config
+        ledger: Ledger
+        if cfg.postgres:
+            ledger = PostgresLedger(cfg.postgres, schema=cfg.postgres_schema)
+        else:
+            ledger = SqliteLedger(cfg.db, synchronous=cfg.synchronous)
+        try:
+            await ledger.open()
+        except HostError as exc:
+            raise StartupError(_one_line(exc)) from exc
+        except Exception as exc:
+            raise StartupError(f"ledger: {_one_line(exc)}") from exc
+        self._closers.append(ledger.close)
+        return ledger
+
+    async def _open_journal(self) -> Any:
+        cfg = self.config
+        try:
+            if cfg.postgres:
+                from isopace.store import PostgresJournal
+
+                journal: Any = PostgresJournal(
+                    cfg.postgres,
+                    schema=cfg.postgres_schema,
+                    hmac_key=cfg.journal_key,
+                    node=self.node,
+                )
+                await journal.open()
+            else:
+                from isopace.store import SqliteJournal
+
+                journal = SqliteJournal(
+                    cfg.journal_path,
+                    hmac_key=cfg.journal_key,
+                    node=self.node,
+                    synchronous=cfg.synchronous,
+                )
+        except Exception as exc:
+            raise StartupError(f"journal: {_one_line(exc)}") from exc
+        self._closers.append(journal.close)
+        return journal
+
+    async def _open_idempotency(self) -> Any:
+        cfg = self.config
+        try:
+            if cfg.redis:
+                from isopace.store import RedisIdempotencyStore
+
+                store: Any = RedisIdempotencyStore(
+                    cfg.redis, prefix=cfg.redis_prefix, ttl=cfg.idempotency_ttl, node=self.node
+                )
+                opener = getattr(store, "open", None)
+                if opener is not None:
+                    await opener()
+                else:
+                    await store.ping()
+            elif cfg.postgres:
+                from isopace.store import PostgresIdempotencyStore
+
+                store = PostgresIdempotencyStore(
+                    cfg.postgres,
+                    schema=cfg.postgres_schema,
+                    ttl=cfg.idempotency_ttl,
+                    node=self.node,
+                )
+                await store.open()
+            else:
+                from isopace.store import SqliteIdempotencyStore
+
+                store = SqliteIdempotencyStore(
+                    cfg.idempotency_path, ttl=cfg.idempotency_ttl, synchronous=cfg.synchronous
+                )
+        except Exception as exc:
+            raise StartupError(f"idempotency store: {_one_line(exc)}") from exc
+        self._closers.append(store.close)
+        return store
+
+    async def _start_server(self, ssl_context: Any) -> None:
+        from isopace.net import Framing, LengthHeader, Server
+
+        cfg = self.config
+        self.server = Server(
+            self.spec,
+            self.handle,
+            framing=Framing(header=LengthHeader(cfg.framing)),
+            host=cfg.host,
+            port=cfg.port,
+            ssl=ssl_context,
+            max_in_flight=cfg.max_in_flight,
+        )
+        try:
+            await self.server.start()
+        except OSError as exc:
+            self.server = None
+            raise StartupError(_bind_error("port", cfg.host, cfg.port, exc)) from exc
+        self._closers.append(self._close_server)
+
+    async def _close_server(self) -> None:
+        if self.server is not None:
+            await self.server.close(timeout=self.config.timeout)
+
+    async def close(self) -> None:
+        """Stop accepting, finish in-flight transactions, close stores (reverse opening order)."""
+        closers, self._closers = self._closers, []
+        for closer in reversed(closers):
+            try:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception as exc:  # keep closing the rest
+                log.warning("close: %s", _one_line(exc))
+
+    async def serve_forever(self) -> None:
+        """Wait until cancelled (the CLI cancels on SIGINT / SIGTERM)."""
+        await asyncio.Event().wait()
+
+    # -- the handler -----------------------------------------------------------------------------
+
+    async def handle(self, request: Message) -> Message | None:
+        """Run one transaction through the flow and return its response."""
+        flow = self.flow
+        if flow is None:
+            raise HostError("the host is not started")
+        ex = Exchange(uuid.uuid4().hex, request)
+        metrics = self.metrics
+        metrics.in_flight += 1
+        try:
+            outcome = await flow.run(ex, timeout=self.config.timeout)
+        finally:
+            metrics.in_flight -= 1
+        response = ex.response
+        if response is None or (outcome is Outcome.ABORTED and response.get(39) == "00"):
+            response = error_reply(request, "96")
+        if self.config.log_transactions:
+            self._log(ex, outcome, response)
+        return response
+
+    def _log(self, ex: Exchange, outcome: Outcome, response: Message | None) -> None:
+        from isopace.iso8583 import mask_pan
+
+        request = ex.request
+        pan = request.get(2)
+        masked = mask_pan(pan) if isinstance(pan, str) else "-"
+        code = response.get(39) if response is not None else None
+        amount = request.get(4, "-")
+        cause = ""
+        if ex.error is not None and outcome is Outcome.ABORTED:
+            cause = " cause=" + _one_line(ex.error)
+        log.info(
+            "txn %s %s pan=%s amount=%s rc=%s %s%s %s",
+            ex.id,
+            request.mti,
+            masked,
+            amount,
+            code,
+            outcome,
+            cause,
+            ex.profile(),
+            extra={
+                "tx_id": ex.id,
+                "mti": request.mti,
+                "pan": masked,
+                "rc": code,
+                "outcome": str(outcome),
+            },
+        )
+
+
+def _bind_error(what: str, host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"{what} {port} on {host}: already in use"
+    if exc.errno == errno.EACCES:
+        return f"{what} {port} on {host}: permission denied"
+    return f"{what} {port} on {host}: cannot listen: {exc.strerror or exc}"

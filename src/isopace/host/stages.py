@@ -1,0 +1,427 @@
+"""The stages of the reference authorization flow, each a small class (copy them).
+
+The flow `isopace.host.build_flow` assembles (groups in brackets)::
+
+    [main]       parse, dispatch
+                   0800      -> [netmgmt]    netmgmt
+                   0100/0200 -> [authorize]  risk, bin-route
+                                  by BIN     -> [visa] or [mastercard]  reserve -> [respond]
+                   0400/0420 -> [reversal]   reversal -> [respond]
+    [respond]    respond
+
+Declines: a stage that declines builds the response itself (the request's reply with DE 39 set)
+and calls ``ex.abort(Declined(code, reason))``, so the flow rolls back what joined, and the
+idempotency store keeps the decline for a retransmission. A transaction that fails without a
+response (a stage raised, the deadline passed) is answered 96 by the host and not stored for replay.
+
+Response codes used: 00 approved, 05 do not honour (blocked card), 14 invalid card number (no such
+card, or no BIN route: configurable), 25 unable to locate the original (reversal), 30 format error,
+51 insufficient funds, 61 exceeds amount limit, 65 exceeds frequency limit, 96 system malfunction.
+
+Stages that hold something for a transaction (``reserve``, ``reversal``) implement
+``recover(ex, committing)``: crash recovery calls it with the exchange rebuilt from the journal
+(the id, the protected request, the durable properties) to finish or undo it. Holds are keyed by the
+transaction id, so recovery finds them even if the process died in the middle of the prepare pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from isopace.flow import CONTINUE, SKIP, Result, route
+from isopace.host.errors import HostError
+from isopace.host.ledger import HoldState, Ledger, ReserveStatus
+
+if TYPE_CHECKING:
+    from isopace.flow import Exchange
+    from isopace.iso8583 import Message, Spec
+
+__all__ = [
+    "BinRoute",
+    "Declined",
+    "Dispatch",
+    "NetworkManagement",
+    "Parse",
+    "Reserve",
+    "Respond",
+    "Reversal",
+    "Risk",
+    "Velocity",
+    "decline",
+    "error_reply",
+]
+
+log = logging.getLogger("isopace.host")
+
+#: MTIs the host accepts.
+SUPPORTED_MTIS = frozenset({"0100", "0200", "0400", "0420", "0800"})
+
+#: Fields each MTI must carry (beyond what the spec's own rules check).
+REQUIRED: Mapping[str, tuple[int, ...]] = {
+    "0100": (2, 3, 4, 7, 11, 41),
+    "0200": (2, 3, 4, 7, 11, 41),
+    "0400": (2, 4, 7, 11, 41),
+    "0420": (2, 4, 7, 11, 41),
+    "0800": (7, 11, 70),
+}
+
+
+class Declined(HostError):
+    """Why a transaction was declined: the response code and a reason for the log."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"declined {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def error_reply(request: Message, code: str) -> Message | None:
+    """The request's reply with DE 39 = ``code``; None if not even a reply MTI can be built."""
+    try:
+        return request.reply().set(39, code)
+    except Exception:
+        pass
+    try:
+        mti = request.mti
+        if len(mti) == 4 and mti.isdigit():
+            from isopace.iso8583 import Message as _Message
+
+            reply_mti = mti[:2] + str((int(mti[2]) + 1) % 10) + mti[3]
+            echo = {
+                n: v
+                for n, v in request.fields().items()
+                if n in (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
+            }
+            return _Message(reply_mti, echo).set(39, code)
+    except Exception:
+        pass
+    return None
+
+
+def decline(ex: Exchange, code: str, reason: str) -> Result:
+    """Answer ``code`` and roll back: sets ``ex.response``, aborts with `Declined`; returns SKIP."""
+    reply = error_reply(ex.request, code)
+    if reply is not None:
+        ex.response = reply
+    ex.abort(Declined(code, reason))
+    return SKIP
+
+
+def _text(m: Message, n: int) -> str | None:
+    value = m.get(n)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else value.hex()
+
+
+class Parse:
+    """Checks the request: a supported MTI, the required fields, the spec's validation rules, a
+    readable amount. Anything wrong is declined 30 (format error) naming the fields. Votes SKIP
+    (it holds nothing)."""
+
+    name = "parse"
+
+    def __init__(self, spec: Spec | None = None) -> None:
+        self.spec = spec
+
+    def prepare(self, ex: Exchange) -> Result:
+        m = ex.request
+        if m.mti not in SUPPORTED_MTIS:
+            return decline(ex, "30", f"MTI {m.mti} not supported")
+        missing = [n for n in REQUIRED[m.mti] if n not in m]
+        if m.mti in ("0400", "0420") and 37 not in m and 90 not in m:
+            missing.append(90)
+        if missing:
+            return decline(ex, "30", "missing field(s) " + ", ".join(map(str, missing)))
+        if self.spec is not None:
+            problems = self.spec.validate(m)
+            if problems:
+                text = "; ".join(f"field {v.field}: {v.message}" for v in problems[:5])
+                return decline(ex, "30", text)
+        if 4 in m:
+            try:
+                amount = m.amount(4)
+            except Exception:
+                return decline(ex, "30", "field 4: not an amount")
+            ex.set("amount", amount)
+        return SKIP
+
+
+class Dispatch:
+    """Routes by message class: 08xx to ``netmgmt``, 01xx/02xx to ``authorize``, 04xx to
+    ``reversal``, each followed by ``respond``."""
+
+    name = "dispatch"
+
+    def prepare(self, ex: Exchange) -> Result:
+        cls = ex.request.mti[:2]
+        if cls == "08":
+            return route("netmgmt")
+        if cls == "04":
+            return route("reversal", "respond")
+        return route("authorize")
+
+
+class NetworkManagement:
+    """Answers 0800 (echo, sign-on, sign-off; DE 70 says which) with 0810, DE 39 = 00, echoing
+    DE 70."""
+
+    name = "netmgmt"
+
+    def prepare(self, ex: Exchange) -> Result:
+        request = ex.request
+        reply = request.reply().set(39, "00")
+        info = request.get(70)
+        if info is not None:
+            reply = reply.set(70, info)
+        ex.response = reply
+        return SKIP
+
+
+class Velocity:
+    """Per-card sliding-window counters (in this process; each host node counts its own traffic)."""
+
+    def __init__(self, window: float, max_count: int, max_amount: int) -> None:
+        self.window = window
+        self.max_count = max_count
+        self.max_amount = max_amount
+        self._seen: dict[str, collections.deque[tuple[float, int]]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_count > 0 or self.max_amount > 0
+
+    def check(self, card_ref: str, amount: int) -> str | None:
+        """Count this attempt; a response code if it goes over a limit, else None."""
+        now = time.monotonic()
+        seen = self._seen.get(card_ref)
+        if seen is None:
+            seen = self._seen[card_ref] = collections.deque()
+        while seen and seen[0][0] <= now - self.window:
+            seen.popleft()
+        if self.max_count and len(seen) >= self.max_count:
+            return "65"
+        if self.max_amount and sum(a for _, a in seen) + amount > self.max_amount:
+            return "61"
+        seen.append((now, amount))
+        if len(self._seen) > 100_000:  # bounded: forget idle cards
+            for ref in [r for r, d in self._seen.items() if not d][:50_000]:
+                del self._seen[ref]
+        return None
+
+
+class Risk:
+    """Declines blocked cards (05) and cards over their velocity limits (65 count, 61 amount).
+    Unknown cards pass: routing and the reserve stage decide on them. Votes SKIP."""
+
+    name = "risk"
+
+    def __init__(self, ledger: Ledger, velocity: Velocity | None = None) -> None:
+        self.ledger = ledger
+        self.velocity = velocity
+
+    async def prepare(self, ex: Exchange) -> Result:
+        pan = _text(ex.request, 2) or ""
+        card = await self.ledger.card(pan)
+        if card is None:
+            return SKIP
+        ex.set("card", card)
+        if card.blocked:
+            return decline(ex, "05", f"card {card.masked_pan} {card.status}")
+        if self.velocity is not None and self.velocity.enabled:
+            code = self.velocity.check(card.pan_ref, ex.get("amount", 0))
+            if code is not None:
+                return decline(ex, code, f"card {card.masked_pan} over its velocity limit")
+        return SKIP
+
+
+class BinRoute:
+    """Routes by the PAN's BIN (longest matching prefix of the table) to the network's group,
+    then ``respond``; a PAN no prefix matches is declined (14 by default)."""
+
+    name = "bin-route"
+
+    def __init__(self, bins: Mapping[str, str], unknown_code: str = "14") -> None:
+        self.bins = dict(bins)
+        self._prefixes = sorted(self.bins, key=len, reverse=True)
+        self.unknown_code = unknown_code
+
+    def group_for(self, pan: str) -> str | None:
+        for prefix in self._prefixes:
+            if pan.startswith(prefix):
+                return self.bins[prefix]
+        return None
+
+    def prepare(self, ex: Exchange) -> Result:
+        group = self.group_for(_text(ex.request, 2) or "")
+        if group is None:
+            return decline(ex, self.unknown_code, "no route for the BIN")
+        ex.set("network", group)
+        return route(group, "respond")
+
+
+def _approval_code() -> str:
+    return secrets.token_hex(3).upper()
+
+
+class Reserve:
+    """Holds the amount on the card's account in prepare (keyed by the transaction id), captures
+    it in commit (0200) or keeps it as an authorization (0100), releases it in abort. Declines 14
+    for an unknown card and 51 for insufficient funds; on success sets the approval code (DE 38).
+
+    Durable properties (for recovery): ``hold`` (the transaction id) and ``capture`` (0200: post
+    the amount; 0100: keep it held)."""
+
+    name = "reserve"
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def prepare(self, ex: Exchange) -> Result:
+        request = ex.request
+        card = ex.get("card")
+        if card is None:
+            card = await self.ledger.card(_text(request, 2) or "")
+            if card is None:
+                return decline(ex, "14", "no such card")
+        amount = ex.get("amount", 0)
+        try:
+            result = await self.ledger.reserve(
+                ex.id,
+                card.account_id,
+                amount,
+                mti=request.mti,
+                terminal=_text(request, 41),
+                stan=_text(request, 11),
+                tx_time=_text(request, 7),
+                rrn=_text(request, 37),
+            )
+        except BaseException:
+            # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
+            # no-op if it does not), since a prepare that raised does not join.
+            self._release_later(ex.id)
+            raise
+        if result.status is ReserveStatus.NO_ACCOUNT:
+            return decline(ex, "14", f"card {card.masked_pan}: no account")
+        if result.status is ReserveStatus.INSUFFICIENT_FUNDS:
+            return decline(ex, "51", f"card {card.masked_pan}: insufficient funds")
+        ex.set("hold", ex.id, durable=True)
+        ex.set("capture", request.mti.startswith("02"), durable=True)
+        ex.set("approval_code", _approval_code())
+        return CONTINUE
+
+    async def commit(self, ex: Exchange) -> None:
+        if ex.get("capture", True):
+            await self.ledger.capture(ex.id)
+        else:
+            await self.ledger.authorize(ex.id)
+
+    async def abort(self, ex: Exchange) -> None:
+        await self.ledger.release(ex.id)
+
+    async def recover(self, ex: Exchange, committing: bool) -> None:
+        if not committing:
+            await self.ledger.release(ex.id)
+            return
+        capture = ex.get("capture")
+        if capture is None:
+            request = ex.request
+            capture = request is None or request.mti.startswith("02")
+        if capture:
+            await self.ledger.capture(ex.id)
+        else:
+            await self.ledger.authorize(ex.id)
+
+    def _release_later(self, txn_id: str) -> None:
+        async def release() -> None:
+            try:
+                await self.ledger.release(txn_id)
+                await asyncio.sleep(1.0)  # a statement still in flight elsewhere may land late
+                await self.ledger.release(txn_id)
+            except Exception as exc:
+                log.warning("reserve: release of %s failed: %s (recovery will retry)", txn_id, exc)
+
+        try:
+            task = asyncio.get_running_loop().create_task(release())
+        except RuntimeError:
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _original_keys(m: Message) -> tuple[str | None, str | None, str | None]:
+    """(STAN, transmission date-time, RRN) of the original, from DE 90 (else DE 37)."""
+    stan = tx_time = None
+    de90 = _text(m, 90)
+    if de90 and len(de90) >= 20 and de90[:20].isdigit():
+        stan, tx_time = de90[4:10], de90[10:20]
+    return stan, tx_time, _text(m, 37)
+
+
+class Reversal:
+    """Finds the original (same terminal, by DE 90's STAN + transmission time, else DE 37) and,
+    in commit, releases its hold (an authorization) or refunds its capture (a purchase). Declines
+    25 when no original is found. A reversal of something already reversed is answered 00 and
+    changes nothing (the ledger's transitions are conditional), and a retransmitted reversal is
+    replayed by the idempotency store. Reversals are full: DE 4 is not used to reverse part.
+
+    Durable property (for recovery): ``original`` (the original's transaction id)."""
+
+    name = "reversal"
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def prepare(self, ex: Exchange) -> Result:
+        request = ex.request
+        stan, tx_time, rrn = _original_keys(request)
+        terminal = _text(request, 41) or ""
+        original = await self.ledger.find_original(
+            terminal=terminal, stan=stan, tx_time=tx_time, rrn=rrn
+        )
+        if original is None:
+            return decline(ex, "25", "original transaction not found")
+        ex.set("original_state", original.state)
+        if original.state in (HoldState.RELEASED, HoldState.REFUNDED):
+            return SKIP  # already reversed (or never approved): answer 00, change nothing
+        ex.set("original", original.txn_id, durable=True)
+        return CONTINUE
+
+    async def commit(self, ex: Exchange) -> None:
+        original = ex.get("original")
+        if original is not None:
+            await self.ledger.reverse(original)
+
+    async def recover(self, ex: Exchange, committing: bool) -> None:
+        if committing:
+            await self.commit(ex)
+
+
+class Respond:
+    """Builds the approval: the request's reply (0110/0210/0410/0430, echo fields) with DE 39 = 00
+    and the approval code in DE 38 when the reserve stage made one. Votes SKIP."""
+
+    name = "respond"
+
+    def __init__(self, extra_echo: Sequence[int] = ()) -> None:
+        self.extra_echo = tuple(extra_echo)
+
+    def prepare(self, ex: Exchange) -> Result:
+        request = ex.request
+        reply = request.reply().set(39, "00")
+        code = ex.get("approval_code")
+        if code is not None:
+            reply = reply.set(38, code)
+        for n in self.extra_echo:
+            value = request.get(n)
+            if value is not None:
+                reply = reply.set(n, value)
+        ex.response = reply
+        return SKIP
