@@ -218,20 +218,44 @@ def _mask_tlv_object(tag: str, value: bytes, child: TLV | None) -> str:
 
 # ------------------------------------------------------------------------------------ free text
 
-_PAN_CANDIDATE = re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])")
+_DIGIT_GROUPS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+_GROUP = re.compile(r"[0-9]+")
 
 
-def _mask_candidate(match: re.Match[str]) -> str:
+def _mask_groups(match: re.Match[str]) -> str:
     found = match.group(0)
-    digits = found.replace(" ", "").replace("-", "")
-    if not 13 <= len(digits) <= 19 or not luhn_ok(digits):
-        return found
-    return mask_pan(digits)
+    groups = [(m.start(), m.end()) for m in _GROUP.finditer(found)]
+    if len(groups) == 1:
+        n = len(found)
+        return mask_pan(found) if 13 <= n <= 19 and luhn_ok(found) else found
+    # Several groups ("4761 7390 0101 0010", "stan 123456 4761-7390-..."): mask the longest
+    # run of whole groups holding 13-19 digits that passes Luhn, left to right.
+    out: list[str] = []
+    pos = 0
+    i = 0
+    while i < len(groups):
+        hit = -1
+        for j in range(len(groups) - 1, i - 1, -1):
+            digits = "".join(found[a:b] for a, b in groups[i : j + 1])
+            if 13 <= len(digits) <= 19 and luhn_ok(digits):
+                hit = j
+                break
+        if hit < 0:
+            i += 1
+            continue
+        out.append(found[pos : groups[i][0]])
+        out.append(mask_pan("".join(found[a:b] for a, b in groups[i : hit + 1])))
+        pos = groups[hit][1]
+        i = hit + 1
+    out.append(found[pos:])
+    return "".join(out)
 
 
 def mask_text(text: str) -> str:
-    """Mask every 13-19 digit run (digits may be grouped by single spaces or dashes) that passes
-    Luhn, as :func:`mask_pan` does. Other text is returned unchanged."""
+    """Mask every 13-19 digit run that passes Luhn, as :func:`mask_pan` does. A run is a maximal
+    sequence of ASCII digits, or of digit groups joined by single spaces or dashes (whole groups
+    are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit run (20 or more with
+    no separator) are not a PAN candidate. Other text is returned unchanged."""
     if not any("0" <= ch <= "9" for ch in text):
         return text
-    return _PAN_CANDIDATE.sub(_mask_candidate, text)
+    return _DIGIT_GROUPS.sub(_mask_groups, text)
