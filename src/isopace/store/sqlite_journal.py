@@ -85,8 +85,10 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "ALTER TABLE journal ADD COLUMN durable TEXT",
             "ALTER TABLE journal ADD COLUMN pan_masked TEXT",
             "ALTER TABLE journal ADD COLUMN pan_hmac TEXT",
-            """UPDATE journal SET at_us = CAST(ROUND((julianday(at) - 2440587.5) * 86400000000)
-                AS INTEGER) WHERE at_us IS NULL""",
+            """UPDATE journal SET at_us = CAST(strftime('%s', at) AS INTEGER) * 1000000
+                + CASE WHEN substr(at, 20, 1) = '.' THEN CAST(substr(at, 21, 6) AS INTEGER)
+                       ELSE 0 END
+                WHERE at_us IS NULL""",
             "CREATE INDEX journal_at ON journal(at_us)",
             "CREATE INDEX journal_kind_at ON journal(kind, at_us)",
             "CREATE INDEX journal_pan ON journal(pan_hmac) WHERE pan_hmac IS NOT NULL",

@@ -1,0 +1,49 @@
+"""Card data protection: what a journal record may keep of a message."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from isopace.iso8583 import Message
+from isopace.store import CardDataProtector, mask_pan, scrub_text
+from isopace.store.protect import strip_emv_card_tags
+from tests.store.helpers import PAN, request
+
+
+def test_pan_masked_and_fingerprinted_track_pin_emv_removed() -> None:
+    p = CardDataProtector(b"secret").protect(request())
+    assert p.pan_masked == "476173******0010"
+    assert p.pan_hmac == hmac.new(b"secret", PAN.encode(), hashlib.sha256).hexdigest()
+    assert PAN not in p.json and PAN[6:12] not in p.json
+    back = Message.from_json(p.json)
+    assert {2, 35, 52} <= back.redacted
+    assert 2 not in back and 35 not in back and 52 not in back
+    assert back[4] == "000000002500"
+    tags = back.tlv(55)
+    assert "5A" not in tags and "9F02" in tags
+
+
+def test_no_key_no_fingerprint_and_pan_from_track2() -> None:
+    m = request().remove(2)
+    p = CardDataProtector(None).protect(m)
+    assert p.pan_hmac is None and p.pan_masked == "476173******0010"
+
+
+def test_extra_emv_card_tags_and_malformed_de55() -> None:
+    data = bytes.fromhex("5F200A4A4F484E20534D4954485F24032512319F0206000000001000")
+    assert strip_emv_card_tags(data) == bytes.fromhex("9F0206000000001000")
+    # constructed template: filtered inside
+    inner = bytes.fromhex("5A08" + PAN + "9F02060000000010009F")[:-1]
+    wrapped = bytes([0x70, len(inner)]) + inner
+    assert strip_emv_card_tags(wrapped) == bytes.fromhex("70099F0206000000001000")
+    broken = request().set(55, bytes.fromhex("5A20" + PAN))  # length runs past the end
+    p = CardDataProtector(b"k").protect(broken)
+    assert PAN not in p.json and '"55"' not in p.json
+
+
+def test_scrub_text_and_mask_pan() -> None:
+    assert scrub_text(f"card {PAN} declined, stan 000001") == (
+        "card 476173******0010 declined, stan 000001"
+    )
+    assert mask_pan("123456") == "**3456"

@@ -1,0 +1,222 @@
+"""SqliteJournal: rows, protection, group commit, queries, schema migration, bad conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from isopace.flow import CONTINUE, Event, EventKind, Exchange, Flow, Outcome
+from isopace.store import JournalError, SchemaError, SqliteJournal, recover
+from tests.store.helpers import PAN, Ledger, approve, ledger_flow, request
+
+
+def _approve_stage(ex: Exchange) -> object:
+    approve(ex)
+    return CONTINUE
+
+
+async def test_rows_protected_and_queries(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    async with SqliteJournal(path, hmac_key="k") as journal:
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        ex = Exchange("tx-1", request())
+        assert await flow.run(ex) is Outcome.COMMITTED
+        records = await journal.by_id("tx-1")
+        assert [r.kind for r in records] == ["BEGIN", "COMMITTING", "COMMITTED"]
+        assert records[1].joined == ("approve",)
+        assert records[0].pan_masked == "476173******0010"
+        assert records[0].request is not None and records[0].request[4] == "000000002500"
+        assert records[2].response is not None and records[2].response[39] == "00"
+        assert [r.tx_id for r in await journal.by_pan(PAN)] == ["tx-1"] * 3
+        now = datetime.now(UTC)
+        assert len(await journal.by_time(now - timedelta(minutes=1), now + timedelta(1))) == 3
+        assert await journal.by_time(now + timedelta(1), now + timedelta(2)) == []
+        counts = await journal.counts()
+        assert counts["COMMITTED"] == 1 and counts["IN_DOUBT"] == 0
+        assert await journal.in_doubt() == []
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert PAN.encode() not in raw  # no card number anywhere in the files
+    assert bytes.fromhex("0123456789ABCDEF").hex().encode() not in raw.lower()
+
+
+class _Stage:
+    def __init__(self, name: str, fn: object) -> None:
+        self.name = name
+        self.prepare = fn
+
+
+async def test_group_commit_batches_concurrent_records(tmp_path: Path) -> None:
+    async with SqliteJournal(tmp_path / "g.db") as journal:
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        outcomes = await asyncio.gather(
+            *(flow.run(Exchange(f"t{i}", request(i))) for i in range(200))
+        )
+        assert set(outcomes) == {Outcome.COMMITTED}
+        stats = journal.stats
+        assert stats["rows"] == 600
+        assert stats["batches"] < 100  # many records per transaction
+        assert (await journal.counts())["COMMITTED"] == 200
+
+
+async def test_one_fsync_per_event_mode(tmp_path: Path) -> None:
+    async with SqliteJournal(tmp_path / "s.db", group_commit=False) as journal:
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        await asyncio.gather(*(flow.run(Exchange(f"t{i}", request(i))) for i in range(20)))
+        assert journal.stats == {"rows": 60, "batches": 60}
+
+
+async def test_record_after_close_and_unserialisable_property(tmp_path: Path) -> None:
+    journal = SqliteJournal(tmp_path / "c.db")
+    ex = Exchange("x", request())
+    ex.set("bad", {1, 2})  # not durable: not journalled
+    await journal.record(ex, Event(EventKind.BEGIN))
+    await journal.close()
+    with pytest.raises(JournalError, match="closed"):
+        await journal.record(ex, Event(EventKind.BEGIN))
+
+
+V1_DDL = """
+CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL,
+    applied_at TEXT NOT NULL);
+CREATE TABLE journal (seq INTEGER PRIMARY KEY AUTOINCREMENT, tx_id TEXT NOT NULL,
+    kind TEXT NOT NULL, at TEXT NOT NULL, joined TEXT NOT NULL DEFAULT '[]', request TEXT,
+    response TEXT, error TEXT);
+CREATE INDEX journal_tx ON journal(tx_id);
+INSERT INTO schema_migrations VALUES (1, 'journal table', '2026-01-01T00:00:00+00:00');
+"""
+
+
+async def test_migration_from_version_1_file(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    req = '{"mti":"0200","fields":{"4":"000000001000","41":"TERM0001"},"redacted":[2]}'
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_DDL)
+    rows = [
+        ("a", "BEGIN", "2026-01-01T10:00:00+00:00", "[]", req),
+        ("a", "COMMITTING", "2026-01-01T10:00:01+00:00", '["ledger"]', None),
+        ("a", "COMMITTED", "2026-01-01T10:00:02+00:00", '["ledger"]', None),
+        ("b", "BEGIN", "2026-01-01T11:00:00+00:00", "[]", req),
+        ("c", "BEGIN", "2026-01-01T12:00:00+00:00", "[]", req),
+        ("c", "COMMITTING", "2026-01-01T12:00:01+00:00", '["ledger"]', None),
+    ]
+    conn.executemany(
+        "INSERT INTO journal (tx_id, kind, at, joined, request) VALUES (?, ?, ?, ?, ?)", rows
+    )
+    conn.commit()
+    conn.close()
+
+    async with SqliteJournal(path) as journal:
+        assert journal.schema_version == 2
+        doubt = {d.tx_id: d for d in await journal.in_doubt()}
+        assert set(doubt) == {"b", "c"}
+        assert not doubt["b"].committing and doubt["c"].committing
+        assert doubt["c"].joined == ("ledger",)
+        assert doubt["b"].request is not None and doubt["b"].request[4] == "000000001000"
+        a = await journal.by_id("a")
+        assert a[0].at == datetime(2026, 1, 1, 10, tzinfo=UTC)
+        t0 = datetime(2026, 1, 1, 10, 30, tzinfo=UTC)
+        assert [r.tx_id for r in await journal.by_time(t0, t0 + timedelta(hours=2))] == [
+            "b",
+            "c",
+            "c",
+        ]
+        ledger = Ledger(tmp_path / "ledger.db")
+        ledger.reserve("b", 1000)
+        ledger.reserve("c", 1000)
+        report = await recover(ledger_flow(ledger, journal), journal)
+        assert sorted(report.committed) == ["c"] and report.aborted == ["b"]
+        assert ledger.balance() == 1000 and ledger.holds("released") == {"b": 1000}
+        assert await journal.in_doubt() == []
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [1, 2]
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    # opening again changes nothing
+    async with SqliteJournal(path) as journal:
+        assert journal.schema_version == 2
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    SqliteJournal(path)._writer.close()
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO schema_migrations VALUES (99, 'future', 'x')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaError, match="version 99 is newer"):
+        SqliteJournal(path)
+
+
+async def test_disk_full_logged_flow_keeps_running_nothing_corrupted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "full.db"
+    SqliteJournal(path)._writer.close()
+    pages = sqlite3.connect(path).execute("PRAGMA page_count").fetchone()[0]
+    journal = SqliteJournal(path, pragmas={"max_page_count": pages + 2})
+    flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+    with caplog.at_level(logging.WARNING):
+        outcomes = await asyncio.gather(
+            *(flow.run(Exchange(f"t{i}", request(i))) for i in range(300))
+        )
+    assert set(outcomes) == {Outcome.COMMITTED}  # journal failures never abort
+    assert "database or disk is full" in caplog.text
+    with pytest.raises(JournalError, match="database or disk is full"):
+        await journal.record(Exchange("big", request()), Event(EventKind.BEGIN))
+    await journal.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    async with SqliteJournal(path) as journal:  # space again: it works
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        assert await flow.run(Exchange("after", request())) is Outcome.COMMITTED
+        assert [r.kind for r in await journal.by_id("after")][-1] == "COMMITTED"
+
+
+def _make_read_only(path: Path) -> None:
+    if os.geteuid() == 0:  # root ignores permission bits: use the immutable attribute
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    else:
+        path.chmod(0o444)
+        path.parent.chmod(0o555)
+
+
+def _make_writable(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.parent.chmod(0o755)
+        path.chmod(0o644)
+
+
+async def test_read_only_file_clear_error_flow_keeps_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ro.db"
+    async with SqliteJournal(path) as journal:
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        await flow.run(Exchange("before", request()))
+    _make_read_only(path)
+    try:
+        journal = SqliteJournal(path)
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        with caplog.at_level(logging.WARNING):
+            assert await flow.run(Exchange("during", request())) is Outcome.COMMITTED
+        assert "readonly database" in caplog.text
+        with pytest.raises(JournalError, match="readonly database"):
+            await journal.record(Exchange("x", request()), Event(EventKind.BEGIN))
+        assert [r.kind for r in await journal.by_id("before")][-1] == "COMMITTED"
+        await journal.close()
+    finally:
+        _make_writable(path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT count(*) FROM journal WHERE tx_id = 'during'").fetchone()[0] == 0
+    conn.close()
