@@ -304,8 +304,8 @@ def test_no_pan_track_or_pin_block_leaks(
 def test_mask_value_never_raises_on_any_bytes(field: int, value: bytes) -> None:
     out = mask_value(field, value)
     assert out.isprintable()
-    if field in CARD_DATA_FIELDS and field != 2:
-        assert len(out) <= max(len(value) * 2, 4) + 1
+    if field in CARD_DATA_FIELDS:
+        assert sum(ch.isdigit() for ch in out) <= 10  # never more than first 6 + last 4
     if field == 52:
         assert out == "****"
 

@@ -272,6 +272,14 @@ def test_set_and_remove_return_new_tlv() -> None:
     assert t3.items_in_order()[-1] == ("8A", b"00")
     t4 = t.remove("9F36", "99")
     assert t4.items_in_order() == (("9F27", H("80")),)
+    assert t.remove("9F99") is t  # nothing to remove: the same object
+    nested = TLV([("5A", H("11")), ("70", [("57", H("22")), ("E1", [("5A", H("33"))])])])
+    shallow = nested.remove("5A", "57")
+    assert shallow.find_all("5A") == [H("33")] and shallow.find("57") == H("22")
+    deep = nested.remove("5a", "57", deep=True)
+    assert deep.find("5A") is None and deep.find("57") is None
+    assert deep.build() == H("7002E100")
+    assert parse_tlv(deep.build()) == deep
     t5 = t.set("70", {"91": H("0102030405060708")})
     assert t5.children("70")["91"] == H("0102030405060708")
     assert t["9F36"] == H("0001")  # original untouched

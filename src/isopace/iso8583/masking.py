@@ -234,17 +234,22 @@ def _mask_groups(match: re.Match[str]) -> str:
     pos = 0
     i = 0
     while i < len(groups):
+        # candidates start at group i and grow while they hold at most 19 digits
         hit = -1
-        for j in range(len(groups) - 1, i - 1, -1):
-            digits = "".join(found[a:b] for a, b in groups[i : j + 1])
-            if 13 <= len(digits) <= 19 and luhn_ok(digits):
-                hit = j
+        hit_digits = ""
+        digits = ""
+        for j in range(i, len(groups)):
+            a, b = groups[j]
+            digits += found[a:b]
+            if len(digits) > 19:
                 break
+            if len(digits) >= 13 and luhn_ok(digits):
+                hit, hit_digits = j, digits
         if hit < 0:
             i += 1
             continue
         out.append(found[pos : groups[i][0]])
-        out.append(mask_pan("".join(found[a:b] for a, b in groups[i : hit + 1])))
+        out.append(mask_pan(hit_digits))
         pos = groups[hit][1]
         i = hit + 1
     out.append(found[pos:])

@@ -419,10 +419,27 @@ class TLV(Mapping[str, bytes]):
             entries.append(new)
         return TLV._from_entries(entries)
 
-    def remove(self, *tags: str) -> TLV:
-        """A new TLV without the given top-level tags (every occurrence)."""
-        drop = {t.upper() for t in tags}
-        return TLV._from_entries(e for e in self._entries if e[0] not in drop)
+    def remove(self, *tags: str, deep: bool = False) -> TLV:
+        """A new TLV without the given tags (every occurrence). With ``deep=True`` they are also
+        removed from inside constructed tags (which are re-encoded), e.g. to drop 5A/57 wherever
+        they sit."""
+        return self._without(frozenset(t.upper() for t in tags), deep)
+
+    def _without(self, drop: frozenset[str], deep: bool) -> TLV:
+        entries: list[_Entry] = []
+        changed = False
+        for entry in self._entries:
+            tag, _, child = entry
+            if tag in drop:
+                changed = True
+                continue
+            if deep and child is not None:
+                new_child = child._without(drop, deep)
+                if new_child is not child:
+                    entry = (tag, new_child.build(), new_child)
+                    changed = True
+            entries.append(entry)
+        return TLV._from_entries(entries) if changed else self
 
     def build(self) -> bytes:
         """Canonical BER-TLV encoding (minimal lengths, children re-encoded)."""
