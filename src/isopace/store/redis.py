@@ -81,7 +81,8 @@ class RedisIdempotencyStore:
     """The flow's ``IdempotencyStore`` protocol on Redis (see the module docstring).
 
     ``url_or_client``: a ``redis://`` URL (the store then owns its client) or a
-    ``redis.asyncio.Redis``; ``prefix`` namespaces the keys and the channel.
+    ``redis.asyncio.Redis``; ``prefix`` namespaces the keys and the channel. An owned client
+    uses a blocking pool of ``max_connections`` (callers wait for a free connection).
     """
 
     def __init__(
@@ -93,13 +94,18 @@ class RedisIdempotencyStore:
         lease: float = 30.0,
         recheck: float = 1.0,
         node: str | None = None,
+        max_connections: int = 50,
     ) -> None:
         if ttl <= 0 or lease <= 0:
             raise ValueError("ttl and lease must be positive")
         if isinstance(url_or_client, str):
-            self._client: aioredis.Redis = aioredis.Redis.from_url(
-                url_or_client, client_name=f"isopace-idem-{prefix.strip(':')}"
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url_or_client,
+                max_connections=max_connections,
+                timeout=10,
+                client_name=f"isopace-idem-{prefix.strip(':')}",
             )
+            self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
             self._owns_client = True
         else:
             self._client = url_or_client
