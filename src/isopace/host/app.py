@@ -337,6 +337,10 @@ class AuthorizationHost:
         flow = self.flow
         if flow is None:
             raise HostError("the host is not started")
+        if asyncio.current_task() is None:
+            # Called outside a task (a server that starts handlers eagerly): the flow's deadline
+            # (asyncio.timeout) needs one, so suspend once and continue inside the task.
+            await asyncio.sleep(0)
         ex = Exchange(uuid.uuid4().hex, request)
         metrics = self.metrics
         metrics.in_flight += 1

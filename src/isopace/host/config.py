@@ -57,7 +57,9 @@ class HostConfig:
         "length header: binary2 (2-byte big-endian), binary4, ascii2, ascii4, bcd2 or vmlh",
         metavar="KIND",
     )
-    tls_cert: str | None = _opt(None, "PEM certificate chain: serve TLS (needs --tls-key)")
+    tls_cert: str | None = _opt(
+        None, "PEM certificate chain: serve TLS (needs --tls-key)", metavar="FILE"
+    )
     tls_key: str | None = _opt(None, "PEM private key of --tls-cert", metavar="FILE")
     max_in_flight: int = _opt(256, "requests processed at once per connection (back-pressure)")
     timeout: float = _opt(5.0, "deadline of one transaction in seconds", metavar="SECONDS")
@@ -106,7 +108,9 @@ class HostConfig:
     )
     seed_demo: bool = _opt(True, "create and print demo cards when the ledger is empty")
     metrics_host: str = _opt("127.0.0.1", "address of the Prometheus metrics endpoint")
-    metrics_port: int | None = _opt(None, "serve Prometheus metrics on this port (0: free port)")
+    metrics_port: int | None = _opt(
+        None, "serve Prometheus metrics on this port (0: free port)", metavar="PORT"
+    )
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_transactions: bool = _opt(True, "log one masked line per transaction with its profile")
     uvloop: bool = _opt(False, "run on uvloop if installed (the uvloop extra)")

@@ -1,0 +1,357 @@
+"""Operator commands on a host's stores: ``isopace journal``, ``recover`` and ``ledger``.
+
+They open the same databases ``isopace serve`` would (same ``--config`` / ``--db`` /
+``--postgres`` options) and work while the host is stopped; ``journal`` and ``ledger`` are safe
+while it runs too (SQLite WAL readers, PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+from typing import Any
+
+from isopace.cli._output import Output, money
+from isopace.cli._serve import add_config_flags, config_from_args
+from isopace.host.config import HostConfig
+
+_STORE_OPTIONS = {
+    "db",
+    "postgres",
+    "postgres_schema",
+    "journal_key",
+    "node",
+    "port",
+    "synchronous",
+    "redis",
+    "redis_prefix",
+    "bins",
+    "idempotency_key",
+}
+
+
+async def _open_journal(cfg: HostConfig, node: str) -> Any:
+    if cfg.postgres:
+        from isopace.store import PostgresJournal
+
+        journal: Any = PostgresJournal(
+            cfg.postgres, schema=cfg.postgres_schema, hmac_key=cfg.journal_key, node=node
+        )
+        await journal.open()
+        return journal
+    from isopace.store import SqliteJournal
+
+    return SqliteJournal(cfg.journal_path, hmac_key=cfg.journal_key, node=node)
+
+
+def _node(cfg: HostConfig) -> str:
+    import socket
+
+    return cfg.node or f"{socket.gethostname()}:{cfg.port}"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_sqlite_exists(cfg: HostConfig, path: str) -> None:
+    import os
+
+    from isopace.host.errors import ConfigError
+
+    if not cfg.postgres and not os.path.exists(path):
+        raise ConfigError(f"{path}: no such database (start the host with --db first)")
+
+
+# -- journal ---------------------------------------------------------------------------------------
+
+
+def add_journal_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "journal",
+        help="query the transaction journal",
+        description=(
+            "Query the journal of a host: counts per event kind (the default), the records of one "
+            "transaction, the transactions in doubt, a time range, or one card's records."
+        ),
+    )
+    add_config_flags(p, only=_STORE_OPTIONS)
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--id", help="every record of one transaction id")
+    q.add_argument(
+        "--in-doubt", action="store_true", help="transactions begun and not finished (any node)"
+    )
+    q.add_argument("--counts", action="store_true", help="records per event kind (default)")
+    q.add_argument(
+        "--since", metavar="MINUTES", type=float, help="records of the last MINUTES minutes"
+    )
+    q.add_argument("--pan", help="records of one card (needs the journal key)")
+    p.add_argument("--limit", type=int, default=100, help="most records to print (default: 100)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=run_journal)
+
+
+def run_journal(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    _check_sqlite_exists(cfg, cfg.journal_path)
+    return asyncio.run(_journal(args, cfg))
+
+
+async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
+    from isopace.host.errors import HostError
+
+    out = Output()
+    try:
+        journal = await _open_journal(cfg, _node(cfg))
+    except Exception as exc:
+        raise HostError(f"journal: {_one_line(exc)}") from exc
+    try:
+        if args.in_doubt:
+            rows = await journal.in_doubt(all_nodes=True)
+            if args.json:
+                for r in rows[: args.limit]:
+                    print(
+                        json.dumps(
+                            {
+                                "tx_id": r.tx_id,
+                                "committing": r.committing,
+                                "node": r.node,
+                                "began_at": r.began_at.isoformat(),
+                                "joined": list(r.joined),
+                            }
+                        )
+                    )
+            else:
+                out.table(
+                    f"{len(rows)} transaction(s) in doubt",
+                    ["transaction", "began", "node", "decision", "joined"],
+                    [
+                        (
+                            r.tx_id,
+                            r.began_at.isoformat(timespec="seconds"),
+                            r.node,
+                            "commit" if r.committing else "none",
+                            ",".join(r.joined),
+                        )
+                        for r in rows[: args.limit]
+                    ],
+                )
+            return 0
+        if args.id or args.since is not None or args.pan:
+            if args.id:
+                records = await journal.by_id(args.id)
+            elif args.pan:
+                records = await journal.by_pan(args.pan, limit=args.limit)
+            else:
+                end = dt.datetime.now(dt.UTC)
+                start = end - dt.timedelta(minutes=args.since)
+                records = await journal.by_time(start, end, limit=args.limit)
+            _print_records(out, records[: args.limit], args.json)
+            return 0
+        counts = await journal.counts()
+        if args.json:
+            print(json.dumps(counts))
+        else:
+            out.table("journal records per kind", ["kind", "count"], sorted(counts.items()))
+        return 0
+    finally:
+        await journal.close()
+
+
+def _code(record: Any) -> str:
+    text = record.response_json
+    if not text:
+        return ""
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return ""
+    if isinstance(fields, dict):
+        inner = fields.get("fields", fields)
+        if isinstance(inner, dict):
+            value = inner.get("39", "")
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+def _print_records(out: Output, records: list[Any], as_json: bool) -> None:
+    if as_json:
+        for r in records:
+            print(
+                json.dumps(
+                    {
+                        "seq": r.seq,
+                        "tx_id": r.tx_id,
+                        "kind": r.kind,
+                        "at": r.at.isoformat(),
+                        "node": r.node,
+                        "pan": r.pan_masked,
+                        "rc": _code(r),
+                        "joined": list(r.joined),
+                        "durable": r.durable,
+                        "error": r.error,
+                    }
+                )
+            )
+        return
+    out.table(
+        f"{len(records)} record(s)",
+        ["at", "transaction", "kind", "card", "rc", "error"],
+        [
+            (
+                r.at.isoformat(timespec="milliseconds"),
+                r.tx_id,
+                r.kind,
+                r.pan_masked or "",
+                _code(r),
+                (r.error or "")[:60],
+            )
+            for r in records
+        ],
+    )
+
+
+# -- recover ---------------------------------------------------------------------------------------
+
+
+def add_recover_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "recover",
+        help="finish the transactions a crashed host left in doubt",
+        description=(
+            "Run crash recovery without starting the host (``isopace serve`` also does this at "
+            "start-up): each transaction in doubt is committed if its commit decision was "
+            "journalled, else rolled back, through the flow's stages. Only this node's "
+            "transactions (--node, default hostname:port) unless --all-nodes. Do not run it "
+            "while a host is serving the same node."
+        ),
+    )
+    add_config_flags(p, only=_STORE_OPTIONS)
+    p.add_argument(
+        "--all-nodes", action="store_true", help="also take over other nodes' transactions"
+    )
+    p.set_defaults(func=run_recover)
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    _check_sqlite_exists(cfg, cfg.journal_path)
+    return asyncio.run(_recover(args, cfg))
+
+
+async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
+    from isopace.host.app import AuthorizationHost, build_flow
+    from isopace.host.errors import HostError
+    from isopace.store import recover
+
+    out = Output()
+    host = AuthorizationHost(cfg)
+    try:
+        ledger = await host._open_ledger()
+        journal = await _open_journal(cfg, host.node)
+        host._closers.append(journal.close)
+        flow = build_flow(ledger, cfg, spec=host.spec, journal=journal)
+        try:
+            report = await recover(flow, journal, all_nodes=args.all_nodes)
+        except Exception as exc:
+            raise HostError(f"recovery failed: {_one_line(exc)}") from exc
+        out.line(str(report))
+        for tx_id, text in report.failed.items():
+            out.line(f"  left in doubt: {tx_id}: {text}")
+        check = await ledger.check()
+        out.line(
+            "ledger balances"
+            if check.ok
+            else "ledger does NOT balance: " + "; ".join(check.problems)
+        )
+        return 0 if not report.failed and check.ok else 1
+    finally:
+        await host.close()
+
+
+# -- ledger ----------------------------------------------------------------------------------------
+
+
+def add_ledger_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ledger",
+        help="show the ledger's accounts and check that it balances",
+        description=(
+            "Print every account (balance, held, available), check the ledger's invariants "
+            "(balance = opening - captures, held = open holds, nothing overdrawn) and optionally "
+            "block or unblock a card. Exit status 1 when the ledger does not balance."
+        ),
+    )
+    add_config_flags(p, only={"db", "postgres", "postgres_schema", "synchronous"})
+    p.add_argument("--block", metavar="PAN", help="block this card (declined 05 from now on)")
+    p.add_argument("--unblock", metavar="PAN", help="unblock this card")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run_ledger)
+
+
+def run_ledger(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    _check_sqlite_exists(cfg, cfg.db)
+    return asyncio.run(_ledger(args, cfg))
+
+
+async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
+    from isopace.host.app import AuthorizationHost
+    from isopace.host.errors import ConfigError
+
+    out = Output()
+    host = AuthorizationHost(cfg)
+    try:
+        ledger = await host._open_ledger()
+        for pan, status in ((args.block, "blocked"), (args.unblock, "active")):
+            if pan and not await ledger.set_card_status(pan, status):
+                raise ConfigError("no such card in the ledger")
+        accounts = await ledger.accounts()
+        check = await ledger.check()
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "accounts": [
+                            {
+                                "id": a.id,
+                                "currency": a.currency,
+                                "opening": a.opening,
+                                "balance": a.balance,
+                                "held": a.held,
+                                "available": a.available,
+                            }
+                            for a in accounts
+                        ],
+                        "holds": check.holds,
+                        "pending": check.pending,
+                        "ok": check.ok,
+                        "problems": list(check.problems),
+                    }
+                )
+            )
+        else:
+            out.table(
+                "accounts",
+                ["account", "currency", "opening", "balance", "held", "available"],
+                [
+                    (
+                        a.id,
+                        a.currency,
+                        money(a.opening),
+                        money(a.balance),
+                        money(a.held),
+                        money(a.available),
+                    )
+                    for a in accounts
+                ],
+            )
+            out.line(f"{check.holds} hold(s), {check.pending} pending")
+            out.line("ledger balances" if check.ok else "ledger does NOT balance:")
+            for problem in check.problems:
+                out.line(f"  {problem}")
+        return 0 if check.ok else 1
+    finally:
+        await host.close()

@@ -1,0 +1,162 @@
+"""``isopace serve``: run the authorization host until SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from isopace.cli._output import Output, money
+from isopace.host.config import HostConfig, load_config, option_help, parse_bins
+
+# Options whose flag is spelled differently from the key, or is handled by hand.
+_SPECIAL = {"bins", "idempotency_key"}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated field numbers") from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
+    """Add ``--config`` and one flag per `HostConfig` option (or just those in ``only``)."""
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with any of these options (flags win)"
+    )
+    for name, (default, text, metavar) in option_help().items():
+        if only is not None and name not in only:
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        if name == "bins":
+            parser.add_argument(
+                "--bin",
+                dest="bins",
+                action="append",
+                metavar="BIN=GROUP",
+                help=f"{text}; repeat for each entry (default: 4=visa 5=mastercard)",
+            )
+        elif name == "idempotency_key":
+            parser.add_argument(
+                flag,
+                type=_int_list,
+                metavar="N,N,...",
+                help=f"{text} (default: 41,11,7)",
+            )
+        elif isinstance(default, bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=text + shown
+            )
+        else:
+            kind = HostConfig.__dataclass_fields__[name].type
+            conv: Any = str
+            if "int" in str(kind):
+                conv = int
+            elif "float" in str(kind):
+                conv = float
+            if metavar is None:
+                metavar = {int: "N", float: "N"}.get(conv, "TEXT")
+            parser.add_argument(flag, type=conv, metavar=metavar, help=text + shown)
+
+
+def config_from_args(args: argparse.Namespace) -> HostConfig:
+    overrides: dict[str, Any] = {}
+    for name in option_help():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name == "bins":
+            value = parse_bins(value)
+        overrides[name] = value
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the authorization host",
+        description=(
+            "Run the reference authorization host: ISO 8583 over TCP, a ledger (SQLite by default, "
+            "PostgreSQL with --postgres), a durable journal with crash recovery at start-up, "
+            "idempotent replay of retransmissions (SQLite, PostgreSQL or --redis), Prometheus "
+            "metrics with --metrics-port. Every option can also be set in the --config TOML file "
+            "under the same name (dashes or underscores)."
+        ),
+    )
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    _setup_logging(config.log_level)
+    if config.uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            logging.getLogger("isopace.host").warning("uvloop is not installed; using asyncio")
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: HostConfig) -> int:
+    from isopace.host import AuthorizationHost
+
+    out = Output()
+    host = AuthorizationHost(config)
+    await host.start()
+    try:
+        if host.seeded:
+            out.table(
+                "demo ledger created (test cards):",
+                ["card", "account", "balance", "status", "note"],
+                [
+                    (
+                        _mask(c.pan),
+                        c.account_id,
+                        money(c.balance),
+                        c.status,
+                        c.label,
+                    )
+                    for c in host.seeded
+                ],
+            )
+        if host.recovery is not None and host.recovery.total:
+            out.line(str(host.recovery))
+        where = f"PostgreSQL schema {config.postgres_schema}" if config.postgres else config.db
+        idem = "Redis" if config.redis else ("PostgreSQL" if config.postgres else "SQLite")
+        out.line(
+            f"isopace host listening on {config.host}:{host.port} "
+            f"(ledger and journal: {where}; idempotency: {idem}; node {host.node})"
+        )
+        if host.metrics_port is not None:
+            out.line(f"metrics on http://{config.metrics_host}:{host.metrics_port}/metrics")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        out.line("stopping: finishing in-flight transactions")
+    finally:
+        await host.close()
+    return 0
+
+
+def _mask(pan: str) -> str:
+    from isopace.iso8583 import mask_pan
+
+    return mask_pan(pan)
