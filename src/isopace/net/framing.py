@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from isopace.net.errors import FrameError, FrameTooLargeError, IncompleteFrameError
 
@@ -190,20 +190,25 @@ class Framing:
     include_header: bool = False
     tpdu: bool = False
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_body: int = field(init=False, repr=False, compare=False)
+    """The largest length after the header this framing accepts and produces."""
+    _fast: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_frame_size <= 0:
             raise ValueError(f"max_frame_size must be positive, got {self.max_frame_size}")
-
-    @property
-    def max_body(self) -> int:
-        """The largest length after the header this framing accepts and produces."""
         capacity = self.header.capacity - (self.header.size if self.include_header else 0)
-        return min(self.max_frame_size, capacity)
+        object.__setattr__(self, "max_body", min(self.max_frame_size, capacity))
+        fast = self.header is LengthHeader.BINARY2 and not self.include_header and not self.tpdu
+        object.__setattr__(self, "_fast", fast)
 
     def encode_frame(self, payload: bytes, tpdu: Tpdu | None = None) -> bytes:
         """The bytes of one frame. With TPDU framing a non-empty payload needs ``tpdu``; an empty
         payload without TPDU is a keep-alive."""
+        if self._fast and tpdu is None:
+            if len(payload) > self.max_body:
+                raise FrameTooLargeError(len(payload), self.max_body)
+            return len(payload).to_bytes(2, "big") + payload
         if self.tpdu:
             if tpdu is not None:
                 payload = tpdu.to_bytes() + payload

@@ -6,9 +6,12 @@ the sans-IO :class:`~isopace.net.framing.FrameDecoder`, decodes every frame with
 
 Decisions:
 
-- Each connection is an ``asyncio.Protocol`` (faster than streams); each request runs in its own
-  task, so responses leave in completion order, not arrival order (pipelining; the client matches
-  them by key). Writes made in one loop turn go out in one ``transport.write``.
+- Each connection is an ``asyncio.Protocol`` (faster than streams) rather than a task reading a
+  stream; each request runs in its own task, so responses leave in completion order, not arrival
+  order (pipelining; the client matches them by key). The handler is started eagerly: it runs up
+  to its first real suspension inside ``data_received`` (in a copy of the context, as a task
+  would), and a task is created only if it suspends, so a handler that answers at once costs no
+  task. Writes made in one loop turn go out in one ``transport.write``.
 - Back-pressure: at most ``max_in_flight`` requests per connection run at once; at the bound the
   server stops taking frames and pauses reading the socket, and resumes when one finishes.
 - Keep-alive (zero-length) frames are answered with a keep-alive frame (``keepalive_reply``).
@@ -35,12 +38,12 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import contextvars
 import logging
 import ssl as _ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from isopace.iso8583 import Message
 from isopace.iso8583.errors import Iso8583Error
@@ -98,6 +101,42 @@ def error_response(request: Message, code: str) -> Message:
             fields[n] = value
     fields[39] = code
     return Message(response_mti(request.mti), fields)
+
+
+class _Resume:
+    """Awaitable that carries on a coroutine already started by hand: it passes what the
+    coroutine yields up to the task and what the task sends (or throws) down (``yield from``)."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro = self.coro
+        value = self.first
+        self.first = None
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _resume(coro: Coroutine[Any, Any, None], first: Any) -> None:
+    await _Resume(coro, first)
 
 
 class _Connection(FramedProtocol):
@@ -203,7 +242,15 @@ class _Connection(FramedProtocol):
             )
             return
         self.in_flight += 1
-        task = self._loop.create_task(self._handle(request, frame.tpdu))
+        # Eager start: run the handler up to its first suspension now (in its own context), and
+        # make a task only if it suspends. A handler that answers at once costs no task.
+        coro = self._handle(request, frame.tpdu)
+        context = contextvars.copy_context()
+        try:
+            first = context.run(coro.send, None)
+        except StopIteration:
+            return
+        task = self._loop.create_task(_resume(coro, first), context=context)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -219,7 +266,7 @@ class _Connection(FramedProtocol):
                 extra=extra,
             )
             response = Message(response_mti(mti), {39: FORMAT_ERROR})
-            self._send_first([response], frame.tpdu)
+            self._send(response, frame.tpdu)
         else:
             logger.warning(
                 "unparseable frame of %d bytes from %s: %s; dropped",
@@ -264,40 +311,45 @@ class _Connection(FramedProtocol):
                 )
                 response = error_response(request, SYSTEM_MALFUNCTION)
             if response is not None:
-                self._send_first([response, error_response(request, SYSTEM_MALFUNCTION)], tpdu)
+                self._send(response, tpdu, request)
         finally:
             self.in_flight -= 1
             if self._blocked:
                 self._blocked = False
                 self.pump()
 
-    def _send_first(self, candidates: list[Message], tpdu: Tpdu | None) -> None:
-        """Encode and send the first candidate that encodes (the fallback is a bare error)."""
+    def _send(self, response: Message, tpdu: Tpdu | None, request: Message | None = None) -> None:
+        """Encode and send ``response``; if it cannot be encoded, send DE 39 = 96 instead (with the
+        request's echo fields when they encode, else bare)."""
         if self.closed:
             logger.info(
                 "connection from %s closed; response %r dropped",
                 self.peer,
-                candidates[0],
+                response,
                 extra={"peer": self.peer},
             )
             return
         spec = self.server.spec
         reply_tpdu = tpdu.reply() if tpdu is not None else None
-        for response in candidates:
+        try:
+            self.write(self.framing.encode_frame(spec.encode(response), reply_tpdu))
+            return
+        except (Iso8583Error, FrameError) as exc:
+            logger.error(
+                "response %r to %s cannot be sent: %s; answering with DE 39 = 96",
+                response,
+                self.peer,
+                exc,
+                extra={"peer": self.peer, "mti": response.mti, "error": str(exc)},
+            )
+        fallbacks = [] if request is None else [error_response(request, SYSTEM_MALFUNCTION)]
+        fallbacks.append(Message(response.mti, {39: SYSTEM_MALFUNCTION}))
+        for fallback in fallbacks:
             try:
-                self.write(self.framing.encode_frame(spec.encode(response), reply_tpdu))
+                self.write(self.framing.encode_frame(spec.encode(fallback), reply_tpdu))
                 return
-            except (Iso8583Error, FrameError) as exc:
-                logger.error(
-                    "response %r to %s cannot be sent: %s",
-                    response,
-                    self.peer,
-                    exc,
-                    extra={"peer": self.peer, "mti": response.mti, "error": str(exc)},
-                )
-        bare = Message(candidates[0].mti, {39: SYSTEM_MALFUNCTION})
-        with contextlib.suppress(Iso8583Error, FrameError):  # a spec that cannot encode DE 39
-            self.write(self.framing.encode_frame(spec.encode(bare), reply_tpdu))
+            except (Iso8583Error, FrameError):
+                continue
 
     def stop(self) -> None:
         self.stopping = True

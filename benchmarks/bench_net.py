@@ -1,0 +1,186 @@
+"""Round trips per second through ``Server`` + ``Client`` (handler answers ``request.reply()``)
+against a bare asyncio server and client that only echo 2-byte length-prefixed frames of the same
+size, with 64 requests in flight on one connection. The ratio is the figure of merit (target
+>= 0.5x); the run is repeated on uvloop when it is installed.
+
+Run: ``./scripts/bench net`` (``BENCH_SECONDS`` sets the measuring time per case, default 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from isopace.iso8583 import ISO87_ASCII, Message
+from isopace.net import Client, Server
+
+CONCURRENCY = 64
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
+WARMUP = 0.5
+
+REQUEST = Message(
+    "0200",
+    {
+        2: "4761739001010119",
+        3: "000000",
+        4: "000000002500",
+        7: "1129120000",
+        11: "000001",
+        12: "120000",
+        13: "1129",
+        22: "051",
+        25: "00",
+        37: "000000000001",
+        41: "TERM0001",
+        42: "MERCHANT0000001",
+        49: "978",
+    },
+)
+
+
+async def _measure(one_round_trip: Callable[[int, int], Awaitable[None]]) -> float:
+    """Run CONCURRENCY workers for WARMUP + SECONDS; round trips per second in the measured part."""
+    loop = asyncio.get_running_loop()
+    counting = False
+    count = 0
+    stop = False
+
+    async def worker(w: int) -> None:
+        nonlocal count
+        i = 0
+        while not stop:
+            i += 1
+            await one_round_trip(w, i)
+            if counting:
+                count += 1
+
+    tasks = [loop.create_task(worker(w)) for w in range(CONCURRENCY)]
+    await asyncio.sleep(WARMUP)
+    counting = True
+    t0 = time.perf_counter()
+    await asyncio.sleep(SECONDS)
+    counting = False
+    elapsed = time.perf_counter() - t0
+    stop = True
+    await asyncio.gather(*tasks)
+    return count / elapsed
+
+
+# --- bare asyncio: length-prefixed echo --------------------------------------------------------
+
+
+class _EchoServer(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            end = pos + 2 + int.from_bytes(buf[pos : pos + 2], "big")
+            if end > n:
+                break
+            pos = end
+        if pos:
+            self.transport.write(buf[:pos])
+        self.buf = buf[pos:]
+
+
+class _EchoClient(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buf = b""
+        self.waiters: collections.deque[asyncio.Future[bytes]] = collections.deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        pos = 0
+        n = len(buf)
+        while n - pos >= 2:
+            end = pos + 2 + int.from_bytes(buf[pos : pos + 2], "big")
+            if end > n:
+                break
+            self.waiters.popleft().set_result(buf[pos + 2 : end])
+            pos = end
+        self.buf = buf[pos:]
+
+    async def request(self, frame: bytes) -> bytes:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        self.transport.write(frame)
+        return await fut
+
+
+async def bare() -> float:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_EchoServer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, client = await loop.create_connection(_EchoClient, "127.0.0.1", port)
+    payload = ISO87_ASCII.encode(REQUEST)
+    frame = len(payload).to_bytes(2, "big") + payload
+
+    async def one(w: int, i: int) -> None:
+        await client.request(frame)
+
+    try:
+        return await _measure(one)
+    finally:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+
+# --- isopace ----------------------------------------------------------------------------------
+
+
+async def _reply(request: Message) -> Message:
+    return request.reply()
+
+
+async def isopace() -> float:
+    async with (
+        Server(ISO87_ASCII, _reply, max_in_flight=CONCURRENCY) as server,
+        Client(ISO87_ASCII, port=server.port) as client,
+    ):
+        terminals = [f"TERM{w:04d}" for w in range(CONCURRENCY)]
+
+        async def one(w: int, i: int) -> None:
+            request = REQUEST.set_many({11: f"{i % 1000000:06d}", 41: terminals[w]})
+            response = await client.request(request, timeout=10)
+            assert response.mti == "0210"
+
+        return await _measure(one)
+
+
+def _run_pair(name: str, runner: Callable[[Callable[[], Awaitable[float]]], float]) -> None:
+    b = runner(bare)
+    i = runner(isopace)
+    print(
+        f"{name:8s} bare echo {b:9,.0f} rt/s   isopace Server+Client {i:9,.0f} rt/s   "
+        f"ratio {i / b:.2f}x (target >= 0.50x; {CONCURRENCY} in flight, one connection)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    _run_pair("asyncio", lambda f: asyncio.run(f()))
+    try:
+        import uvloop
+    except ImportError:
+        print("uvloop   not installed (pip install isopace[uvloop])")
+        return
+    _run_pair("uvloop", lambda f: uvloop.run(f()))
+
+
+if __name__ == "__main__":
+    main()
