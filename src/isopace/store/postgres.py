@@ -325,13 +325,10 @@ class PostgresJournal(_PoolOwner):
                 await self._write([row for row, _ in batch])
                 self.batches += 1
                 self.rows += len(batch)
-            except _PG_ERRORS as exc:
+            except Exception as exc:  # never let the writer die: fail the batch instead
                 error = JournalError(f"postgres journal {self.schema}: write failed: {exc}")
                 error.__cause__ = exc
                 log.warning("journal: batch of %d rows failed: %s", len(batch), error)
-            except Exception as exc:  # never let the writer die: fail the batch instead
-                error = JournalError(f"postgres journal {self.schema}: write failed: {exc!r}")
-                log.exception("journal: unexpected failure")
             for _, fut in batch:
                 if not fut.done():
                     if error is None:
@@ -402,7 +399,7 @@ class PostgresJournal(_PoolOwner):
         await self.open()
         try:
             return list(await self.pool.fetch(sql, *args))
-        except _PG_ERRORS as exc:
+        except Exception as exc:
             raise StoreError(f"postgres journal {self.schema}: query failed: {exc}") from exc
 
     _COLUMNS = """seq, tx_id, kind, at, node, joined, durable, request, response, pan_masked,
@@ -616,7 +613,7 @@ class PostgresIdempotencyStore(_PoolOwner):
         await self.open()
         try:
             return await getattr(self.pool, method)(sql, *args)
-        except _PG_ERRORS as exc:
+        except Exception as exc:  # asyncpg also raises InternalClientError on a dropped link
             raise IdempotencyError(
                 f"postgres idempotency {self.schema}: {what} of key {key!r} failed: {exc}"
             ) from exc
