@@ -272,7 +272,7 @@ def test_no_pan_track_or_pin_block_leaks(
     card = [("5A", H(pan + ("F" if len(pan) % 2 else ""))), ("57", H(packed))]
     items: list[tuple[str, object]] = [("9F27", H("80"))]
     items += [("70", card)] if nest else card
-    icc = build_tlv(items)  # type: ignore[arg-type]
+    icc = build_tlv(items)
     card_outputs = [
         mask_value(2, pan),
         mask_value(35, track2),

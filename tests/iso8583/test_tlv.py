@@ -74,7 +74,7 @@ def test_lookup_is_case_insensitive_and_keys_uppercase() -> None:
     assert t.get("5f2a") == H("0978")
     with pytest.raises(KeyError):
         t["9F28"]
-    assert 42 not in t  # non-str keys are simply absent
+    assert (42 in t) is False  # type: ignore[comparison-overlap]  # non-str keys: absent
 
 
 def test_empty_input_and_empty_values() -> None:
@@ -284,7 +284,7 @@ def test_set_and_remove_return_new_tlv() -> None:
     assert t5.children("70")["91"] == H("0102030405060708")
     assert t["9F36"] == H("0001")  # original untouched
     with pytest.raises(TlvBuildError):
-        t.set("9F36", "0003")  # type: ignore[arg-type]
+        t.set("9F36", "0003")
 
 
 # -------------------------------------------------------------------------- malformed: parsing
@@ -392,9 +392,9 @@ def test_build_rejects_wrong_items_and_values() -> None:
     with pytest.raises(TlvBuildError, match="hex string, not int"):
         build_tlv([(0x9F26, b"\x01")])  # type: ignore[list-item]
     with pytest.raises(TlvBuildError, match="value must be bytes, not str"):
-        build_tlv({"9F26": "0123"})  # type: ignore[dict-item]
+        build_tlv({"9F26": "0123"})
     with pytest.raises(TlvBuildError, match="value must be bytes, not int"):
-        build_tlv({"9F26": 5})  # type: ignore[dict-item]
+        build_tlv({"9F26": 5})
     with pytest.raises(TlvBuildError, match="primitive tag needs a bytes value"):
         build_tlv({"9F26": {"5A": b"\x01"}})
     with pytest.raises(TlvBuildError, match="tag 70: constructed value is not valid TLV"):
@@ -474,7 +474,7 @@ def _expected(tree: Tree) -> list[tuple[str, bytes]]:
     return [(tag, v if isinstance(v, bytes) else build_tlv(v)) for tag, v in tree]
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trees)
 def test_hypothesis_build_parse_round_trip(tree: Tree) -> None:
     data = build_tlv(tree)
@@ -491,7 +491,7 @@ def test_hypothesis_build_parse_round_trip(tree: Tree) -> None:
             assert t.children(tag) == parse_tlv(first[tag])
 
 
-@settings(max_examples=4000, deadline=None)
+@settings(max_examples=6000, deadline=None)
 @given(st.binary(max_size=200))
 def test_hypothesis_random_bytes_only_raise_tlv_error(data: bytes) -> None:
     try:
@@ -507,7 +507,7 @@ def test_hypothesis_random_bytes_only_raise_tlv_error(data: bytes) -> None:
     repr(t)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(trees, st.data())
 def test_hypothesis_mutated_encodings_only_raise_tlv_error(tree: Tree, data: st.DataObject) -> None:
     encoded = bytearray(build_tlv(tree))

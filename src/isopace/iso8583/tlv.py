@@ -37,7 +37,7 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeAlias
 
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
@@ -62,14 +62,15 @@ MAX_VALUE_LENGTH = 0xFFFFFF
 """Longest value the ``0x83`` long form can carry."""
 
 TlvValue: TypeAlias = (
-    "bytes | bytearray | memoryview | TLV | Mapping[str, TlvValue] | "
-    "list[tuple[str, TlvValue]] | tuple[tuple[str, TlvValue], ...]"
+    "bytes | bytearray | memoryview | TLV | Mapping[str, TlvValue] | Sequence[tuple[str, TlvValue]]"
 )
 """A value to build: bytes for a primitive tag; bytes (already encoded TLV), a ``TLV``, a mapping or
-a list/tuple of ``(tag, value)`` pairs for a constructed tag."""
+a sequence of ``(tag, value)`` pairs for a constructed tag."""
 
-TlvItems: TypeAlias = "Mapping[str, TlvValue] | Iterable[tuple[str, TlvValue]]"
-"""What :func:`build_tlv` and :class:`TLV` accept: a mapping or an iterable of ``(tag, value)``."""
+TlvItems: TypeAlias = "Mapping[str, object] | Iterable[tuple[str, object]]"
+"""What :func:`build_tlv` and :class:`TLV` accept: a mapping or an iterable of ``(tag, value)``
+where each value is a :data:`TlvValue`. (Typed loosely so that literals mixing bytes and nested
+items type-check; the values are checked at run time, raising :class:`TlvBuildError`.)"""
 
 _Field: TypeAlias = "int | str | None"
 _Entry: TypeAlias = "tuple[str, bytes, TLV | None]"
@@ -247,7 +248,7 @@ def _entries_from(items: object, field: _Field, depth: int) -> list[_Entry]:
                     raise TlvBuildError(
                         field, f"constructed value is not valid TLV ({exc.reason})", tag=tag
                     ) from None
-        elif isinstance(value, (TLV, Mapping, list, tuple)):
+        elif isinstance(value, (TLV, Mapping, Sequence)) and not isinstance(value, str):
             if not constructed:
                 raise TlvBuildError(field, "primitive tag needs a bytes value", tag=tag)
             child = (
@@ -402,7 +403,7 @@ class TLV(Mapping[str, bytes]):
             if child is not None:
                 yield from child._walk(tag)
 
-    def set(self, tag: str, value: TlvValue) -> TLV:
+    def set(self, tag: str, value: object) -> TLV:
         """A new TLV with ``tag`` set: replaces the first occurrence in place (dropping any later
         duplicates) or appends it."""
         new = _entries_from([(tag, value)], 55, 0)[0]
