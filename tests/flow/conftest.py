@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from isopace.flow import Exchange, Result
+from isopace.flow import Exchange, Flow, Result
 
 
 class Log(list[tuple[str, str]]):
@@ -89,3 +89,19 @@ class ARec(Rec):
 @pytest.fixture
 def log() -> Log:
     return Log()
+
+
+@pytest.fixture(autouse=True, params=["fast", "general"])
+def run_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: with the inline fast path of ``Flow.run`` where it applies, and
+    with the general path forced, so both implement every rule."""
+    if request.param == "general":
+        original = Flow._resolve_entry
+
+        def general_only(self: Flow) -> Any:
+            plan = original(self)
+            self._entry_fits = False
+            return plan
+
+        monkeypatch.setattr(Flow, "_resolve_entry", general_only)
+    return str(request.param)

@@ -11,10 +11,10 @@ finish or undo a transaction found in doubt after a crash: their values must be 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from isopace.flow.profiler import StageTiming, format_profile
+from isopace.flow.profiler import Phase, StageTiming, format_profile
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Message
@@ -36,12 +36,12 @@ class Exchange:
         "_error",
         "_joined",
         "_props",
+        "_timings",
         "aborted",
         "deadline",
         "id",
         "request",
         "response",
-        "timings",
     )
 
     id: str
@@ -51,8 +51,6 @@ class Exchange:
     """True once ``abort()`` was called or the flow decided to roll back."""
     deadline: float | None
     """The run's deadline on the loop clock (``loop.time()``); None without ``timeout=``."""
-    timings: list[StageTiming]
-    """Per-stage timings, recorded only when the flow has ``profiler=True``."""
 
     def __init__(self, id: str, request: Message) -> None:
         self.id = id
@@ -60,12 +58,12 @@ class Exchange:
         self.response = None
         self.aborted = False
         self.deadline = None
-        self.timings = []
         self._props: dict[str, object] | None = None
         self._durable: set[str] | None = None
         self._cause: BaseException | None = None
         self._error: BaseException | None = None
-        self._joined: list[Any] = []
+        self._joined: Sequence[Any] = ()
+        self._timings: list[tuple[str, Phase, float]] | None = None
 
     @classmethod
     def restore(
@@ -141,6 +139,12 @@ class Exchange:
         return tuple(s if isinstance(s, str) else s.name for s in self._joined)
 
     # -- profiler -------------------------------------------------------------------------------
+
+    @property
+    def timings(self) -> list[StageTiming]:
+        """Per-stage timings in the order the methods ran (only with ``profiler=True``)."""
+        raw = self._timings
+        return [] if raw is None else [StageTiming._make(t) for t in raw]
 
     def profile(self) -> str:
         """The timings on one line (``name/phase=1.2ms ... total=3.4ms``); empty when off."""

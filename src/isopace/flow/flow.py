@@ -40,10 +40,10 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from isopace.flow._resolve import ResolvedStage
+from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
     AbortedError,
     DuplicateStageError,
@@ -64,6 +64,7 @@ from isopace.flow.journal import (
     mask_text,
 )
 from isopace.flow.listener import FlowListener
+from isopace.flow.profiler import Phase
 from isopace.flow.result import CONTINUE, DONE, SKIP, Outcome, Result
 
 if TYPE_CHECKING:
@@ -72,6 +73,12 @@ if TYPE_CHECKING:
 _COMMITTED = Outcome.COMMITTED
 _ABORTED = Outcome.ABORTED
 _REPLAYED = Outcome.REPLAYED
+_PREPARE = Phase.PREPARE
+_COMMIT = Phase.COMMIT
+_ABORT = Phase.ABORT
+_clock = time.perf_counter
+
+CommitStep: TypeAlias = tuple[ResolvedStage, Any, bool]
 
 
 class Flow:
@@ -105,10 +112,14 @@ class Flow:
         self._max_stages = max_stages
         self._log = logger or logging.getLogger("isopace.flow")
         self._listener = listener
-        self._groups: dict[str, tuple[ResolvedStage, ...]] = {}
+        self._timed = profiler or listener is not None
+        # Nothing configured around the stages: run() takes its inline fast path.
+        self._plain = journal is None and idempotency is None and not self._timed
+        self._groups: dict[str, Plan] = {}
         self._by_name: dict[str, ResolvedStage] = {}
         self._first_group: str | None = None
-        self._entry: tuple[ResolvedStage, ...] | None = None
+        self._entry: Plan | None = None
+        self._entry_fits = False
 
     # -- building -------------------------------------------------------------------------------
 
@@ -125,21 +136,20 @@ class Flow:
         resolved: list[ResolvedStage] = []
         for stage in stages:
             stage_name = getattr(stage, "name", None)
-            known = self._by_name.get(stage_name) if isinstance(stage_name, str) else None
-            if known is None and isinstance(stage_name, str):
-                known = added.get(stage_name)
+            known = None
+            if isinstance(stage_name, str):
+                known = self._by_name.get(stage_name) or added.get(stage_name)
             if known is not None:
                 if known.stage is not stage:
                     raise DuplicateStageError(known.name)
                 resolved.append(known)
                 continue
-            rs = ResolvedStage(
-                stage, profiler=self._profiler, listener=self._listener, logger=self._log
-            )
+            rs = ResolvedStage(stage)
             added[rs.name] = rs
             resolved.append(rs)
         self._by_name.update(added)
-        self._groups[name] = self._groups.get(name, ()) + tuple(resolved)
+        existing = self._groups.get(name)
+        self._groups[name] = Plan((existing.stages if existing else ()) + tuple(resolved))
         if self._first_group is None:
             self._first_group = name
         self._entry = None
@@ -151,22 +161,23 @@ class Flow:
 
     def groups(self) -> dict[str, tuple[str, ...]]:
         """The groups and the names of their stages, in order."""
-        return {g: tuple(rs.name for rs in stages) for g, stages in self._groups.items()}
+        return {g: tuple(rs.name for rs in plan.stages) for g, plan in self._groups.items()}
 
     @property
     def entry(self) -> str | None:
         """The name of the entry group (None while there is none)."""
         return self._entry_name or self._first_group
 
-    def _resolve_entry(self) -> tuple[ResolvedStage, ...]:
+    def _resolve_entry(self) -> Plan:
         name = self._entry_name or self._first_group
         if name is None:
             raise NoEntryError()
-        stages = self._groups.get(name)
-        if stages is None:
+        plan = self._groups.get(name)
+        if plan is None:
             raise UnknownGroupError(name)
-        self._entry = stages
-        return stages
+        self._entry_fits = self._plain and len(plan.stages) <= self._max_stages
+        self._entry = plan
+        return plan
 
     # -- running --------------------------------------------------------------------------------
 
@@ -177,41 +188,84 @@ class Flow:
         ``NoEntryError`` / ``UnknownGroupError`` for a mis-configured entry before anything is
         journalled, and ``CancelledError`` when the task is cancelled (after the rollback).
         """
-        work = self._entry
-        if work is None:
-            work = self._resolve_entry()
+        plan = self._entry
+        if plan is None:
+            plan = self._resolve_entry()
+        if timeout is not None or not self._entry_fits:
+            return await self._run_configured(ex, plan, timeout)
+        # The fast path: no journal, idempotency, profiler, listener nor deadline. It handles
+        # the stages that vote CONTINUE inline and hands any other vote to _prepare().
+        joined: list[ResolvedStage] = []
+        ex._joined = joined
+        commit = True
+        try:
+            for rs, prepare, prepare_async in plan.steps:
+                try:
+                    result = prepare(ex)
+                    if prepare_async:
+                        result = await result
+                except Exception as exc:
+                    commit = self._fail(ex, exc)
+                    break
+                if result is None or result is CONTINUE:
+                    joined.append(rs)
+                    if ex.aborted:
+                        commit = self._fail_aborted(ex)
+                        break
+                else:
+                    work = list(plan.stages)
+                    commit = await self._prepare(ex, work, len(joined), result, joined, None)
+                    break
+        except asyncio.CancelledError as exc:
+            await self._cancelled(ex, joined, exc)
+            raise
+        if not commit:
+            return await self._abort(ex, joined)
+        steps = plan.commits if len(joined) == len(plan.stages) else _commit_steps(joined)
+        errors: list[Exception] | None = None
+        for rs, commit_fn, commit_async in steps:
+            try:
+                result = commit_fn(ex)
+                if commit_async or (result is not None and inspect.isawaitable(result)):
+                    await result
+            except Exception as exc:
+                errors = self._commit_failed(ex, rs, exc, errors)
+            except asyncio.CancelledError:
+                await self._commit_interrupted(ex, steps, rs, errors)
+                raise
+        if errors:
+            ex._error = _commit_group(errors)
+        return _COMMITTED
+
+    async def _run_configured(self, ex: Exchange, plan: Plan, timeout: float | None) -> Outcome:
         deadline = None
         if timeout is not None:
             deadline = asyncio.get_running_loop().time() + timeout
             ex.deadline = deadline
         if self._listener is not None:
-            return await self._run_listened(ex, work, deadline)
+            return await self._run_listened(ex, plan, deadline)
         if self._store is not None:
-            return await self._run_idempotent(ex, work, deadline)
-        return await self._run(ex, work, deadline)
+            return await self._run_idempotent(ex, plan, deadline)
+        return await self._run(ex, plan, deadline)
 
-    async def _run_listened(
-        self, ex: Exchange, work: tuple[ResolvedStage, ...], deadline: float | None
-    ) -> Outcome:
+    async def _run_listened(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
         listener = self._listener
         assert listener is not None
-        start = time.perf_counter()
+        start = _clock()
         outcome = _ABORTED
         try:
             if self._store is not None:
-                outcome = await self._run_idempotent(ex, work, deadline)
+                outcome = await self._run_idempotent(ex, plan, deadline)
             else:
-                outcome = await self._run(ex, work, deadline)
+                outcome = await self._run(ex, plan, deadline)
             return outcome
         finally:
             try:
-                listener.run_finished(ex, outcome, time.perf_counter() - start)
+                listener.run_finished(ex, outcome, _clock() - start)
             except Exception:
                 self._log.exception("flow listener failed", extra={"exchange_id": ex.id})
 
-    async def _run_idempotent(
-        self, ex: Exchange, work: tuple[ResolvedStage, ...], deadline: float | None
-    ) -> Outcome:
+    async def _run_idempotent(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
         store = self._store
         key_func = self._key
         assert store is not None and key_func is not None
@@ -220,7 +274,7 @@ class Flow:
         except Exception as exc:
             return await self._refuse(ex, exc)
         if key is None:
-            return await self._run(ex, work, deadline)
+            return await self._run(ex, plan, deadline)
         try:
             if deadline is None:
                 stored = await store.claim(key)
@@ -243,7 +297,7 @@ class Flow:
                 await self._record(ex, IDEMPOTENT_HIT_EVENT)
             return _REPLAYED
         try:
-            outcome = await self._run(ex, work, deadline)
+            outcome = await self._run(ex, plan, deadline)
         except BaseException:
             # Cancelled. Before the decision point the run was rolled back: give the key up.
             # During the commit pass the decision stands: keep the response for duplicates.
@@ -285,21 +339,21 @@ class Flow:
             await self._record(ex, Event(EventKind.ABORTED, error))
         return _ABORTED
 
-    async def _run(
-        self, ex: Exchange, work: tuple[ResolvedStage, ...], deadline: float | None
-    ) -> Outcome:
+    async def _run(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
+        """The general run: journal, deadline, profiler and listener as configured."""
         journal = self._journal
         joined: list[ResolvedStage] = []
         ex._joined = joined
         try:
             if journal is not None:
                 await self._record(ex, BEGIN_EVENT)
+            work = list(plan.stages)
             if deadline is None:
-                commit = await self._prepare(ex, work, joined, None)
+                commit = await self._prepare(ex, work, 0, None, joined, None)
             else:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        commit = await self._prepare(ex, work, joined, deadline)
+                        commit = await self._prepare(ex, work, 0, None, joined, deadline)
                     if commit and asyncio.get_running_loop().time() >= deadline:
                         commit = self._fail(ex, _deadline_error(ex))
                 except TimeoutError:
@@ -307,55 +361,70 @@ class Flow:
             if commit and journal is not None:
                 await self._record(ex, COMMITTING_EVENT)
         except asyncio.CancelledError as exc:
-            ex.aborted = True
-            ex._error = exc
-            await _shielded(self._abort_pass(ex, joined))
+            await self._cancelled(ex, joined, exc)
             raise
-        if commit:
-            return await self._commit_pass(ex, joined)
-        if journal is not None or any(rs.abort_async for rs in joined):
-            if await _shielded(self._abort_pass(ex, joined)):
-                raise asyncio.CancelledError()
-        else:
-            await self._abort_pass(ex, joined)
-        return _ABORTED
+        if not commit:
+            return await self._abort(ex, joined)
+        await self._commit(ex, _commit_steps(joined))
+        if journal is not None:
+            error = ex._error
+            await self._record(
+                ex, COMMITTED_EVENT if error is None else Event(EventKind.COMMITTED, error)
+            )
+        return _COMMITTED
 
-    def _fail(self, ex: Exchange, error: BaseException) -> bool:
-        ex.aborted = True
-        ex._error = error
-        return False
+    # -- the prepare pass -----------------------------------------------------------------------
 
     async def _prepare(
         self,
         ex: Exchange,
-        entry: tuple[ResolvedStage, ...],
+        work: list[ResolvedStage],
+        start: int,
+        pending: object,
         joined: list[ResolvedStage],
         deadline: float | None,
     ) -> bool:
-        """The prepare pass; True: commit, False: abort (``ex.error`` set)."""
+        """The prepare pass over ``work`` from index ``start``; True: commit, False: abort
+        (``ex.error`` set). ``pending``, when not None, is the vote ``work[start]`` already
+        returned (handed over by the fast path)."""
         max_stages = self._max_stages
-        work = list(entry)
         overflow = len(work) > max_stages
         if overflow:
             del work[max_stages:]
-        time_now = asyncio.get_running_loop().time if deadline is not None else None
-        for rs in work:
-            if time_now is not None and time_now() >= deadline:  # type: ignore[operator]
-                return self._fail(ex, _deadline_error(ex))
-            try:
-                result = rs.prepare(ex)
-                if rs.prepare_async:
-                    result = await result
-                if result is not None and result.__class__ is not Result:
-                    result = await _odd_result(rs, result)
-            except Exception as exc:
-                self._log.debug(
-                    "flow: prepare of stage %s raised %s",
-                    rs.name,
-                    type(exc).__name__,
-                    extra={"exchange_id": ex.id, "stage": rs.name},
-                )
-                return self._fail(ex, exc)
+        timed = self._timed
+        now = asyncio.get_running_loop().time if deadline is not None else None
+        index = start
+        while index < len(work):
+            rs = work[index]
+            index += 1
+            result: Any
+            if pending is None:
+                if now is not None and now() >= deadline:  # type: ignore[operator]
+                    return self._fail(ex, _deadline_error(ex))
+                began = _clock() if timed else 0.0
+                try:
+                    result = rs.prepare(ex)
+                    if rs.prepare_async:
+                        result = await result
+                    if result is not None and result.__class__ is not Result:
+                        result = await _odd_result(rs, result)
+                except Exception as exc:
+                    if timed:
+                        self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
+                    return self._fail(ex, exc)
+                except BaseException as exc:
+                    if timed:
+                        self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
+                    raise
+                if timed:
+                    self._observe(ex, rs.name, _PREPARE, _clock() - began, None)
+            else:
+                result, pending = pending, None
+                if result.__class__ is not Result:
+                    try:
+                        result = await _odd_result(rs, result)
+                    except Exception as exc:
+                        return self._fail(ex, exc)
             if result is None or result is CONTINUE:
                 joined.append(rs)
             elif result is SKIP:
@@ -370,10 +439,10 @@ class Flow:
                     joined.append(rs)
                     routed: list[ResolvedStage] = []
                     for group in result.groups:
-                        stages = self._groups.get(group)
-                        if stages is None:
+                        plan = self._groups.get(group)
+                        if plan is None:
                             return self._fail(ex, UnknownGroupError(group))
-                        routed.extend(stages)
+                        routed.extend(plan.stages)
                     work.extend(routed)
                     if len(work) > max_stages:
                         del work[max_stages:]
@@ -385,55 +454,72 @@ class Flow:
             if ex.aborted:
                 break
         if ex.aborted:
-            cause = ex._cause
-            return self._fail(ex, cause if cause is not None else AbortedError())
+            return self._fail_aborted(ex)
         if overflow:
             return self._fail(ex, TooManyStagesError(max_stages))
         return True
 
-    async def _commit_pass(self, ex: Exchange, joined: list[ResolvedStage]) -> Outcome:
-        errors: list[Exception] | None = None
-        for index, rs in enumerate(joined):
-            commit = rs.commit
-            if commit is None:
-                continue
-            try:
-                result = commit(ex)
-                if rs.commit_async or (result is not None and inspect.isawaitable(result)):
-                    await result
-            except Exception as exc:
-                errors = self._commit_failed(ex, rs, exc, errors)
-            except asyncio.CancelledError:
-                self._log.error(
-                    "flow: commit of stage %s interrupted by cancellation; "
-                    "the transaction is in doubt",
-                    rs.name,
-                    extra={"exchange_id": ex.id, "stage": rs.name},
-                )
-                await _shielded(self._commit_rest(ex, joined[index + 1 :], errors))
-                raise
-        if errors:
-            ex._error = _commit_group(errors)
-        if self._journal is not None:
-            await self._record(
-                ex, Event(EventKind.COMMITTED, ex._error) if errors else COMMITTED_EVENT
-            )
-        return _COMMITTED
+    def _fail(self, ex: Exchange, error: BaseException) -> bool:
+        ex.aborted = True
+        ex._error = error
+        return False
 
-    async def _commit_rest(
-        self, ex: Exchange, rest: list[ResolvedStage], errors: list[Exception] | None
-    ) -> None:
-        for rs in rest:
-            if rs.commit is None:
-                continue
+    def _fail_aborted(self, ex: Exchange) -> bool:
+        cause = ex._cause
+        return self._fail(ex, cause if cause is not None else AbortedError())
+
+    # -- the commit pass ------------------------------------------------------------------------
+
+    async def _commit(self, ex: Exchange, steps: Sequence[CommitStep]) -> None:
+        """Commit ``steps`` in order; failures are gathered on ``ex.error``."""
+        timed = self._timed
+        errors: list[Exception] | None = None
+        for rs, commit_fn, commit_async in steps:
+            began = _clock() if timed else 0.0
             try:
-                result = rs.commit(ex)
-                if rs.commit_async or inspect.isawaitable(result):
+                result = commit_fn(ex)
+                if commit_async or (result is not None and inspect.isawaitable(result)):
                     await result
             except Exception as exc:
+                if timed:
+                    self._observe(ex, rs.name, _COMMIT, _clock() - began, exc)
                 errors = self._commit_failed(ex, rs, exc, errors)
+                continue
+            except asyncio.CancelledError as exc:
+                if timed:
+                    self._observe(ex, rs.name, _COMMIT, _clock() - began, exc)
+                await self._commit_interrupted(ex, steps, rs, errors)
+                raise
+            if timed:
+                self._observe(ex, rs.name, _COMMIT, _clock() - began, None)
         if errors:
             ex._error = _commit_group(errors)
+
+    async def _commit_interrupted(
+        self,
+        ex: Exchange,
+        steps: Sequence[CommitStep],
+        interrupted: ResolvedStage,
+        errors: list[Exception] | None,
+    ) -> None:
+        """A cancellation hit a commit: finish the others, shielded; leave the run in doubt."""
+        self._log.error(
+            "flow: commit of stage %s interrupted by cancellation; the transaction is in doubt",
+            interrupted.name,
+            extra={"exchange_id": ex.id, "stage": interrupted.name},
+        )
+        position = next(i for i, step in enumerate(steps) if step[0] is interrupted)
+        rest = steps[position + 1 :]
+
+        async def finish() -> None:
+            await self._commit(ex, rest)
+            if errors:
+                gathered = list(errors)
+                if isinstance(ex._error, ExceptionGroup):
+                    gathered.extend(ex._error.exceptions)
+                ex._error = _commit_group(gathered)
+
+        await _shielded(finish())
 
     def _commit_failed(
         self, ex: Exchange, rs: ResolvedStage, exc: Exception, errors: list[Exception] | None
@@ -450,25 +536,68 @@ class Flow:
         errors.append(exc)
         return errors
 
+    # -- the abort pass -------------------------------------------------------------------------
+
+    async def _abort(self, ex: Exchange, joined: list[ResolvedStage]) -> Outcome:
+        """Roll back; shielded from cancellation whenever there is anything to await."""
+        if self._journal is not None or any(rs.abort_async for rs in joined):
+            if await _shielded(self._abort_pass(ex, joined)):
+                raise asyncio.CancelledError()
+        else:
+            await self._abort_pass(ex, joined)
+        return _ABORTED
+
+    async def _cancelled(
+        self, ex: Exchange, joined: list[ResolvedStage], exc: asyncio.CancelledError
+    ) -> None:
+        ex.aborted = True
+        ex._error = exc
+        await _shielded(self._abort_pass(ex, joined))
+
     async def _abort_pass(self, ex: Exchange, joined: list[ResolvedStage]) -> None:
         """Abort the joined stages in reverse order, then journal ``ABORTED``."""
+        timed = self._timed
         for rs in reversed(joined):
             abort = rs.abort
             if abort is None:
                 continue
+            began = _clock() if timed else 0.0
+            error: Exception | None = None
             try:
                 result = abort(ex)
                 if rs.abort_async or (result is not None and inspect.isawaitable(result)):
                     await result
             except Exception as exc:
+                error = exc
                 self._log.error(
                     "flow: abort of stage %s failed: %s",
                     rs.name,
                     mask_text(f"{type(exc).__name__}: {exc}"),
                     extra={"exchange_id": ex.id, "stage": rs.name},
                 )
+            if timed:
+                self._observe(ex, rs.name, _ABORT, _clock() - began, error)
         if self._journal is not None:
             await self._record(ex, Event(EventKind.ABORTED, ex._error))
+
+    # -- observing ------------------------------------------------------------------------------
+
+    def _observe(
+        self, ex: Exchange, name: str, phase: Phase, seconds: float, error: BaseException | None
+    ) -> None:
+        if self._profiler:
+            timings = ex._timings
+            if timings is None:
+                timings = ex._timings = []
+            timings.append((name, phase, seconds))
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener.stage_finished(name, phase, seconds, error)
+            except Exception:
+                self._log.exception(
+                    "flow listener failed", extra={"stage": name, "phase": phase.value}
+                )
 
     async def _record(self, ex: Exchange, event: Event) -> None:
         journal = self._journal
@@ -482,6 +611,10 @@ class Flow:
                 mask_text(f"{type(exc).__name__}: {exc}"),
                 extra={"exchange_id": ex.id, "flow_event": event.kind.value},
             )
+
+
+def _commit_steps(joined: list[ResolvedStage]) -> list[CommitStep]:
+    return [(rs, rs.commit, rs.commit_async) for rs in joined if rs.commit is not None]
 
 
 def _deadline_error(ex: Exchange) -> TimeoutError:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from isopace.flow._resolve import _is_async
+from isopace.flow._resolve import is_async
 from isopace.flow.exchange import Exchange
 from isopace.flow.result import Result
 
@@ -89,7 +89,7 @@ class RetryStage:
         self.inner = inner
         self.policy = policy
         self._prepare = prepare
-        self._prepare_async = _is_async(prepare)
+        self._prepare_async = is_async(prepare)
         for attr in ("commit", "abort", "recover"):
             method = getattr(inner, attr, None)
             if method is not None:

@@ -1,0 +1,162 @@
+"""isopace.flow overhead against calling the same stage methods directly, in the same run.
+
+Run: ``./scripts/bench flow`` (= ``python -m benchmarks flow``).
+
+Pipeline: 5 stages, each with a prepare (returns None: CONTINUE) and a commit (bumps a counter),
+in a sync variant (``def``) and an async variant (``async def``). The baseline is a coroutine
+that calls the 5 prepares then the 5 commits in a loop (awaiting them in the async variant);
+both sides build a fresh ``Exchange`` per transaction. Times are per transaction, the best of
+several repeats; the ratio is flow time / direct time (targets: <= 1.5x without journal and
+profiler, <= 2x with ``MemoryJournal`` + ``profiler=True``).
+
+Then transactions per second of ``flow.run`` (async pipeline, no journal) with 1, 100 and 1000
+concurrent runs (``asyncio.gather``), and of the idempotent-hit path (``MemoryStore`` replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from isopace.flow import Exchange, Flow, MemoryJournal, MemoryStore
+
+STAGES = 5
+REPEAT = 7
+
+
+class SyncStage:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.commits = 0
+
+    def prepare(self, ex: Exchange) -> None:
+        return None
+
+    def commit(self, ex: Exchange) -> None:
+        self.commits += 1
+
+
+class AsyncStage:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.commits = 0
+
+    async def prepare(self, ex: Exchange) -> None:
+        return None
+
+    async def commit(self, ex: Exchange) -> None:
+        self.commits += 1
+
+
+def direct_sync(stages: list[SyncStage]) -> Callable[[Exchange], Awaitable[None]]:
+    async def run(ex: Exchange) -> None:
+        for s in stages:
+            s.prepare(ex)
+        for s in stages:
+            s.commit(ex)
+
+    return run
+
+
+def direct_async(stages: list[AsyncStage]) -> Callable[[Exchange], Awaitable[None]]:
+    async def run(ex: Exchange) -> None:
+        for s in stages:
+            await s.prepare(ex)
+        for s in stages:
+            await s.commit(ex)
+
+    return run
+
+
+async def per_txn(run: Callable[[Exchange], Awaitable[Any]], loops: int) -> float:
+    """Best seconds per transaction of ``await run(Exchange(...))`` in a sequential loop."""
+    best = float("inf")
+    request = "0200"
+    for _ in range(REPEAT):
+        t0 = time.perf_counter()
+        for i in range(loops):
+            await run(Exchange("t", request))
+        best = min(best, (time.perf_counter() - t0) / loops)
+        del i
+    return best
+
+
+async def tps(flow: Flow, concurrency: int, total: int) -> float:
+    """Transactions per second with ``concurrency`` runs gathered at a time."""
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        done = 0
+        while done < total:
+            await asyncio.gather(*(flow.run(Exchange("t", "0200")) for _ in range(concurrency)))
+            done += concurrency
+        best = max(best, done / (time.perf_counter() - t0))
+    return best
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e6:6.2f} µs"
+
+
+async def overhead() -> list[tuple[str, float, float]]:
+    rows = []
+    loops = 20_000
+    for variant, make, direct in (
+        ("sync", SyncStage, direct_sync),
+        ("async", AsyncStage, direct_async),
+    ):
+        stages: list[Any] = [make(f"s{i}") for i in range(STAGES)]
+        base = await per_txn(direct(stages), loops)
+        plain = Flow().group("main", *stages)
+        rows.append((f"{variant} stages, no journal/profiler", base, await per_txn(plain.run, loops)))
+        journal = MemoryJournal(max_entries=1000)
+        full = Flow(journal=journal, profiler=True).group("main", *stages)
+        rows.append(
+            (f"{variant} stages, MemoryJournal+profiler", base, await per_txn(full.run, loops))
+        )
+    return rows
+
+
+async def throughput() -> list[tuple[str, float]]:
+    stages = [AsyncStage(f"s{i}") for i in range(STAGES)]
+    flow = Flow().group("main", *stages)
+    rows = [(f"{n:>4} concurrent", await tps(flow, n, 20_000)) for n in (1, 100, 1000)]
+    store = MemoryStore()
+    idem = Flow(idempotency=store, key=lambda ex: "dup").group("main", *stages)
+
+    async def respond(ex: Exchange) -> None:
+        return None
+
+    first = Exchange("first", "0200")
+    first.response = "0210"
+    await store.claim("dup")
+    await store.complete("dup", "0210")  # type: ignore[arg-type]
+    rows.append(("idempotent hit, 1 concurrent", await tps(idem, 1, 20_000)))
+    rows.append(("idempotent hit, 100 concurrent", await tps(idem, 100, 20_000)))
+    return rows
+
+
+async def amain() -> None:
+    print("flow.run overhead per transaction (5 stages, prepare + commit), best of", REPEAT)
+    targets = {"no journal/profiler": 1.5, "MemoryJournal+profiler": 2.0}
+    for label, base, flow_t in await overhead():
+        target = next(v for k, v in targets.items() if k in label)
+        ratio = flow_t / base
+        mark = "ok" if ratio <= target else "MISSED"
+        print(
+            f"  {label:<42} direct {fmt(base)}  flow {fmt(flow_t)}  "
+            f"ratio {ratio:4.2f}x (target <= {target}x) {mark}"
+        )
+    print("flow.run throughput (async 5-stage pipeline, no journal), transactions per second")
+    for label, value in await throughput():
+        print(f"  {label:<32} {value:>10,.0f} tps")
+
+
+def main() -> None:
+    asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    main()
