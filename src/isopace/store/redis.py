@@ -19,8 +19,10 @@ owner's claim disappears ``lease`` seconds after its last renewal; nothing needs
 - Live claims' leases are renewed in the background (every ``lease / 3``) by a script that checks
   the owner.
 
-Errors (server down, restarted, connection killed) raise :class:`IdempotencyError`; the client
-reconnects on the next call. Redis keeps claims and responses only as durably as it is
+A pooled connection found dead (server restarted, connection killed) is reconnected and the
+command retried (a few times, with back-off; every command here is safe to repeat, and a claim
+whose reply was lost is recognised by its owner token). Errors that persist (server down) raise
+:class:`IdempotencyError`. Redis keeps claims and responses only as durably as it is
 configured to (``appendonly yes`` with ``appendfsync always`` to survive a Redis crash).
 """
 
@@ -34,7 +36,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
@@ -104,6 +110,10 @@ class RedisIdempotencyStore:
                 max_connections=max_connections,
                 timeout=10,
                 client_name=f"isopace-idem-{prefix.strip(':')}",
+                # a pooled connection found dead (server restarted, CLIENT KILL) is reconnected
+                # and the command retried; every command here is safe to repeat
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+                retry_on_error=[RedisConnectionError, RedisTimeoutError],
             )
             self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
             self._owns_client = True
@@ -221,6 +231,9 @@ class RedisIdempotencyStore:
                         raise self._error("claim", key, exc) from exc
                     if value is None:
                         continue  # released or expired meanwhile: try again at once
+                    if value == f"C{owner}".encode():  # our SET succeeded, its reply was lost
+                        self._held[key] = owner
+                        return None
                     if value.startswith(b"R"):
                         from isopace.iso8583 import Message
 
