@@ -233,7 +233,11 @@ def test_mask_value_other_fields() -> None:
             "field 2: length 99 exceeds max 19 at offset 20",
         ),
         ("", ""),
-        (TRACK2, "476173******0010=25122010123456789"),
+        (TRACK2, "476173******0010=****"),
+        ("t2 " + PAN + "D2512201012345678F!", "t2 476173******0010D****!"),
+        ("t1 '%" + TRACK1 + "?'", "t1 '%B476173******0010^****?'"),
+        ("t3 " + TRACK3, "t3 " + TRACK3),  # format code + PAN: one 18-digit run failing Luhn
+        ("stan 123456 ok 4111111111111111=", "stan 123456 ok 411111******1111="),
     ],
 )
 def test_mask_text(text: str, masked: str) -> None:
@@ -295,7 +299,9 @@ def test_no_pan_track_or_pin_block_leaks(
         assert not distinctive or discretionary not in out
         assert "DOE/JOHN" not in out
         assert out.isprintable()
-    assert pan not in mask_text(f"error for {pan} at {track2}, card {pan[:4]} {pan[4:]}")
+    text = mask_text(f"error for {pan} at {track2}, card {pan[:4]} {pan[4:]}")
+    assert pan not in text
+    assert not distinctive or discretionary not in text
     assert mask_value(52, pin_block) == "****"
 
 

@@ -256,11 +256,28 @@ def _mask_groups(match: re.Match[str]) -> str:
     return "".join(out)
 
 
+# A masked PAN followed by track data: "=" / "D" and digits (track 2, EMV 57), or "^name^digits"
+# (track 1). The tail carries expiry, service code and discretionary data (CVV): hidden too.
+_TRACK_TAIL = re.compile(
+    r"([0-9]{6}\*{3,9}[0-9]{4})(?:([=D])[0-9][0-9A-F]*|(\^)[^^\r\n]{0,26}\^[0-9]*)"
+)
+
+
+def _hide_tail(match: re.Match[str]) -> str:
+    return match.group(1) + (match.group(2) or match.group(3)) + HIDDEN
+
+
 def mask_text(text: str) -> str:
-    """Mask every 13-19 digit run that passes Luhn, as :func:`mask_pan` does. A run is a maximal
-    sequence of ASCII digits, or of digit groups joined by single spaces or dashes (whole groups
-    are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit run (20 or more with
-    no separator) are not a PAN candidate. Other text is returned unchanged."""
+    """Mask every 13-19 digit run that passes Luhn, as :func:`mask_pan` does, and the track data
+    that follows such a PAN (``=25121010...``, ``D2512...``, ``^NAME^2512...`` become ``=****``...).
+
+    A run is a maximal sequence of ASCII digits, or of digit groups joined by single spaces or
+    dashes (whole groups are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit
+    run (20 or more with no separator, e.g. inside a hex dump) are not a PAN candidate. Other text
+    is returned unchanged."""
     if not any("0" <= ch <= "9" for ch in text):
         return text
-    return _DIGIT_GROUPS.sub(_mask_groups, text)
+    out = _DIGIT_GROUPS.sub(_mask_groups, text)
+    if out == text:
+        return text
+    return _TRACK_TAIL.sub(_hide_tail, out)
