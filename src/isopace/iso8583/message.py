@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import binascii
 import json
+from bisect import insort
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from isopace.iso8583.errors import EncodeError, Iso8583Error
+from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
 
 if TYPE_CHECKING:
     from isopace.iso8583.spec import Layout, Spec
@@ -40,6 +41,8 @@ ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
 REDACTED_FIELDS = frozenset({2, 35, 36, 45, 52})
 _REDACTED_TAGS = ("5A", "57")
 _EMPTY: frozenset[int] = frozenset()
+_VALID_KEYS = frozenset(range(2, 193)) - {65}
+_OK_VALUE_TYPES = frozenset({str, bytes})
 _new = object.__new__
 
 
@@ -67,6 +70,7 @@ class Message:
         "_dirty",
         "_gone",
         "_hash",
+        "_hdirty",
         "_hdr",
         "_keys",
         "_lay",
@@ -90,6 +94,7 @@ class Message:
     _keys: tuple[int, ...] | None
     _redacted: frozenset[int]
     _clean: bool
+    _hdirty: bool
 
     def __init__(
         self,
@@ -100,10 +105,11 @@ class Message:
     ) -> None:
         if not isinstance(mti, str):
             raise EncodeError(0, f"MTI must be a str, got {type(mti).__name__}")
-        vals: dict[int, Value] = {}
-        if fields:
-            for n, v in fields.items():
-                vals[n] = _check(n, v)
+        vals: dict[int, Value] = dict(fields) if fields else {}
+        if vals and not (
+            _VALID_KEYS.issuperset(vals) and _OK_VALUE_TYPES.issuperset(map(type, vals.values()))
+        ):
+            vals = {n: _check(n, v) for n, v in vals.items()}
         self._mti = mti
         self._vals = vals
         self._spec = None
@@ -117,6 +123,7 @@ class Message:
         self._keys = None
         self._redacted = _EMPTY
         self._clean = False
+        self._hdirty = False
 
     # --- internal ---------------------------------------------------------------------------
     def _sorted_keys(self) -> tuple[int, ...]:
@@ -148,6 +155,7 @@ class Message:
         m._keys = self._keys
         m._redacted = self._redacted
         m._clean = False
+        m._hdirty = self._hdirty
         return m
 
     # --- reading ----------------------------------------------------------------------------
@@ -175,13 +183,29 @@ class Message:
         if n in vals:
             return vals[n]
         lay = self._lay
-        if lay is None or n in self._gone:
+        if lay is None:
             raise KeyError(n)
-        i = lay.index[n]
-        spec = self._spec
+        index = lay.index
+        if index is not None:
+            i = index[n]
+        else:
+            try:
+                i = lay.fields.index(n)
+            except ValueError:
+                raise KeyError(n) from None
+        if n in self._gone:
+            raise KeyError(n)
+        spec = lay.spec
         offs = self._offs
-        assert spec is not None and offs is not None
-        v = spec._decs[n](self._data, offs[i] + spec._plens[n], offs[i + 1])  # type: ignore[misc, arg-type]
+        assert spec is not None and offs is not None and self._data is not None
+        s = offs[i] + spec._plens[n]
+        if spec._asc[n]:
+            try:
+                v: Value = self._data[s : offs[i + 1]].decode("ascii")
+            except UnicodeDecodeError:
+                raise DecodeError(n, s, "invalid ascii data") from None
+        else:
+            v = spec._decs[n](self._data, s, offs[i + 1])  # type: ignore[misc]
         vals[n] = v
         return v
 
@@ -195,7 +219,7 @@ class Message:
         if n in self._vals:
             return True
         lay = self._lay
-        return lay is not None and n in lay.index and n not in self._gone
+        return lay is not None and n in (lay.index or lay.fields) and n not in self._gone
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._sorted_keys())
@@ -223,7 +247,7 @@ class Message:
         data = self._data
         offs = self._offs
         assert offs is not None
-        index = lay.index
+        index = lay.index or dict(zip(lay.fields, range(len(lay.fields)), strict=True))
         out: dict[int, Value] = {}
         for n in keys:
             if n in vals:
@@ -303,15 +327,17 @@ class Message:
     def set(self, n: int, value: Value) -> Message:
         """A new message with data element ``n`` set to ``value``."""
         v = _check(n, value)
-        m = self._derive()
         present = n in self
+        m = self._derive()
         m._vals[n] = v
         if self._data is not None:
             m._dirty = self._dirty | {n}
             if n in self._gone:
                 m._gone = self._gone - {n}
         if not present:
-            m._keys = None
+            keys = list(self._sorted_keys())
+            insort(keys, n)
+            m._keys = tuple(keys)
         return m
 
     def set_many(self, values: Mapping[int, Value]) -> Message:
@@ -319,8 +345,8 @@ class Message:
         m = self._derive()
         m._vals.update(checked)
         if self._data is not None:
-            m._dirty = self._dirty | checked.keys()
-            m._gone = self._gone - checked.keys()
+            m._dirty = self._dirty.union(checked)
+            m._gone = self._gone.difference(checked)
         m._keys = None
         return m
 
@@ -330,7 +356,7 @@ class Message:
         for n in ns:
             m._vals.pop(n, None)
         if self._lay is not None:
-            m._gone = self._gone | {n for n in ns if n in self._lay.index}
+            m._gone = self._gone | {n for n in ns if n in self._lay.fields}
             m._dirty = self._dirty - set(ns)
         m._keys = None
         return m
@@ -340,11 +366,13 @@ class Message:
             raise EncodeError(0, f"MTI must be a str, got {type(mti).__name__}")
         m = self._derive()
         m._mti = mti
+        m._hdirty = True
         return m
 
     def with_header(self, header: Value | None) -> Message:
         m = self._derive()
         m._hdr = header
+        m._hdirty = True
         return m
 
     def reply(self, mti: str | None = None, copy: Iterable[int] = ECHO_FIELDS) -> Message:

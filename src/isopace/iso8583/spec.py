@@ -43,7 +43,17 @@ class _Bad(Exception):
 class Layout:
     """The fields present for one bitmap and how to find their spans."""
 
-    __slots__ = ("ext", "fields", "hits", "index", "locate", "spec", "steps", "width")
+    __slots__ = (
+        "ext",
+        "fields",
+        "hits",
+        "index",
+        "locate",
+        "patches",
+        "spec",
+        "steps",
+        "width",
+    )
 
     def __init__(
         self,
@@ -53,28 +63,33 @@ class Layout:
         spec: Spec | None,
     ) -> None:
         self.fields = fields
-        self.index = {n: i for i, n in enumerate(fields)}
+        self.index: dict[int, int] | None = None  # built when the layout is seen again
         self.steps = steps
         self.width = width  # bytes taken by the bitmaps
         self.ext = spec is None  # marker entry: a further bitmap follows
         self.spec = spec
         self.hits = 0
+        self.patches: dict[Any, tuple[Any, ...]] = {}
         self.locate: Callable[[bytes, int], tuple[int, ...]] = self._generic
 
     def _generic(self, d: bytes, p: int) -> tuple[int, ...]:
         self.hits += 1
         if self.hits >= _GENERATE_AFTER and self.spec is not None:
             self.locate = _generate(self.fields, self.spec._codecs)
+            self.index = dict(zip(self.fields, range(len(self.fields)), strict=True))
         offs = [p]
         append = offs.append
-        for plen, reader, max_len, nib, size in self.steps:
-            if plen:
-                n = reader(d, p)
-                if n > max_len:
-                    raise _Bad
-                p += plen + ((n + 1) >> 1 if nib else n)
-            else:
+        for plen, table, reader, max_len, nib, size in self.steps:
+            if not plen:
                 p += size
+            else:
+                if table is not None:
+                    n = table[d[p : p + plen]]
+                else:
+                    n = reader(d, p)
+                    if n > max_len:
+                        raise _Bad
+                p += plen + ((n + 1) >> 1 if nib else n)
             append(p)
         if p != len(d):
             raise _Bad
@@ -116,25 +131,70 @@ def _generate(fields: tuple[int, ...], codecs: tuple[Codec | None, ...]) -> Call
 _EXT = Layout((), (), 0, None)
 
 
+class _Plan:
+    """How to encode one set of fields: the bitmaps, the encoders, and (once used a few
+    times) a generated straight-line encoder."""
+
+    __slots__ = ("bitmap", "encs", "fast", "hits", "keys")
+
+    def __init__(self, keys: tuple[int, ...], bitmap: bytes, encs: tuple[Any, ...]) -> None:
+        self.keys = keys
+        self.bitmap = bitmap
+        self.encs = encs
+        self.hits = 0
+        self.fast: Callable[[dict[int, Any], bytes], bytes] | None = None
+
+
+def _generate_encoder(plan: _Plan, codecs: tuple[Codec | None, ...]) -> Callable[..., bytes]:
+    """Straight-line encoder for one set of fields: ASCII text, hex and binary fields inline,
+    others through their compiled encoder. Any exception sends the caller to the careful path."""
+    ns: dict[str, Any] = {"_Bad": _Bad, "BM": plan.bitmap, "HX": binascii.b2a_hex, "bytes": bytes}
+    lines = ["def encode(vals, head):"]
+    parts = ["head", "BM"]
+    for n in plan.keys:
+        c = codecs[n]
+        assert c is not None
+        fd = c.fd
+        kind = fd.kind
+        simple = not c.nibbles and (c.plen == 0 or c.len_table is not None)
+        if simple and kind == "text" and fd.data_enc.lower() in ("ascii", "us-ascii"):
+            lines.append(f"    b{n} = vals[{n}].encode('ascii')")
+        elif simple and kind == "hex":
+            lines.append(f"    b{n} = HX(vals[{n}]).upper()")
+        elif simple and kind == "bin":
+            lines.append(f"    b{n} = vals[{n}]")
+            lines.append(f"    if type(b{n}) is not bytes: raise _Bad")
+        else:
+            ns[f"C{n}"] = c.encode
+            parts.append(f"C{n}(vals[{n}])")
+            continue
+        if c.plen == 0:
+            lines.append(f"    if len(b{n}) != {fd.max_len}: raise _Bad")
+            parts.append(f"b{n}")
+        else:
+            assert c.len_table is not None
+            prefixes = [b""] * (len(c.len_table))
+            for raw, count in c.len_table.items():
+                prefixes[count] = raw
+            ns[f"P{n}"] = tuple(prefixes)
+            parts.append(f"P{n}[len(b{n})]")
+            parts.append(f"b{n}")
+    lines.append("    return b''.join((" + ", ".join(parts) + ",))")
+    exec("\n".join(lines), ns)
+    return ns["encode"]  # type: ignore[no-any-return]
+
+
 def _bit_tables() -> tuple[tuple[tuple[int, ...], ...], ...]:
     return tuple(
         tuple(
             tuple(8 * pos + bit + 1 for bit in range(8) if byte & (0x80 >> bit))
             for byte in range(256)
         )
-        for pos in range(8)
+        for pos in range(24)
     )
 
 
 _BITS = _bit_tables()
-
-
-def _fields_of(bitmap: bytes, base: int) -> list[int]:
-    out: list[int] = []
-    for pos, byte in enumerate(bitmap):
-        if byte:
-            out.extend(base + n for n in _BITS[pos][byte])
-    return out
 
 
 def _key_of(k: str | int) -> str:
@@ -190,6 +250,14 @@ class Spec:
         self._encs = tuple(c.encode if c else None for c in codecs)
         self._decs = tuple(c.decode if c else None for c in codecs)
         self._plens = tuple(c.plen if c else 0 for c in codecs)
+        self._asc = tuple(
+            bool(c and c.fd.kind == "text" and c.fd.data_enc.lower() in ("ascii", "us-ascii"))
+            for c in codecs
+        )
+        self._steps = tuple(
+            (c.plen, c.len_table, c.read_len, c.fd.max_len, c.nibbles, c.fixed_size) if c else None
+            for c in codecs
+        )
         # header
         h = defs["h"]
         self._header: Codec | None = compile_field(-1, h) if h.max_len > 0 else None
@@ -226,10 +294,11 @@ class Spec:
                 self._bm1 = (width, bm_dec, bm_enc)
             else:
                 self._bm2 = (width, bm_dec, bm_enc)
+        self._bytetab: list[Any] = [None] * (24 * 256)
         self._layouts: dict[bytes, Layout | None] = {}
         self._layouts2: dict[bytes, Layout | None] = {}
         self._layouts3: dict[bytes, Layout] = {}
-        self._plans: dict[tuple[int, ...], tuple[bytes, tuple[Any, ...]]] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self._mtis: dict[bytes, str] = {}
         self._mti_bytes: dict[str, bytes] = {}
 
@@ -345,6 +414,7 @@ class Spec:
         m._keys = lay.fields
         m._redacted = _EMPTY
         m._clean = True
+        m._hdirty = False
         return m
 
     def _decode_mti(self, mb: bytes, p: int) -> str:
@@ -379,6 +449,7 @@ class Spec:
         return end, c.decode(data, c.plen, end)
 
     def _bitmap_at(self, data: bytes, p: int, which: int) -> bytes:
+        """The bitmap at ``p`` as 8 raw bytes (``which``: 1 primary, 2 secondary, 3 tertiary)."""
         width, dec, _ = self._bm1 if which == 1 else self._bm2
         raw = data[p : p + width]
         name = ("primary", "secondary", "tertiary")[which - 1]
@@ -396,25 +467,30 @@ class Spec:
         key1 = data[p : p + w1]
         bm = self._bitmap_at(data, p, 1)
         if not bm[0] & 0x80:
-            return self._cache(self._layouts, key1, _fields_of(bm, 0), w1)
+            return self._cache(self._layouts, key1, bm, w1)
         if key1 not in self._layouts:
             self._store(self._layouts, key1, _EXT)
         key2 = data[p : p + w1 + w2]
         lay = self._layouts2.get(key2)
         if lay is not None and not lay.ext:
             return lay
-        bm2 = self._bitmap_at(data, p + w1, 2)
-        fields = _fields_of(bm, 0) + _fields_of(bm2, 64)
-        if not bm2[0] & 0x80:
-            return self._cache(self._layouts2, key2, fields, w1 + w2)
+        bm += self._bitmap_at(data, p + w1, 2)
+        if not bm[8] & 0x80:
+            return self._cache(self._layouts2, key2, bm, w1 + w2)
         if key2 not in self._layouts2:
             self._store(self._layouts2, key2, _EXT)
         key3 = data[p : p + w1 + 2 * w2]
         lay3 = self._layouts3.get(key3)
         if lay3 is not None:
             return lay3
-        bm3 = self._bitmap_at(data, p + w1 + w2, 3)
-        return self._cache(self._layouts3, key3, fields + _fields_of(bm3, 128), w1 + 2 * w2)
+        bm += self._bitmap_at(data, p + w1 + w2, 3)
+        return self._cache(self._layouts3, key3, bm, w1 + 2 * w2)
+
+    def _byte_entry(self, pos: int, byte: int) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+        fields = tuple(n for n in _BITS[pos][byte] if n != 1 and n != 65)
+        entry = (fields, tuple(self._steps[n] for n in fields))
+        self._bytetab[pos * 256 + byte] = entry
+        return entry
 
     def _store(self, cache: dict[bytes, Any], key: bytes, value: Any) -> None:
         if len(cache) >= self._cache_size:
@@ -423,18 +499,18 @@ class Spec:
                 del cache[old]
         cache[key] = value
 
-    def _cache(self, cache: dict[bytes, Any], key: bytes, fields: list[int], width: int) -> Layout:
-        present = tuple(n for n in fields if n not in (1, 65))
-        codecs = self._codecs
-        steps = []
-        for n in present:
-            c = codecs[n]
-            if c is None:
-                raise DecodeError(
-                    n, 0, "field is present in the bitmap but not defined in the spec"
-                )
-            steps.append((c.plen, c.read_len, c.fd.max_len, c.nibbles, c.fixed_size))
-        lay = Layout(present, tuple(steps), width, self)
+    def _cache(self, cache: dict[bytes, Any], key: bytes, bm: bytes, width: int) -> Layout:
+        tab = self._bytetab
+        fields: list[int] = []
+        steps: list[Any] = []
+        base = 0
+        for byte in bm:
+            if byte:
+                entry = tab[base + byte] or self._byte_entry(base >> 8, byte)
+                fields += entry[0]
+                steps += entry[1]
+            base += 256
+        lay = Layout(tuple(fields), tuple(steps), width, self)
         self._store(cache, key, lay)
         return lay
 
@@ -446,7 +522,10 @@ class Spec:
         n = 0
         for n in lay.fields:
             c = codecs[n]
-            assert c is not None
+            if c is None:
+                raise DecodeError(
+                    n, p, "field is present in the bitmap but not defined in the spec"
+                )
             if c.plen:
                 if p + c.plen > end:
                     raise DecodeError(n, p, f"length prefix needs {c.plen} bytes, {end - p} left")
@@ -469,7 +548,7 @@ class Spec:
         return tuple(offs)
 
     # --- encoding --------------------------------------------------------------------------
-    def _plan(self, keys: tuple[int, ...]) -> tuple[bytes, tuple[Any, ...]]:
+    def _plan(self, keys: tuple[int, ...]) -> _Plan:
         """Bitmap bytes and per-field encoders for a set of fields (cached, bounded)."""
         plan = self._plans.get(keys)
         if plan is not None:
@@ -477,7 +556,7 @@ class Spec:
         encs = self._encs
         bits = 0
         for n in keys:
-            if not 2 <= n <= MAX_FIELD or n == 65 or encs[n] is None:
+            if type(n) is not int or not 2 <= n <= MAX_FIELD or n == 65 or encs[n] is None:
                 if n in (1, 65):
                     raise EncodeError(n, "bitmaps are derived from the fields present")
                 raise EncodeError(n, "field is not defined in the spec")
@@ -492,7 +571,7 @@ class Spec:
             bitmap += self._bm2[2](raw[8:16])
         if bits & (1 << (MAX_FIELD - 65)):
             bitmap += self._bm2[2](raw[16:24])
-        plan = (bitmap, tuple(encs[n] for n in keys))
+        plan = _Plan(keys, bitmap, tuple(encs[n] for n in keys))
         self._store(self._plans, keys, plan)  # type: ignore[arg-type]
         return plan
 
@@ -532,60 +611,91 @@ class Spec:
         keys = m._keys
         if keys is None:
             keys = m._sorted_keys()
-        bitmap, encs = self._plan(keys)
+        plan = self._plans.get(keys)
+        if plan is None:
+            plan = self._plan(keys)
         vals = m._vals if m._spec is None else m.fields()
-        out = [self._encode_mti(m._mti), bitmap]
+        head = self._mti_bytes.get(m._mti)
+        if head is None:
+            head = self._encode_mti(m._mti)
         if self._header is not None:
-            out.insert(0, self._encode_header(m))
-        try:
-            out += [enc(vals[n]) for n, enc in zip(keys, encs, strict=True)]
-        except EncodeError:
-            raise
-        except Exception as e:  # pragma: no cover - defensive
-            raise EncodeError(None, f"cannot encode: {type(e).__name__}") from None
+            head = self._encode_header(m) + head
+        fast = plan.fast
+        if fast is not None:
+            try:
+                return fast(vals, head)  # type: ignore[no-any-return]
+            except Exception:  # the careful path below reports the exact problem
+                pass
+        else:
+            plan.hits += 1
+            if plan.hits >= _GENERATE_AFTER:
+                plan.fast = _generate_encoder(plan, self._codecs)
+        out = [head, plan.bitmap]
+        out += [enc(vals[n]) for n, enc in zip(keys, plan.encs, strict=True)]
         return b"".join(out)
 
     def _encode_patch(self, m: Message) -> bytes:
         keys = m._keys
         if keys is None:
             keys = m._sorted_keys()
-        data = m._data
-        assert data is not None and m._lay is not None and m._offs is not None
         lay = m._lay
+        assert lay is not None
+        pk = (keys, m._dirty, m._hdirty)
+        items = lay.patches.get(pk)
+        if items is None:
+            items = self._patch_plan(lay, keys, m._dirty, m._hdirty)
+            if len(lay.patches) >= 64:
+                lay.patches.clear()
+            lay.patches[pk] = items
+        data = m._data
         offs = m._offs
-        index = lay.index
-        dirty = m._dirty
+        assert data is not None and offs is not None
         vals = m._vals
-        head = self._encode_header(m) + self._encode_mti(m._mti)
-        if keys == lay.fields:
-            out = [head, data[offs[0] - lay.width : offs[0]]]
-        else:
-            out = [head, self._plan(keys)[0]]
         encs = self._encs
-        run_start = -1
-        run_end = -1
+        out: list[bytes] = []
+        append = out.append
+        for item in items:
+            if type(item) is int:
+                if item >= 0:
+                    append(encs[item](vals[item]))  # type: ignore[misc]
+                elif item == -1:  # original header + MTI
+                    append(data[: offs[0] - lay.width])
+                elif item == -2:  # original bitmaps
+                    append(data[offs[0] - lay.width : offs[0]])
+                else:  # new header + MTI
+                    append(self._encode_header(m) + self._encode_mti(m._mti))
+            elif type(item) is tuple:
+                append(data[offs[item[0]] : offs[item[1]]])
+            else:
+                append(item)
+        return b"".join(out)
+
+    def _patch_plan(
+        self, lay: Layout, keys: tuple[int, ...], dirty: frozenset[int], hdirty: bool
+    ) -> tuple[Any, ...]:
+        items: list[Any] = [-3 if hdirty else -1]
+        items.append(-2 if keys == lay.fields else self._plan(keys).bitmap)
+        index = lay.index or dict(zip(lay.fields, range(len(lay.fields)), strict=True))
+        run: list[int] | None = None
         for n in keys:
-            if n in dirty:
-                if run_start >= 0:
-                    out.append(data[run_start:run_end])
-                    run_start = -1
-                enc = encs[n]
-                if enc is None:
+            if n in dirty or n not in index:
+                if self._encs[n] is None:
                     raise EncodeError(n, "field is not defined in the spec")
-                out.append(enc(vals[n]))
+                if run is not None:
+                    items.append(tuple(run))
+                    run = None
+                items.append(n)
             else:
                 i = index[n]
-                s = offs[i]
-                if run_start >= 0 and s == run_end:
-                    run_end = offs[i + 1]
+                if run is not None and run[1] == i:
+                    run[1] = i + 1
                 else:
-                    if run_start >= 0:
-                        out.append(data[run_start:run_end])
-                    run_start = s
-                    run_end = offs[i + 1]
-        if run_start >= 0:
-            out.append(data[run_start:run_end])
-        return b"".join(out)
+                    if run is not None:
+                        items.append(tuple(run))
+                    run = [i, i + 1]
+        if run is not None:
+            items.append(tuple(run))
+        return tuple(items)
 
     # --- validation ------------------------------------------------------------------------
     def validate(self, m: Message) -> list[Violation]:
