@@ -156,6 +156,10 @@ async def test_handler_errors_and_none() -> None:
             raise RuntimeError("boom")
         if request[11] == "000002":
             return None
+        if request[11] == "000004":
+            return request.reply().set(4, "1" * 13)  # too long: cannot be encoded
+        if request[11] == "000005":
+            return "0210"  # type: ignore[return-value]
         return request.reply().set(39, "00")
 
     async with Server(SPEC, handler) as server, Client(SPEC, port=server.port) as client:
@@ -164,6 +168,19 @@ async def test_handler_errors_and_none() -> None:
         with pytest.raises(TimeoutError):
             await client.request(make_request(2), timeout=0.1)
         assert (await client.request(make_request(3)))[39] == "00"
+        assert (await client.request(make_request(4)))[39] == "96"
+        assert (await client.request(make_request(5)))[39] == "96"
+
+
+async def test_validation_failure_gets_format_error() -> None:
+    async with (
+        Server(SPEC, reply_handler, validate=True) as server,
+        Client(SPEC, port=server.port) as client,
+    ):
+        assert (await client.request(make_request(1)))[39] == "00"
+        bad = make_request(2).set(4, "00000000250X")  # not numeric
+        response = await client.request(bad)
+        assert response[39] == "30" and response[11] == "000002"
 
 
 async def test_back_pressure_bounds_in_flight() -> None:

@@ -77,7 +77,6 @@ class FramedProtocol(asyncio.Protocol):
         if self.closed:
             return
         self._out.append(data)
-        self.last_activity = self._loop.time()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -90,6 +89,7 @@ class FramedProtocol(asyncio.Protocol):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.last_activity = self._loop.time()
         self.transport.write(data)
 
     async def drain(self) -> None:

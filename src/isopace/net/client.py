@@ -139,7 +139,10 @@ class _Connection(FramedProtocol):
                 return
             if frame is None:
                 return
-            self.frame_received(frame)
+            try:
+                self.frame_received(frame)
+            except Exception:  # a bug must not take the connection down
+                logger.exception("error processing a frame from %s", self.peer)
 
     def frame_received(self, frame: Frame) -> None:
         client = self.client
@@ -158,7 +161,7 @@ class _Connection(FramedProtocol):
         try:
             message = client.spec.decode(frame.payload)
             mti = message.mti
-        except Iso8583Error as exc:
+        except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
             logger.warning(
                 "unparseable frame of %d bytes from %s: %s; dropped",
                 len(frame.payload),
@@ -170,7 +173,7 @@ class _Connection(FramedProtocol):
         if is_response_mti(mti):
             try:
                 fut = self.matcher.match(message)
-            except Iso8583Error:
+            except Exception:  # a key field that does not decode: unmatched
                 fut = None
             if fut is not None:
                 if not fut.done():
@@ -188,7 +191,7 @@ class _Connection(FramedProtocol):
                 response = response.set(70, de70)
             payload = self.client.spec.encode(response)
             self.write(self.framing.encode_frame(payload, tpdu.reply() if tpdu else None))
-        except (Iso8583Error, FrameError) as exc:
+        except Exception as exc:
             logger.warning(
                 "cannot answer network message %r from %s: %s",
                 request,

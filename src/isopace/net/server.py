@@ -197,7 +197,10 @@ class _Connection(FramedProtocol):
             if frame is None:
                 self.resume()
                 return
-            self.frame_received(frame)
+            try:
+                self.frame_received(frame)
+            except Exception:  # a bug must not take the connection down
+                logger.exception("error processing a frame from %s", self.peer)
 
     def _fatal(self, exc: FrameError) -> None:
         extra = {"peer": self.peer, "error": str(exc)}
@@ -230,7 +233,7 @@ class _Connection(FramedProtocol):
         try:
             request = server.spec.decode(frame.payload)
             mti = request.mti
-        except Iso8583Error as exc:
+        except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
             self._undecodable(frame, exc)
             return
         if not is_request_mti(mti):
@@ -254,7 +257,7 @@ class _Connection(FramedProtocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _undecodable(self, frame: Frame, exc: Iso8583Error) -> None:
+    def _undecodable(self, frame: Frame, exc: Exception) -> None:
         mti = recover_mti(frame.payload)
         extra = {"peer": self.peer, "error": str(exc), "length": len(frame.payload), "mti": mti}
         if mti is not None and is_request_mti(mti):
@@ -311,6 +314,16 @@ class _Connection(FramedProtocol):
                 )
                 response = error_response(request, SYSTEM_MALFUNCTION)
             if response is not None:
+                if type(response) is not Message and not isinstance(response, Message):
+                    logger.error(
+                        "handler returned %s for %r from %s, not a Message; answering with "
+                        "DE 39 = 96",
+                        type(response).__name__,
+                        request,
+                        self.peer,
+                        extra={"peer": self.peer, "mti": request.mti},
+                    )
+                    response = error_response(request, SYSTEM_MALFUNCTION)
                 self._send(response, tpdu, request)
         finally:
             self.in_flight -= 1
@@ -334,7 +347,7 @@ class _Connection(FramedProtocol):
         try:
             self.write(self.framing.encode_frame(spec.encode(response), reply_tpdu))
             return
-        except (Iso8583Error, FrameError) as exc:
+        except Exception as exc:  # EncodeError, FrameError, a handler's wrong return type
             logger.error(
                 "response %r to %s cannot be sent: %s; answering with DE 39 = 96",
                 response,
@@ -348,7 +361,7 @@ class _Connection(FramedProtocol):
             try:
                 self.write(self.framing.encode_frame(spec.encode(fallback), reply_tpdu))
                 return
-            except (Iso8583Error, FrameError):
+            except Exception:
                 continue
 
     def stop(self) -> None:
