@@ -52,6 +52,7 @@ import queue
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -223,9 +224,33 @@ class Ledger(abc.ABC):
     async def seed(self, cards: Iterable[SeedCard]) -> list[SeedCard]:
         """Create the cards and accounts that do not exist yet; returns the ones created."""
 
-    @abc.abstractmethod
+    #: Seconds a card looked up stays cached in this process (0: no cache). A card blocked by
+    #: another process is seen within this time; one blocked through this ledger at once.
+    card_cache_ttl: float = 2.0
+    _card_cache: dict[str, tuple[float, Card | None]]
+
     async def card(self, pan: str) -> Card | None:
-        """The card with this PAN, or None."""
+        """The card with this PAN, or None (cached for `card_cache_ttl` seconds)."""
+        ref = self.pan_ref(pan)
+        if self.card_cache_ttl <= 0:
+            return await self._fetch_card(ref)
+        cache: dict[str, tuple[float, Card | None]] = self.__dict__.setdefault("_card_cache", {})
+        now = time.monotonic()
+        hit = cache.get(ref)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        card = await self._fetch_card(ref)
+        if len(cache) >= 100_000:
+            cache.clear()
+        cache[ref] = (now + self.card_cache_ttl, card)
+        return card
+
+    def _forget_card(self, pan: str) -> None:
+        self.__dict__.get("_card_cache", {}).pop(self.pan_ref(pan), None)
+
+    @abc.abstractmethod
+    async def _fetch_card(self, pan_ref: str) -> Card | None:
+        """The card with this keyed PAN hash, from the database."""
 
     @abc.abstractmethod
     async def set_card_status(self, pan: str, status: str) -> bool:
@@ -571,9 +596,7 @@ class SqliteLedger(Ledger):
 
         return await self._worker.call(op)
 
-    async def card(self, pan: str) -> Card | None:
-        ref = self.pan_ref(pan)
-
+    async def _fetch_card(self, ref: str) -> Card | None:
         def op(conn: sqlite3.Connection) -> Card | None:
             row = conn.execute(
                 "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = ?",
@@ -585,6 +608,7 @@ class SqliteLedger(Ledger):
 
     async def set_card_status(self, pan: str, status: str) -> bool:
         ref = self.pan_ref(pan)
+        self._forget_card(pan)
         return await self._worker.call(
             lambda conn: (
                 conn.execute(
@@ -979,14 +1003,14 @@ class PostgresLedger(Ledger):
                     created.append(c)
         return created
 
-    async def card(self, pan: str) -> Card | None:
+    async def _fetch_card(self, ref: str) -> Card | None:
         row = await self.pool.fetchrow(
-            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = $1",
-            self.pan_ref(pan),
+            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = $1", ref
         )
         return Card(*row) if row else None
 
     async def set_card_status(self, pan: str, status: str) -> bool:
+        self._forget_card(pan)
         result = await self.pool.execute(
             "UPDATE cards SET status = $1 WHERE pan_ref = $2", status, self.pan_ref(pan)
         )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -266,8 +267,12 @@ class BinRoute:
         return route(group, "respond")
 
 
+_codes = random.Random(secrets.randbits(64))
+
+
 def _approval_code() -> str:
-    return secrets.token_hex(3).upper()
+    """Six hex digits; not a secret (it is printed on receipts), so no CSPRNG per transaction."""
+    return f"{_codes.getrandbits(24):06X}"
 
 
 class Reserve:

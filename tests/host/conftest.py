@@ -1,0 +1,176 @@
+"""Helpers for the host's end-to-end tests: real ``isopace serve`` processes and CLI runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+PAN_OK = "4111111111111111"  # ACC-1001, 1,000.00
+PAN_MC = "5555555555554444"  # ACC-1002, 2,500.00
+PAN_LOW = "5105105105105100"  # ACC-1003, 10.00
+PAN_BLOCKED = "4012888888881881"  # ACC-1004, blocked
+PAN_BENCH = "4000056655665556"  # ACC-9000
+PAN_UNKNOWN_BIN = "6011111111111117"  # Discover: no route in the default BIN table
+PAN_UNKNOWN_CARD = "4242424242424242"  # routes to visa, not in the ledger
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m isopace ARGS`` and return the finished process (text output)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "isopace", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"isopace {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def cli_json(*args: str, timeout: float = 60) -> Any:
+    proc = cli(*args, "--json", timeout=timeout, check=True)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+class HostProcess:
+    """One ``isopace serve`` child process."""
+
+    def __init__(self, port: int, args: list[str], log: Path) -> None:
+        self.port = port
+        self.args = args
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> HostProcess:
+        self._fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "isopace", "serve", "--port", str(self.port), *self.args],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"isopace serve exited {self.proc.returncode}:\n{self.output}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"isopace serve did not open port {self.port}:\n{self.output}")
+
+    @property
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._fh.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """``spawn(*args, port=None)`` starts a host; every one is stopped at the end of the test."""
+    hosts: list[HostProcess] = []
+
+    def start(*args: str, port: int | None = None) -> HostProcess:
+        host = HostProcess(port or free_port(), list(args), tmp_path / f"serve-{len(hosts)}.log")
+        hosts.append(host)
+        return host.start()
+
+    yield start
+    for host in hosts:
+        host.stop()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "data" / "host.db")
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A unique PostgreSQL schema, dropped afterwards."""
+    schema = f"t_host_{uuid.uuid4().hex[:10]}"
+    yield schema
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    prefix = f"t-host-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key in client.scan_iter(match=prefix + "*"):
+            client.delete(key)
+    finally:
+        client.close()

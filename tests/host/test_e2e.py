@@ -1,0 +1,262 @@
+"""End-to-end: a real ``isopace serve`` process (SQLite), driven by ``isopace send`` and the client.
+
+Inputs tried: approvals (0100, 0200), insufficient funds, a blocked card, a PAN no BIN routes, a
+card not in the ledger, a request missing DE 41, a PAN failing Luhn, an unsupported MTI, a frame
+whose fields are cut short (garbage after the bitmap), echo 0800, retransmissions (sequential and
+concurrent on two connections), reversals of a purchase and of an authorization, a repeated
+reversal, a second reversal of the same original, a reversal of an unknown transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from isopace.iso8583 import ISO87_ASCII, Message
+from isopace.net import Client
+
+from .conftest import (
+    PAN_BLOCKED,
+    PAN_LOW,
+    PAN_MC,
+    PAN_OK,
+    PAN_UNKNOWN_BIN,
+    PAN_UNKNOWN_CARD,
+    HostProcess,
+    cli,
+    cli_json,
+    free_port,
+)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostProcess, str, int]]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    db = str(tmp / "data" / "host.db")
+    metrics = free_port()
+    proc = HostProcess(
+        free_port(), ["--db", db, "--metrics-port", str(metrics)], tmp / "serve.log"
+    ).start()
+    yield proc, db, metrics
+    assert proc.stop() == 0, proc.output
+
+
+def send(port: int, *args: str) -> dict[str, str]:
+    out = cli_json("send", "--port", str(port), *args)
+    response: dict[str, str] = out["response"]
+    return response
+
+
+def accounts(db: str) -> dict[str, dict[str, Any]]:
+    data = cli_json("ledger", "--db", db)
+    assert data["ok"], data["problems"]
+    return {a["id"]: a for a in data["accounts"]}
+
+
+def purchase(pan: str, amount: int, stan: int, *, mti: str = "0200", tx_time: str = "1129101010",
+             terminal: str = "TERME2E1") -> Message:  # fmt: skip
+    return Message(
+        mti,
+        {
+            2: pan,
+            3: "000000",
+            4: f"{amount:012d}",
+            7: tx_time,
+            11: f"{stan:06d}",
+            37: f"{stan:012d}",
+            41: terminal,
+            49: "840",
+        },
+    )
+
+
+async def request_all(port: int, messages: list[Message]) -> list[Message]:
+    async with Client(ISO87_ASCII, port=port) as client:
+        return list(await asyncio.gather(*(client.request(m, timeout=10) for m in messages)))
+
+
+def test_approve_with_send_debits_the_account(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    before = accounts(db)["ACC-1001"]["balance"]
+    response = send(proc.port, "--pan", PAN_OK, "--amount", "25.00")
+    assert response["mti"] == "0210"
+    assert response["39"] == "00"
+    assert len(response["38"]) == 6
+    assert response["2"] == "411111******1111"  # masked in the output
+    assert accounts(db)["ACC-1001"]["balance"] == before - 2500
+
+
+def test_declines(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    before = accounts(db)
+    assert send(proc.port, "--pan", PAN_LOW, "--amount", "25.00")["39"] == "51"
+    assert send(proc.port, "--pan", PAN_BLOCKED, "--amount", "1.00")["39"] == "05"
+    assert send(proc.port, "--pan", PAN_UNKNOWN_BIN, "--amount", "1.00")["39"] == "14"
+    assert send(proc.port, "--pan", PAN_UNKNOWN_CARD, "--amount", "1.00")["39"] == "14"
+    after = accounts(db)
+    assert after == before  # nothing held, nothing posted
+
+
+def test_malformed_requests_get_30(host: tuple[HostProcess, str, int]) -> None:
+    proc, _, _ = host
+    missing = send(proc.port, "--pan", PAN_OK, "--amount", "1.00", "--field", "41=")
+    assert missing["39"] == "30"
+    bad_luhn = send(proc.port, "--pan", "4111111111111112", "--amount", "1.00")
+    assert bad_luhn["39"] == "30"
+    unsupported = send(proc.port, "--mti", "0300", "--pan", PAN_OK, "--amount", "1.00")
+    assert unsupported["39"] == "30"
+    # A frame whose bitmap announces DE 2 but whose data stops after a bad length prefix.
+    payload = b"0200" + b"4000000000000000" + b"9X"
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
+        sock.sendall(struct.pack(">H", len(payload)) + payload)
+        header = sock.recv(2)
+        (length,) = struct.unpack(">H", header)
+        data = b""
+        while len(data) < length:
+            data += sock.recv(length - len(data))
+    reply = ISO87_ASCII.decode(data)
+    assert reply.mti == "0210"
+    assert reply[39] == "30"
+
+
+def test_echo_0800(host: tuple[HostProcess, str, int]) -> None:
+    proc, _, _ = host
+    response = send(proc.port, "--mti", "0800", "--network-code", "301")
+    assert response["mti"] == "0810"
+    assert response["39"] == "00"
+    assert response["70"] == "301"
+
+
+def test_retransmission_is_replayed_and_debited_once(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    before = accounts(db)["ACC-1002"]["balance"]
+    args = ["--pan", PAN_MC, "--amount", "10.00", "--stan", "424242", "--time", "1129111111"]
+    first = send(proc.port, *args)
+    second = send(proc.port, *args)
+    assert first["39"] == second["39"] == "00"
+    assert first["38"] == second["38"]  # the same approval, replayed
+    assert accounts(db)["ACC-1002"]["balance"] == before - 1000
+
+    # Concurrent duplicates on two connections, ten distinct requests: each applied once.
+    messages = [purchase(PAN_MC, 100, 500 + i, tx_time="1129121212") for i in range(10)]
+
+    async def both() -> tuple[list[Message], list[Message]]:
+        a, b = await asyncio.gather(
+            request_all(proc.port, messages), request_all(proc.port, messages)
+        )
+        return a, b
+
+    a, b = asyncio.run(both())
+    assert [m[39] for m in a] == ["00"] * 10
+    assert [m[38] for m in a] == [m[38] for m in b]
+    assert accounts(db)["ACC-1002"]["balance"] == before - 1000 - 10 * 100
+
+
+def test_reversal_refunds_a_purchase_once(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    before = accounts(db)["ACC-1001"]["balance"]
+    original = ["--stan", "777001", "--time", "1129131313", "--terminal", "TERMREV1"]
+    assert send(proc.port, "--pan", PAN_OK, "--amount", "40.00", *original)["39"] == "00"
+    assert accounts(db)["ACC-1001"]["balance"] == before - 4000
+    reversal = [
+        "--mti", "0400", "--pan", PAN_OK, "--amount", "40.00", "--terminal", "TERMREV1",
+        "--stan", "777002", "--time", "1129131320",
+        "--original-stan", "777001", "--original-time", "1129131313",
+    ]  # fmt: skip
+    response = send(proc.port, *reversal)
+    assert response["mti"] == "0410"
+    assert response["39"] == "00"
+    assert accounts(db)["ACC-1001"]["balance"] == before
+    # The same reversal retransmitted: replayed, not applied twice.
+    assert send(proc.port, *reversal)["39"] == "00"
+    # A new reversal (new STAN) of the same original: answered, changes nothing.
+    again = [*reversal[:-6], "--stan", "777003", *reversal[-4:]]
+    assert send(proc.port, *again)["39"] == "00"
+    assert accounts(db)["ACC-1001"]["balance"] == before
+
+
+def test_reversal_releases_an_authorization(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    before = accounts(db)["ACC-1001"]
+    auth = ["--mti", "0100", "--pan", PAN_OK, "--amount", "30.00", "--terminal", "TERMREV2",
+            "--stan", "888001", "--time", "1129141414"]  # fmt: skip
+    assert send(proc.port, *auth)["39"] == "00"
+    held = accounts(db)["ACC-1001"]
+    assert held["held"] == before["held"] + 3000
+    assert held["balance"] == before["balance"]
+    reversal = ["--mti", "0400", "--pan", PAN_OK, "--amount", "30.00", "--terminal", "TERMREV2",
+                "--stan", "888002", "--original-stan", "888001", "--original-time", "1129141414",
+                "--original-mti", "0100"]  # fmt: skip
+    assert send(proc.port, *reversal)["39"] == "00"
+    assert accounts(db)["ACC-1001"] == before
+
+
+def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, str, int]) -> None:
+    proc, _, _ = host
+    response = send(
+        proc.port, "--mti", "0400", "--pan", PAN_OK, "--amount", "1.00",
+        "--original-stan", "999999", "--original-time", "0101000000",
+    )  # fmt: skip
+    assert response["39"] == "25"
+
+
+def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, metrics = host
+    send(proc.port, "--pan", PAN_OK, "--amount", "1.00")
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert 'isopace_transactions_total{outcome="committed",code="00"}' in text
+    assert 'isopace_transactions_total{outcome="aborted",code="51"}' in text or "code=" in text
+    assert 'isopace_stage_seconds_bucket{stage="reserve",phase="prepare",le="+Inf"}' in text
+    assert "isopace_in_flight 0" in text
+
+    counts = cli_json("journal", "--db", db, "--counts")
+    assert counts["COMMITTED"] > 0
+    assert counts["IN_DOUBT"] == 0
+
+    encoded = ISO87_ASCII.encode(purchase(PAN_OK, 2500, 1))
+    described = cli("describe", encoded.hex(), check=True).stdout
+    assert "411111******1111" in described
+    assert PAN_OK not in described
+    masked = json.loads(cli("describe", encoded.hex(), "--json", check=True).stdout)
+    assert masked["2"] == "411111******1111"
+
+    ledger = cli("ledger", "--db", db, check=True).stdout
+    assert "ledger balances" in ledger
+
+
+def test_log_lines_are_masked(host: tuple[HostProcess, str, int]) -> None:
+    proc, _, _ = host
+    send(proc.port, "--pan", PAN_OK, "--amount", "2.00")
+    log = proc.output
+    assert "pan=411111******1111" in log
+    assert PAN_OK not in log
+    assert "reserve/prepare=" in log  # the profile
+
+
+def test_config_file_and_velocity_limits(tmp_path: Path) -> None:
+    config = tmp_path / "host.toml"
+    config.write_text(
+        f'db = "{tmp_path / "v.db"}"\nvelocity_max_count = 2\nvelocity_max_amount = 300000\n'
+        'bins = { "4" = "visa", "55" = "mastercard" }\n'
+    )
+    proc = HostProcess(free_port(), ["--config", str(config)], tmp_path / "v.log").start()
+    try:
+        assert send(proc.port, "--pan", PAN_OK, "--amount", "1.00")["39"] == "00"
+        assert send(proc.port, "--pan", PAN_OK, "--amount", "1.00")["39"] == "00"
+        assert send(proc.port, "--pan", PAN_OK, "--amount", "1.00")["39"] == "65"
+        assert send(proc.port, "--pan", PAN_MC, "--amount", "2000.00")["39"] == "00"
+        assert send(proc.port, "--pan", PAN_MC, "--amount", "1001.00")["39"] == "61"
+        # 51xx is no longer routed: only 55 goes to mastercard in this table.
+        assert send(proc.port, "--pan", PAN_LOW, "--amount", "1.00")["39"] == "14"
+    finally:
+        assert proc.stop() == 0
