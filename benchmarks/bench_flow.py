@@ -23,7 +23,7 @@ from typing import Any
 from isopace.flow import Exchange, Flow, MemoryJournal, MemoryStore
 
 STAGES = 5
-REPEAT = 7
+REPEAT = 25
 
 
 class SyncStage:
@@ -70,16 +70,17 @@ def direct_async(stages: list[AsyncStage]) -> Callable[[Exchange], Awaitable[Non
     return run
 
 
-async def per_txn(run: Callable[[Exchange], Awaitable[Any]], loops: int) -> float:
-    """Best seconds per transaction of ``await run(Exchange(...))`` in a sequential loop."""
-    best = float("inf")
+async def per_txn(*runs: Callable[[Exchange], Awaitable[Any]], loops: int) -> list[float]:
+    """Best seconds per transaction of ``await run(Exchange(...))`` in a sequential loop, for
+    each of ``runs``; the runs take turns in each repeat so that noise hits them alike."""
+    best = [float("inf")] * len(runs)
     request = "0200"
     for _ in range(REPEAT):
-        t0 = time.perf_counter()
-        for i in range(loops):
-            await run(Exchange("t", request))
-        best = min(best, (time.perf_counter() - t0) / loops)
-        del i
+        for n, run in enumerate(runs):
+            t0 = time.perf_counter()
+            for _ in range(loops):
+                await run(Exchange("t", request))
+            best[n] = min(best[n], (time.perf_counter() - t0) / loops)
     return best
 
 
@@ -102,20 +103,17 @@ def fmt(seconds: float) -> str:
 
 async def overhead() -> list[tuple[str, float, float]]:
     rows = []
-    loops = 20_000
+    loops = 5_000
     for variant, make, direct in (
         ("sync", SyncStage, direct_sync),
         ("async", AsyncStage, direct_async),
     ):
         stages: list[Any] = [make(f"s{i}") for i in range(STAGES)]
-        base = await per_txn(direct(stages), loops)
         plain = Flow().group("main", *stages)
-        rows.append((f"{variant} stages, no journal/profiler", base, await per_txn(plain.run, loops)))
-        journal = MemoryJournal(max_entries=1000)
-        full = Flow(journal=journal, profiler=True).group("main", *stages)
-        rows.append(
-            (f"{variant} stages, MemoryJournal+profiler", base, await per_txn(full.run, loops))
-        )
+        full = Flow(journal=MemoryJournal(max_entries=1000), profiler=True).group("main", *stages)
+        base, plain_t, full_t = await per_txn(direct(stages), plain.run, full.run, loops=loops)
+        rows.append((f"{variant} stages, no journal/profiler", base, plain_t))
+        rows.append((f"{variant} stages, MemoryJournal+profiler", base, full_t))
     return rows
 
 

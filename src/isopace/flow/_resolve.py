@@ -54,7 +54,7 @@ class Plan:
 
     def __init__(self, stages: tuple[ResolvedStage, ...]) -> None:
         self.stages = stages
-        self.steps = tuple((rs, rs.prepare, rs.prepare_async) for rs in stages)
+        self.steps = tuple((i, rs.prepare, rs.prepare_async) for i, rs in enumerate(stages))
         self.commits = tuple(
             (rs, rs.commit, rs.commit_async) for rs in stages if rs.commit is not None
         )

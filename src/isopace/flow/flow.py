@@ -41,6 +41,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Coroutine, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from isopace.flow._resolve import Plan, ResolvedStage
@@ -192,36 +193,51 @@ class Flow:
         if plan is None:
             plan = self._resolve_entry()
         if timeout is not None or not self._entry_fits:
-            return await self._run_configured(ex, plan, timeout)
+            deadline = None
+            if timeout is not None:
+                deadline = asyncio.get_running_loop().time() + timeout
+                ex.deadline = deadline
+            if self._listener is not None:
+                return await self._run_listened(ex, plan, deadline)
+            if self._store is not None:
+                return await self._run_idempotent(ex, plan, deadline)
+            return await self._run(ex, plan, deadline)
         # The fast path: no journal, idempotency, profiler, listener nor deadline. It handles
-        # the stages that vote CONTINUE inline and hands any other vote to _prepare().
-        joined: list[ResolvedStage] = []
-        ex._joined = joined
+        # stages voting CONTINUE inline and hands any other vote over to _prepare(). While
+        # every stage so far joined, the joined stages are the plan's first ones: the list is
+        # only built when the pass leaves that track.
+        stages = plan.stages
+        joined: Sequence[ResolvedStage] | None = None
         commit = True
+        index = 0
         try:
-            for rs, prepare, prepare_async in plan.steps:
+            for index, prepare, prepare_async in plan.steps:
                 try:
                     result = prepare(ex)
                     if prepare_async:
                         result = await result
                 except Exception as exc:
+                    joined = ex._joined = list(stages[:index])
                     commit = self._fail(ex, exc)
                     break
-                if result is None or result is CONTINUE:
-                    joined.append(rs)
-                    if ex.aborted:
-                        commit = self._fail_aborted(ex)
-                        break
-                else:
-                    work = list(plan.stages)
-                    commit = await self._prepare(ex, work, len(joined), result, joined, None)
+                if result is not None and result is not CONTINUE:
+                    joined = ex._joined = list(stages[:index])
+                    commit = await self._prepare(ex, list(stages), index, result, joined, None)
                     break
+                if ex.aborted:
+                    joined = ex._joined = list(stages[: index + 1])
+                    commit = self._fail_aborted(ex)
+                    break
+            else:
+                joined = ex._joined = stages
         except asyncio.CancelledError as exc:
+            if joined is None:
+                joined = ex._joined = list(stages[:index])
             await self._cancelled(ex, joined, exc)
             raise
         if not commit:
             return await self._abort(ex, joined)
-        steps = plan.commits if len(joined) == len(plan.stages) else _commit_steps(joined)
+        steps = plan.commits if joined is stages else _commit_steps(joined)
         errors: list[Exception] | None = None
         for rs, commit_fn, commit_async in steps:
             try:
@@ -236,17 +252,6 @@ class Flow:
         if errors:
             ex._error = _commit_group(errors)
         return _COMMITTED
-
-    async def _run_configured(self, ex: Exchange, plan: Plan, timeout: float | None) -> Outcome:
-        deadline = None
-        if timeout is not None:
-            deadline = asyncio.get_running_loop().time() + timeout
-            ex.deadline = deadline
-        if self._listener is not None:
-            return await self._run_listened(ex, plan, deadline)
-        if self._store is not None:
-            return await self._run_idempotent(ex, plan, deadline)
-        return await self._run(ex, plan, deadline)
 
     async def _run_listened(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
         listener = self._listener
@@ -346,7 +351,12 @@ class Flow:
         ex._joined = joined
         try:
             if journal is not None:
-                await self._record(ex, BEGIN_EVENT)
+                try:
+                    await journal.record(ex, BEGIN_EVENT)
+                except Exception as exc:
+                    self._journal_failed(ex, BEGIN_EVENT, exc)
+            if self._profiler:
+                ex._timings = []
             work = list(plan.stages)
             if deadline is None:
                 commit = await self._prepare(ex, work, 0, None, joined, None)
@@ -359,7 +369,10 @@ class Flow:
                 except TimeoutError:
                     commit = self._fail(ex, _deadline_error(ex))
             if commit and journal is not None:
-                await self._record(ex, COMMITTING_EVENT)
+                try:
+                    await journal.record(ex, COMMITTING_EVENT)
+                except Exception as exc:
+                    self._journal_failed(ex, COMMITTING_EVENT, exc)
         except asyncio.CancelledError as exc:
             await self._cancelled(ex, joined, exc)
             raise
@@ -368,9 +381,11 @@ class Flow:
         await self._commit(ex, _commit_steps(joined))
         if journal is not None:
             error = ex._error
-            await self._record(
-                ex, COMMITTED_EVENT if error is None else Event(EventKind.COMMITTED, error)
-            )
+            event = COMMITTED_EVENT if error is None else Event(EventKind.COMMITTED, error)
+            try:
+                await journal.record(ex, event)
+            except Exception as exc:
+                self._journal_failed(ex, event, exc)
         return _COMMITTED
 
     # -- the prepare pass -----------------------------------------------------------------------
@@ -392,12 +407,12 @@ class Flow:
         if overflow:
             del work[max_stages:]
         timed = self._timed
+        timings = ex._timings
+        listener = self._listener
         now = asyncio.get_running_loop().time if deadline is not None else None
-        index = start
-        while index < len(work):
-            rs = work[index]
-            index += 1
-            result: Any
+        result: Any
+        # A list iterator sees the stages that routing appends while it runs.
+        for rs in islice(work, start, None):
             if pending is None:
                 if now is not None and now() >= deadline:  # type: ignore[operator]
                     return self._fail(ex, _deadline_error(ex))
@@ -417,7 +432,11 @@ class Flow:
                         self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
                     raise
                 if timed:
-                    self._observe(ex, rs.name, _PREPARE, _clock() - began, None)
+                    elapsed = _clock() - began
+                    if timings is not None:
+                        timings.append((rs.name, _PREPARE, elapsed))
+                    if listener is not None:
+                        self._notify(rs.name, _PREPARE, elapsed, None)
             else:
                 result, pending = pending, None
                 if result.__class__ is not Result:
@@ -473,6 +492,8 @@ class Flow:
     async def _commit(self, ex: Exchange, steps: Sequence[CommitStep]) -> None:
         """Commit ``steps`` in order; failures are gathered on ``ex.error``."""
         timed = self._timed
+        timings = ex._timings
+        listener = self._listener
         errors: list[Exception] | None = None
         for rs, commit_fn, commit_async in steps:
             began = _clock() if timed else 0.0
@@ -491,7 +512,11 @@ class Flow:
                 await self._commit_interrupted(ex, steps, rs, errors)
                 raise
             if timed:
-                self._observe(ex, rs.name, _COMMIT, _clock() - began, None)
+                elapsed = _clock() - began
+                if timings is not None:
+                    timings.append((rs.name, _COMMIT, elapsed))
+                if listener is not None:
+                    self._notify(rs.name, _COMMIT, elapsed, None)
         if errors:
             ex._error = _commit_group(errors)
 
@@ -538,7 +563,7 @@ class Flow:
 
     # -- the abort pass -------------------------------------------------------------------------
 
-    async def _abort(self, ex: Exchange, joined: list[ResolvedStage]) -> Outcome:
+    async def _abort(self, ex: Exchange, joined: Sequence[ResolvedStage]) -> Outcome:
         """Roll back; shielded from cancellation whenever there is anything to await."""
         if self._journal is not None or any(rs.abort_async for rs in joined):
             if await _shielded(self._abort_pass(ex, joined)):
@@ -548,13 +573,13 @@ class Flow:
         return _ABORTED
 
     async def _cancelled(
-        self, ex: Exchange, joined: list[ResolvedStage], exc: asyncio.CancelledError
+        self, ex: Exchange, joined: Sequence[ResolvedStage], exc: asyncio.CancelledError
     ) -> None:
         ex.aborted = True
         ex._error = exc
         await _shielded(self._abort_pass(ex, joined))
 
-    async def _abort_pass(self, ex: Exchange, joined: list[ResolvedStage]) -> None:
+    async def _abort_pass(self, ex: Exchange, joined: Sequence[ResolvedStage]) -> None:
         """Abort the joined stages in reverse order, then journal ``ABORTED``."""
         timed = self._timed
         for rs in reversed(joined):
@@ -590,14 +615,14 @@ class Flow:
             if timings is None:
                 timings = ex._timings = []
             timings.append((name, phase, seconds))
-        listener = self._listener
-        if listener is not None:
-            try:
-                listener.stage_finished(name, phase, seconds, error)
-            except Exception:
-                self._log.exception(
-                    "flow listener failed", extra={"stage": name, "phase": phase.value}
-                )
+        if self._listener is not None:
+            self._notify(name, phase, seconds, error)
+
+    def _notify(self, name: str, phase: Phase, seconds: float, error: BaseException | None) -> None:
+        try:
+            self._listener.stage_finished(name, phase, seconds, error)  # type: ignore[union-attr]
+        except Exception:
+            self._log.exception("flow listener failed", extra={"stage": name, "phase": phase.value})
 
     async def _record(self, ex: Exchange, event: Event) -> None:
         journal = self._journal
@@ -605,15 +630,18 @@ class Flow:
         try:
             await journal.record(ex, event)
         except Exception as exc:
-            self._log.error(
-                "flow: journal failed to record %s: %s",
-                event.kind.value,
-                mask_text(f"{type(exc).__name__}: {exc}"),
-                extra={"exchange_id": ex.id, "flow_event": event.kind.value},
-            )
+            self._journal_failed(ex, event, exc)
+
+    def _journal_failed(self, ex: Exchange, event: Event, exc: Exception) -> None:
+        self._log.error(
+            "flow: journal failed to record %s: %s",
+            event.kind.value,
+            mask_text(f"{type(exc).__name__}: {exc}"),
+            extra={"exchange_id": ex.id, "flow_event": event.kind.value},
+        )
 
 
-def _commit_steps(joined: list[ResolvedStage]) -> list[CommitStep]:
+def _commit_steps(joined: Sequence[ResolvedStage]) -> list[CommitStep]:
     return [(rs, rs.commit, rs.commit_async) for rs in joined if rs.commit is not None]
 
 

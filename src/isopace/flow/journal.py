@@ -69,18 +69,18 @@ class MemoryJournal:
     def __init__(self, max_entries: int | None = None) -> None:
         if max_entries is not None and max_entries < 1:
             raise ValueError("flow: MemoryJournal max_entries must be at least 1")
-        self._entries: deque[JournalEntry] = deque(maxlen=max_entries)
+        self._entries: deque[tuple[str, Event]] = deque(maxlen=max_entries)
 
     async def record(self, ex: Exchange, event: Event) -> None:
-        self._entries.append(JournalEntry(ex.id, event))
+        self._entries.append((ex.id, event))
 
     def entries(self) -> list[JournalEntry]:
         """A snapshot of the entries, oldest first."""
-        return list(self._entries)
+        return [JournalEntry(id, event) for id, event in self._entries]
 
     def kinds(self, id: str) -> list[EventKind]:
         """The kinds of the events recorded for exchange ``id``, in order."""
-        return [e.event.kind for e in self._entries if e.id == id]
+        return [event.kind for entry_id, event in self._entries if entry_id == id]
 
     def clear(self) -> None:
         self._entries.clear()
