@@ -28,7 +28,7 @@ C = TypeVar("C")
 
 log = logging.getLogger("isopace.store")
 
-_Item = tuple[T, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+_Item = tuple[T, "asyncio.AbstractEventLoop | None", "asyncio.Future[None] | None"]
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -77,6 +77,22 @@ class GroupWriter(Generic[T, C]):
         self._queue.put((row, loop, fut))
         return fut
 
+    def barrier(self) -> asyncio.Future[None]:
+        """A future settled once everything queued before it has been written."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if self._closed:
+            fut.set_result(None)
+        else:
+            self._queue.put((None, loop, fut))  # type: ignore[arg-type]
+        return fut
+
+    def submit_nowait(self, row: T) -> None:
+        """Queue ``row`` without waiting for it: written with the next batch, failures logged."""
+        if self._closed:
+            raise JournalError("journal is closed")
+        self._queue.put((row, None, None))
+
     def close(self) -> None:
         """Write what is queued, then stop the thread (blocking)."""
         if not self._closed:
@@ -117,9 +133,11 @@ class GroupWriter(Generic[T, C]):
         try:
             if self._conn is None:
                 self._conn = self._connect()
-            self._apply(self._conn, [row for row, _, _ in batch])
-            self.batches += 1
-            self.rows += len(batch)
+            rows = [row for row, _, _ in batch if row is not None]  # None: a barrier
+            if rows:
+                self._apply(self._conn, rows)
+                self.batches += 1
+                self.rows += len(rows)
         except Exception as exc:
             error = JournalError(self._describe(exc))
             error.__cause__ = exc
@@ -135,7 +153,8 @@ class GroupWriter(Generic[T, C]):
                     self._disconnect(conn)
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for _, loop, fut in batch:
-            by_loop.setdefault(loop, []).append(fut)
+            if loop is not None and fut is not None:
+                by_loop.setdefault(loop, []).append(fut)
         for loop, futures in by_loop.items():
             # RuntimeError: the loop is closed, nobody is waiting any more
             with contextlib.suppress(RuntimeError):

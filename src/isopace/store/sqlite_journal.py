@@ -7,7 +7,12 @@ an ``inflight`` table of transactions that began and have not finished, in the s
 transaction, so finding what is in doubt never scans the whole journal.
 
 Durability: WAL mode with ``synchronous=FULL`` (the WAL is fsynced at every commit). ``record``
-returns only once its row is durable. Writes go through one writer thread
+of BEGIN and COMMITTING returns only once the row is durable: BEGIN precedes every reservation and
+COMMITTING is the commit decision. ``record`` of COMMITTED / ABORTED / IDEMPOTENT_HIT queues the
+row for the next batch and returns without waiting for its fsync (unless ``wait_final=True``):
+losing one in a crash changes nothing, because recovery finds the transaction in doubt and ends it
+the same way (COMMITTING journalled -> commit, else abort) through idempotent recover hooks. This
+saves one fsync wait per transaction; a failed write is logged. Writes go through one writer thread
 (:class:`isopace.store._writer.GroupWriter`): every event queued while a batch is being written
 goes into the next batch, one transaction and one fsync for all of them (group commit).
 ``group_commit=False`` writes one transaction (one fsync) per event instead.
@@ -26,6 +31,7 @@ Several processes may share one file (SQLite serialises the writers); each journ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -135,6 +141,9 @@ _COMMITTING = """INSERT INTO inflight (tx_id, state, node, began_us, updated_us,
     ON CONFLICT (tx_id) DO UPDATE SET state = 'committing', updated_us = excluded.updated_us,
     joined = excluded.joined, durable = excluded.durable, response = excluded.response"""
 _FINISH = "DELETE FROM inflight WHERE tx_id = ?"
+_FINAL = frozenset({"COMMITTED", "ABORTED"})
+#: Records whose durability ``record`` need not wait for (see ``wait_final``).
+_NO_WAIT = frozenset({"COMMITTED", "ABORTED", "IDEMPOTENT_HIT"})
 
 _COLUMNS = """seq, tx_id, kind, at_us, node, joined, durable, request, response, pan_masked,
     pan_hmac, error"""
@@ -229,17 +238,29 @@ def _apply(conn: sqlite3.Connection, rows: list[Row]) -> None:
                 for r in rows
             ],
         )
-        for r in rows:
-            if r.kind == "BEGIN":
-                us = r.at_us
-                conn.execute(_BEGIN, (r.tx_id, r.node, us, us, r.joined, r.durable, r.request))
-            elif r.kind == "COMMITTING":
-                us = r.at_us
-                conn.execute(
-                    _COMMITTING, (r.tx_id, r.node, us, us, r.joined, r.durable, r.response)
-                )
-            elif r.kind in ("COMMITTED", "ABORTED"):
-                conn.execute(_FINISH, (r.tx_id,))
+        # one event per transaction per batch (a run awaits each durable record before the
+        # next), so the inflight changes can be grouped by kind
+        begin = [r for r in rows if r.kind == "BEGIN"]
+        if begin:
+            conn.executemany(
+                _BEGIN,
+                [
+                    (r.tx_id, r.node, r.at_us, r.at_us, r.joined, r.durable, r.request)
+                    for r in begin
+                ],
+            )
+        committing = [r for r in rows if r.kind == "COMMITTING"]
+        if committing:
+            conn.executemany(
+                _COMMITTING,
+                [
+                    (r.tx_id, r.node, r.at_us, r.at_us, r.joined, r.durable, r.response)
+                    for r in committing
+                ],
+            )
+        finished = [(r.tx_id,) for r in rows if r.kind in _FINAL]
+        if finished:
+            conn.executemany(_FINISH, finished)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -292,6 +313,7 @@ class SqliteJournal:
         synchronous: str = "FULL",
         timeout: float = 10.0,
         pragmas: Mapping[str, str | int] | None = None,
+        wait_final: bool = False,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -301,6 +323,7 @@ class SqliteJournal:
         self._sync = synchronous.upper()
         self._timeout = timeout
         self._pragmas = dict(pragmas or {})
+        self._wait_final = wait_final
         try:
             conn = _connect(self.path, synchronous=self._sync, timeout=timeout)
             try:
@@ -327,6 +350,9 @@ class SqliteJournal:
     async def record(self, ex: Exchange, event: Event) -> None:
         """Journal ``event`` of ``ex``; returns once the row is durable (raises JournalError)."""
         row = build_row(ex, event, self._protector, self.node)
+        if not self._wait_final and row.kind in _NO_WAIT:
+            self._writer.submit_nowait(row)
+            return
         await self._writer.submit(row)
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -366,7 +392,13 @@ class SqliteJournal:
             except sqlite3.Error as exc:
                 raise StoreError(f"journal {self.path}: query failed: {exc}") from exc
 
+    async def flush(self) -> None:
+        """Wait until every record queued so far is written (queries do this first)."""
+        with contextlib.suppress(JournalError):
+            await self._writer.barrier()
+
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        await self.flush()
         return await asyncio.to_thread(self._query, sql, params)
 
     async def by_id(self, tx_id: str) -> list[JournalRecord]:
