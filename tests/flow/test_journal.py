@@ -152,3 +152,22 @@ async def test_logging_journal_quiet_when_disabled(caplog: pytest.LogCaptureFixt
     flow = Flow(journal=LoggingJournal(logger)).group("main", func_stage("p", lambda ex: None))
     await flow.run(Exchange("t", "r"))
     assert not [r for r in caplog.records if r.name == "test.flow.quiet"]
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("4761739001010010", "476173******0010"),
+        ("PAN 4761 7390 0101 0010 declined", "PAN 4761 73** **** 0010 declined"),
+        ("card 4761-7390-0101-0010", "card 4761-73**-****-0010"),
+        ("5413330089010012345", "541333*********2345"),  # 19 digits
+        ("stan 000001 amount 000000002500", "stan 000001 amount 000000002500"),
+        ("123456789012", "123456789012"),  # 12 digits: too short for a card number
+        ("12345678901234567890123", "12345678901234567890123"),  # 23: not a card number
+        ("", ""),
+    ],
+)
+def test_mask_text(text: str, masked: str) -> None:
+    from isopace.flow.journal import mask_text
+
+    assert mask_text(text) == masked

@@ -311,3 +311,32 @@ async def test_a_flow_serves_concurrent_runs(log: Log) -> None:
     outcomes = await asyncio.gather(*(flow.run(Exchange(str(i), "r")) for i in range(50)))
     assert set(outcomes) == {Outcome.COMMITTED}
     assert len(log.of("commit")) == 150
+
+
+async def test_abort_with_skip_does_not_join_but_aborts(log: Log) -> None:
+    flow = Flow().group("main", Rec("a", log), Rec("b", log, SKIP, decline=True), Rec("c", log))
+    ex = Exchange("t", "r")
+    assert await flow.run(ex) is Outcome.ABORTED
+    assert log.of("prepare") == ["a", "b"]
+    assert log.of("abort") == ["a"]
+    assert ex.joined == ("a",)
+
+
+async def test_done_first_commits_nothing(log: Log) -> None:
+    flow = Flow().group("main", Rec("a", log, DONE), Rec("b", log))
+    ex = Exchange("t", "r")
+    assert await flow.run(ex) is Outcome.COMMITTED
+    assert log.of("prepare") == ["a"] and log.of("commit") == [] and ex.joined == ()
+
+
+async def test_route_after_skip_and_abort_inside_routed_group(log: Log) -> None:
+    flow = (
+        Flow()
+        .group("main", Rec("a", log, SKIP), Rec("r", log, route("x")))
+        .group("x", ARec("x1", log), Rec("x2", log, decline=True), Rec("x3", log))
+    )
+    ex = Exchange("t", "r")
+    assert await flow.run(ex) is Outcome.ABORTED
+    assert log.of("prepare") == ["a", "r", "x1", "x2"]
+    assert log.of("abort") == ["x2", "x1", "r"]
+    assert ex.joined == ("r", "x1", "x2")

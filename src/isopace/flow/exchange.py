@@ -135,7 +135,9 @@ class Exchange:
 
     @property
     def joined(self) -> tuple[str, ...]:
-        """Names of the stages that joined so far, in prepare order."""
+        """Names of the stages that joined, in prepare order. Complete from the end of the
+        prepare pass on (journals read it at ``COMMITTING`` / ``ABORTED``); a stage reading it
+        during the pass may find it behind when the flow has nothing configured."""
         return tuple(s if isinstance(s, str) else s.name for s in self._joined)
 
     # -- profiler -------------------------------------------------------------------------------
