@@ -12,6 +12,7 @@ Value types follow the data encoding:
   Python codec): ``str``;
 - ``b`` counted in nibbles, or ``b`` with a numeric content class (``n``, ``z``, ``x+n``): BCD
   packed digits, ``str`` of hex digits (leading zeros kept, pad nibble removed as pyiso8583 does);
+- track 2 (content ``z``) in BCD: ``=`` is written as the nibble ``D`` and read back as ``=``;
 - ``b`` otherwise: raw binary, ``bytes`` (pyiso8583 shows these as upper-case hex strings);
 - ``hex`` (an isopace extension): binary carried as ASCII hex characters on the wire (``bytes``
   value; the length prefix and ``max_len`` count wire characters, so the wire is the same as a
@@ -345,10 +346,13 @@ def compile_field(number: int, fd: FieldDef) -> Codec:
     else:  # bcd
         lpad = fd.left_pad[:1]
         rpad = fd.right_pad[:1]
+        track = fd.content == "z"  # track 2 in BCD: the '=' separator travels as nibble D
 
         def data_enc(v: Any) -> tuple[bytes, int]:
             if not isinstance(v, str):
                 raise _enc_error(number, f"expected str of digits, got {type(v).__name__}")
+            if track:
+                v = v.replace("=", "D")
             n = len(v)
             if n & 1:
                 if lpad:
@@ -400,6 +404,12 @@ def compile_field(number: int, fd: FieldDef) -> Codec:
 
             def decode(d: bytes, s: int, e: int) -> Value:
                 return d[s:e].hex().upper()
+
+    if kind == "bcd" and fd.content == "z":
+        plain = decode
+
+        def decode(d: bytes, s: int, e: int) -> Value:
+            return plain(d, s, e).replace("D", "=")  # type: ignore[union-attr]
 
     # --- prefix ---------------------------------------------------------------------------
     if w == 0:
