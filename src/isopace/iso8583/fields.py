@@ -409,7 +409,8 @@ def compile_field(number: int, fd: FieldDef) -> Codec:
         plain = decode
 
         def decode(d: bytes, s: int, e: int) -> Value:
-            return plain(d, s, e).replace("D", "=")  # type: ignore[union-attr]
+            v = plain(d, s, e)
+            return v.replace("D", "=") if isinstance(v, str) else v
 
     # --- prefix ---------------------------------------------------------------------------
     if w == 0:
