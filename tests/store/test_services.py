@@ -64,6 +64,7 @@ async def test_postgres_journal_rows_and_queries(pg: tuple[str, str]) -> None:
             *(flow.run(Exchange(f"t{i}", request(i))) for i in range(100))
         )
         assert set(results) == {Outcome.COMMITTED}
+        await journal.flush()
         assert journal.stats["batches"] < journal.stats["rows"] == 300
         records = await journal.by_id("t7")
         assert [r.kind for r in records] == ["BEGIN", "COMMITTING", "COMMITTED"]

@@ -12,7 +12,8 @@ same card data protection, same ``inflight`` table and operator queries). Group 
 task takes every queued row and writes the batch in one transaction with ONE multi-row
 ``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal plus one upsert and one delete
 for ``inflight`` (asyncpg prepares and caches these statements per connection); each ``record``
-awaits its own batch's commit. ``group_commit=False`` commits each event alone.
+awaits its own batch's commit (COMMITTED / ABORTED / IDEMPOTENT_HIT are queued without waiting,
+unless ``wait_final=True``, as in SqliteJournal). ``group_commit=False`` commits each event alone.
 
 ``PostgresIdempotencyStore``: the claim is one atomic statement, ``INSERT ... ON CONFLICT (key) DO
 UPDATE ... WHERE <the existing claim's lease or response expired> RETURNING``; two nodes can
@@ -60,6 +61,7 @@ __all__ = ["PostgresIdempotencyStore", "PostgresJournal"]
 
 log = logging.getLogger("isopace.store")
 
+_NO_WAIT = frozenset({"COMMITTED", "ABORTED", "IDEMPOTENT_HIT"})
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 _JOURNAL_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -258,13 +260,17 @@ class PostgresJournal(_PoolOwner):
         max_batch: int = 1024,
         min_size: int = 2,
         max_size: int = 10,
+        wait_final: bool = False,
     ) -> None:
         super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)
+        self._wait_final = wait_final
         self.node = node if node is not None else default_node()
         self._protector = CardDataProtector(hmac_key)
         self._group_commit = group_commit
         self._max_batch = max_batch if group_commit else 1
-        self._queue: asyncio.Queue[tuple[Row, asyncio.Future[None]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Row | None, asyncio.Future[None] | None] | None] = (
+            asyncio.Queue()
+        )
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
         self.rows = 0
@@ -303,9 +309,21 @@ class PostgresJournal(_PoolOwner):
             await self.open()
         if self._closed:
             raise JournalError(f"postgres journal {self.schema}: closed")
+        if not self._wait_final and row.kind in _NO_WAIT:
+            self._queue.put_nowait((row, None))  # see SqliteJournal: recovery re-derives it
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((row, fut))
         await fut
+
+    async def flush(self) -> None:
+        """Wait until every record queued so far is written (queries do this first)."""
+        if self._writer is None or self._closed:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((None, fut))
+        with contextlib.suppress(JournalError):
+            await fut
 
     async def _write_loop(self) -> None:
         stop = False
@@ -321,16 +339,18 @@ class PostgresJournal(_PoolOwner):
                     break
                 batch.append(nxt)
             error: BaseException | None = None
+            rows = [row for row, _ in batch if row is not None]  # None: a flush barrier
             try:
-                await self._write([row for row, _ in batch])
-                self.batches += 1
-                self.rows += len(batch)
+                if rows:
+                    await self._write(rows)
+                    self.batches += 1
+                    self.rows += len(rows)
             except Exception as exc:  # never let the writer die: fail the batch instead
                 error = JournalError(f"postgres journal {self.schema}: write failed: {exc}")
                 error.__cause__ = exc
                 log.warning("journal: batch of %d rows failed: %s", len(batch), error)
             for _, fut in batch:
-                if not fut.done():
+                if fut is not None and not fut.done():
                     if error is None:
                         fut.set_result(None)
                     else:
@@ -397,6 +417,7 @@ class PostgresJournal(_PoolOwner):
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         await self.open()
+        await self.flush()
         try:
             return list(await self.pool.fetch(sql, *args))
         except Exception as exc:
