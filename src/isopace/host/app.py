@@ -182,6 +182,9 @@ class AuthorizationHost:
     async def _start(self) -> None:
         cfg = self.config
         ssl_context = cfg.ssl_context()
+        _check_bindable("port", cfg.host, cfg.port)  # fail fast, before opening any database
+        if cfg.metrics_port:
+            _check_bindable("metrics", cfg.metrics_host, cfg.metrics_port)
         self.ledger = await self._open_ledger()
         if cfg.seed_demo and not await self.ledger.accounts():
             self.seeded = await self.ledger.seed(DEMO_CARDS)
@@ -390,6 +393,22 @@ class AuthorizationHost:
                 "outcome": str(outcome),
             },
         )
+
+
+def _check_bindable(what: str, host: str, port: int) -> None:
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"{what} {port} on {host}: cannot resolve: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise StartupError(_bind_error(what, host, port, exc)) from exc
 
 
 def _bind_error(what: str, host: str, port: int, exc: OSError) -> str:

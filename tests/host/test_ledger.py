@@ -1,0 +1,172 @@
+"""The ledger on SQLite and PostgreSQL: no overdraw under concurrency, idempotent transitions,
+the balance check; plus the config loader, the BIN table, velocity and the metrics text.
+
+Inputs tried: 200 concurrent holds racing for funds that cover 37 of them; capture / release /
+refund run twice and in the wrong order; a reserve retried with the same transaction id; an
+unknown account; a card blocked and unblocked; TOML with unknown keys, wrong types, flags
+overriding the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from isopace.host import (
+    BinRoute,
+    ConfigError,
+    HoldState,
+    Ledger,
+    Metrics,
+    PostgresLedger,
+    SeedCard,
+    SqliteLedger,
+    Velocity,
+    load_config,
+)
+from isopace.host.ledger import ReserveStatus
+
+from .conftest import PG_DSN
+
+CARD = SeedCard("4111111111111111", "ACC-T", 3_700)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Ledger]:
+    schema = f"t_ledger_{uuid.uuid4().hex[:10]}"
+    book: Ledger
+    if request.param == "sqlite":
+        book = SqliteLedger(tmp_path / "ledger.db")
+    else:
+        book = PostgresLedger(PG_DSN, schema=schema, max_size=20)
+    await book.open()
+    await book.seed([CARD])
+    try:
+        yield book
+    finally:
+        await book.close()
+        if request.param == "postgres":
+            conn = await asyncpg.connect(PG_DSN)
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            finally:
+                await conn.close()
+
+
+async def test_concurrent_holds_never_overdraw(ledger: Ledger) -> None:
+    results = await asyncio.gather(
+        *(
+            ledger.reserve(f"tx-{i}", "ACC-T", 100, terminal="T", stan=f"{i:06d}")
+            for i in range(200)
+        )
+    )
+    approved = [i for i, r in enumerate(results) if r.approved]
+    assert len(approved) == 37
+    assert all(r.status is ReserveStatus.INSUFFICIENT_FUNDS for r in results if not r.approved)
+    account = await ledger.account("ACC-T")
+    assert account is not None
+    assert (account.balance, account.held, account.available) == (3_700, 3_700, 0)
+    # Capture and release concurrently, each twice: applied once.
+    ops = []
+    for i in approved:
+        op = ledger.capture if i % 2 else ledger.release
+        ops += [op(f"tx-{i}"), op(f"tx-{i}")]
+    done = await asyncio.gather(*ops)
+    assert sum(done) == len(approved)
+    check = await ledger.check()
+    assert check.ok, check.problems
+    assert check.pending == 0
+    captured = sum(1 for i in approved if i % 2)
+    account = await ledger.account("ACC-T")
+    assert account is not None
+    assert account.balance == 3_700 - 100 * captured
+    assert account.held == 0
+
+
+async def test_transitions_are_idempotent_and_ordered(ledger: Ledger) -> None:
+    assert (await ledger.reserve("a", "ACC-T", 500)).approved
+    assert (await ledger.reserve("a", "ACC-T", 500)).approved  # same id: no second hold
+    account = await ledger.account("ACC-T")
+    assert account is not None and account.held == 500
+    assert not await ledger.refund("a")  # nothing captured yet
+    assert await ledger.authorize("a")
+    assert await ledger.capture("a")
+    assert not await ledger.capture("a")
+    assert not await ledger.release("a")  # captured: release does nothing
+    assert await ledger.reverse("a") == "refunded"
+    assert await ledger.reverse("a") == "none"
+    hold = await ledger.hold("a")
+    assert hold is not None and hold.state == HoldState.REFUNDED
+    account = await ledger.account("ACC-T")
+    assert account is not None and (account.balance, account.held) == (3_700, 0)
+    assert (await ledger.reserve("b", "NOPE", 1)).status is ReserveStatus.NO_ACCOUNT
+    assert (await ledger.check()).ok
+
+
+async def test_cards_block_and_find_original(ledger: Ledger) -> None:
+    card = await ledger.card(CARD.pan)
+    assert card is not None and card.masked_pan == "411111******1111" and not card.blocked
+    assert await ledger.card("4242424242424242") is None
+    assert await ledger.set_card_status(CARD.pan, "blocked")
+    card = await ledger.card(CARD.pan)
+    assert card is not None and card.blocked
+    assert await ledger.seed([CARD]) == []  # seeding again creates nothing
+    await ledger.reserve("x", "ACC-T", 10, terminal="T1", stan="000007", tx_time="1129000000",
+                         rrn="RRN000000007")  # fmt: skip
+    found = await ledger.find_original(terminal="T1", stan="000007", tx_time="1129000000")
+    assert found is not None and found.txn_id == "x"
+    by_rrn = await ledger.find_original(terminal="T1", stan="999999", rrn="RRN000000007")
+    assert by_rrn is not None and by_rrn.txn_id == "x"
+    assert await ledger.find_original(terminal="T2", stan="000007") is None
+    assert [h.txn_id for h in await ledger.pending_holds()] == ["x"]
+
+
+def test_config_file_flags_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('port = 9000\nmetrics-port = 9100\nbins = { "4" = "visa" }\n')
+    cfg = load_config(str(path), {"port": 9001, "db": None})
+    assert (cfg.port, cfg.metrics_port, cfg.bins) == (9001, 9100, {"4": "visa"})
+    assert cfg.journal_path.endswith("isopace.journal.db")
+    path.write_text("colour = 'blue'\n")
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        load_config(str(path))
+    path.write_text("timeout = 'soon'\n")
+    with pytest.raises(ConfigError, match="timeout"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(None, {"port": 70000})
+
+
+def test_bin_table_and_velocity() -> None:
+    router = BinRoute({"4": "visa", "5": "mastercard", "4000": "private"})
+    assert router.group_for("4000056655665556") == "private"
+    assert router.group_for("4111111111111111") == "visa"
+    assert router.group_for("6011111111111117") is None
+    velocity = Velocity(60, 2, 1000)
+    assert velocity.check("c", 100) is None
+    assert velocity.check("c", 100) is None
+    assert velocity.check("c", 100) == "65"
+    assert velocity.check("d", 1001) == "61"
+
+
+def test_metrics_text() -> None:
+    from isopace.flow import Exchange, Outcome, Phase
+    from isopace.iso8583 import Message
+
+    metrics = Metrics()
+    ex = Exchange("1", Message("0200", {11: "000001"}))
+    ex.response = Message("0210", {39: "51"})
+    metrics.stage_finished("reserve", Phase.PREPARE, 0.002, None)
+    metrics.stage_finished("reserve", Phase.COMMIT, 0.001, RuntimeError("x"))
+    metrics.run_finished(ex, Outcome.ABORTED, 0.004)
+    text = metrics.render()
+    assert 'isopace_transactions_total{outcome="aborted",code="51"} 1' in text
+    assert 'isopace_stage_seconds_bucket{stage="reserve",phase="prepare",le="0.0025"} 1' in text
+    assert 'isopace_stage_seconds_bucket{stage="reserve",phase="prepare",le="0.001"} 0' in text
+    assert 'isopace_stage_errors_total{stage="reserve",phase="commit"} 1' in text
+    assert "isopace_transaction_seconds_count 1" in text
