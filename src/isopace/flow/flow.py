@@ -411,12 +411,14 @@ class Flow:
         listener = self._listener
         now = asyncio.get_running_loop().time if deadline is not None else None
         result: Any
+        # Timings chain one clock reading from one stage to the next, so each includes the
+        # flow's own bookkeeping for that stage (tens of nanoseconds).
+        began = _clock() if timed else 0.0
         # A list iterator sees the stages that routing appends while it runs.
         for rs in islice(work, start, None):
             if pending is None:
                 if now is not None and now() >= deadline:  # type: ignore[operator]
                     return self._fail(ex, _deadline_error(ex))
-                began = _clock() if timed else 0.0
                 try:
                     result = rs.prepare(ex)
                     if rs.prepare_async:
@@ -432,11 +434,12 @@ class Flow:
                         self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
                     raise
                 if timed:
-                    elapsed = _clock() - began
+                    ended = _clock()
                     if timings is not None:
-                        timings.append((rs.name, _PREPARE, elapsed))
+                        timings.append((rs.name, _PREPARE, ended - began))
                     if listener is not None:
-                        self._notify(rs.name, _PREPARE, elapsed, None)
+                        self._notify(rs.name, _PREPARE, ended - began, None)
+                    began = ended
             else:
                 result, pending = pending, None
                 if result.__class__ is not Result:
@@ -495,8 +498,8 @@ class Flow:
         timings = ex._timings
         listener = self._listener
         errors: list[Exception] | None = None
+        began = _clock() if timed else 0.0
         for rs, commit_fn, commit_async in steps:
-            began = _clock() if timed else 0.0
             try:
                 result = commit_fn(ex)
                 if commit_async or (result is not None and inspect.isawaitable(result)):
@@ -505,6 +508,8 @@ class Flow:
                 if timed:
                     self._observe(ex, rs.name, _COMMIT, _clock() - began, exc)
                 errors = self._commit_failed(ex, rs, exc, errors)
+                if timed:
+                    began = _clock()
                 continue
             except asyncio.CancelledError as exc:
                 if timed:
@@ -512,11 +517,12 @@ class Flow:
                 await self._commit_interrupted(ex, steps, rs, errors)
                 raise
             if timed:
-                elapsed = _clock() - began
+                ended = _clock()
                 if timings is not None:
-                    timings.append((rs.name, _COMMIT, elapsed))
+                    timings.append((rs.name, _COMMIT, ended - began))
                 if listener is not None:
-                    self._notify(rs.name, _COMMIT, elapsed, None)
+                    self._notify(rs.name, _COMMIT, ended - began, None)
+                began = ended
         if errors:
             ex._error = _commit_group(errors)
 
