@@ -314,16 +314,6 @@ class _Connection(FramedProtocol):
                 )
                 response = error_response(request, SYSTEM_MALFUNCTION)
             if response is not None:
-                if type(response) is not Message and not isinstance(response, Message):
-                    logger.error(
-                        "handler returned %s for %r from %s, not a Message; answering with "
-                        "DE 39 = 96",
-                        type(response).__name__,
-                        request,
-                        self.peer,
-                        extra={"peer": self.peer, "mti": request.mti},
-                    )
-                    response = error_response(request, SYSTEM_MALFUNCTION)
                 self._send(response, tpdu, request)
         finally:
             self.in_flight -= 1
@@ -349,14 +339,19 @@ class _Connection(FramedProtocol):
             return
         except Exception as exc:  # EncodeError, FrameError, a handler's wrong return type
             logger.error(
-                "response %r to %s cannot be sent: %s; answering with DE 39 = 96",
+                "response %r to %s cannot be sent: %r; answering with DE 39 = 96",
                 response,
                 self.peer,
                 exc,
-                extra={"peer": self.peer, "mti": response.mti, "error": str(exc)},
+                extra={"peer": self.peer, "error": str(exc)},
             )
-        fallbacks = [] if request is None else [error_response(request, SYSTEM_MALFUNCTION)]
-        fallbacks.append(Message(response.mti, {39: SYSTEM_MALFUNCTION}))
+        if request is None:
+            fallbacks = [Message(response.mti, {39: SYSTEM_MALFUNCTION})]
+        else:
+            fallbacks = [
+                error_response(request, SYSTEM_MALFUNCTION),
+                Message(response_mti(request.mti), {39: SYSTEM_MALFUNCTION}),
+            ]
         for fallback in fallbacks:
             try:
                 self.write(self.framing.encode_frame(spec.encode(fallback), reply_tpdu))
