@@ -1,0 +1,93 @@
+"""recover(): decisions, hooks, failures, idempotency, on journal states built by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from isopace.flow import CONTINUE, Event, EventKind, Exchange, Flow, retry
+from isopace.store import RecoveredAbortError, SqliteJournal, recover
+from tests.store.helpers import request
+
+
+class Hook:
+    def __init__(self, name: str, log: list[tuple[str, str, bool]], fail: bool = False) -> None:
+        self.name = name
+        self.log = log
+        self.fail = fail
+
+    def prepare(self, ex: Exchange) -> object:
+        return CONTINUE
+
+    async def recover(self, ex: Exchange, committing: bool) -> None:
+        if self.fail:
+            raise RuntimeError("ledger unavailable")
+        self.log.append((self.name, ex.id, committing))
+        assert ex.get("hold") == "H-" + ex.id  # durable properties are back
+
+
+class NoHook:
+    name = "nohook"
+
+    def prepare(self, ex: Exchange) -> object:
+        return CONTINUE
+
+
+async def _journal_state(journal: SqliteJournal) -> None:
+    # t-commit: decided to commit; t-prep: died during prepare; t-done: finished
+    for tx, kinds, joined in (
+        ("t-commit", ("BEGIN", "COMMITTING"), ["a", "nohook", "b"]),
+        ("t-prep", ("BEGIN",), []),
+        ("t-done", ("BEGIN", "COMMITTING", "COMMITTED"), ["a"]),
+    ):
+        ex = Exchange.restore(tx, request(), durable={"hold": "H-" + tx}, joined=joined)
+        for kind in kinds:
+            await journal.record(ex, Event(EventKind[kind]))
+
+
+async def test_commit_and_abort_decisions(tmp_path: Path) -> None:
+    log: list[tuple[str, str, bool]] = []
+    async with SqliteJournal(tmp_path / "j.db", node="n1") as journal:
+        await _journal_state(journal)
+        flow = Flow().group("main", Hook("a", log), NoHook(), retry(Hook("b", log)))
+        report = await recover(flow, journal)
+        assert report.committed == ["t-commit"] and report.aborted == ["t-prep"]
+        assert report.unrecoverable_stages == {"t-commit": ["nohook"]}
+        # committing: joined stages in prepare order; aborting: every hook, reverse order
+        assert log == [
+            ("a", "t-commit", True),
+            ("b", "t-commit", True),
+            ("b", "t-prep", False),
+            ("a", "t-prep", False),
+        ]
+        assert [r.kind for r in await journal.by_id("t-commit")][-1] == "COMMITTED"
+        aborted = (await journal.by_id("t-prep"))[-1]
+        assert aborted.kind == "ABORTED" and "aborted by recovery" in (aborted.error or "")
+        assert (await recover(flow, journal)).total == 0  # idempotent
+        assert issubclass(RecoveredAbortError, Exception)
+
+
+async def test_failing_hook_leaves_transaction_in_doubt(tmp_path: Path) -> None:
+    log: list[tuple[str, str, bool]] = []
+    async with SqliteJournal(tmp_path / "j.db") as journal:
+        await _journal_state(journal)
+        flow = Flow().group("main", Hook("a", log, fail=True), NoHook(), Hook("b", log))
+        report = await recover(flow, journal)
+        assert set(report.failed) == {"t-commit", "t-prep"}
+        assert "ledger unavailable" in report.failed["t-commit"]
+        assert {d.tx_id for d in await journal.in_doubt()} == {"t-commit", "t-prep"}
+        fixed = Flow().group("main", Hook("a", log), NoHook(), Hook("b", log))
+        report = await recover(fixed, journal)
+        assert report.committed == ["t-commit"] and report.aborted == ["t-prep"]
+        assert await journal.in_doubt() == []
+
+
+async def test_other_nodes_left_alone_unless_asked(tmp_path: Path) -> None:
+    log: list[tuple[str, str, bool]] = []
+    path = tmp_path / "j.db"
+    async with SqliteJournal(path, node="other") as journal:
+        await _journal_state(journal)
+    async with SqliteJournal(path, node="me") as journal:
+        flow = Flow().group("main", Hook("a", log), NoHook(), Hook("b", log))
+        assert (await recover(flow, journal)).total == 0
+        assert len(await journal.in_doubt(all_nodes=True)) == 2
+        assert (await recover(flow, journal, all_nodes=True)).total == 2
