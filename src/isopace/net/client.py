@@ -278,6 +278,7 @@ class Client:
         self.connections_made = 0
         self._conn: _Connection | None = None
         self._ready: asyncio.Event | None = None
+        self._live: _Connection | None = None  # the connection while ready (signed on)
         self._closed = False
         self._supervisor: asyncio.Task[None] | None = None
         self._echo_task: asyncio.Task[None] | None = None
@@ -380,6 +381,7 @@ class Client:
                 _signing_on.reset(token)
         if conn.closed:
             raise NotConnectedError(f"connection to {self.address} closed during sign-on")
+        self._live = conn
         self._events().set()
         logger.info("connected to %s", self.address, extra={"peer": self.address})
 
@@ -419,6 +421,7 @@ class Client:
     def _connection_lost(self, conn: _Connection, exc: Exception | None, failed: int) -> None:
         if conn is not self._conn:
             return
+        self._live = None
         if self._ready is not None:
             self._ready.clear()
         if not self._closed:
@@ -470,6 +473,7 @@ class Client:
             _, pending = await asyncio.wait([conn.lost], timeout=1.0)
             if pending:
                 conn.close_transport(abort=True)
+        self._live = None
         if self._ready is not None:
             self._ready.clear()
 
@@ -519,12 +523,12 @@ class Client:
             timeout = self.timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        conn = self._conn
-        if conn is None or conn.closed or self._ready is None or not self._ready.is_set():
+        conn = self._live
+        if conn is None or conn.closed:
             conn = await self._ready_connection(deadline, timeout)
         matcher = conn.matcher
         key = matcher.request_key(message)
-        if key in matcher:
+        if key in matcher._entries:
             raise DuplicateKeyError(key)
         data = self.framing.encode_frame(self.spec.encode(message), self.tpdu)
         if conn._write_paused:
@@ -546,8 +550,8 @@ class Client:
     async def send(self, message: Message) -> None:
         """Send ``message`` without waiting for an answer (its response, if any, is unmatched)."""
         loop = asyncio.get_running_loop()
-        conn = self._conn
-        if conn is None or conn.closed or self._ready is None or not self._ready.is_set():
+        conn = self._live
+        if conn is None or conn.closed:
             conn = await self._ready_connection(loop.time() + self.timeout, self.timeout)
         conn.write(self.framing.encode_frame(self.spec.encode(message), self.tpdu))
 

@@ -128,20 +128,20 @@ class Frame:
         return not self.payload and self.tpdu is None
 
 
-def _int_be(buf: bytearray, pos: int, size: int) -> int:
+def _int_be(buf: bytes | bytearray, pos: int, size: int) -> int:
     return int.from_bytes(buf[pos : pos + size], "big")
 
 
-def _read_binary2(buf: bytearray, pos: int) -> int:
+def _read_binary2(buf: bytes | bytearray, pos: int) -> int:
     return (buf[pos] << 8) | buf[pos + 1]
 
 
-def _read_binary4(buf: bytearray, pos: int) -> int:
+def _read_binary4(buf: bytes | bytearray, pos: int) -> int:
     return _int_be(buf, pos, 4)
 
 
-def _read_ascii(size: int) -> Callable[[bytearray, int], int]:
-    def read(buf: bytearray, pos: int) -> int:
+def _read_ascii(size: int) -> Callable[[bytes | bytearray, int], int]:
+    def read(buf: bytes | bytearray, pos: int) -> int:
         digits = bytes(buf[pos : pos + size])
         if not digits.isdigit():
             raise FrameError(f"length header {digits!r} is not {size} ASCII digits")
@@ -150,7 +150,7 @@ def _read_ascii(size: int) -> Callable[[bytearray, int], int]:
     return read
 
 
-def _read_bcd2(buf: bytearray, pos: int) -> int:
+def _read_bcd2(buf: bytes | bytearray, pos: int) -> int:
     b0, b1 = buf[pos], buf[pos + 1]
     nibbles = (b0 >> 4, b0 & 0x0F, b1 >> 4, b1 & 0x0F)
     if max(nibbles) > 9:
@@ -158,7 +158,7 @@ def _read_bcd2(buf: bytearray, pos: int) -> int:
     return nibbles[0] * 1000 + nibbles[1] * 100 + nibbles[2] * 10 + nibbles[3]
 
 
-_READERS: dict[LengthHeader, Callable[[bytearray, int], int]] = {
+_READERS: dict[LengthHeader, Callable[[bytes | bytearray, int], int]] = {
     LengthHeader.BINARY2: _read_binary2,
     LengthHeader.BINARY4: _read_binary4,
     LengthHeader.ASCII2: _read_ascii(2),
@@ -243,7 +243,8 @@ class FrameDecoder:
     __slots__ = ("_broken", "_buf", "_hsize", "_incl", "_max", "_pos", "_read", "_tpdu")
 
     def __init__(self, framing: Framing) -> None:
-        self._buf = bytearray()
+        # The bytes of the last feed when nothing was pending (no copy), else a bytearray.
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._hsize = framing.header.size
         self._read = _READERS[framing.header]
@@ -259,8 +260,19 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the stream."""
-        if data:
-            self._buf += data
+        if not data:
+            return
+        buf = self._buf
+        if self._pos >= len(buf):
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        elif type(buf) is bytes:
+            grown = bytearray(memoryview(buf)[self._pos :])
+            grown += data
+            self._buf = grown
+            self._pos = 0
+        else:
+            buf += data
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None if more bytes are needed."""
@@ -290,9 +302,16 @@ class FrameDecoder:
         end = start + length
         if len(buf) < end:
             return None
-        if end == len(buf):
+        if isinstance(buf, bytes):
+            body = buf[start:end]
+            if end == len(buf):
+                self._buf = b""
+                self._pos = 0
+            else:
+                self._pos = end
+        elif end == len(buf):
             body = bytes(buf[start:end])
-            buf.clear()
+            self._buf = b""
             self._pos = 0
         else:
             body = bytes(buf[start:end])
