@@ -5,6 +5,9 @@ Table ``idempotency_keys``: one row per key, either *claimed* (by an owner token
 ``expires`` = completion + ``ttl``). Each claim is one ``BEGIN IMMEDIATE`` transaction: SQLite's
 write lock makes read-check-write atomic across processes.
 
+Operations from concurrent runs are batched: one thread owns the connection and runs every
+claim / complete / release queued meanwhile in ONE transaction (one fsync for all of them).
+
 - ``claim``: takes the key if it is free, its claim's lease expired, or its response expired ->
   None (the caller owns it). A live response -> that response (replay). A live claim -> wait, then
   try again. Waiters in the same process are woken at once by ``complete`` / ``release``; SQLite
@@ -27,11 +30,11 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from isopace.store._writer import BatchExecutor
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
 
@@ -88,138 +91,116 @@ class SqliteIdempotencyStore:
         self._sync = synchronous.upper()
         self._timeout = timeout
         self._node = node if node is not None else f"{default_node()}:{os.getpid()}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isopace-idem")
-        self._conn: sqlite3.Connection | None = None
         self._held: dict[str, str] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._db: BatchExecutor[sqlite3.Connection] = BatchExecutor(
+            connect=self._connect,
+            begin=lambda c: c.execute("BEGIN IMMEDIATE"),
+            commit=lambda c: c.execute("COMMIT"),
+            rollback=lambda c: c.execute("ROLLBACK") if c.in_transaction else None,
+            disconnect=lambda c: c.close(),
+            wrap=self._wrap,
+            name="isopace-idempotency",
+        )
         try:
-            self._executor.submit(self._open).result()
+            self._db.open()
         except sqlite3.Error as exc:
-            self._executor.shutdown(wait=False)
+            self._db.close()
             raise IdempotencyError(f"idempotency store {self.path}: cannot open: {exc}") from exc
 
-    # -- database side (runs on the store's thread) ---------------------------------------------
+    # -- database side (runs on the store's thread, inside its batch transaction) ---------------
 
-    def _open(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute(f"PRAGMA synchronous = {self._sync}")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
+    def _wrap(self, exc: BaseException) -> BaseException:
+        err = IdempotencyError(f"idempotency store {self.path}: {exc}")
+        err.__cause__ = exc
+        return err
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._open()
-        conn.execute("BEGIN IMMEDIATE")
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
         try:
-            result = fn(conn)
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._sync}")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
             conn.execute("COMMIT")
-            return result
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            conn.close()
             raise
+        return conn
 
-    def _try_claim(self, key: str, owner: str) -> tuple[str, str | None, float]:
-        def body(conn: sqlite3.Connection) -> tuple[str, str | None, float]:
-            now = _now_us()
-            row = conn.execute(
-                "SELECT state, lease_until_us, response, expires_us FROM idempotency_keys "
-                "WHERE key = ?",
-                (key,),
-            ).fetchone()
-            if row is not None:
-                state, lease_until, response, expires = row
-                if state == "done" and expires > now:
-                    return "done", response, 0.0
-                if state == "claimed" and lease_until > now:
-                    return "held", None, (lease_until - now) / 1e6
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL)",
-                (key, owner, now + int(self.lease * 1e6)),
-            )
-            return "claimed", None, 0.0
+    def _try_claim(
+        self, conn: sqlite3.Connection, key: str, owner: str
+    ) -> tuple[str, str | None, float]:
+        now = _now_us()
+        row = conn.execute(
+            "SELECT state, lease_until_us, response, expires_us FROM idempotency_keys "
+            "WHERE key = ?",
+            (key,),
+        ).fetchone()
+        if row is not None:
+            state, lease_until, response, expires = row
+            if state == "done" and expires > now:
+                return "done", response, 0.0
+            if state == "claimed" and lease_until > now:
+                return "held", None, (lease_until - now) / 1e6
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL)",
+            (key, owner, now + int(self.lease * 1e6)),
+        )
+        return "claimed", None, 0.0
 
-        return self._tx(body)
+    def _complete(self, conn: sqlite3.Connection, key: str, owner: str | None, text: str) -> bool:
+        now = _now_us()
+        row = conn.execute(
+            "SELECT state, owner, lease_until_us FROM idempotency_keys WHERE key = ?", (key,)
+        ).fetchone()
+        if row is not None and row[0] == "claimed" and row[1] != owner and row[2] > now:
+            return False
+        conn.execute(
+            "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'done', NULL, NULL, ?, ?)",
+            (key, text, now + int(self.ttl * 1e6)),
+        )
+        return True
 
-    def _complete(self, key: str, owner: str | None, text: str) -> bool:
-        def body(conn: sqlite3.Connection) -> bool:
-            now = _now_us()
-            row = conn.execute(
-                "SELECT state, owner, lease_until_us FROM idempotency_keys WHERE key = ?", (key,)
-            ).fetchone()
-            if row is not None and row[0] == "claimed" and row[1] != owner and row[2] > now:
-                return False
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'done', NULL, NULL, ?, ?)",
-                (key, text, now + int(self.ttl * 1e6)),
-            )
-            return True
+    def _release(self, conn: sqlite3.Connection, key: str, owner: str | None) -> None:
+        conn.execute(
+            "DELETE FROM idempotency_keys WHERE key = ? AND state = 'claimed' AND owner = ?",
+            (key, owner),
+        )
 
-        return self._tx(body)
+    def _renew(self, conn: sqlite3.Connection, held: list[tuple[str, str]]) -> None:
+        until = _now_us() + int(self.lease * 1e6)
+        conn.executemany(
+            "UPDATE idempotency_keys SET lease_until_us = ? "
+            "WHERE key = ? AND state = 'claimed' AND owner = ?",
+            [(until, k, o) for k, o in held],
+        )
 
-    def _release(self, key: str, owner: str | None) -> None:
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "DELETE FROM idempotency_keys WHERE key = ? AND state = 'claimed' AND owner = ?",
-                (key, owner),
-            )
-
-        self._tx(body)
-
-    def _renew(self, held: list[tuple[str, str]]) -> None:
-        def body(conn: sqlite3.Connection) -> None:
-            until = _now_us() + int(self.lease * 1e6)
-            conn.executemany(
-                "UPDATE idempotency_keys SET lease_until_us = ? "
-                "WHERE key = ? AND state = 'claimed' AND owner = ?",
-                [(until, k, o) for k, o in held],
-            )
-
-        self._tx(body)
-
-    def _purge(self) -> int:
-        def body(conn: sqlite3.Connection) -> int:
-            now = _now_us()
-            cur = conn.execute(
-                "DELETE FROM idempotency_keys WHERE (state = 'done' AND expires_us <= ?) "
-                "OR (state = 'claimed' AND lease_until_us <= ?)",
-                (now, now),
-            )
-            return int(cur.rowcount)
-
-        return self._tx(body)
-
-    def _close_conn(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def _purge(self, conn: sqlite3.Connection) -> int:
+        now = _now_us()
+        cur = conn.execute(
+            "DELETE FROM idempotency_keys WHERE (state = 'done' AND expires_us <= ?) "
+            "OR (state = 'claimed' AND lease_until_us <= ?)",
+            (now, now),
+        )
+        return int(cur.rowcount)
 
     async def _run(self, what: str, key: str, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise IdempotencyError(f"idempotency store {self.path} is closed")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
-            with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._executor, self._close_conn)
+            result: T = await self._db.call(fn, *args)
+        except IdempotencyError as exc:
             raise IdempotencyError(
-                f"idempotency store {self.path}: {what} of key {key!r} failed: {exc}"
-            ) from exc
+                f"idempotency store {self.path}: {what} of key {key!r} failed: {exc.__cause__}"
+            ) from exc.__cause__
+        return result
 
     # -- the IdempotencyStore protocol ----------------------------------------------------------
 
@@ -310,9 +291,7 @@ class SqliteIdempotencyStore:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._close_conn)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._db.close)
         for event in self._wakeups.values():
             event.set()
 
