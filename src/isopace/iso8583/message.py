@@ -198,6 +198,16 @@ class Message:
         spec = lay.spec
         offs = self._offs
         assert spec is not None and offs is not None and self._data is not None
+        if lay.bulk is not None and len(vals) >= 3 and self._clean:
+            # a few fields read already: decode the rest in one generated pass
+            try:
+                rest = lay.bulk(self._data, offs)
+            except Exception:  # a bad value: decode field by field below
+                pass
+            else:
+                rest.update(vals)
+                self._vals = rest
+                return rest[n]  # type: ignore[no-any-return]
         s = offs[i] + spec._plens[n]
         if spec._asc[n]:
             try:
@@ -247,6 +257,15 @@ class Message:
         data = self._data
         offs = self._offs
         assert offs is not None
+        if lay.bulk is not None and self._clean:
+            try:
+                rest = lay.bulk(data, offs)  # type: ignore[arg-type]
+            except Exception:  # a bad value: decode field by field below
+                pass
+            else:
+                rest.update(vals)
+                self._vals = rest
+                return dict(rest) if list(rest) == list(keys) else {n: rest[n] for n in keys}
         index = lay.index or dict(zip(lay.fields, range(len(lay.fields)), strict=True))
         out: dict[int, Value] = {}
         for n in keys:

@@ -36,6 +36,10 @@ MAX_FIELD = 192
 _GENERATE_AFTER = 2  # a layout gets generated code the n-th time its bitmap is seen
 
 
+def _hex_upper(b: bytes) -> bytes:
+    return binascii.b2a_hex(b).upper()
+
+
 class _Bad(Exception):
     """Raised by the fast locators; the careful path then finds the exact error."""
 
@@ -44,6 +48,7 @@ class Layout:
     """The fields present for one bitmap and how to find their spans."""
 
     __slots__ = (
+        "bulk",
         "ext",
         "fields",
         "hits",
@@ -58,31 +63,36 @@ class Layout:
     def __init__(
         self,
         fields: tuple[int, ...],
-        steps: tuple[tuple[Any, ...], ...],
+        steps: tuple[Any, ...],
         width: int,
         spec: Spec | None,
     ) -> None:
         self.fields = fields
         self.index: dict[int, int] | None = None  # built when the layout is seen again
-        self.steps = steps
+        self.steps = steps  # the spec's per-field steps, indexed by field number
         self.width = width  # bytes taken by the bitmaps
         self.ext = spec is None  # marker entry: a further bitmap follows
         self.spec = spec
         self.hits = 0
         self.patches: dict[Any, tuple[Any, ...]] = {}
+        self.bulk: Callable[[bytes, tuple[int, ...]], dict[int, Any]] | None = None
         self.locate: Callable[[bytes, int], tuple[int, ...]] = self._generic
 
     def _generic(self, d: bytes, p: int) -> tuple[int, ...]:
         self.hits += 1
         if self.hits >= _GENERATE_AFTER and self.spec is not None:
             self.locate = _generate(self.fields, self.spec._codecs)
+            self.bulk = _generate_bulk(self.fields, self.spec)
             self.index = dict(zip(self.fields, range(len(self.fields)), strict=True))
         offs = [p]
         append = offs.append
-        for plen, table, reader, max_len, nib, size in self.steps:
-            if not plen:
-                p += size
+        steps = self.steps
+        for n in self.fields:
+            step = steps[n]
+            if type(step) is int:
+                p += step
             else:
+                plen, table, reader, max_len, nib, _ = step
                 if table is not None:
                     n = table[d[p : p + plen]]
                 else:
@@ -184,6 +194,30 @@ def _generate_encoder(plan: _Plan, codecs: tuple[Codec | None, ...]) -> Callable
     return ns["encode"]  # type: ignore[no-any-return]
 
 
+def _generate_bulk(fields: tuple[int, ...], spec: Spec) -> Callable[..., dict[int, Any]]:
+    """Decode every field of one layout in one expression (used once a message has had a few
+    fields read: the rest are then decoded together). ASCII fields are sliced out of the
+    message decoded once as a whole. Any exception: the caller falls back to decoding field by
+    field, which reports the exact problem."""
+    ns: dict[str, Any] = {}
+    items = []
+    whole = spec._ascii_wire
+    for i, n in enumerate(fields):
+        start = f"o[{i}] + {spec._plens[n]}" if spec._plens[n] else f"o[{i}]"
+        if spec._asc[n] and whole:
+            items.append(f"{n}: t[{start}:o[{i + 1}]]")
+        elif spec._asc[n]:
+            items.append(f"{n}: d[{start}:o[{i + 1}]].decode('ascii')")
+        else:
+            ns[f"D{n}"] = spec._decs[n]
+            items.append(f"{n}: D{n}(d, {start}, o[{i + 1}])")
+    # the whole message as ASCII: only valid if every byte is ASCII (else per-field decoding)
+    text = "    t = d.decode('ascii')\n" if whole else ""
+    src = "def bulk(d, o):\n" + text + "    return {" + ", ".join(items) + "}"
+    exec(src, ns)
+    return ns["bulk"]  # type: ignore[no-any-return]
+
+
 def _bit_tables() -> tuple[tuple[tuple[int, ...], ...], ...]:
     return tuple(
         tuple(
@@ -254,8 +288,15 @@ class Spec:
             bool(c and c.fd.kind == "text" and c.fd.data_enc.lower() in ("ascii", "us-ascii"))
             for c in codecs
         )
+        self._ascii_wire = all(
+            c is None or self._asc[c.number] or c.fd.kind == "hex" for c in codecs
+        )
         self._steps = tuple(
-            (c.plen, c.len_table, c.read_len, c.fd.max_len, c.nibbles, c.fixed_size) if c else None
+            None
+            if c is None
+            else c.fixed_size
+            if not c.plen
+            else (c.plen, c.len_table, c.read_len, c.fd.max_len, c.nibbles, 0)
             for c in codecs
         )
         # header
@@ -278,6 +319,9 @@ class Spec:
             if binary:
                 bm_dec: Callable[[bytes], bytes] = bytes
                 bm_enc: Callable[[bytes], bytes] = bytes
+            elif fd.data_enc.lower() in ("ascii", "us-ascii", "latin-1", "latin1"):
+                bm_dec = binascii.a2b_hex
+                bm_enc = _hex_upper
             else:
                 tenc, tdec = text_codec(fd.data_enc)
 
@@ -294,7 +338,6 @@ class Spec:
                 self._bm1 = (width, bm_dec, bm_enc)
             else:
                 self._bm2 = (width, bm_dec, bm_enc)
-        self._bytetab: list[Any] = [None] * (24 * 256)
         self._layouts: dict[bytes, Layout | None] = {}
         self._layouts2: dict[bytes, Layout | None] = {}
         self._layouts3: dict[bytes, Layout] = {}
@@ -486,12 +529,6 @@ class Spec:
         bm += self._bitmap_at(data, p + w1 + w2, 3)
         return self._cache(self._layouts3, key3, bm, w1 + 2 * w2)
 
-    def _byte_entry(self, pos: int, byte: int) -> tuple[tuple[int, ...], tuple[Any, ...]]:
-        fields = tuple(n for n in _BITS[pos][byte] if n != 1 and n != 65)
-        entry = (fields, tuple(self._steps[n] for n in fields))
-        self._bytetab[pos * 256 + byte] = entry
-        return entry
-
     def _store(self, cache: dict[bytes, Any], key: bytes, value: Any) -> None:
         if len(cache) >= self._cache_size:
             # bounded: drop the oldest quarter (dicts keep insertion order)
@@ -500,17 +537,15 @@ class Spec:
         cache[key] = value
 
     def _cache(self, cache: dict[bytes, Any], key: bytes, bm: bytes, width: int) -> Layout:
-        tab = self._bytetab
         fields: list[int] = []
-        steps: list[Any] = []
-        base = 0
+        pos = 0
         for byte in bm:
             if byte:
-                entry = tab[base + byte] or self._byte_entry(base >> 8, byte)
-                fields += entry[0]
-                steps += entry[1]
-            base += 256
-        lay = Layout(tuple(fields), tuple(steps), width, self)
+                fields += _BITS[pos][byte]
+            pos += 1
+        if width > self._bm1[0]:  # DE 1 and 65 are bitmaps, not values
+            fields = [n for n in fields if n != 1 and n != 65]
+        lay = Layout(tuple(fields), self._steps, width, self)
         self._store(cache, key, lay)
         return lay
 
