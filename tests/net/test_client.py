@@ -253,6 +253,12 @@ async def test_connection_lost_fails_in_flight() -> None:
         await server.close(timeout=0.05)
         with pytest.raises(ConnectionLostError, match="in flight"):
             await task
+        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(NotConnectedError, match="reconnect is off"):
+            await client.request(make_request(2), timeout=5)
+        assert loop.time() - t0 < 1
 
 
 async def test_pool_over_two_hosts() -> None:

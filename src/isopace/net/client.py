@@ -49,7 +49,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from isopace.iso8583 import Message
-from isopace.iso8583.errors import Iso8583Error
 from isopace.net._transport import FramedProtocol, is_request_mti, is_response_mti
 from isopace.net.errors import (
     ConnectionLostError,
@@ -447,8 +446,16 @@ class Client:
                 await asyncio.sleep(interval - idle)
                 continue
             try:
-                await self.request(self.echo_message(self), timeout=min(self.timeout, interval))
-            except (NetError, Iso8583Error) as exc:
+                echo = self.echo_message(self)
+                response = await self.request(echo, timeout=min(self.timeout, interval))
+                if response.get(39, "00") != "00":
+                    logger.warning(
+                        "echo test to %s answered with DE 39 = %s",
+                        self.address,
+                        response.get(39),
+                        extra={"peer": self.address},
+                    )
+            except RequestTimeoutError as exc:
                 if conn is self._conn and not conn.closed:
                     logger.warning(
                         "echo test to %s failed: %s; closing the connection",
@@ -458,6 +465,13 @@ class Client:
                     )
                     conn.close_transport(abort=True)
                     await asyncio.wait([conn.lost])
+            except ConnectionError:
+                continue  # the supervisor reconnects
+            except Exception as exc:  # a duplicate key, an echo message that does not encode...
+                logger.warning(
+                    "echo test to %s not sent: %r", self.address, exc, extra={"peer": self.address}
+                )
+                conn.last_activity = loop.time()  # try again after a full interval
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting; requests in flight fail."""
@@ -507,6 +521,10 @@ class Client:
             conn = self._conn
             if conn is not None and not conn.closed and ready.is_set():
                 return conn
+            if self._supervisor.done():
+                raise NotConnectedError(
+                    f"the connection to {self.address} is closed and reconnect is off"
+                )
             left = deadline - loop.time()
             if left <= 0 or self._closed:
                 raise NotConnectedError(f"no connection to {self.address} within {timeout:g} s")
