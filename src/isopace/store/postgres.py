@@ -47,7 +47,7 @@ from isopace.store.records import (
     InDoubt,
     JournalRecord,
     Row,
-    build_row,
+    RowBuilder,
     default_node,
     loads_durable,
     loads_joined,
@@ -266,6 +266,7 @@ class PostgresJournal(_PoolOwner):
         self._wait_final = wait_final
         self.node = node if node is not None else default_node()
         self._protector = CardDataProtector(hmac_key)
+        self._rows = RowBuilder(self._protector, self.node)
         self._group_commit = group_commit
         self._max_batch = max_batch if group_commit else 1
         self._queue: asyncio.Queue[tuple[Row | None, asyncio.Future[None] | None] | None] = (
@@ -304,7 +305,7 @@ class PostgresJournal(_PoolOwner):
 
     async def record(self, ex: Exchange, event: Event) -> None:
         """Journal ``event`` of ``ex``; returns once its batch is committed (or JournalError)."""
-        row = build_row(ex, event, self._protector, self.node)
+        row = self._rows.build(ex, event)
         if not self._opened:
             await self.open()
         if self._closed:

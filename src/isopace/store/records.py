@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ __all__ = [
     "JournalRecord",
     "RecoveryReport",
     "Row",
+    "RowBuilder",
     "build_row",
     "default_node",
     "message_from_json",
@@ -49,7 +51,7 @@ class Row:
 
     tx_id: str
     kind: str
-    at: datetime
+    at_us: int  # UTC, microseconds since the epoch
     node: str
     joined: str  # JSON array of stage names
     durable: str | None  # JSON object
@@ -60,8 +62,8 @@ class Row:
     error: str | None
 
     @property
-    def at_us(self) -> int:
-        return int(self.at.timestamp() * 1_000_000)
+    def at(self) -> datetime:
+        return datetime.fromtimestamp(self.at_us / 1_000_000, UTC)
 
 
 def _protect(protector: CardDataProtector, message: object) -> ProtectedMessage | None:
@@ -84,32 +86,80 @@ def _error_text(error: BaseException | None) -> str | None:
     return scrub_text(text)
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class RowBuilder:
+    """Builds protected rows; shared by the journal backends.
+
+    Caches what repeats: the JSON of a joined-stage tuple, and the protected response of a
+    transaction between its COMMITTING record and its final one (the same message object).
+    """
+
+    __slots__ = ("_joined", "_node", "_protector", "_responses")
+
+    def __init__(self, protector: CardDataProtector, node: str) -> None:
+        self._protector = protector
+        self._node = node
+        self._joined: dict[tuple[str, ...], str] = {(): "[]"}
+        self._responses: dict[str, tuple[object, ProtectedMessage | None]] = {}
+
+    def _joined_json(self, joined: tuple[str, ...]) -> str:
+        text = self._joined.get(joined)
+        if text is None:
+            text = _ENCODE(list(joined))
+            if len(self._joined) < 4096:
+                self._joined[joined] = text
+        return text
+
+    def _response(self, tx_id: str, kind: str, message: object) -> ProtectedMessage | None:
+        responses = self._responses
+        if kind == "COMMITTING":
+            protected = _protect(self._protector, message)
+            if len(responses) > 100_000:  # runs that never finished: do not grow for ever
+                responses.clear()
+            responses[tx_id] = (message, protected)
+            return protected
+        cached = responses.pop(tx_id, None)
+        if cached is not None and cached[0] is message:
+            return cached[1]
+        return _protect(self._protector, message)
+
+    def build(self, ex: Exchange, event: Event) -> Row:
+        """The protected row for ``event`` of ``ex`` (raises JournalError if it cannot be)."""
+        kind = event.kind.name
+        tx_id = str(ex.id)
+        try:
+            joined = self._joined_json(ex.joined)
+            # COMMITTED: the durable properties are on the COMMITTING row already
+            props = ex.durable() if kind != "COMMITTED" else None
+            durable = _ENCODE(props) if props else None
+            request = _protect(self._protector, ex.request) if kind in _REQUEST_KINDS else None
+            response = self._response(tx_id, kind, ex.response) if kind in _RESPONSE_KINDS else None
+        except (TypeError, ValueError) as exc:
+            raise JournalError(f"transaction {ex.id!r}: cannot journal {kind}: {exc}") from exc
+        error = event.error
+        if error is None and kind == "ABORTED":
+            error = ex.error
+        pan = request or response
+        return Row(
+            tx_id,
+            kind,
+            time.time_ns() // 1000,
+            self._node,
+            joined,
+            durable,
+            request.json if request else None,
+            response.json if response else None,
+            pan.pan_masked if pan else None,
+            pan.pan_hmac if pan else None,
+            _error_text(error) if error is not None else None,
+        )
+
+
 def build_row(ex: Exchange, event: Event, protector: CardDataProtector, node: str) -> Row:
-    """Build the protected row for ``event`` of ``ex`` (raises JournalError if it cannot be)."""
-    kind = event.kind.name
-    try:
-        joined = json.dumps(list(ex.joined))
-        props = ex.durable()
-        durable = json.dumps(props, separators=(",", ":"), sort_keys=True) if props else None
-        request = _protect(protector, ex.request) if kind in _REQUEST_KINDS else None
-        response = _protect(protector, ex.response) if kind in _RESPONSE_KINDS else None
-    except (TypeError, ValueError) as exc:
-        raise JournalError(f"transaction {ex.id!r}: cannot journal {kind}: {exc}") from exc
-    error = event.error if event.error is not None else (ex.error if kind == "ABORTED" else None)
-    pan = request or response
-    return Row(
-        tx_id=str(ex.id),
-        kind=kind,
-        at=datetime.now(UTC),
-        node=node,
-        joined=joined,
-        durable=durable,
-        request=request.json if request else None,
-        response=response.json if response else None,
-        pan_masked=pan.pan_masked if pan else None,
-        pan_hmac=pan.pan_hmac if pan else None,
-        error=_error_text(error),
-    )
+    """Build the protected row for ``event`` of ``ex`` (uncached; see :class:`RowBuilder`)."""
+    return RowBuilder(protector, node).build(ex, event)
 
 
 def message_from_json(text: str | None) -> Message | None:

@@ -49,7 +49,7 @@ from isopace.store.records import (
     InDoubt,
     JournalRecord,
     Row,
-    build_row,
+    RowBuilder,
     default_node,
     loads_durable,
     loads_joined,
@@ -130,7 +130,9 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _INSERT = """INSERT INTO journal (tx_id, kind, at, at_us, node, joined, durable, request, response,
-    pan_masked, pan_hmac, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    pan_masked, pan_hmac, error) VALUES (?1, ?2,
+    strftime('%Y-%m-%dT%H:%M:%f+00:00', ?3 / 1000000.0, 'unixepoch'), ?3,
+    ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"""
 _BEGIN = """INSERT INTO inflight (tx_id, state, node, began_us, updated_us, joined, durable,
     request, response) VALUES (?, 'began', ?, ?, ?, ?, ?, ?, NULL)
     ON CONFLICT (tx_id) DO UPDATE SET state = 'began', node = excluded.node,
@@ -224,7 +226,6 @@ def _apply(conn: sqlite3.Connection, rows: list[Row]) -> None:
                 (
                     r.tx_id,
                     r.kind,
-                    r.at.isoformat(),
                     r.at_us,
                     r.node,
                     r.joined,
@@ -320,6 +321,7 @@ class SqliteJournal:
         self.path = str(Path(path))
         self.node = node if node is not None else default_node()
         self._protector = CardDataProtector(hmac_key)
+        self._rows = RowBuilder(self._protector, self.node)
         self._sync = synchronous.upper()
         self._timeout = timeout
         self._pragmas = dict(pragmas or {})
@@ -349,7 +351,7 @@ class SqliteJournal:
 
     async def record(self, ex: Exchange, event: Event) -> None:
         """Journal ``event`` of ``ex``; returns once the row is durable (raises JournalError)."""
-        row = build_row(ex, event, self._protector, self.node)
+        row = self._rows.build(ex, event)
         if not self._wait_final and row.kind in _NO_WAIT:
             self._writer.submit_nowait(row)
             return
