@@ -208,6 +208,35 @@ async def test_back_pressure_bounds_in_flight() -> None:
         assert len(responses) == 20 and peak == 3
 
 
+async def test_no_new_requests_while_writes_are_paused() -> None:
+    handled: list[str] = []
+
+    async def handler(request: Message) -> Message:
+        handled.append(request[11])
+        return request.reply().set(39, "00")
+
+    async with Server(SPEC, handler) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for _ in range(100):
+            if server.connections:
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = server._connections
+        conn.pause_writing()  # as the transport does when its buffer passes the high-water mark
+        framing = Framing()
+        wire = b"".join(framing.encode_frame(SPEC.encode(make_request(i))) for i in range(10))
+        writer.write(wire)
+        await asyncio.sleep(0.1)
+        assert handled == []
+        conn.resume_writing()
+        decoder = framing.decoder()
+        frames: list[object] = []
+        while len(frames) < 10:
+            frames += decoder.frames(await asyncio.wait_for(reader.read(65536), 5))
+        assert len(handled) == 10
+        writer.close()
+
+
 async def test_graceful_shutdown_finishes_in_flight() -> None:
     started = asyncio.Event()
 

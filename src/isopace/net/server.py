@@ -13,7 +13,9 @@ Decisions:
   would), and a task is created only if it suspends, so a handler that answers at once costs no
   task. Writes made in one loop turn go out in one ``transport.write``.
 - Back-pressure: at most ``max_in_flight`` requests per connection run at once; at the bound the
-  server stops taking frames and pauses reading the socket, and resumes when one finishes.
+  server stops taking frames and pauses reading the socket, and resumes when one finishes. It also
+  stops taking frames while the transport's write buffer is above its high-water mark (a client
+  that sends but does not read cannot make the server buffer responses without bound).
 - Keep-alive (zero-length) frames are answered with a keep-alive frame (``keepalive_reply``).
 - Bad input never kills the server, and the connection survives whatever leaves the stream in sync:
   * a frame that cannot be decoded: if the MTI can be read (ASCII, EBCDIC or BCD digits at the start
@@ -177,6 +179,12 @@ class _Connection(FramedProtocol):
         self.decoder.feed(data)
         self.pump()
 
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._blocked:
+            self._blocked = False
+            self.pump()
+
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
@@ -184,7 +192,7 @@ class _Connection(FramedProtocol):
         limit = self.server.max_in_flight
         decoder = self.decoder
         while not self.stopping and not self.closed:
-            if self.in_flight >= limit:
+            if self.in_flight >= limit or self._write_paused:
                 self._blocked = True
                 self.pause()
                 return
