@@ -178,3 +178,29 @@ async def test_retry_is_interrupted_by_cancellation(log: Log) -> None:
         await task
     assert calls == 1
     assert log.of("abort") == ["a"]
+
+
+async def test_a_deadline_outside_a_task_is_still_checked(log: Log) -> None:
+    """A coroutine driven outside a task (as an eager handler may be) cannot be interrupted,
+    but its deadline still aborts the run before the next prepare."""
+
+    def hog(ex: Exchange) -> None:
+        time.sleep(0.03)
+
+    flow = Flow().group("main", Rec("a", log), func_stage("hog", hog), Rec("b", log))
+    ex = Exchange("t", "r")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Outcome] = loop.create_future()
+
+    def drive() -> None:  # a loop callback: no current task
+        assert asyncio.current_task() is None
+        coro = flow.run(ex, timeout=0.01)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            done.set_result(stop.value)
+
+    loop.call_soon(drive)
+    assert await done is Outcome.ABORTED
+    assert isinstance(ex.error, TimeoutError)
+    assert log.of("prepare") == ["a"] and log.of("abort") == ["a"]

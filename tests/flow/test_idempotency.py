@@ -300,3 +300,39 @@ def test_memory_store_validation() -> None:
         MemoryStore(max_entries=0)
     with pytest.raises(ValueError):
         MemoryStore(ttl=0)
+
+
+async def test_failure_after_a_response_was_built_is_not_replayed() -> None:
+    calls = 0
+
+    def approve(ex: Exchange) -> None:
+        ex.response = ex.request.reply().set(39, "00")
+
+    def ledger_down(ex: Exchange) -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("ledger down")
+
+    store = MemoryStore()
+    flow = Flow(idempotency=store, key=key).group(
+        "main", func_stage("approve", approve), func_stage("ledger", ledger_down)
+    )
+    first = Exchange("1", request())
+    assert await flow.run(first) is Outcome.ABORTED
+    assert first.response is not None and first.response[39] == "00"
+    # the half-built approval is not what a duplicate gets: the key was released
+    assert len(store) == 0
+    assert await flow.run(Exchange("2", request())) is Outcome.ABORTED
+    assert calls == 2
+
+
+async def test_decline_with_its_own_cause_is_replayed() -> None:
+    def decline(ex: Exchange) -> None:
+        ex.response = ex.request.reply().set(39, "51")
+        ex.abort(ValueError("insufficient funds"))
+
+    flow = Flow(idempotency=MemoryStore(), key=key).group("main", func_stage("d", decline))
+    assert await flow.run(Exchange("1", request())) is Outcome.ABORTED
+    dup = Exchange("2", request())
+    assert await flow.run(dup) is Outcome.REPLAYED
+    assert dup.response is not None and dup.response[39] == "51"

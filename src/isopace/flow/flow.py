@@ -24,10 +24,12 @@ Decisions beyond the table in the design document, written down here:
   ``ex.error`` is an ``ExceptionGroup`` of them. Abort errors are logged; the other aborts run.
 - With idempotency, a duplicate waits for the first run of its key and replays its response.
   A store that fails to answer ``claim`` aborts the run (``ex.error`` is the store's error)
-  rather than risk processing a duplicate. A committed run's response is stored; so is an
-  aborted run's response (a decline) unless the abort came from the deadline or a
-  cancellation: those release the key, so a retransmission gets a fresh run. Storing and
-  releasing are shielded from cancellation. Failures to store are logged.
+  rather than risk processing a duplicate. A committed run's response is stored; so is the
+  response of a decline: a run a stage aborted with ``ex.abort()`` after setting
+  ``ex.response``. Any other abort (a prepare that raised, the deadline, a cancellation, an
+  unknown group) releases the key even if a response was set, so a retransmission gets a fresh
+  run rather than the replay of a half-built answer. Storing and releasing are shielded from
+  cancellation. Failures to store are logged.
 - A stage's prepare may return ``None`` for ``CONTINUE``. A prepare that returns something else
   than a result aborts the run with a ``TypeError`` naming the stage. A plain function that
   returns an awaitable (a callable object with an ``async __call__``, for instance) has it
@@ -281,7 +283,7 @@ class Flow:
         if key is None:
             return await self._run(ex, plan, deadline)
         try:
-            if deadline is None:
+            if deadline is None or asyncio.current_task() is None:
                 stored = await store.claim(key)
             else:
                 async with asyncio.timeout_at(deadline):
@@ -309,9 +311,7 @@ class Flow:
             await _shielded(self._settle(ex, key, None if ex.aborted else ex.response))
             raise
         response = ex.response
-        if response is not None and (
-            outcome is _COMMITTED or not isinstance(ex.error, TimeoutError)
-        ):
+        if response is not None and (outcome is _COMMITTED or _declined(ex)):
             settle = self._settle(ex, key, response)
         else:
             settle = self._settle(ex, key, None)
@@ -362,8 +362,12 @@ class Flow:
                 commit = await self._prepare(ex, work, 0, None, joined, None)
             else:
                 try:
-                    async with asyncio.timeout_at(deadline):
+                    if asyncio.current_task() is None:
+                        # Driven outside a task: nothing to interrupt, the deadline is checked.
                         commit = await self._prepare(ex, work, 0, None, joined, deadline)
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            commit = await self._prepare(ex, work, 0, None, joined, deadline)
                     if commit and asyncio.get_running_loop().time() >= deadline:
                         commit = self._fail(ex, _deadline_error(ex))
                 except TimeoutError:
@@ -649,6 +653,12 @@ class Flow:
 
 def _commit_steps(joined: Sequence[ResolvedStage]) -> list[CommitStep]:
     return [(rs, rs.commit, rs.commit_async) for rs in joined if rs.commit is not None]
+
+
+def _declined(ex: Exchange) -> bool:
+    """Whether the run ended by a stage's own ``ex.abort()`` (a decision), not a failure."""
+    error = ex._error
+    return error is not None and (error is ex._cause or type(error) is AbortedError)
 
 
 def _deadline_error(ex: Exchange) -> TimeoutError:

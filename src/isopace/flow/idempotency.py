@@ -12,8 +12,9 @@ CONFLICT``, a Redis ``SET NX PX``):
 - ``release(key)`` gives the key up without a response (aborted without one, cancelled); the
   waiters try to claim it again, so one of them runs the transaction.
 
-The flow stores the response of a committed transaction and of a declined one (aborted with a
-response set); one aborted without a response is released. A durable store keeps
+The flow stores the response of a committed transaction and of a declined one (a stage set
+the response and called ``ex.abort()``); any other aborted run is released, so a retransmission
+is processed afresh. A durable store keeps
 ``response.to_json(redact=True)``; on replay the flow fills each field named in
 ``stored.redacted`` back from the duplicate's own request, which carries the same card data.
 
