@@ -538,11 +538,9 @@ class Spec:
 
     def _cache(self, cache: dict[bytes, Any], key: bytes, bm: bytes, width: int) -> Layout:
         fields: list[int] = []
-        pos = 0
-        for byte in bm:
+        for pos, byte in enumerate(bm):
             if byte:
                 fields += _BITS[pos][byte]
-            pos += 1
         if width > self._bm1[0]:  # DE 1 and 65 are bitmaps, not values
             fields = [n for n in fields if n != 1 and n != 65]
         lay = Layout(tuple(fields), self._steps, width, self)
