@@ -68,6 +68,23 @@ async def test_one_byte_writes_and_coalesced_frames(server: Server) -> None:
     assert sorted(SPEC.decode(r)[11] for r in responses) == [f"{i:06d}" for i in range(50)]
 
 
+async def test_half_closed_peer_still_gets_its_answers() -> None:
+    async def slow(request: Message) -> Message:
+        await asyncio.sleep(0.05)
+        return request.reply().set(39, "00")
+
+    framing = Framing()
+    wire = b"".join(framing.encode_frame(SPEC.encode(make_request(i))) for i in range(5))
+    for handler, bound in ((slow, 256), (slow, 2), (reply_handler, 256), (reply_handler, 1)):
+        async with Server(SPEC, handler, max_in_flight=bound) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(wire)
+            writer.write_eof()
+            data = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+            assert len(framing.decoder().frames(data)) == 5
+            writer.close()
+
+
 async def test_keepalive_answered(server: Server) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     writer.write(b"\x00\x00")

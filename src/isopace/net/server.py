@@ -148,6 +148,9 @@ class _Connection(FramedProtocol):
         self.in_flight = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self.eof = False
+        self.decoder_broken = False
+        self._pumping = False
         self._blocked = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,8 +176,6 @@ class _Connection(FramedProtocol):
         if self.server._connections_changed is not None:
             self.server._connections_changed.set()
 
-    decoder_broken = False
-
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
         self.pump()
@@ -186,9 +187,23 @@ class _Connection(FramedProtocol):
             self.pump()
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        # The peer will send no more. Answer what is in flight first (a half-closed TCP peer still
+        # reads), then close; with nothing in flight, close now.
+        self.eof = True
+        if self.in_flight:
+            return True
+        self.flush()  # answers queued in this loop turn go out before the transport closes
+        return None
 
     def pump(self) -> None:
+        """Take frames while below the in-flight bound; pause reading at the bound."""
+        self._pumping = True
+        try:
+            self._pump()
+        finally:
+            self._pumping = False
+
+    def _pump(self) -> None:
         limit = self.server.max_in_flight
         decoder = self.decoder
         while not self.stopping and not self.closed:
@@ -203,7 +218,10 @@ class _Connection(FramedProtocol):
                 self._fatal(exc)
                 return
             if frame is None:
-                self.resume()
+                if self.eof and self.in_flight == 0:
+                    self.close_transport()  # half-closed peer, everything answered
+                else:
+                    self.resume()
                 return
             try:
                 self.frame_received(frame)
@@ -328,6 +346,8 @@ class _Connection(FramedProtocol):
             if self._blocked:
                 self._blocked = False
                 self.pump()
+            elif self.eof and self.in_flight == 0 and not self._pumping:
+                self.close_transport()  # the peer half-closed: answered everything, now close
 
     def _send(self, response: Message, tpdu: Tpdu | None, request: Message | None = None) -> None:
         """Encode and send ``response``; if it cannot be encoded, send DE 39 = 96 instead (with the
