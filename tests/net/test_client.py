@@ -328,3 +328,23 @@ async def test_keepalive_from_host() -> None:
             await asyncio.sleep(0.01)
     host.close()
     assert received == [b"\x00\x00"]
+
+
+def test_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async def handler(request: Message) -> Message:
+            await asyncio.sleep(random.random() * 0.01)
+            return request.reply().set(39, "00")
+
+        async with (
+            Server(SPEC, handler, max_in_flight=4) as server,
+            Client(SPEC, port=server.port, framing=Framing()) as client,
+        ):
+            responses = await asyncio.gather(*(client.request(make_request(i)) for i in range(200)))
+            assert [r[11] for r in responses] == [f"{i:06d}" for i in range(200)]
+            with pytest.raises(RequestTimeoutError):
+                await client.request(make_request(999), timeout=0.0001)
+
+    uvloop.run(main())
