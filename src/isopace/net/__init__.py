@@ -2,7 +2,23 @@
 
 A sans-IO core — :mod:`~isopace.net.framing` (length headers, TPDU, keep-alive, maximum frame size)
 and :mod:`~isopace.net.matching` (request/response matching by key) — and a thin asyncio shell:
-:class:`Server`, :class:`Client` and :class:`ClientPool`. Logger: ``isopace.net``.
+:class:`Server`, :class:`Client` and :class:`ClientPool`. Logger: ``isopace.net``. The decisions
+are written down in each module's docstring.
+
+::
+
+    from isopace.iso8583 import ISO87_ASCII
+    from isopace.net import Client, Framing, LengthHeader, Server
+
+    async def handler(request):
+        return request.reply().set(39, "00")
+
+    framing = Framing(header=LengthHeader.BINARY2)          # the default
+    async with Server(ISO87_ASCII, handler, framing=framing, port=0) as server:
+        async with Client(ISO87_ASCII, port=server.port, framing=framing) as client:
+            response = await client.request(request, timeout=5)  # matched on DE 11 + DE 41
+
+The layer never imports ``isopace.flow`` or ``isopace.store``: a host wraps its flow in a handler.
 """
 
 from isopace.net.client import Client, SignOnHook, UnmatchedHandler, echo_test
