@@ -12,12 +12,17 @@ same card data protection, same ``inflight`` table and operator queries). Group 
 task takes every queued row and writes the batch in one transaction with ONE multi-row
 ``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal plus one upsert and one delete
 for ``inflight`` (asyncpg prepares and caches these statements per connection); each ``record``
-awaits its own batch's commit (COMMITTED / ABORTED / IDEMPOTENT_HIT are queued without waiting,
-unless ``wait_final=True``, as in SqliteJournal). ``group_commit=False`` commits each event alone.
+awaits its own batch's commit; ``writers`` batches (default 3) are in flight at once, so the
+network round trips and the server's commit overlap. COMMITTED / ABORTED / IDEMPOTENT_HIT are
+queued without waiting, unless ``wait_final=True``, as in SqliteJournal. ``group_commit=False``
+commits each event alone.
 
 ``PostgresIdempotencyStore``: the claim is one atomic statement, ``INSERT ... ON CONFLICT (key) DO
 UPDATE ... WHERE <the existing claim's lease or response expired> RETURNING``; two nodes can
-never both get it. ``complete`` and ``release`` notify in the same statement
+never both get it. Claims (and completions) from concurrent runs are batched: the keys queued
+while a statement runs go together into the next one (``unnest`` arrays, keys in sorted order so
+two nodes lock rows in the same order), with ``batchers`` statements in flight at once.
+``complete`` and ``release`` notify in the same statement
 (``pg_notify(channel, key)``, delivered at commit); waiters LISTEN on one dedicated connection per
 store and re-check when their key is notified; a re-check also happens at the holder's lease
 expiry and every ``recheck`` seconds as a safety net if the listening connection was lost (it
@@ -35,6 +40,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -162,6 +168,65 @@ async def _migrate(
             log.info("postgres %s: applied schema migration %d (%s)", schema, version, description)
 
 
+class _Batcher:
+    """Calls queued while a statement runs go together into the next one (each caller gets
+    its own result). An item's first element is its key: a batch holds each key once, later
+    duplicates wait for the next batch. Several ``work`` tasks overlap round trips."""
+
+    def __init__(
+        self,
+        run: Callable[[list[tuple[Any, ...]]], Awaitable[list[tuple[Any, ...]]]],
+        name: str,
+        max_batch: int = 500,
+    ) -> None:
+        self._run = run
+        self.name = name
+        self._max_batch = max_batch
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[tuple[Any, ...]]]] = []
+        self._wakeup = asyncio.Event()
+
+    def call(self, item: tuple[Any, ...]) -> asyncio.Future[tuple[Any, ...]]:
+        fut: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        self._wakeup.set()
+        return fut
+
+    def _take(self) -> list[tuple[tuple[Any, ...], asyncio.Future[tuple[Any, ...]]]]:
+        Entry = tuple[tuple[Any, ...], asyncio.Future[tuple[Any, ...]]]
+        batch: list[Entry] = []
+        rest: list[Entry] = []
+        seen: set[Any] = set()
+        for entry in self._pending:
+            key = entry[0][0]
+            if key in seen or len(batch) >= self._max_batch or entry[1].done():
+                if not entry[1].done():
+                    rest.append(entry)
+                continue
+            seen.add(key)
+            batch.append(entry)
+        self._pending = rest
+        if not rest:
+            self._wakeup.clear()
+        return batch
+
+    async def work(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await self._run([item for item, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+
 class _PoolOwner:
     """Lazy pool creation and schema migration shared by the journal and the store."""
 
@@ -261,6 +326,7 @@ class PostgresJournal(_PoolOwner):
         min_size: int = 2,
         max_size: int = 10,
         wait_final: bool = False,
+        writers: int = 3,
     ) -> None:
         super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)
         self._wait_final = wait_final
@@ -272,7 +338,9 @@ class PostgresJournal(_PoolOwner):
         self._queue: asyncio.Queue[tuple[Row | None, asyncio.Future[None] | None] | None] = (
             asyncio.Queue()
         )
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: list[asyncio.Task[None]] = []
+        self._nwriters = max(1, writers)
+        self._batches_running: set[asyncio.Future[None]] = set()
         self.batches = 0
         self.rows = 0
         s = self.schema
@@ -299,7 +367,8 @@ class PostgresJournal(_PoolOwner):
         return JournalError(f"postgres journal {self.schema}: {text}")
 
     async def _started(self) -> None:
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        self._writers = [loop.create_task(self._write_loop()) for _ in range(self._nwriters)]
 
     # -- the Journal protocol ------------------------------------------------------------------
 
@@ -319,12 +388,16 @@ class PostgresJournal(_PoolOwner):
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written (queries do this first)."""
-        if self._writer is None or self._closed:
+        if not self._writers or self._closed:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((None, fut))
         with contextlib.suppress(JournalError):
             await fut
+        # everything queued before the barrier was taken by some writer: wait for those batches
+        running = list(self._batches_running)
+        if running:
+            await asyncio.wait(running)
 
     async def _write_loop(self) -> None:
         stop = False
@@ -341,6 +414,8 @@ class PostgresJournal(_PoolOwner):
                 batch.append(nxt)
             error: BaseException | None = None
             rows = [row for row, _ in batch if row is not None]  # None: a flush barrier
+            running: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._batches_running.add(running)
             try:
                 if rows:
                     await self._write(rows)
@@ -350,6 +425,8 @@ class PostgresJournal(_PoolOwner):
                 error = JournalError(f"postgres journal {self.schema}: write failed: {exc}")
                 error.__cause__ = exc
                 log.warning("journal: batch of %d rows failed: %s", len(batch), error)
+            self._batches_running.discard(running)
+            running.set_result(None)
             for _, fut in batch:
                 if fut is not None and not fut.done():
                     if error is None:
@@ -409,9 +486,10 @@ class PostgresJournal(_PoolOwner):
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
+        for _ in self._writers:
             self._queue.put_nowait(None)
-            await self._writer
+        if self._writers:
+            await asyncio.gather(*self._writers)
         await self._close_pool()
 
     # -- queries ---------------------------------------------------------------------------------
@@ -542,8 +620,10 @@ class PostgresIdempotencyStore(_PoolOwner):
         node: str | None = None,
         min_size: int = 2,
         max_size: int = 10,
+        batchers: int = 3,
     ) -> None:
         super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)
+        self._batchers = max(1, batchers)
         if ttl <= 0 or lease <= 0:
             raise ValueError("ttl and lease must be positive")
         self.ttl = ttl
@@ -557,26 +637,37 @@ class PostgresIdempotencyStore(_PoolOwner):
         self._listener: asyncpg.Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         s = self.schema
-        self._sql_claim = f"""INSERT INTO {s}.idempotency_keys AS k
-                (key, state, owner, lease_until, response, expires)
-            VALUES ($1, 'claimed', $2, clock_timestamp() + $3 * interval '1 second', NULL, NULL)
-            ON CONFLICT (key) DO UPDATE SET state = 'claimed', owner = excluded.owner,
-                lease_until = excluded.lease_until, response = NULL, expires = NULL
-            WHERE (k.state = 'claimed' AND k.lease_until <= clock_timestamp())
-               OR (k.state = 'done' AND k.expires <= clock_timestamp())
-            RETURNING k.owner"""
-        self._sql_peek = f"""SELECT state, response,
-                EXTRACT(EPOCH FROM (lease_until - clock_timestamp()))::float8
-            FROM {s}.idempotency_keys WHERE key = $1"""
-        self._sql_complete = f"""WITH u AS (
+        # keys sorted inside a statement: two nodes' batches lock rows in the same order
+        self._sql_claim = f"""WITH req AS (
+                SELECT * FROM unnest($1::text[], $2::text[]) AS r(key, owner)),
+            ins AS (
                 INSERT INTO {s}.idempotency_keys AS k
                     (key, state, owner, lease_until, response, expires)
-                VALUES ($1, 'done', NULL, NULL, $2, clock_timestamp() + $3 * interval '1 second')
+                SELECT key, 'claimed', owner, clock_timestamp() + $3 * interval '1 second',
+                    NULL, NULL FROM req ORDER BY key
+                ON CONFLICT (key) DO UPDATE SET state = 'claimed', owner = excluded.owner,
+                    lease_until = excluded.lease_until, response = NULL, expires = NULL
+                WHERE (k.state = 'claimed' AND k.lease_until <= clock_timestamp())
+                   OR (k.state = 'done' AND k.expires <= clock_timestamp())
+                RETURNING k.key)
+            SELECT r.key, i.key IS NOT NULL, k.state, k.response,
+                EXTRACT(EPOCH FROM (k.lease_until - clock_timestamp()))::float8
+            FROM req r LEFT JOIN ins i ON i.key = r.key
+                LEFT JOIN {s}.idempotency_keys k ON k.key = r.key"""
+        self._sql_complete = f"""WITH req AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+                    AS r(key, response, owner)),
+            u AS (
+                INSERT INTO {s}.idempotency_keys AS k
+                    (key, state, owner, lease_until, response, expires)
+                SELECT key, 'done', owner, NULL, response,
+                    clock_timestamp() + $4 * interval '1 second' FROM req ORDER BY key
                 ON CONFLICT (key) DO UPDATE SET state = 'done', owner = NULL,
                     lease_until = NULL, response = excluded.response, expires = excluded.expires
-                WHERE k.state = 'done' OR k.owner = $4 OR k.lease_until <= clock_timestamp()
+                WHERE k.state = 'done' OR k.owner = excluded.owner
+                   OR k.lease_until <= clock_timestamp()
                 RETURNING k.key)
-            SELECT pg_notify($5, key) FROM u"""
+            SELECT key, pg_notify($5, key) FROM u"""
         self._sql_release = f"""WITH d AS (
                 DELETE FROM {s}.idempotency_keys
                 WHERE key = $1 AND state = 'claimed' AND owner = $2 RETURNING key)
@@ -589,6 +680,41 @@ class PostgresIdempotencyStore(_PoolOwner):
         await self._listen()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._maintain()))
+        self._claims = _Batcher(self._claim_batch, "claim")
+        self._completes = _Batcher(self._complete_batch, "complete")
+        for _ in range(self._batchers):
+            self._tasks.append(loop.create_task(self._claims.work()))
+            self._tasks.append(loop.create_task(self._completes.work()))
+
+    async def _claim_batch(self, items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        rows = await self.pool.fetch(
+            self._sql_claim, [i[0] for i in items], [i[1] for i in items], self.lease
+        )
+        found = {r[0]: r for r in rows}
+        results: list[tuple[Any, ...]] = []
+        for key, _ in items:
+            r = found.get(key)
+            if r is None or (not r[1] and r[2] is None):
+                results.append(("retry",))
+            elif r[1]:
+                results.append(("claimed",))
+            elif r[2] == "done" and r[3] is not None:
+                results.append(("done", r[3]))
+            else:
+                results.append(("held", max(float(r[4] or 0.0), 0.0)))
+        return results
+
+    async def _complete_batch(self, items: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        rows = await self.pool.fetch(
+            self._sql_complete,
+            [i[0] for i in items],
+            [i[1] for i in items],
+            [i[2] for i in items],
+            self.ttl,
+            self._channel,
+        )
+        done = {r[0] for r in rows}
+        return [(key in done,) for key, _, _ in items]
 
     # -- notifications -------------------------------------------------------------------------
 
@@ -640,6 +766,19 @@ class PostgresIdempotencyStore(_PoolOwner):
                 f"postgres idempotency {self.schema}: {what} of key {key!r} failed: {exc}"
             ) from exc
 
+    async def _batched(
+        self, batcher: _Batcher, what: str, key: str, item: tuple[Any, ...]
+    ) -> tuple[Any, ...]:
+        await self.open()
+        if self._closed:
+            raise IdempotencyError(f"postgres idempotency {self.schema}: closed")
+        try:
+            return await batcher.call(item)
+        except Exception as exc:  # asyncpg also raises InternalClientError on a dropped link
+            raise IdempotencyError(
+                f"postgres idempotency {self.schema}: {what} of key {key!r} failed: {exc}"
+            ) from exc
+
     async def claim(self, key: str) -> Message | None:
         """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
         await self.open()
@@ -654,22 +793,18 @@ class PostgresIdempotencyStore(_PoolOwner):
             event = asyncio.Event()
             self._waiters.setdefault(key, []).append(event)  # before the check: no lost wake-up
             try:
-                got = await self._call(
-                    "claim", key, "fetchval", self._sql_claim, key, owner, self.lease
-                )
-                if got is not None:
+                result = await self._batched(self._claims, "claim", key, (key, owner))
+                if result[0] == "claimed":
                     self._held[key] = owner
                     return None
-                row = await self._call("claim", key, "fetchrow", self._sql_peek, key)
-                if row is None:
-                    continue  # released meanwhile: try again at once
-                if row[0] == "done" and row[1] is not None:
+                if result[0] == "retry":
+                    continue  # released meanwhile (or raced in this batch): try again at once
+                if result[0] == "done":
                     from isopace.iso8583 import Message
 
-                    return Message.from_json(row[1])
-                remaining = max(float(row[2] or 0.0), 0.0)
+                    return Message.from_json(result[1])
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining + 0.01, self._recheck))
+                    await asyncio.wait_for(event.wait(), min(result[1] + 0.01, self._recheck))
             finally:
                 events = self._waiters.get(key)
                 if events is not None and event in events:
@@ -681,22 +816,14 @@ class PostgresIdempotencyStore(_PoolOwner):
         """Store the response for ``key`` (for ``ttl``) and notify every node's waiters."""
         owner = self._held.get(key)
         try:
-            rows = await self._call(
-                "complete",
-                key,
-                "fetch",
-                self._sql_complete,
-                key,
-                response.to_json(redact=True),
-                self.ttl,
-                owner,
-                self._channel,
+            (ok,) = await self._batched(
+                self._completes, "complete", key, (key, response.to_json(redact=True), owner)
             )
         finally:
             if self._held.get(key) == owner:
                 self._held.pop(key, None)
             self._notified(None, 0, self._channel, key)
-        if not rows:
+        if not ok:
             raise LeaseLostError(key)
 
     async def release(self, key: str) -> None:
