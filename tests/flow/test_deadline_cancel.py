@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -204,3 +205,71 @@ async def test_a_deadline_outside_a_task_is_still_checked(log: Log) -> None:
     assert await done is Outcome.ABORTED
     assert isinstance(ex.error, TimeoutError)
     assert log.of("prepare") == ["a"] and log.of("abort") == ["a"]
+
+
+async def test_an_outer_timeout_is_a_cancellation_for_the_run(log: Log) -> None:
+    """The caller's own asyncio.timeout cancels the run (rolled back, CancelledError out of
+    run), and the caller gets its TimeoutError: the run's deadline does not swallow it."""
+    flow = Flow().group("main", Rec("a", log), ARec("slow", log, delay=10.0))
+    ex = Exchange("t", "r")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.02):
+            await flow.run(ex, timeout=10.0)
+    assert isinstance(ex.error, asyncio.CancelledError)
+    assert log.of("abort") == ["a"]
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_deadline_and_outside_cancellation_together_propagate_the_cancellation(
+    log: Log,
+) -> None:
+    started = asyncio.Event()
+
+    async def wait(ex: Exchange) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    flow = Flow().group("main", Rec("a", log), func_stage("wait", wait))
+    task = asyncio.create_task(flow.run(Exchange("t", "r"), timeout=0.05))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log.of("abort") == ["a"]
+
+
+async def test_a_timed_out_run_leaves_the_task_uncancelled(log: Log) -> None:
+    flow = Flow().group("main", Rec("a", log), ARec("slow", log, delay=10.0))
+    ex = Exchange("t", "r")
+    assert await flow.run(ex, timeout=0.01) is Outcome.ABORTED
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.02)  # no stray cancellation arrives later
+
+
+async def test_a_prepare_that_swallows_the_interruption_still_times_out(log: Log) -> None:
+    async def stubborn(ex: Exchange) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # misbehaving: carries on
+            await asyncio.sleep(10)
+
+    flow = Flow().group("main", Rec("a", log), func_stage("stubborn", stubborn))
+    ex = Exchange("t", "r")
+    assert await flow.run(ex, timeout=0.02) is Outcome.ABORTED
+    assert isinstance(ex.error, TimeoutError)
+    assert log.of("abort") == ["a"]
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+async def test_outside_cancellation_at_the_deadline_instant_wins(log: Log) -> None:
+    async def both(ex: Exchange) -> None:
+        task = asyncio.current_task()
+        assert task is not None and ex.deadline is not None
+        asyncio.get_running_loop().call_at(ex.deadline, task.cancel)  # same instant
+        await asyncio.sleep(3600)
+
+    flow = Flow().group("main", Rec("a", log), func_stage("both", both))
+    task = asyncio.create_task(flow.run(Exchange("t", "r"), timeout=0.02))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert log.of("abort") == ["a"]

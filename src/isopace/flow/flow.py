@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from isopace.flow._deadline import until
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
     AbortedError,
@@ -283,11 +284,10 @@ class Flow:
         if key is None:
             return await self._run(ex, plan, deadline)
         try:
-            if deadline is None or asyncio.current_task() is None:
+            if deadline is None:
                 stored = await store.claim(key)
             else:
-                async with asyncio.timeout_at(deadline):
-                    stored = await store.claim(key)
+                stored = await until(deadline, store.claim(key))
         except Exception as exc:
             if isinstance(exc, TimeoutError):
                 exc = TimeoutError(f"flow: deadline passed waiting for the first run of {ex.id!r}")
@@ -362,12 +362,9 @@ class Flow:
                 commit = await self._prepare(ex, work, 0, None, joined, None)
             else:
                 try:
-                    if asyncio.current_task() is None:
-                        # Driven outside a task: nothing to interrupt, the deadline is checked.
-                        commit = await self._prepare(ex, work, 0, None, joined, deadline)
-                    else:
-                        async with asyncio.timeout_at(deadline):
-                            commit = await self._prepare(ex, work, 0, None, joined, deadline)
+                    commit = await until(
+                        deadline, self._prepare(ex, work, 0, None, joined, deadline)
+                    )
                     if commit and asyncio.get_running_loop().time() >= deadline:
                         commit = self._fail(ex, _deadline_error(ex))
                 except TimeoutError:
