@@ -5,8 +5,8 @@ address. A request goes to the connected client with the fewest requests in flig
 among equals); when none is connected it waits for one within its own timeout. The pool refuses a
 key already in flight on any of its connections, since the host side may share state across them.
 Clients that cannot connect keep retrying in the background (backoff and jitter) while the others
-serve. A request that fails is not re-sent elsewhere: the caller decides (the host may have
-processed it).
+serve; :meth:`ClientPool.connect` fails (and stops them) only when none connects in time. A
+request that fails is not re-sent elsewhere: the caller decides (the host may have processed it).
 """
 
 from __future__ import annotations
@@ -69,13 +69,18 @@ class ClientPool:
         return f"{self._stan:06d}"
 
     async def connect(self, timeout: float | None = None) -> None:
-        """Start every connection; return when at least one is up (:class:`NotConnectedError`
-        if none is within ``timeout``, default the clients' connect timeout)."""
+        """Start every connection; return when at least one is up. If none is up within
+        ``timeout`` (default: the clients' connect timeout), stop them all and raise
+        :class:`NotConnectedError`."""
         for client in self.clients:
             client.start()
         if timeout is None:
             timeout = self.clients[0].connect_timeout
-        await self._wait_any(asyncio.get_running_loop().time() + timeout, timeout)
+        try:
+            await self._wait_any(asyncio.get_running_loop().time() + timeout, timeout)
+        except NotConnectedError:
+            await self.close()
+            raise
 
     async def _wait_any(self, deadline: float, timeout: float) -> Client:
         loop = asyncio.get_running_loop()
