@@ -20,12 +20,14 @@ Decisions:
 - Bad input never kills the server, and the connection survives whatever leaves the stream in sync:
   * a frame that cannot be decoded: if the MTI can be read (ASCII, EBCDIC or BCD digits at the start
     of the message) and asks for an answer, the server answers with a format error — MTI function
-    digit + 1, DE 39 = ``"30"``; otherwise the frame is logged and dropped;
+    digit + 1, DE 39 = ``"30"`` (no echo fields: the codec could not locate them, so a client that
+    matches on DE 11 sees it as unmatched); otherwise the frame is logged and dropped;
   * a request whose fields fail to decode when the handler reads them (decoding is lazy), or that
     ``spec.validate`` rejects when ``validate=True``: format error echoing the fields that still
     decode (the :meth:`Message.reply` echo set);
-  * a handler that raises anything else: logged, answered with DE 39 = ``"96"`` (system
-    malfunction) so the acquirer does not wait for its timeout;
+  * a handler that raises anything else, or returns a response that cannot be encoded: logged,
+    answered with DE 39 = ``"96"`` (system malfunction) so the acquirer does not wait for its
+    timeout;
   * a message that is itself a response (0210, 0810...) is logged and dropped;
   * a length header that cannot be read or declares more than ``framing.max_frame_size``: the
     stream is out of sync, so the connection is closed with an error log line naming the peer and
@@ -34,6 +36,8 @@ Decisions:
 - ``close(timeout)``: stop accepting, stop reading new requests, let the running transactions
   finish and send their responses within ``timeout`` seconds, then cancel what remains (the flow
   rolls it back) and close the connections. Requests still buffered unread are not started.
+- A peer that half-closes (sends EOF after its requests) still gets every answer; the server
+  closes once nothing is in flight.
 - TLS: pass an ``ssl.SSLContext`` (server side).
 """
 
