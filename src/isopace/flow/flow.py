@@ -29,7 +29,16 @@ Decisions beyond the table in the design document, written down here:
   ``ex.response``. Any other abort (a prepare that raised, the deadline, a cancellation, an
   unknown group) releases the key even if a response was set, so a retransmission gets a fresh
   run rather than the replay of a half-built answer. Storing and releasing are shielded from
-  cancellation. Failures to store are logged.
+  cancellation; failures to store are logged. Waiting for the first run of a key counts
+  against the deadline (the waiter then aborts with ``TimeoutError``, journalling ``BEGIN`` and
+  ``ABORTED``); a key function that raises aborts the run the same way.
+- A stage routed to more than once prepares, and joins, once per time: it commits or aborts as
+  many times as it joined.
+- An exchange is run once. ``ex.joined`` is complete from the end of the prepare pass on.
+- ``run()`` has two paths with the same semantics: an inline one for a flow with nothing around
+  its stages (no journal, idempotency, profiler, listener nor deadline), which handles stages
+  voting ``CONTINUE`` itself and hands any other vote to the general prepare pass, and the
+  general one. The tests run every rule through both.
 - A stage's prepare may return ``None`` for ``CONTINUE``. A prepare that returns something else
   than a result aborts the run with a ``TypeError`` naming the stage. A plain function that
   returns an awaitable (a callable object with an ``async __call__``, for instance) has it
