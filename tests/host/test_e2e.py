@@ -13,6 +13,7 @@ import asyncio
 import json
 import socket
 import struct
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,5 +259,29 @@ def test_config_file_and_velocity_limits(tmp_path: Path) -> None:
         assert send(proc.port, "--pan", PAN_MC, "--amount", "1001.00")["39"] == "61"
         # 51xx is no longer routed: only 55 goes to mastercard in this table.
         assert send(proc.port, "--pan", PAN_LOW, "--amount", "1.00")["39"] == "14"
+    finally:
+        assert proc.stop() == 0
+
+
+def test_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    proc = HostProcess(
+        free_port(),
+        ["--db", str(tmp_path / "t.db"), "--tls-cert", str(cert), "--tls-key", str(key)],
+        tmp_path / "tls.log",
+    ).start()
+    try:
+        response = send(proc.port, "--tls-ca", str(cert), "--pan", PAN_OK, "--amount", "3.00")
+        assert response["39"] == "00"
+        plain = cli(
+            "send", "--port", str(proc.port), "--pan", PAN_OK, "--amount", "1", "--timeout", "3"
+        )
+        assert plain.returncode == 2  # a plain-text client gets no answer from a TLS port
     finally:
         assert proc.stop() == 0
