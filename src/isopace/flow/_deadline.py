@@ -1,10 +1,12 @@
-"""Interrupting an await when the run's deadline passes.
+"""Interrupting awaits when the run's deadline passes.
 
-``until(deadline, aw)`` is what ``asyncio.timeout_at`` does for one awaitable, with less
-machinery on the way in and out (one timer handle, no context manager), which matters because a
-host runs every transaction with a deadline. When the timer fires it cancels the task; the
-``CancelledError`` that comes out of ``aw`` is turned into ``TimeoutError`` unless the task was
-also cancelled from outside (then the cancellation propagates, as with ``asyncio.timeout``).
+This is what ``asyncio.timeout_at`` does, with less machinery (one timer handle, no context
+manager), armed only when there is something to interrupt: a run of plain-function stages
+never suspends, so its deadline is only checked, and arms no timer at all.
+
+When the timer fires it cancels the task; the ``CancelledError`` that comes out of the awaited
+stage is turned into a timeout (``Expiry.consume()`` returns True) unless the task was also
+cancelled from outside: then the cancellation propagates, as with ``asyncio.timeout``.
 """
 
 from __future__ import annotations
@@ -16,37 +18,55 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-class _Expiry:
-    __slots__ = ("cancelling", "fired", "task")
+class Expiry:
+    """A timer that cancels ``task`` at ``deadline``; see :func:`arm`."""
 
-    def __init__(self, task: asyncio.Task[object]) -> None:
+    __slots__ = ("cancelling", "fired", "handle", "task")
+
+    def __init__(self, task: asyncio.Task[object], deadline: float) -> None:
         self.task = task
         self.cancelling = task.cancelling()
         self.fired = False
+        self.handle = asyncio.get_running_loop().call_at(deadline, self._fire)
 
-    def fire(self) -> None:
+    def _fire(self) -> None:
         self.fired = True
         self.task.cancel()
+
+    def consume(self) -> bool:
+        """For a ``CancelledError`` just caught: True if it is this timer's (a timeout), False
+        if it must propagate (not fired, or also cancelled from outside)."""
+        if not self.fired:
+            return False
+        self.fired = False
+        return self.task.uncancel() <= self.cancelling
+
+    def disarm(self) -> None:
+        """Stop the timer; if it fired but its cancellation never came out (a stage swallowed
+        it), take the cancellation request back."""
+        self.handle.cancel()
+        if self.fired:
+            self.fired = False
+            self.task.uncancel()
+
+
+def arm(deadline: float) -> Expiry | None:
+    """A timer interrupting the current task at ``deadline``; None outside a task."""
+    task = asyncio.current_task()
+    return None if task is None else Expiry(task, deadline)
 
 
 async def until(deadline: float, aw: Awaitable[T]) -> T:
     """Await ``aw``; if ``deadline`` (loop clock) passes first, interrupt it and raise
     ``TimeoutError``. Outside a task there is nothing to interrupt: ``aw`` is simply awaited."""
-    task = asyncio.current_task()
-    if task is None:
+    expiry = arm(deadline)
+    if expiry is None:
         return await aw
-    expiry = _Expiry(task)
-    handle = asyncio.get_running_loop().call_at(deadline, expiry.fire)
     try:
         return await aw
     except asyncio.CancelledError:
-        if expiry.fired:
-            expiry.fired = False
-            if task.uncancel() <= expiry.cancelling:
-                raise TimeoutError() from None
+        if expiry.consume():
+            raise TimeoutError() from None
         raise
     finally:
-        handle.cancel()
-        if expiry.fired:
-            # It fired, but ``aw`` ended without the cancellation: take the request back.
-            task.uncancel()
+        expiry.disarm()

@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from isopace.flow._deadline import until
+from isopace.flow._deadline import Expiry, arm, until
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
     AbortedError,
@@ -371,9 +371,7 @@ class Flow:
                 commit = await self._prepare(ex, work, 0, None, joined, None)
             else:
                 try:
-                    commit = await until(
-                        deadline, self._prepare(ex, work, 0, None, joined, deadline)
-                    )
+                    commit = await self._prepare(ex, work, 0, None, joined, deadline)
                     if commit and asyncio.get_running_loop().time() >= deadline:
                         commit = self._fail(ex, _deadline_error(ex))
                 except TimeoutError:
@@ -424,72 +422,92 @@ class Flow:
         # Timings chain one clock reading from one stage to the next, so each includes the
         # flow's own bookkeeping for that stage (tens of nanoseconds).
         began = _clock() if timed else 0.0
-        # A list iterator sees the stages that routing appends while it runs.
-        for rs in islice(work, start, None):
-            if pending is None:
-                if now is not None and now() >= deadline:  # type: ignore[operator]
-                    return self._fail(ex, _deadline_error(ex))
-                try:
-                    result = rs.prepare(ex)
-                    if rs.prepare_async:
-                        result = await result
-                    if result is not None and result.__class__ is not Result:
-                        result = await _odd_result(rs, result)
-                except Exception as exc:
-                    if timed:
-                        self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
-                    return self._fail(ex, exc)
-                except BaseException as exc:
-                    if timed:
-                        self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
-                    raise
-                if timed:
-                    ended = _clock()
-                    if timings is not None:
-                        timings.append((rs.name, _PREPARE, ended - began))
-                    if listener is not None:
-                        self._notify(rs.name, _PREPARE, ended - began, None)
-                    began = ended
-            else:
-                result, pending = pending, None
-                if result.__class__ is not Result:
+        # The deadline timer is armed before the first await (a pass of plain functions never
+        # suspends, so checking the deadline before each prepare is all it needs).
+        expiry: Expiry | None = None
+        armed = deadline is None
+        try:
+            # A list iterator sees the stages that routing appends while it runs.
+            for rs in islice(work, start, None):
+                if pending is None:
+                    if now is not None and now() >= deadline:  # type: ignore[operator]
+                        return self._fail(ex, _deadline_error(ex))
                     try:
-                        result = await _odd_result(rs, result)
+                        result = rs.prepare(ex)
+                        if rs.prepare_async:
+                            if not armed:
+                                armed = True
+                                expiry = arm(deadline)  # type: ignore[arg-type]
+                            result = await result
+                        if result is not None and result.__class__ is not Result:
+                            if not armed:
+                                armed = True
+                                expiry = arm(deadline)  # type: ignore[arg-type]
+                            result = await _odd_result(rs, result)
                     except Exception as exc:
+                        if timed:
+                            self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
                         return self._fail(ex, exc)
-            if result is None or result is CONTINUE:
-                joined.append(rs)
-            elif result is SKIP:
-                pass
-            elif result is DONE:
+                    except BaseException as exc:
+                        if timed:
+                            self._observe(ex, rs.name, _PREPARE, _clock() - began, exc)
+                        if (
+                            expiry is not None
+                            and isinstance(exc, asyncio.CancelledError)
+                            and expiry.consume()
+                        ):
+                            return self._fail(ex, _deadline_error(ex))
+                        raise
+                    if timed:
+                        ended = _clock()
+                        if timings is not None:
+                            timings.append((rs.name, _PREPARE, ended - began))
+                        if listener is not None:
+                            self._notify(rs.name, _PREPARE, ended - began, None)
+                        began = ended
+                else:
+                    result, pending = pending, None
+                    if result.__class__ is not Result:
+                        try:
+                            result = await _odd_result(rs, result)
+                        except Exception as exc:
+                            return self._fail(ex, exc)
+                if result is None or result is CONTINUE:
+                    joined.append(rs)
+                elif result is SKIP:
+                    pass
+                elif result is DONE:
+                    if ex.aborted:
+                        break
+                    return True
+                else:
+                    kind = result.kind
+                    if kind == "route":
+                        joined.append(rs)
+                        routed: list[ResolvedStage] = []
+                        for group in result.groups:
+                            plan = self._groups.get(group)
+                            if plan is None:
+                                return self._fail(ex, UnknownGroupError(group))
+                            routed.extend(plan.stages)
+                        work.extend(routed)
+                        if len(work) > max_stages:
+                            del work[max_stages:]
+                            overflow = True
+                    elif kind == "continue":
+                        joined.append(rs)
+                    elif kind == "done" and not ex.aborted:
+                        return True
                 if ex.aborted:
                     break
-                return True
-            else:
-                kind = result.kind
-                if kind == "route":
-                    joined.append(rs)
-                    routed: list[ResolvedStage] = []
-                    for group in result.groups:
-                        plan = self._groups.get(group)
-                        if plan is None:
-                            return self._fail(ex, UnknownGroupError(group))
-                        routed.extend(plan.stages)
-                    work.extend(routed)
-                    if len(work) > max_stages:
-                        del work[max_stages:]
-                        overflow = True
-                elif kind == "continue":
-                    joined.append(rs)
-                elif kind == "done" and not ex.aborted:
-                    return True
             if ex.aborted:
-                break
-        if ex.aborted:
-            return self._fail_aborted(ex)
-        if overflow:
-            return self._fail(ex, TooManyStagesError(max_stages))
-        return True
+                return self._fail_aborted(ex)
+            if overflow:
+                return self._fail(ex, TooManyStagesError(max_stages))
+            return True
+        finally:
+            if expiry is not None:
+                expiry.disarm()
 
     def _fail(self, ex: Exchange, error: BaseException) -> bool:
         ex.aborted = True
