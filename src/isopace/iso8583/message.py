@@ -195,13 +195,12 @@ class Message:
                 raise KeyError(n) from None
         if n in self._gone:
             raise KeyError(n)
-        spec = lay.spec
-        offs = self._offs
-        assert spec is not None and offs is not None and self._data is not None
+        spec: Spec = lay.spec  # type: ignore[assignment]
+        offs: tuple[int, ...] = self._offs  # type: ignore[assignment]
         if lay.bulk is not None and len(vals) >= 3 and self._clean:
             # a few fields read already: decode the rest in one generated pass
             try:
-                rest = lay.bulk(self._data, offs)
+                rest = lay.bulk(self._data, offs)  # type: ignore[arg-type]
             except Exception:  # a bad value: decode field by field below
                 pass
             else:
@@ -211,11 +210,11 @@ class Message:
         s = offs[i] + spec._plens[n]
         if spec._asc[n]:
             try:
-                v: Value = self._data[s : offs[i + 1]].decode("ascii")
+                v: Value = self._data[s : offs[i + 1]].decode("ascii")  # type: ignore[index]
             except UnicodeDecodeError:
                 raise DecodeError(n, s, "invalid ascii data") from None
         else:
-            v = spec._decs[n](self._data, s, offs[i + 1])  # type: ignore[misc]
+            v = spec._decs[n](self._data, s, offs[i + 1])  # type: ignore[misc, arg-type]
         vals[n] = v
         return v
 

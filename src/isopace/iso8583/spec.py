@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from isopace.iso8583.validation import Violation
 
 MAX_FIELD = 192
-_GENERATE_AFTER = 2  # a layout gets generated code the n-th time its bitmap is seen
+_GENERATE_AFTER = 3  # a layout gets generated code the n-th time its bitmap is seen
 
 
 def _hex_upper(b: bytes) -> bytes:
@@ -87,19 +87,20 @@ class Layout:
         offs = [p]
         append = offs.append
         steps = self.steps
+        fixed = self.spec._fixed  # type: ignore[union-attr]
         for n in self.fields:
-            step = steps[n]
-            if type(step) is int:
-                p += step
+            size = fixed[n]
+            if size >= 0:
+                p += size
             else:
-                plen, table, reader, max_len, nib, _ = step
+                plen, table, reader, max_len, nib, _ = steps[n]
                 if table is not None:
-                    n = table[d[p : p + plen]]
+                    count = table[d[p : p + plen]]
                 else:
-                    n = reader(d, p)
-                    if n > max_len:
+                    count = reader(d, p)
+                    if count > max_len:
                         raise _Bad
-                p += plen + ((n + 1) >> 1 if nib else n)
+                p += plen + ((count + 1) >> 1 if nib else count)
             append(p)
         if p != len(d):
             raise _Bad
@@ -107,32 +108,33 @@ class Layout:
 
 
 def _generate(fields: tuple[int, ...], codecs: tuple[Codec | None, ...]) -> Callable[..., Any]:
-    """Straight-line locator for one layout."""
+    """Straight-line locator for one layout: ``o<i>`` is where field i starts."""
     ns: dict[str, Any] = {"_Bad": _Bad, "len": len}
-    lines = ["def locate(d, p):", "    o0 = p"]
-    for i, n in enumerate(fields, 1):
+    lines = ["def locate(d, o0):"]
+    for i, n in enumerate(fields):
         c = codecs[n]
         assert c is not None
+        cur, nxt = f"o{i}", f"o{i + 1}"
         if not c.plen:
-            lines.append(f"    p += {c.fixed_size}")
+            lines.append(f"    {nxt} = {cur} + {c.fixed_size}")
+            continue
+        w = c.plen
+        if c.len_table is not None:
+            ns[f"T{n}"] = c.len_table
+            lines.append(f"    n = T{n}[d[{cur}:{cur} + {w}]]")
+        elif c.fd.len_enc == "b" and w == 1:
+            lines.append(f"    n = d[{cur}]")
+            lines.append(f"    if n > {c.fd.max_len}: raise _Bad")
         else:
-            w = c.plen
-            if c.len_table is not None:
-                ns[f"T{n}"] = c.len_table
-                lines.append(f"    n = T{n}[d[p:p + {w}]]")
-            elif c.fd.len_enc == "b" and w == 1:
-                lines.append("    n = d[p]")
-                lines.append(f"    if n > {c.fd.max_len}: raise _Bad")
-            else:
-                ns[f"R{n}"] = c.read_len
-                lines.append(f"    n = R{n}(d, p)")
-                lines.append(f"    if n > {c.fd.max_len}: raise _Bad")
-            if c.nibbles:
-                lines.append(f"    p += {w} + ((n + 1) >> 1)")
-            else:
-                lines.append(f"    p += {w} + n")
-        lines.append(f"    o{i} = p")
-    lines.append("    if p != len(d): raise _Bad")
+            ns[f"R{n}"] = c.read_len
+            lines.append(f"    n = R{n}(d, {cur})")
+            lines.append(f"    if n > {c.fd.max_len}: raise _Bad")
+        if c.nibbles:
+            lines.append(f"    {nxt} = {cur} + {w} + ((n + 1) >> 1)")
+        else:
+            lines.append(f"    {nxt} = {cur} + {w} + n")
+    last = f"o{len(fields)}"
+    lines.append(f"    if {last} != len(d): raise _Bad")
     lines.append("    return (" + ", ".join(f"o{i}" for i in range(len(fields) + 1)) + ",)")
     exec("\n".join(lines), ns)
     return ns["locate"]  # type: ignore[no-any-return]
@@ -288,6 +290,7 @@ class Spec:
             bool(c and c.fd.kind == "text" and c.fd.data_enc.lower() in ("ascii", "us-ascii"))
             for c in codecs
         )
+        self._fixed = tuple(-2 if c is None else c.fixed_size if not c.plen else -1 for c in codecs)
         self._ascii_wire = all(
             c is None or self._asc[c.number] or c.fd.kind == "hex" for c in codecs
         )
@@ -336,6 +339,7 @@ class Spec:
 
             if key == "p":
                 self._bm1 = (width, bm_dec, bm_enc)
+                self._bmw = width
             else:
                 self._bm2 = (width, bm_dec, bm_enc)
         self._layouts: dict[bytes, Layout | None] = {}
@@ -436,7 +440,7 @@ class Spec:
         if mti is None:
             mti = self._decode_mti(mb, p)
         p += ml
-        lay = self._layouts.get(data[p : p + self._bm1[0]])
+        lay = self._layouts.get(data[p : p + self._bmw])
         if lay is None or lay.ext:
             lay = self._layout(data, p)
         try:
