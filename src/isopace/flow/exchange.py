@@ -19,8 +19,6 @@ from isopace.flow.profiler import Phase, StageTiming, format_profile
 if TYPE_CHECKING:
     from isopace.iso8583 import Message
 
-_MISSING: Any = object()
-
 
 class Exchange:
     """One transaction: ``Exchange(id, request)``.

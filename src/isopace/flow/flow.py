@@ -51,11 +51,11 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from isopace.flow._deadline import Expiry, arm, until
+from isopace.flow._interrupt import Expiry, arm, shielded, until
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
     AbortedError,
@@ -317,14 +317,14 @@ class Flow:
         except BaseException:
             # Cancelled. Before the decision point the run was rolled back: give the key up.
             # During the commit pass the decision stands: keep the response for duplicates.
-            await _shielded(self._settle(ex, key, None if ex.aborted else ex.response))
+            await shielded(self._settle(ex, key, None if ex.aborted else ex.response))
             raise
         response = ex.response
         if response is not None and (outcome is _COMMITTED or _declined(ex)):
             settle = self._settle(ex, key, response)
         else:
             settle = self._settle(ex, key, None)
-        if await _shielded(settle):
+        if await shielded(settle):
             raise asyncio.CancelledError()
         return outcome
 
@@ -578,7 +578,7 @@ class Flow:
                     gathered.extend(ex._error.exceptions)
                 ex._error = _commit_group(gathered)
 
-        await _shielded(finish())
+        await shielded(finish())
 
     def _commit_failed(
         self, ex: Exchange, rs: ResolvedStage, exc: Exception, errors: list[Exception] | None
@@ -600,7 +600,7 @@ class Flow:
     async def _abort(self, ex: Exchange, joined: Sequence[ResolvedStage]) -> Outcome:
         """Roll back; shielded from cancellation whenever there is anything to await."""
         if self._journal is not None or any(rs.abort_async for rs in joined):
-            if await _shielded(self._abort_pass(ex, joined)):
+            if await shielded(self._abort_pass(ex, joined)):
                 raise asyncio.CancelledError()
         else:
             await self._abort_pass(ex, joined)
@@ -611,7 +611,7 @@ class Flow:
     ) -> None:
         ex.aborted = True
         ex._error = exc
-        await _shielded(self._abort_pass(ex, joined))
+        await shielded(self._abort_pass(ex, joined))
 
     async def _abort_pass(self, ex: Exchange, joined: Sequence[ResolvedStage]) -> None:
         """Abort the joined stages in reverse order, then journal ``ABORTED``."""
@@ -703,19 +703,3 @@ async def _odd_result(rs: ResolvedStage, result: object) -> Result | None:
         f"flow: stage {rs.name!r} returned {type(result).__name__} from prepare; "
         "expected CONTINUE, SKIP, DONE, route(...) or None"
     )
-
-
-async def _shielded(aw: Coroutine[Any, Any, None] | Awaitable[None]) -> bool:
-    """Run ``aw`` to completion even if this task is cancelled meanwhile; True if it was."""
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait((task,))
-        except asyncio.CancelledError:
-            cancelled = True
-    if not task.cancelled() and task.exception() is not None:
-        logging.getLogger("isopace.flow").error(
-            "flow: shielded step failed", exc_info=task.exception()
-        )
-    return cancelled

@@ -1,19 +1,24 @@
-"""Interrupting awaits when the run's deadline passes.
+"""Interrupting awaits when the run's deadline passes, and shielding work from cancellation.
 
-This is what ``asyncio.timeout_at`` does, with less machinery (one timer handle, no context
-manager), armed only when there is something to interrupt: a run of plain-function stages
-never suspends, so its deadline is only checked, and arms no timer at all.
+The deadline timer does what ``asyncio.timeout_at`` does, with less machinery (one timer handle,
+no context manager), and is armed only when there is something to interrupt: a run of
+plain-function stages never suspends, so its deadline is only checked and arms no timer.
 
 When the timer fires it cancels the task; the ``CancelledError`` that comes out of the awaited
 stage is turned into a timeout (``Expiry.consume()`` returns True) unless the task was also
 cancelled from outside: then the cancellation propagates, as with ``asyncio.timeout``.
+
+``shielded(aw)`` runs what must finish even when the run's task is cancelled (the rollback, the
+idempotency store's complete / release) in a task of its own, waits for it through any number
+of cancellations, and reports whether one arrived so that the caller re-raises it afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import logging
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -70,3 +75,19 @@ async def until(deadline: float, aw: Awaitable[T]) -> T:
         raise
     finally:
         expiry.disarm()
+
+
+async def shielded(aw: Coroutine[Any, Any, None] | Awaitable[None]) -> bool:
+    """Run ``aw`` to completion even if this task is cancelled meanwhile; True if it was."""
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("isopace.flow").error(
+            "flow: shielded step failed", exc_info=task.exception()
+        )
+    return cancelled
