@@ -1,1 +1,1 @@
-"""isopace benchmarks: each ``bench_<name>.py`` has a ``main()`` printing ratios against a baseline."""
+"""isopace benchmarks: each ``bench_<name>.py`` has a ``main()`` printing ratios."""

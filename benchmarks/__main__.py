@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [name ...]`` (names: the ``bench_<name>.py`` files)."""
+"""Run the benchmarks: ``python -m benchmarks [name ...]`` (``bench_<name>.py`` files)."""
 
 from __future__ import annotations
 

@@ -4,4 +4,4 @@ from __future__ import annotations
 
 
 class IsopaceError(Exception):
-    """Base class of all isopace errors; each layer derives its own (and ``ValueError`` for bad input)."""
+    """Base of all isopace errors; each layer derives its own (and ``ValueError`` for bad input)."""

@@ -6,7 +6,7 @@ from isopace.errors import IsopaceError
 
 
 class Iso8583Error(IsopaceError, ValueError):
-    """Base of the message layer's errors: the cause is always bad input (bytes, values or a spec)."""
+    """Base of the message layer's errors: the cause is always bad input (bytes, values, spec)."""
 
 
 def _where(field: int | str | None) -> str:
