@@ -74,7 +74,7 @@ class Layout:
         self.ext = spec is None  # marker entry: a further bitmap follows
         self.spec = spec
         self.hits = 0
-        self.patches: dict[Any, tuple[Any, ...]] = {}
+        self.patches: dict[Any, tuple[Any, ...]] | None = None
         self.bulk: Callable[[bytes, tuple[int, ...]], dict[int, Any]] | None = None
         self.locate: Callable[[bytes, int], tuple[int, ...]] = self._generic
 
@@ -509,18 +509,33 @@ class Spec:
 
     def _layout(self, data: bytes, p: int) -> Layout:
         """Find (or build and cache) the layout for the bitmaps starting at ``data[p]``."""
-        w1 = self._bm1[0]
-        w2 = self._bm2[0]
+        w1 = self._bmw
         key1 = data[p : p + w1]
-        bm = self._bitmap_at(data, p, 1)
-        if not bm[0] & 0x80:
-            return self._cache(self._layouts, key1, bm, w1)
+        try:
+            bm = self._bm1[1](key1)
+        except Exception:
+            bm = b""
+        if len(bm) != 8:
+            bm = self._bitmap_at(data, p, 1)  # reports the problem
+        if not bm[0] & 0x80:  # the common case, inlined
+            fields: list[int] = []
+            for pos, byte in enumerate(bm):
+                if byte:
+                    fields += _BITS[pos][byte]
+            lay = Layout(tuple(fields), self._steps, w1, self)
+            cache = self._layouts
+            if len(cache) >= self._cache_size:
+                self._store(cache, key1, lay)
+            else:
+                cache[key1] = lay
+            return lay
+        w2 = self._bm2[0]
         if key1 not in self._layouts:
             self._store(self._layouts, key1, _EXT)
         key2 = data[p : p + w1 + w2]
-        lay = self._layouts2.get(key2)
-        if lay is not None and not lay.ext:
-            return lay
+        lay2 = self._layouts2.get(key2)
+        if lay2 is not None and not lay2.ext:
+            return lay2
         bm += self._bitmap_at(data, p + w1, 2)
         if not bm[8] & 0x80:
             return self._cache(self._layouts2, key2, bm, w1 + w2)
@@ -545,7 +560,7 @@ class Spec:
         for pos, byte in enumerate(bm):
             if byte:
                 fields += _BITS[pos][byte]
-        if width > self._bm1[0]:  # DE 1 and 65 are bitmaps, not values
+        if width > self._bmw:  # DE 1 and 65 are bitmaps, not values
             fields = [n for n in fields if n != 1 and n != 65]
         lay = Layout(tuple(fields), self._steps, width, self)
         self._store(cache, key, lay)
@@ -678,12 +693,15 @@ class Spec:
         lay = m._lay
         assert lay is not None
         pk = (keys, m._dirty, m._hdirty)
-        items = lay.patches.get(pk)
+        patches = lay.patches
+        if patches is None:
+            patches = lay.patches = {}
+        items = patches.get(pk)
         if items is None:
             items = self._patch_plan(lay, keys, m._dirty, m._hdirty)
-            if len(lay.patches) >= 64:
-                lay.patches.clear()
-            lay.patches[pk] = items
+            if len(patches) >= 64:
+                patches.clear()
+            patches[pk] = items
         data = m._data
         offs = m._offs
         assert data is not None and offs is not None
