@@ -136,3 +136,19 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
         conn.close()
     bench_account = next(a for a in ledger["accounts"] if a["id"] == "ACC-9000")
     assert bench_account["balance"] == bench_account["opening"] - captured
+
+
+def test_offline_recover_command(tmp_path: Path) -> None:
+    db = str(tmp_path / "data" / "host.db")
+    port = free_port()
+    host = HostProcess(port, ["--db", db, "--log-level", "WARNING"], tmp_path / "s.log").start()
+    got = asyncio.run(load_then_kill(host, 7, 1.0))
+    assert got
+    proc = cli("recover", "--db", db, "--port", str(port), check=True)
+    assert "recovery:" in proc.stdout
+    assert "ledger balances" in proc.stdout
+    assert cli("journal", "--db", db, "--in-doubt", "--json", check=True).stdout.strip() == ""
+    again = cli("recover", "--db", db, "--port", str(port), check=True)  # idempotent
+    assert "recovery: 0 committed, 0 aborted, 0 failed" in again.stdout
+    ledger = cli_json("ledger", "--db", db)
+    assert ledger["ok"] and ledger["pending"] == 0
