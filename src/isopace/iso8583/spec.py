@@ -371,7 +371,7 @@ class Spec:
         return self._defs == other._defs and self._required == other._required
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self._defs.items())))
+        return hash((self.name, tuple(sorted(self._defs))))
 
     # --- pyiso8583 dicts and JSON ----------------------------------------------------------
     @classmethod
