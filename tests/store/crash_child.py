@@ -1,10 +1,10 @@
 """Child process of the crash tests: runs transactions until it is killed.
 
-``python -m tests.store.crash_child <journal-spec> <ledger.db> <acks-file> <prefix>``, where the
-journal spec is ``sqlite:<path>`` or ``postgres:<dsn>#<schema>``. Prints ``ready`` once the flow
-is built, then runs batches of concurrent transactions forever and appends the id of every
-transaction whose response was returned (outcome COMMITTED) to the acks file, after ``run``
-returned.
+``python -m tests.store.crash_child <journal-spec> <ledger.db> <acks-file> <prefix>``; journal
+specs: ``sqlite:<path>``, ``sqlite-nowait:<path>`` (``wait_final=False``),
+``postgres:<dsn>#<schema>``. Prints ``ready`` once the flow is built, then runs batches of
+concurrent transactions forever and appends the id of every transaction whose response was
+returned (outcome COMMITTED) to the acks file, after ``run`` returned.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from tests.store.helpers import Ledger, ledger_flow, request
 
 def open_journal(spec: str) -> object:
     kind, _, rest = spec.partition(":")
-    if kind == "sqlite":
+    if kind in ("sqlite", "sqlite-nowait"):
         from isopace.store import SqliteJournal
 
-        return SqliteJournal(rest, node="crash-test")
+        return SqliteJournal(rest, node="crash-test", wait_final=kind == "sqlite")
     if kind == "postgres":
         from isopace.store import PostgresJournal
 

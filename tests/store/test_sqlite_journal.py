@@ -68,7 +68,7 @@ async def test_group_commit_batches_concurrent_records(tmp_path: Path) -> None:
 
 async def test_one_fsync_per_event_mode(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
-    async with SqliteJournal(path, group_commit=False, wait_final=True) as journal:
+    async with SqliteJournal(path, group_commit=False) as journal:
         flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
         await asyncio.gather(*(flow.run(Exchange(f"t{i}", request(i))) for i in range(20)))
         assert journal.stats == {"rows": 60, "batches": 60}

@@ -13,9 +13,9 @@ task takes every queued row and writes the batch in one transaction with ONE mul
 ``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal plus one upsert and one delete
 for ``inflight`` (asyncpg prepares and caches these statements per connection); each ``record``
 awaits its own batch's commit; ``writers`` batches (default 3) are in flight at once, so the
-network round trips and the server's commit overlap. COMMITTED / ABORTED / IDEMPOTENT_HIT are
-queued without waiting, unless ``wait_final=True``, as in SqliteJournal. ``group_commit=False``
-commits each event alone.
+network round trips and the server's commit overlap. ``wait_final=False``: COMMITTED / ABORTED /
+IDEMPOTENT_HIT are queued without waiting, as in SqliteJournal. ``group_commit=False`` commits
+each event alone.
 
 ``PostgresIdempotencyStore``: the claim is one atomic statement, ``INSERT ... ON CONFLICT (key) DO
 UPDATE ... WHERE <the existing claim's lease or response expired> RETURNING``; two nodes can
@@ -91,7 +91,6 @@ _JOURNAL_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
             "CREATE INDEX IF NOT EXISTS journal_tx ON {s}.journal (tx_id)",
             "CREATE INDEX IF NOT EXISTS journal_at ON {s}.journal (at)",
-            "CREATE INDEX IF NOT EXISTS journal_kind_at ON {s}.journal (kind, at)",
             """CREATE INDEX IF NOT EXISTS journal_pan ON {s}.journal (pan_hmac)
                WHERE pan_hmac IS NOT NULL""",
             """CREATE TABLE IF NOT EXISTS {s}.inflight (
@@ -325,7 +324,7 @@ class PostgresJournal(_PoolOwner):
         max_batch: int = 1024,
         min_size: int = 2,
         max_size: int = 10,
-        wait_final: bool = False,
+        wait_final: bool = True,
         writers: int = 3,
     ) -> None:
         super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)

@@ -7,14 +7,17 @@ an ``inflight`` table of transactions that began and have not finished, in the s
 transaction, so finding what is in doubt never scans the whole journal.
 
 Durability: WAL mode with ``synchronous=FULL`` (the WAL is fsynced at every commit). ``record``
-of BEGIN and COMMITTING returns only once the row is durable: BEGIN precedes every reservation and
-COMMITTING is the commit decision. ``record`` of COMMITTED / ABORTED / IDEMPOTENT_HIT queues the
-row for the next batch and returns without waiting for its fsync (unless ``wait_final=True``):
-losing one in a crash changes nothing, because recovery finds the transaction in doubt and ends it
-the same way (COMMITTING journalled -> commit, else abort) through idempotent recover hooks. This
-saves one fsync wait per transaction; a failed write is logged. Writes go through one writer thread
-(:class:`isopace.store._writer.GroupWriter`): every event queued while a batch is being written
-goes into the next batch, one transaction and one fsync for all of them (group commit).
+returns only once its row is durable. ``wait_final=False`` is an opt-in trade: COMMITTED /
+ABORTED / IDEMPOTENT_HIT rows are then queued for the next batch without waiting for their fsync
+(BEGIN, which precedes every reservation, and COMMITTING, the decision, are still awaited).
+Losing such a row in a crash does not change the outcome: recovery finds the transaction in doubt
+and ends it the same way (COMMITTING journalled -> commit, else abort) through the idempotent
+recover hooks; what is lost is the detail of that record (a decline's cause, a commit error).
+It saves one fsync wait per transaction; a failed write is logged.
+
+Group commit: writes go through one writer thread (:class:`isopace.store._writer.GroupWriter`):
+every event queued while a batch is being written goes into the next batch, one transaction and
+one fsync for all of them.
 ``group_commit=False`` writes one transaction (one fsync) per event instead.
 
 Schema: versioned in ``schema_migrations`` (version, description, applied time); the migrations
@@ -96,7 +99,6 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                        ELSE 0 END
                 WHERE at_us IS NULL""",
             "CREATE INDEX journal_at ON journal(at_us)",
-            "CREATE INDEX journal_kind_at ON journal(kind, at_us)",
             "CREATE INDEX journal_pan ON journal(pan_hmac) WHERE pan_hmac IS NOT NULL",
             """CREATE TABLE inflight (
                 tx_id TEXT PRIMARY KEY,
@@ -314,7 +316,7 @@ class SqliteJournal:
         synchronous: str = "FULL",
         timeout: float = 10.0,
         pragmas: Mapping[str, str | int] | None = None,
-        wait_final: bool = False,
+        wait_final: bool = True,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
