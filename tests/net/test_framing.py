@@ -167,12 +167,41 @@ def test_any_chunking_gives_the_same_frames(
     dec.close()
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=200), st.sampled_from(ALL_FRAMINGS))
-def test_garbage_never_crashes(data: bytes, framing: Framing) -> None:
+def _one_by_one(framing: Framing, chunks: list[bytes]) -> tuple[list[Frame], str | None]:
     dec = framing.decoder()
+    out: list[Frame] = []
     try:
-        for i in range(len(data)):
-            dec.frames(data[i : i + 1])
-    except FrameError:
-        pass
+        for chunk in chunks:
+            dec.feed(chunk)
+            while (frame := dec.next_frame()) is not None:
+                out.append(frame)
+    except FrameError as exc:
+        return out, str(exc)
+    return out, None
+
+
+def _batched(framing: Framing, chunks: list[bytes], limit: int) -> tuple[list[Frame], str | None]:
+    dec = framing.decoder()
+    out: list[Frame] = []
+    try:
+        for chunk in chunks:
+            dec.feed(chunk)
+            while frames := dec.take(limit):
+                out += frames
+    except FrameError as exc:
+        return out, str(exc)
+    return out, None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=60), max_size=8),
+    st.sampled_from(ALL_FRAMINGS),
+    st.integers(min_value=1, max_value=4),
+)
+def test_garbage_never_crashes_and_take_agrees(
+    chunks: list[bytes], framing: Framing, limit: int
+) -> None:
+    """Arbitrary bytes: only FrameError, and batch decoding (take) finds the same frames and the
+    same error as frame-by-frame decoding."""
+    assert _batched(framing, chunks, limit) == _one_by_one(framing, chunks)

@@ -126,7 +126,7 @@ class _Connection(FramedProtocol):
         decoder.feed(data)
         while True:
             try:
-                frame = decoder.next_frame()
+                frames = decoder.take()
             except FrameError as exc:
                 logger.error(
                     "closing connection to %s: %s",
@@ -136,12 +136,13 @@ class _Connection(FramedProtocol):
                 )
                 self.close_transport()
                 return
-            if frame is None:
+            if not frames:
                 return
-            try:
-                self.frame_received(frame)
-            except Exception:  # a bug must not take the connection down
-                logger.exception("error processing a frame from %s", self.peer)
+            for frame in frames:
+                try:
+                    self.frame_received(frame)
+                except Exception:  # a bug must not take the connection down
+                    logger.exception("error processing a frame from %s", self.peer)
 
     def frame_received(self, frame: Frame) -> None:
         client = self.client

@@ -28,6 +28,7 @@ plain state machine (``feed`` bytes, take frames with ``next_frame``), with no I
 from __future__ import annotations
 
 import enum
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -326,13 +327,67 @@ class FrameDecoder:
             return Frame(body[TPDU_SIZE:], Tpdu.from_bytes(body[:TPDU_SIZE]))
         return Frame(body)
 
-    def frames(self, data: bytes = b"") -> list[Frame]:
-        """Feed ``data`` and return every complete frame now buffered."""
-        self.feed(data)
+    def take(self, limit: int = sys.maxsize) -> list[Frame]:
+        """Up to ``limit`` complete frames (the same as calling :meth:`next_frame` until it returns
+        None, in one pass). If the stream breaks after some frames, those are returned and the
+        next call raises the :class:`FrameError`."""
+        if self._broken is not None:
+            raise self._broken
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        hsize = self._hsize
+        read = self._read
+        incl = self._incl
+        max_size = self._max
+        tpdu = self._tpdu
+        copy = not isinstance(buf, bytes)
         out: list[Frame] = []
-        while (frame := self.next_frame()) is not None:
-            out.append(frame)
+        try:
+            while len(out) < limit and size - pos >= hsize:
+                length = read(buf, pos)
+                if incl:
+                    if length < hsize:
+                        raise FrameError(
+                            f"declared length {length} is smaller than the {hsize}-byte header "
+                            "it includes"
+                        )
+                    length -= hsize
+                if length > max_size:
+                    raise FrameTooLargeError(length, max_size)
+                start = pos + hsize
+                end = start + length
+                if end > size:
+                    break
+                body: bytes = bytes(buf[start:end]) if copy else buf[start:end]  # type: ignore[assignment]
+                pos = end
+                if tpdu and body:
+                    if len(body) < TPDU_SIZE:
+                        out.append(Frame(body, None))
+                    else:
+                        out.append(Frame(body[TPDU_SIZE:], Tpdu.from_bytes(body[:TPDU_SIZE])))
+                else:
+                    out.append(Frame(body))
+        except FrameError as exc:
+            self._broken = exc
+            if not out:
+                raise
+        if pos == size:
+            self._buf = b""
+            self._pos = 0
+        elif copy and pos >= _COMPACT_AT:
+            assert isinstance(buf, bytearray)
+            del buf[:pos]
+            self._pos = 0
+        else:
+            self._pos = pos
         return out
+
+    def frames(self, data: bytes = b"") -> list[Frame]:
+        """Feed ``data`` and return every complete frame now buffered (raises on a broken
+        stream only when no complete frame precedes the break; the next call raises then)."""
+        self.feed(data)
+        return self.take()
 
     def close(self) -> None:
         """Declare the end of the stream: raises :class:`IncompleteFrameError` if a partial frame

@@ -211,26 +211,30 @@ class _Connection(FramedProtocol):
         limit = self.server.max_in_flight
         decoder = self.decoder
         while not self.stopping and not self.closed:
-            if self.in_flight >= limit or self._write_paused:
+            room = limit - self.in_flight
+            if room <= 0 or self._write_paused:
                 self._blocked = True
                 self.pause()
                 return
             try:
-                frame = decoder.next_frame()
+                frames = decoder.take(room)
             except FrameError as exc:
                 self.decoder_broken = True
                 self._fatal(exc)
                 return
-            if frame is None:
+            if not frames:
                 if self.eof and self.in_flight == 0:
                     self.close_transport()  # half-closed peer, everything answered
                 else:
                     self.resume()
                 return
-            try:
-                self.frame_received(frame)
-            except Exception:  # a bug must not take the connection down
-                logger.exception("error processing a frame from %s", self.peer)
+            for frame in frames:
+                if self.closed or self.stopping:
+                    return
+                try:
+                    self.frame_received(frame)
+                except Exception:  # a bug must not take the connection down
+                    logger.exception("error processing a frame from %s", self.peer)
 
     def _fatal(self, exc: FrameError) -> None:
         extra = {"peer": self.peer, "error": str(exc)}
