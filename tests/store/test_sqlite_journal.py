@@ -170,8 +170,10 @@ async def test_disk_full_logged_flow_keeps_running_nothing_corrupted(
         )
     assert set(outcomes) == {Outcome.COMMITTED}  # journal failures never abort
     assert "database or disk is full" in caplog.text
+    big = Exchange("big", request())
+    big.set("blob", "x" * 50_000, durable=True)  # needs new pages whatever space is left
     with pytest.raises(JournalError, match="database or disk is full"):
-        await journal.record(Exchange("big", request()), Event(EventKind.BEGIN))
+        await journal.record(big, Event(EventKind.BEGIN))
     await journal.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
