@@ -18,7 +18,7 @@ import asyncio
 import collections
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from isopace.iso8583 import ISO87_ASCII, Message
@@ -49,8 +49,13 @@ REQUEST = Message(
 )
 
 
-async def _measure(one_round_trip: Callable[[int, int], Awaitable[None]]) -> float:
-    """Run CONCURRENCY workers for WARMUP + SECONDS; round trips per second in the measured part."""
+Result = tuple[float, float]
+"""(round trips per second, CPU microseconds per round trip) of one measured run."""
+
+
+async def _measure(one_round_trip: Callable[[int, int], Awaitable[None]]) -> Result:
+    """Run CONCURRENCY workers for WARMUP + SECONDS; round trips per second in the measured part
+    and the process CPU time (user + system, both ends of the connection) per round trip."""
     loop = asyncio.get_running_loop()
     counting = False
     count = 0
@@ -69,12 +74,14 @@ async def _measure(one_round_trip: Callable[[int, int], Awaitable[None]]) -> flo
     await asyncio.sleep(WARMUP)
     counting = True
     t0 = time.perf_counter()
+    c0 = time.process_time()
     await asyncio.sleep(SECONDS)
     counting = False
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     stop = True
     await asyncio.gather(*tasks)
-    return count / elapsed
+    return count / elapsed, cpu / max(count, 1) * 1e6
 
 
 # --- bare asyncio: length-prefixed echo --------------------------------------------------------
@@ -149,15 +156,15 @@ class _BatchingEchoClient(_EchoClient):
         self.out.clear()
 
 
-async def bare() -> float:
+async def bare() -> Result:
     return await _bare(_EchoClient)
 
 
-async def bare_batching() -> float:
+async def bare_batching() -> Result:
     return await _bare(_BatchingEchoClient)
 
 
-async def _bare(client_class: type[_EchoClient]) -> float:
+async def _bare(client_class: type[_EchoClient]) -> Result:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_EchoServer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -183,7 +190,7 @@ async def _reply(request: Message) -> Message:
     return request.reply()
 
 
-async def isopace() -> float:
+async def isopace() -> Result:
     async with (
         Server(ISO87_ASCII, _reply, max_in_flight=CONCURRENCY) as server,
         Client(ISO87_ASCII, port=server.port) as client,
@@ -233,7 +240,7 @@ async def _raw_reply(request: _Raw) -> _Raw:
     return request.reply()
 
 
-async def transport_only() -> float:
+async def transport_only() -> Result:
     spec: Any = _RawSpec(len(ISO87_ASCII.encode(REQUEST)))
     async with (
         Server(spec, cast(Any, _raw_reply), max_in_flight=CONCURRENCY) as server,
@@ -264,30 +271,30 @@ def _codec_cost() -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def _run(name: str, runner: Callable[[Callable[[], Awaitable[float]]], float]) -> None:
+def _run(name: str, runner: Callable[[Callable[[], Coroutine[Any, Any, Result]]], Result]) -> None:
     # Alternate the cases and keep the best round of each: the machine may be shared, and a
-    # burst of other work during one case would otherwise skew the ratio.
+    # burst of other work during one case would otherwise skew the ratio. The CPU time per round
+    # trip is the steadier figure when other processes compete for the cores.
     cases = {
-        "bare": bare,
-        "batching": bare_batching,
-        "isopace": isopace,
-        "transport": transport_only,
+        "bare asyncio echo": bare,
+        "isopace Server+Client": isopace,
+        "  transport only (pass-through codec)": transport_only,
+        "bare echo, batching client": bare_batching,
     }
-    results: dict[str, list[float]] = {k: [] for k in cases}
+    results: dict[str, list[Result]] = {k: [] for k in cases}
     for _ in range(ROUNDS):
         for key, case in cases.items():
             results[key].append(runner(case))
-    b, bb, i, t = (max(results[k]) for k in cases)
-    print(
-        f"{name:8s} bare asyncio echo              {b:9,.0f} rt/s\n"
-        f"{name:8s} isopace Server+Client          {i:9,.0f} rt/s   ratio {i / b:.2f}x "
-        f"(target >= 0.50x)\n"
-        f"{name:8s}   transport only               {t:9,.0f} rt/s   ratio {t / b:.2f}x "
-        f"(same Server+Client, pass-through codec)\n"
-        f"{name:8s} bare echo, client batching     {bb:9,.0f} rt/s   "
-        f"isopace {i / bb:.2f}x, transport only {t / bb:.2f}x",
-        flush=True,
-    )
+    best = {k: (max(r for r, _ in v), min(c for _, c in v)) for k, v in results.items()}
+    base_rate, base_cpu = best["bare asyncio echo"]
+    print(f"{name}: {'':38s}{'rt/s':>9s} {'CPU us/rt':>10s}   vs bare: rt/s   CPU")
+    for key, (rate, cpu) in best.items():
+        line = f"  {key:38s}{rate:9,.0f} {cpu:10.1f}"
+        if key != "bare asyncio echo":
+            line += f"   {rate / base_rate:12.2f}x {base_cpu / cpu:5.2f}x"
+        if key == "isopace Server+Client":
+            line += "   (target >= 0.50x)"
+        print(line, flush=True)
 
 
 def main() -> None:
