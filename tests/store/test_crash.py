@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -23,21 +24,51 @@ ROOT = Path(__file__).resolve().parents[2]
 KILLS = 20
 
 
-def _spawn(spec: str, ledger: Path, acks: Path, prefix: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'src'}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.store.crash_child", spec, str(ledger), str(acks), prefix],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != b"ready":
-        proc.kill()
-        raise AssertionError(f"child did not start: {line!r} {proc.stderr.read()!r}")  # type: ignore[union-attr]
-    return proc
+class Zygote:
+    """A pre-imported process that forks a load child per request (see crash_child.zygote)."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'src'}")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.store.crash_child", "zygote"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self._line(60) == "zygote"
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError("crash child did not answer in time")
+        return self.proc.stdout.readline().decode().strip()
+
+    def spawn(self, *args: str) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((" ".join(args) + "\n").encode())
+        self.proc.stdin.flush()
+        line = self._line(30)
+        if not line.startswith("ready "):
+            raise AssertionError(f"crash child failed to start: {line!r}")
+        return int(line.split()[1])
+
+    @staticmethod
+    def kill(pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.005)
+        raise AssertionError(f"child {pid} survived SIGKILL")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 async def _check(journal: object, ledger: Ledger, acks: Path, committed_ids: set[str]) -> None:
@@ -61,25 +92,28 @@ async def _crash_loop(
     acks = tmp_path / "acks.txt"
     rng = random.Random(8583)
     total_recovered = 0
-    for round_ in range(kills):
-        proc = _spawn(spec, ledger_path, acks, f"r{round_}")
-        time.sleep(rng.uniform(0.05, 0.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        journal = open_journal(spec)
-        if hasattr(journal, "open"):
-            await journal.open()
-        ledger = Ledger(ledger_path)
-        try:
-            report = await recover(ledger_flow(ledger, journal), journal)
-            assert not report.failed
-            total_recovered += report.total
-            again = await recover(ledger_flow(ledger, journal), journal)
-            assert again.total == 0  # idempotent
-            await _check(journal, ledger, acks, await committed(journal))
-        finally:
-            ledger.close()
-            await journal.close()  # type: ignore[attr-defined]
+    zygote = Zygote()
+    try:
+        for round_ in range(kills):
+            pid = zygote.spawn(spec, str(ledger_path), str(acks), f"r{round_}")
+            time.sleep(rng.uniform(0.05, 0.4))
+            zygote.kill(pid)
+            journal = open_journal(spec)
+            if hasattr(journal, "open"):
+                await journal.open()
+            ledger = Ledger(ledger_path)
+            try:
+                report = await recover(ledger_flow(ledger, journal), journal)
+                assert not report.failed
+                total_recovered += report.total
+                again = await recover(ledger_flow(ledger, journal), journal)
+                assert again.total == 0  # idempotent
+                await _check(journal, ledger, acks, await committed(journal))
+            finally:
+                ledger.close()
+                await journal.close()  # type: ignore[attr-defined]
+    finally:
+        zygote.close()
     assert acks.exists() and len(acks.read_text().split()) > kills  # real load ran
     assert total_recovered > 0  # some kills did land mid-transaction
 
