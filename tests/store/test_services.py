@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import subprocess
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -226,3 +230,53 @@ async def test_redis_down_is_a_clear_error() -> None:
             await store.claim("k")
     finally:
         await store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_redis(port: int, tmp: str) -> subprocess.Popen[bytes]:
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        ["redis-server", *args, "--dir", tmp],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("redis-server did not start")
+
+
+async def test_redis_server_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A private redis-server (so the shared one is not disturbed) is stopped and restarted."""
+    port = _free_port()
+    server = _start_redis(port, str(tmp_path))
+    store = RedisIdempotencyStore(f"redis://127.0.0.1:{port}/0", prefix="restart:", recheck=0.2)
+    flow = Flow(idempotency=store, key=lambda ex: ex.id).group("main", Approve())
+    try:
+        assert await flow.run(Exchange("before", request())) is Outcome.COMMITTED
+        server.terminate()
+        server.wait()
+        with caplog.at_level(logging.WARNING):
+            down = Exchange("down", request())
+            assert await flow.run(down) is Outcome.ABORTED  # refused: no double processing
+        assert isinstance(down.error, IdempotencyError)
+        assert "claim of key 'down'" in str(down.error)
+        server = _start_redis(port, str(tmp_path))
+        assert await flow.run(Exchange("after", request())) is Outcome.COMMITTED
+        # waiters are woken through the re-established subscription
+        outcomes = await asyncio.gather(*(flow.run(Exchange("dup", request())) for _ in range(5)))
+        assert sorted(o.name for o in outcomes) == ["COMMITTED"] + ["REPLAYED"] * 4
+    finally:
+        await store.close()
+        server.terminate()
+        server.wait()
