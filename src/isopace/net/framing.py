@@ -116,9 +116,10 @@ class Tpdu:
         return Tpdu(destination=self.source, source=self.destination, id=self.id)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
-    """One decoded frame: the message bytes and, with TPDU framing, its TPDU."""
+    """One decoded frame: the message bytes and, with TPDU framing, its TPDU. (Treat it as a value;
+    it is not frozen only because a frozen dataclass is slower to build, once per message.)"""
 
     payload: bytes
     tpdu: Tpdu | None = None
@@ -342,10 +343,11 @@ class FrameDecoder:
         max_size = self._max
         tpdu = self._tpdu
         copy = not isinstance(buf, bytes)
+        binary2 = read is _read_binary2
         out: list[Frame] = []
         try:
             while len(out) < limit and size - pos >= hsize:
-                length = read(buf, pos)
+                length = (buf[pos] << 8) | buf[pos + 1] if binary2 else read(buf, pos)
                 if incl:
                     if length < hsize:
                         raise FrameError(
