@@ -142,6 +142,21 @@ async def test_truncated_message_gets_format_error(server: Server) -> None:
     assert SPEC.decode(resp).mti == "0210" and SPEC.decode(resp)[39] == "30"
 
 
+async def test_field_failing_lazily_gets_format_error_with_echo_fields() -> None:
+    async def reads_everything(request: Message) -> Message:
+        request.fields()  # decodes every field: DE 42 is not text
+        return request.reply().set(39, "00")
+
+    wire = SPEC.encode(make_request(12).set(42, "MERCHANT0000001"))
+    wire = wire.replace(b"MERCHANT0000001", b"\xff" * 15)
+    async with Server(SPEC, reads_everything) as server:
+        (resp,) = await raw_exchange(server.port, Framing().encode_frame(wire))
+    response = SPEC.decode(resp)
+    assert response.mti == "0210" and response[39] == "30"
+    assert response[11] == "000012" and response[41] == "TERM0001"  # matchable by the client
+    assert 42 not in response
+
+
 async def test_short_tpdu_frame_dropped(caplog: pytest.LogCaptureFixture) -> None:
     framing = Framing(tpdu=True)
     async with Server(SPEC, reply_handler, framing=framing) as server:
