@@ -49,6 +49,7 @@ async def test_commit_and_abort_decisions(tmp_path: Path) -> None:
     async with SqliteJournal(tmp_path / "j.db", node="n1") as journal:
         await _journal_state(journal)
         flow = Flow().group("main", Hook("a", log), NoHook(), retry(Hook("b", log)))
+        assert (await recover(flow, journal, older_than=3600)).total == 0  # too recent
         report = await recover(flow, journal)
         assert report.committed == ["t-commit"] and report.aborted == ["t-prep"]
         assert report.unrecoverable_stages == {"t-commit": ["nohook"]}

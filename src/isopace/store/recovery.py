@@ -67,7 +67,9 @@ class RecoverableJournal(Protocol):
 
     async def record(self, ex: Exchange, event: Event) -> None: ...
 
-    async def in_doubt(self, *, all_nodes: bool = False) -> Sequence[InDoubt]: ...
+    async def in_doubt(
+        self, *, all_nodes: bool = False, older_than: float | None = None
+    ) -> Sequence[InDoubt]: ...
 
 
 def _rebuild(tx: InDoubt) -> Exchange:
@@ -98,15 +100,28 @@ async def _call(hook: Any, ex: Exchange, committing: bool) -> None:
 
 
 async def recover(
-    flow: Flow, journal: RecoverableJournal, *, all_nodes: bool = False
+    flow: Flow,
+    journal: RecoverableJournal,
+    *,
+    all_nodes: bool = False,
+    older_than: float | None = None,
 ) -> RecoveryReport:
-    """Finish every transaction in doubt in ``journal`` through ``flow``'s recover hooks."""
+    """Finish every transaction in doubt in ``journal`` through ``flow``'s recover hooks.
+
+    Run it at start-up, before serving: a transaction still running looks in doubt too.
+    ``older_than`` (seconds) only takes transactions whose last event is older, for running it
+    on a live node (e.g. to take over a dead node's transactions with ``all_nodes=True``).
+    """
     from isopace.flow import Event, EventKind
 
     stages = flow.stages()
     order = list(stages)
     report = RecoveryReport()
-    for tx in await journal.in_doubt(all_nodes=all_nodes):
+    if older_than is None:
+        in_doubt = await journal.in_doubt(all_nodes=all_nodes)
+    else:
+        in_doubt = await journal.in_doubt(all_nodes=all_nodes, older_than=older_than)
+    for tx in in_doubt:
         ex = _rebuild(tx)
         if tx.committing:
             names = list(tx.joined)
