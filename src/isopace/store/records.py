@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from isopace.store.errors import JournalError
 from isopace.store.protect import CardDataProtector, ProtectedMessage, scrub_text
@@ -45,9 +45,9 @@ def default_node() -> str:
     return socket.gethostname()
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One journal row, protected and serialised, ready for any backend."""
+class Row(NamedTuple):
+    """One journal row, protected and serialised, ready for any backend (a tuple in the column
+    order of the journal's INSERT, so a batch goes to ``executemany`` as it is)."""
 
     tx_id: str
     kind: str

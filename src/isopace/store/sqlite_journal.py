@@ -222,25 +222,7 @@ def migrate(conn: sqlite3.Connection, *, path: str = "", upto: int | None = None
 def _apply(conn: sqlite3.Connection, rows: list[Row]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(
-            _INSERT,
-            [
-                (
-                    r.tx_id,
-                    r.kind,
-                    r.at_us,
-                    r.node,
-                    r.joined,
-                    r.durable,
-                    r.request,
-                    r.response,
-                    r.pan_masked,
-                    r.pan_hmac,
-                    r.error,
-                )
-                for r in rows
-            ],
-        )
+        conn.executemany(_INSERT, rows)
         # one event per transaction per batch (a run awaits each durable record before the
         # next), so the inflight changes can be grouped by kind
         begin = [r for r in rows if r.kind == "BEGIN"]
