@@ -22,7 +22,38 @@ from isopace.iso8583 import ISO87_BINARY, ISO87_EBCDIC, FieldDef, Message, Spec
 
 from .conftest import field_numbers, with_tertiary
 
+
+def _exotic() -> dict[str, dict[str, Any]]:
+    """pyiso8583's default with fields switched to every length-prefix and data encoding."""
+    d = with_tertiary(default)
+
+    def f(**kw: Any) -> dict[str, Any]:
+        base = {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "desc": "x"}
+        return {**base, **kw}
+
+    d["2"] = f(
+        data_enc="b", len_enc="bcd", len_type=1, max_len=19, len_count="nibbles", right_pad="F"
+    )
+    d["3"] = f(data_enc="b", len_type=0, max_len=6, len_count="nibbles")
+    d["22"] = f(data_enc="b", len_type=0, max_len=3, len_count="nibbles", left_pad="0")
+    d["32"] = f(
+        data_enc="b", len_enc="b", len_type=1, max_len=11, len_count="nibbles", left_pad="0"
+    )
+    d["35"] = f(data_enc="b", len_enc="b", len_type=2, max_len=300)
+    d["43"] = f(data_enc="cp500", len_enc="cp500", len_type=2, max_len=40)
+    d["44"] = f(data_enc="latin-1", len_enc="cp500", len_type=3, max_len=25)
+    d["45"] = f(len_type=4, max_len=76)
+    d["48"] = f(data_enc="b", len_enc="bcd", len_type=2, max_len=999)
+    d["54"] = f(len_enc="b", len_type=1, max_len=120, len_count="nibbles")
+    d["60"] = f(data_enc="cp037", len_enc="ascii", len_type=3, max_len=999)
+    d["62"] = f(
+        data_enc="b", len_enc="ascii", len_type=3, max_len=999, len_count="nibbles", left_pad="0"
+    )
+    return d
+
+
 SPECS: dict[str, dict[str, Any]] = {
+    "exotic": _exotic(),
     "default": with_tertiary(default),
     "default_ascii": with_tertiary(default_ascii),
     "iso87_binary": ISO87_BINARY.to_pyiso8583(),
@@ -38,13 +69,27 @@ def value_for(fd: FieldDef) -> st.SearchStrategy[str | bytes]:
     low = fd.max_len if fd.len_type == 0 else 0
     if fd.kind == "bin":
         return st.binary(min_size=low, max_size=cap)
+    if fd.kind == "text" and fd.len_count == "nibbles":  # byte length = count / 2
+        return st.text(ASCII_TEXT, min_size=low // 2, max_size=cap // 2)
     if fd.kind == "bcd":
         if fd.len_count == "nibbles":
             return st.text("0123456789", min_size=low, max_size=cap)
         return st.text("0123456789", min_size=2 * low, max_size=2 * cap).filter(
             lambda s: len(s) % 2 == 0
         )
+    if fd.data_enc not in ("ascii",):
+        return st.text(ASCII_TEXT + "äöü€é", min_size=low, max_size=cap).filter(
+            lambda t: _encodable(t, fd.data_enc)
+        )
     return st.text(ASCII_TEXT, min_size=low, max_size=cap)
+
+
+def _encodable(text: str, enc: str) -> bool:
+    try:
+        text.encode(enc)
+    except UnicodeError:
+        return False
+    return True
 
 
 @st.composite

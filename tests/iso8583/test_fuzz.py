@@ -1,10 +1,11 @@
 """Fuzz: random and mutated bytes only ever raise DecodeError (never IndexError, KeyError,
 UnicodeDecodeError, struct.error, ...), whether at decode time or when the fields are read.
 
-Inputs tried: random bytes; valid messages of every built-in spec (with secondary and tertiary
-bitmaps, binary and BCD fields) with bytes flipped, inserted, deleted, truncated or extended;
-length prefixes set to random digits. Hypothesis runs 10k + 12k cases, then a seeded loop runs
-another 30k mutations quickly.
+Inputs tried: random bytes; valid messages of every built-in spec and of an "exotic" spec
+(binary, BCD, EBCDIC and four-digit length prefixes, nibble counts, pads), with secondary and
+tertiary bitmaps, binary and BCD fields, with bytes flipped, inserted, deleted, truncated or
+extended and length prefixes set to random digits. Hypothesis runs 10k + 12k cases, then a
+seeded loop runs another 30k mutations quickly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from isopace.iso8583 import ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC, DecodeError, Message, Spec
 
 from .conftest import AUTH, ICC, PIN
+from .test_differential import _exotic
 
 SPECS = [ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC]
 SAMPLES = [
@@ -27,6 +29,32 @@ SAMPLES = [
     Message("0100", {2: "476173900101001", 22: "051", 35: "476173900101001=2812"}),
 ]
 SEEDS = [(spec, spec.encode(m)) for spec in SPECS for m in SAMPLES]
+EXOTIC = Spec.from_pyiso8583(_exotic())
+SPECS.append(EXOTIC)
+SEEDS.append(
+    (
+        EXOTIC,
+        EXOTIC.encode(
+            Message(
+                "0200",
+                {
+                    2: "4761739001010010",
+                    3: "000000",
+                    22: "051",
+                    32: "123",
+                    35: b"\x01\x02",
+                    43: "äbc",
+                    44: "é",
+                    45: "x" * 10,
+                    48: b"\x00" * 5,
+                    54: "abc",
+                    62: "12345",
+                    130: "tertiary",
+                },
+            )
+        ),
+    )
+)
 
 
 def exercise(spec: Spec, data: bytes) -> None:
