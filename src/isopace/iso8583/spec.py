@@ -5,17 +5,34 @@ or 2 BCD bytes), primary bitmap (``p``), secondary bitmap (data element 1) when 
 when bit 65 is set, a tertiary bitmap encoded like the secondary one (data element 65 is that
 bitmap, never a value), then the data elements in ascending order.
 
-Decoding is lazy. ``decode`` reads the MTI and the bitmaps, then looks the bitmap up in a bounded
-cache of *layouts* (the fields present and a function that finds their spans). A layout seen a few
-times gets a generated, straight-line locator (one Python function per bitmap, no loop, prefix
-lengths read through lookup tables); the first time a bitmap is seen a generic loop over the
-compiled fields is used. Only the structure is checked at decode time (MTI, bitmaps, every length
-prefix, max lengths, that the fields end exactly at the end of the data); a value is decoded (and
-its encoding checked) on first access, where a bad value raises :class:`DecodeError` naming the
-field and its offset.
+Decisions:
 
-Encoding a decoded message that was not changed returns the original bytes; after changes only
-the changed fields are re-encoded and the others are copied from the original bytes.
+- A spec is pyiso8583's dict format plus optional keys (``content`` class, ``data_enc: "hex"``
+  for binary carried as hex characters); ``from_pyiso8583`` takes such a dict unchanged and
+  encodes byte for byte as pyiso8583 does (tested against it). ``to_json``/``from_json`` carry the
+  fields, the required-field rules and the composites.
+- Compilation happens once, in the constructor: every field becomes closures (length reader,
+  encoder, decoder) and lookup tables (length prefixes up to four digits, bitmap bits).
+- Decoding is lazy. ``decode`` reads the MTI and the bitmaps, then looks the bitmap up in a
+  bounded cache of *layouts* (the fields present and a function that finds their spans). The
+  first time a bitmap is seen a generic loop over the compiled fields finds the spans; a layout
+  seen again gets generated, straight-line code (one Python function per bitmap, prefix lengths
+  read through lookup tables). Caches are bounded (``layout_cache_size``; the oldest quarter is
+  dropped when full), so a stream of ever-new bitmaps costs no memory growth.
+- Only the structure is checked at decode time (MTI, bitmaps, every length prefix, max lengths,
+  that the fields end exactly at the end of the data). A value is decoded, and its encoding
+  checked, on first access; a bad value raises :class:`DecodeError` naming the field and its
+  offset then. Once a few fields of a message have been read, the rest are decoded in one
+  generated pass (reading every field costs little more than reading three).
+- Encoding a decoded message that was not changed returns the original bytes object. After
+  changes only the changed fields are re-encoded; runs of unchanged fields are copied from the
+  original bytes in one slice each (the plan is cached per layout and change set). Encoding a
+  new message uses an encoder generated per set of fields once that set has been seen a few
+  times; any problem sends it to the field-by-field path, which raises the exact
+  :class:`EncodeError`.
+- ``encode`` checks what the wire needs (type, encodability, lengths, fixed lengths exact, as
+  pyiso8583 does: no implicit padding); ``validate`` checks the content rules on top.
+- Errors never carry field values (so never card data), only numbers, lengths and offsets.
 """
 
 from __future__ import annotations
