@@ -79,6 +79,9 @@ _signing_on: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
 )
 
 
+_RESPONSE_DIGITS = frozenset("135")
+
+
 class _Expired(Exception):
     """Set on a request's future by the matcher's timer; turned into RequestTimeoutError."""
 
@@ -97,6 +100,7 @@ class _Connection(FramedProtocol):
         self.lost: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._tpdu = self.framing.tpdu
 
     # -- timeouts ------------------------------------------------------------------------------
 
@@ -146,20 +150,21 @@ class _Connection(FramedProtocol):
 
     def frame_received(self, frame: Frame) -> None:
         client = self.client
-        if frame.keepalive:
-            if client.answer_keepalive:
-                self.write(self.framing.keepalive())
-            return
-        if self.framing.tpdu and frame.tpdu is None:
+        payload = frame.payload
+        if frame.tpdu is None and (not payload or self._tpdu):
+            if not payload:  # keep-alive
+                if client.answer_keepalive:
+                    self.write(self.framing.keepalive())
+                return
             logger.warning(
                 "frame of %d bytes from %s is too short for its TPDU; dropped",
-                len(frame.payload),
+                len(payload),
                 self.peer,
                 extra={"peer": self.peer},
             )
             return
         try:
-            message = client.spec.decode(frame.payload)
+            message = client.spec.decode(payload)
             mti = message.mti
         except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
             logger.warning(
@@ -170,7 +175,7 @@ class _Connection(FramedProtocol):
                 extra={"peer": self.peer, "error": str(exc)},
             )
             return
-        if is_response_mti(mti):
+        if mti[2:3] in _RESPONSE_DIGITS and is_response_mti(mti):
             try:
                 fut = self.matcher.match(message)
             except Exception:  # a key field that does not decode: unmatched

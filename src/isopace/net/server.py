@@ -155,6 +155,7 @@ class _Connection(FramedProtocol):
         self.eof = False
         self.decoder_broken = False
         self._pumping = False
+        self._tpdu = self.framing.tpdu
         self._blocked = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -252,20 +253,21 @@ class _Connection(FramedProtocol):
 
     def frame_received(self, frame: Frame) -> None:
         server = self.server
-        if frame.keepalive:
-            if server.keepalive_reply:
-                self.write(self.framing.keepalive())
-            return
-        if self.framing.tpdu and frame.tpdu is None:
+        payload = frame.payload
+        if frame.tpdu is None and (not payload or self._tpdu):
+            if not payload:  # keep-alive
+                if server.keepalive_reply:
+                    self.write(self.framing.keepalive())
+                return
             logger.warning(
                 "frame of %d bytes from %s is too short for its TPDU; dropped",
-                len(frame.payload),
+                len(payload),
                 self.peer,
-                extra={"peer": self.peer, "length": len(frame.payload)},
+                extra={"peer": self.peer, "length": len(payload)},
             )
             return
         try:
-            request = server.spec.decode(frame.payload)
+            request = server.spec.decode(payload)
             mti = request.mti
         except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
             self._undecodable(frame, exc)
