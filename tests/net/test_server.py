@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from isopace.iso8583 import Message
+from isopace.iso8583 import ISO87_BINARY, ISO87_EBCDIC, Message, Spec
 from isopace.net import Client, Framing, LengthHeader, NetError, Server, Tpdu, recover_mti
 
 from .conftest import SPEC, make_request, raw_exchange, reply_handler
@@ -155,6 +155,17 @@ async def test_field_failing_lazily_gets_format_error_with_echo_fields() -> None
     assert response.mti == "0210" and response[39] == "30"
     assert response[11] == "000012" and response[41] == "TERM0001"  # matchable by the client
     assert 42 not in response
+
+
+@pytest.mark.parametrize("spec", [ISO87_BINARY, ISO87_EBCDIC], ids=["binary", "ebcdic"])
+async def test_format_error_in_binary_and_ebcdic_specs(spec: Spec) -> None:
+    good = spec.encode(make_request(13))
+    async with Server(spec, reply_handler) as server:
+        async with Client(spec, port=server.port) as client:
+            assert (await client.request(make_request(13)))[39] == "00"
+        (resp,) = await raw_exchange(server.port, Framing().encode_frame(good[:-2]))
+    response = spec.decode(resp)
+    assert response.mti == "0210" and response[39] == "30"
 
 
 async def test_short_tpdu_frame_dropped(caplog: pytest.LogCaptureFixture) -> None:
