@@ -569,7 +569,7 @@ class Spec:
         if len(cache) >= self._cache_size:
             # bounded: drop the oldest quarter (dicts keep insertion order)
             for old in list(cache)[: self._cache_size // 4]:
-                del cache[old]
+                cache.pop(old, None)  # another thread may have dropped it
         cache[key] = value
 
     def _cache(self, cache: dict[bytes, Any], key: bytes, bm: bytes, width: int) -> Layout:
