@@ -167,3 +167,11 @@ def test_default_spec_loads_unchanged() -> None:
     m = Spec.from_pyiso8583(default_ascii).decode(s)
     doc, _ = iso8583.decode(s, default_ascii)
     assert m.fields() == {2: doc["2"], 12: doc["12"], 20: doc["20"]}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_specs_survive_json(name: str) -> None:
+    spec = OURS[name]
+    again = Spec.from_json(spec.to_json())
+    assert again == spec
+    assert again.to_pyiso8583() == spec.to_pyiso8583()
