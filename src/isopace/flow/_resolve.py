@@ -55,9 +55,11 @@ class Plan:
     def __init__(self, stages: tuple[ResolvedStage, ...]) -> None:
         self.stages = stages
         self.steps = tuple((i, rs.prepare, rs.prepare_async) for i, rs in enumerate(stages))
-        self.commits = tuple(
-            (rs, rs.commit, rs.commit_async) for rs in stages if rs.commit is not None
-        )
+        commits: list[tuple[int, ResolvedStage, Callable[[Any], Any], bool]] = []
+        for rs in stages:
+            if rs.commit is not None:
+                commits.append((len(commits), rs, rs.commit, rs.commit_async))
+        self.commits = tuple(commits)
 
 
 def _optional(stage: object, attr: str, name: str) -> Callable[[Any], Any] | None:

@@ -91,7 +91,7 @@ _COMMIT = Phase.COMMIT
 _ABORT = Phase.ABORT
 _clock = time.perf_counter
 
-CommitStep: TypeAlias = tuple[ResolvedStage, Any, bool]
+CommitStep: TypeAlias = tuple[int, ResolvedStage, Any, bool]
 
 
 class Flow:
@@ -251,7 +251,7 @@ class Flow:
             return await self._abort(ex, joined)
         steps = plan.commits if joined is stages else _commit_steps(joined)
         errors: list[Exception] | None = None
-        for rs, commit_fn, commit_async in steps:
+        for position, rs, commit_fn, commit_async in steps:
             try:
                 result = commit_fn(ex)
                 if commit_async or (result is not None and inspect.isawaitable(result)):
@@ -259,7 +259,8 @@ class Flow:
             except Exception as exc:
                 errors = self._commit_failed(ex, rs, exc, errors)
             except asyncio.CancelledError:
-                await self._commit_interrupted(ex, steps, rs, errors)
+                rest = [step[1] for step in steps[position + 1 :]]
+                await self._commit_interrupted(ex, rs, rest, errors)
                 raise
         if errors:
             ex._error = _commit_group(errors)
@@ -386,7 +387,7 @@ class Flow:
             raise
         if not commit:
             return await self._abort(ex, joined)
-        await self._commit(ex, _commit_steps(joined))
+        await self._commit(ex, joined)
         if journal is not None:
             error = ex._error
             event = COMMITTED_EVENT if error is None else Event(EventKind.COMMITTED, error)
@@ -520,17 +521,20 @@ class Flow:
 
     # -- the commit pass ------------------------------------------------------------------------
 
-    async def _commit(self, ex: Exchange, steps: Sequence[CommitStep]) -> None:
-        """Commit ``steps`` in order; failures are gathered on ``ex.error``."""
+    async def _commit(self, ex: Exchange, stages: Sequence[ResolvedStage]) -> None:
+        """Commit ``stages`` in order; failures are gathered on ``ex.error``."""
         timed = self._timed
         timings = ex._timings
         listener = self._listener
         errors: list[Exception] | None = None
         began = _clock() if timed else 0.0
-        for rs, commit_fn, commit_async in steps:
+        for position, rs in enumerate(stages):
+            commit_fn = rs.commit
+            if commit_fn is None:
+                continue
             try:
                 result = commit_fn(ex)
-                if commit_async or (result is not None and inspect.isawaitable(result)):
+                if rs.commit_async or (result is not None and inspect.isawaitable(result)):
                     await result
             except Exception as exc:
                 if timed:
@@ -542,7 +546,7 @@ class Flow:
             except asyncio.CancelledError as exc:
                 if timed:
                     self._observe(ex, rs.name, _COMMIT, _clock() - began, exc)
-                await self._commit_interrupted(ex, steps, rs, errors)
+                await self._commit_interrupted(ex, rs, stages[position + 1 :], errors)
                 raise
             if timed:
                 ended = _clock()
@@ -557,8 +561,8 @@ class Flow:
     async def _commit_interrupted(
         self,
         ex: Exchange,
-        steps: Sequence[CommitStep],
         interrupted: ResolvedStage,
+        rest: Sequence[ResolvedStage],
         errors: list[Exception] | None,
     ) -> None:
         """A cancellation hit a commit: finish the others, shielded; leave the run in doubt."""
@@ -567,8 +571,6 @@ class Flow:
             interrupted.name,
             extra={"exchange_id": ex.id, "stage": interrupted.name},
         )
-        position = next(i for i, step in enumerate(steps) if step[0] is interrupted)
-        rest = steps[position + 1 :]
 
         async def finish() -> None:
             await self._commit(ex, rest)
@@ -676,7 +678,11 @@ class Flow:
 
 
 def _commit_steps(joined: Sequence[ResolvedStage]) -> list[CommitStep]:
-    return [(rs, rs.commit, rs.commit_async) for rs in joined if rs.commit is not None]
+    steps: list[CommitStep] = []
+    for rs in joined:
+        if rs.commit is not None:
+            steps.append((len(steps), rs, rs.commit, rs.commit_async))
+    return steps
 
 
 def _declined(ex: Exchange) -> bool:
