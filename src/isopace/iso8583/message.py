@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import binascii
 import json
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -188,11 +188,11 @@ class Message:
         index = lay.index
         if index is not None:
             i = index[n]
-        else:
-            try:
-                i = lay.fields.index(n)
-            except ValueError:
-                raise KeyError(n) from None
+        else:  # a layout seen once: binary search in its (sorted) fields
+            fields = lay.fields
+            i = bisect_left(fields, n)
+            if i == len(fields) or fields[i] != n:
+                raise KeyError(n)
         if n in self._gone:
             raise KeyError(n)
         spec: Spec = lay.spec  # type: ignore[assignment]
