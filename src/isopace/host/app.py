@@ -371,7 +371,8 @@ class AuthorizationHost:
         pan = request.get(2)
         masked = mask_pan(pan) if isinstance(pan, str) else "-"
         code = response.get(39) if response is not None else None
-        amount = request.get(4, "-")
+        raw = request.get(4)
+        amount = f"{int(raw) / 100:.2f}" if isinstance(raw, str) and raw.isdigit() else "-"
         cause = ""
         if ex.error is not None and outcome is Outcome.ABORTED:
             cause = " cause=" + _one_line(ex.error)

@@ -457,10 +457,19 @@ class _SqliteWorker:
         else:
             fut.set_result(result)
 
+    @classmethod
+    def _resolve_all(cls, items: list[tuple[Any, Any, BaseException | None]]) -> None:
+        for fut, result, error in items:
+            cls._resolve(fut, result, error)
+
     def _deliver(self, done: list[tuple[Any, Any, Any, BaseException | None]]) -> None:
+        # One wake-up per event loop per batch, not one per operation.
+        by_loop: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
         for fut, loop, result, error in done:
+            by_loop.setdefault(loop, []).append((fut, result, error))
+        for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-                loop.call_soon_threadsafe(self._resolve, fut, result, error)
+                loop.call_soon_threadsafe(self._resolve_all, items)
 
     def _run(self) -> None:
         try:
