@@ -195,3 +195,16 @@ def test_errors_are_masked(auth_wire: bytes) -> None:
     with pytest.raises(EncodeError) as ee:
         ISO87_ASCII.encode(Message("0200", {2: PAN[:-1] + "é"}))
     _no_card_data(str(ee.value))
+
+
+def test_unchanged_fields_are_copied_byte_for_byte() -> None:
+    # DE 52 arrives as lower-case hex; a fresh encode would write upper case
+    wire = ISO87_ASCII.encode(Message("0200", {3: "000000", 52: PIN}))
+    lower = wire.replace(PIN.hex().upper().encode(), PIN.hex().encode())
+    m = ISO87_ASCII.decode(lower)
+    assert m[52] == PIN
+    out = ISO87_ASCII.encode(m.set(39, "00").set(3, "200000"))
+    assert PIN.hex().encode() in out  # copied as it came, not re-encoded
+    assert ISO87_ASCII.decode(out).fields() == {3: "200000", 39: "00", 52: PIN}
+    # changing the MTI only re-encodes the MTI
+    assert ISO87_ASCII.encode(m.with_mti("0210")) == b"0210" + lower[4:]
