@@ -22,7 +22,8 @@ Decisions (a payments engineer's defaults, written down):
   boundary is known, so the stream stays in sync and the caller decides).
 
 The decoder only buffers what it was fed; it never reads ahead of the declared length. It is a
-plain state machine (``feed`` bytes, take frames with ``next_frame``), with no I/O.
+plain state machine (``feed`` bytes, take frames with ``next_frame`` one at a time or ``take`` in
+a batch), with no I/O. A read holding whole frames is sliced without being copied into a buffer.
 """
 
 from __future__ import annotations
