@@ -375,7 +375,9 @@ class Reversal:
     in commit, releases its hold (an authorization) or refunds its capture (a purchase). Declines
     25 when no original is found. A reversal of something already reversed is answered 00 and
     changes nothing (the ledger's transitions are conditional), and a retransmitted reversal is
-    replayed by the idempotency store. Reversals are full: DE 4 is not used to reverse part.
+    replayed by the idempotency store. Reversals are full: DE 4 is not used to reverse part. A
+    reversal that arrives while its original is still in flight releases the pending hold, and
+    the original's capture then finds nothing to post: the reversal wins, the ledger balances.
 
     Durable property (for recovery): ``original`` (the original's transaction id)."""
 
