@@ -139,6 +139,25 @@ def _flow(**kwargs: Any) -> Flow:
     return Flow(**kwargs).group("main", _Stage("s1"), _Stage("s2"), _Stage("s3"))
 
 
+def _commit_latency(path: Path) -> float:
+    import sqlite3
+    import statistics
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE t (x INTEGER)")
+    samples = []
+    for i in range(60):
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES (?)", (i,))
+        conn.execute("COMMIT")
+        samples.append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return statistics.median(samples)
+
+
 async def _pg_dsn() -> str | None:
     import asyncpg
 
@@ -165,6 +184,13 @@ async def _run() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        commit_ms = _commit_latency(d / "latency.db")
+        print(
+            f"  SQLite commit (synchronous=FULL, one fsync): median {commit_ms:.2f} ms -> at "
+            f"{CONCURRENCY} concurrent runs, 3 awaited records per transaction cannot exceed "
+            f"~{CONCURRENCY / (3 * commit_ms / 1000):,.0f} tx/s",
+            flush=True,
+        )
         await _throughput(_flow(), 500, "warm")
         base = await _throughput(_flow(), n, "base")
         line("no journal", base)
