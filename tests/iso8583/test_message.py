@@ -208,3 +208,14 @@ def test_unchanged_fields_are_copied_byte_for_byte() -> None:
     assert ISO87_ASCII.decode(out).fields() == {3: "200000", 39: "00", 52: PIN}
     # changing the MTI only re-encodes the MTI
     assert ISO87_ASCII.encode(m.with_mti("0210")) == b"0210" + lower[4:]
+
+
+def test_json_redacts_nested_card_tags() -> None:
+    from isopace.iso8583 import build_tlv, parse_tlv
+
+    nested = parse_tlv(bytes.fromhex("7013" + "5A084761739001010010" + "9F270180" + "9F36020001"))
+    icc = build_tlv(nested)
+    text = Message("0110", {55: icc}).to_json(redact=True)
+    assert "4761739001010010" not in text
+    back = Message.from_json(text).tlv(55)
+    assert back.find_all("5A") == [] and back.find_all("9F27") == [b"\x80"]

@@ -16,7 +16,7 @@ Decisions:
 - JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
   values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
   and listed in ``redacted``; DE 55 keeps its other EMV tags but loses 5A (PAN) and 57 (track 2
-  equivalent) — if DE 55 cannot be parsed as TLV it is dropped whole and listed.
+  equivalent), wherever they sit (nested templates too) — if DE 55 cannot be parsed as TLV it is dropped whole and listed.
 """
 
 from __future__ import annotations
@@ -519,9 +519,9 @@ def _strip_tags(v: Value) -> Value:
 
     raw = v if isinstance(v, bytes) else binascii.a2b_hex(v)
     t = parse_tlv(raw)
-    if not any(tag in t for tag in _REDACTED_TAGS):
+    if not any(t.find_all(tag) for tag in _REDACTED_TAGS):
         return v
-    out = t.remove(*_REDACTED_TAGS).build()
+    out = t.remove(*_REDACTED_TAGS, deep=True).build()
     return out if isinstance(v, bytes) else out.hex().upper()
 
 
