@@ -16,7 +16,8 @@ Decisions:
 - JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
   values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
   and listed in ``redacted``; DE 55 keeps its other EMV tags but loses 5A (PAN) and 57 (track 2
-  equivalent), wherever they sit (nested templates too) — if DE 55 cannot be parsed as TLV it is dropped whole and listed.
+  equivalent), wherever they sit (nested templates too); if DE 55 cannot be parsed as TLV it
+  is dropped whole and listed.
 """
 
 from __future__ import annotations
