@@ -248,6 +248,7 @@ def _bit_tables() -> tuple[tuple[tuple[int, ...], ...], ...]:
 
 
 _BITS = _bit_tables()
+_B0, _B1, _B2, _B3, _B4, _B5, _B6, _B7 = _BITS[:8]
 
 
 def _key_of(k: str | int) -> str:
@@ -534,12 +535,10 @@ class Spec:
             bm = b""
         if len(bm) != 8:
             bm = self._bitmap_at(data, p, 1)  # reports the problem
-        if not bm[0] & 0x80:  # the common case, inlined
-            fields: list[int] = []
-            for pos, byte in enumerate(bm):
-                if byte:
-                    fields += _BITS[pos][byte]
-            lay = Layout(tuple(fields), self._steps, w1, self)
+        if not bm[0] & 0x80:  # the common case, inlined and unrolled
+            b0, b1, b2, b3, b4, b5, b6, b7 = bm
+            fields = _B0[b0] + _B1[b1] + _B2[b2] + _B3[b3] + _B4[b4] + _B5[b5] + _B6[b6] + _B7[b7]
+            lay = Layout(fields, self._steps, w1, self)
             cache = self._layouts
             if len(cache) >= self._cache_size:
                 self._store(cache, key1, lay)
