@@ -25,7 +25,7 @@ from __future__ import annotations
 import binascii
 import json
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +87,7 @@ class Message:
     _spec: Spec | None
     _data: bytes | None
     _lay: Layout | None
-    _offs: tuple[int, ...] | None
+    _offs: Sequence[int] | None
     _gone: frozenset[int]
     _dirty: frozenset[int]
     _hdr: Value | None
@@ -197,7 +197,7 @@ class Message:
         if n in self._gone:
             raise KeyError(n)
         spec: Spec = lay.spec  # type: ignore[assignment]
-        offs: tuple[int, ...] = self._offs  # type: ignore[assignment]
+        offs: Sequence[int] = self._offs  # type: ignore[assignment]
         if lay.bulk is not None and len(vals) >= 3 and self._clean:
             # a few fields read already: decode the rest in one generated pass
             try:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import binascii
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
@@ -92,10 +92,10 @@ class Layout:
         self.spec = spec
         self.hits = 0
         self.patches: dict[Any, tuple[Any, ...]] | None = None
-        self.bulk: Callable[[bytes, tuple[int, ...]], dict[int, Any]] | None = None
-        self.locate: Callable[[bytes, int], tuple[int, ...]] = self._generic
+        self.bulk: Callable[[bytes, Sequence[int]], dict[int, Any]] | None = None
+        self.locate: Callable[[bytes, int], Sequence[int]] = self._generic
 
-    def _generic(self, d: bytes, p: int) -> tuple[int, ...]:
+    def _generic(self, d: bytes, p: int) -> Sequence[int]:
         self.hits += 1
         if self.hits >= _GENERATE_AFTER and self.spec is not None:
             self.locate = _generate(self.fields, self.spec._codecs)
@@ -121,7 +121,7 @@ class Layout:
             append(p)
         if p != len(d):
             raise _Bad
-        return tuple(offs)
+        return offs
 
 
 def _generate(fields: tuple[int, ...], codecs: tuple[Codec | None, ...]) -> Callable[..., Any]:
