@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Any
 
 from isopace.cli._output import Output, money
@@ -102,6 +103,7 @@ def _setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     _setup_logging(config.log_level)
+    sys.setswitchinterval(config.switch_interval)
     if config.uvloop:
         try:
             import uvloop
