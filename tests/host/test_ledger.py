@@ -170,3 +170,54 @@ def test_metrics_text() -> None:
     assert 'isopace_stage_seconds_bucket{stage="reserve",phase="prepare",le="0.001"} 0' in text
     assert 'isopace_stage_errors_total{stage="reserve",phase="commit"} 1' in text
     assert "isopace_transaction_seconds_count 1" in text
+
+
+async def test_duplicate_idempotency_key_is_refused(ledger: Ledger) -> None:
+    first = await ledger.reserve(
+        "k1", "ACC-T", 100, idem_key="020|T|000001|1129", approval_code="ABC123"
+    )
+    assert first.approved
+    dup = await ledger.reserve("k2", "ACC-T", 100, idem_key="020|T|000001|1129", approval_code="X")
+    assert dup.status is ReserveStatus.DUPLICATE
+    assert dup.original is not None
+    assert (dup.original.txn_id, dup.original.approval_code) == ("k1", "ABC123")
+    assert await ledger.release("k1")  # a released hold frees the key
+    again = await ledger.reserve("k3", "ACC-T", 100, idem_key="020|T|000001|1129")
+    assert again.approved
+    racing = await asyncio.gather(
+        *(ledger.reserve(f"r{i}", "ACC-T", 10, idem_key="020|T|000002|1129") for i in range(20))
+    )
+    assert sum(r.approved for r in racing) == 1
+    assert sum(r.status is ReserveStatus.DUPLICATE for r in racing) == 19
+    assert (await ledger.check()).ok
+
+
+async def test_flow_without_stored_answer_is_not_debited_twice(tmp_path: Path) -> None:
+    """The idempotency store lost the answer (as after a crash between commit and storing it):
+    the ledger still recognises the retransmission and answers with the same approval."""
+    from isopace.flow import Exchange
+    from isopace.host import build_flow
+    from isopace.iso8583 import ISO87_ASCII, Message
+
+    book = SqliteLedger(tmp_path / "l.db")
+    await book.open()
+    try:
+        await book.seed([CARD])
+        flow = build_flow(book, spec=ISO87_ASCII)  # no idempotency store at all
+        request = Message(
+            "0200",
+            {2: CARD.pan, 3: "000000", 4: "000000000500", 7: "1129101010", 11: "000042",
+             41: "TERM0001"},
+        )  # fmt: skip
+        answers = []
+        for i in range(3):
+            ex = Exchange(f"t{i}", request)
+            await flow.run(ex)
+            assert ex.response is not None
+            answers.append((ex.response[39], ex.response[38]))
+        assert answers[0][0] == "00"
+        assert answers == [answers[0]] * 3
+        account = await book.account("ACC-T")
+        assert account is not None and account.balance == 3_700 - 500
+    finally:
+        await book.close()

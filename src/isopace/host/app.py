@@ -104,12 +104,13 @@ def build_flow(
     velocity = Velocity(
         config.velocity_window, config.velocity_max_count, config.velocity_max_amount
     )
-    reserve = Reserve(ledger)
+    key = idempotency_key(config.idempotency_key)
+    reserve = Reserve(ledger, key=key)
     flow = Flow(
         entry="main",
         journal=journal,
         idempotency=idempotency,
-        key=idempotency_key(config.idempotency_key) if idempotency is not None else None,
+        key=key if idempotency is not None else None,
         profiler=profiler,
         listener=listener,
     )

@@ -101,6 +101,8 @@ class ReserveStatus(enum.Enum):
     APPROVED = "approved"
     INSUFFICIENT_FUNDS = "insufficient_funds"
     NO_ACCOUNT = "no_account"
+    DUPLICATE = "duplicate"
+    """A live hold already carries this idempotency key: ``ReserveResult.original``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class ReserveResult:
 
     status: ReserveStatus
     available: int | None = None
+    original: Hold | None = None
 
     @property
     def approved(self) -> bool:
@@ -157,6 +160,8 @@ class Hold:
     stan: str | None = None
     tx_time: str | None = None
     rrn: str | None = None
+    idem_key: str | None = None
+    approval_code: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -276,8 +281,15 @@ class Ledger(abc.ABC):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
+        idem_key: str | None = None,
+        approval_code: str | None = None,
     ) -> ReserveResult:
-        """Hold ``amount`` on the account for this transaction, if the available funds allow."""
+        """Hold ``amount`` on the account for this transaction, if the available funds allow.
+
+        ``idem_key`` (the request's idempotency key) makes the ledger refuse a second live hold
+        for the same request: it answers DUPLICATE with the original hold (and its
+        ``approval_code``) instead. This catches a retransmission the idempotency store could not
+        replay, e.g. one whose original was finished by crash recovery."""
 
     @abc.abstractmethod
     async def authorize(self, txn_id: str) -> bool:
@@ -362,12 +374,16 @@ CREATE TABLE IF NOT EXISTS holds (
     stan TEXT,
     tx_time TEXT,
     rrn TEXT,
+    idem_key TEXT,
+    approval_code TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS holds_by_stan ON holds (terminal, stan, tx_time);
 CREATE INDEX IF NOT EXISTS holds_by_rrn ON holds (terminal, rrn);
 CREATE INDEX IF NOT EXISTS holds_pending ON holds (state) WHERE state = 'pending';
+CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
+    WHERE idem_key IS NOT NULL AND state <> 'released';
 CREATE TABLE IF NOT EXISTS captures (
     txn_id TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts (id),
@@ -377,7 +393,9 @@ CREATE TABLE IF NOT EXISTS captures (
 );
 """
 
-_HOLD_COLUMNS = "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn"
+_HOLD_COLUMNS = (
+    "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn, idem_key, approval_code"
+)
 
 _CHECK_SQL = """
 SELECT a.id, a.opening, a.balance, a.held,
@@ -657,6 +675,8 @@ class SqliteLedger(Ledger):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
+        idem_key: str | None = None,
+        approval_code: str | None = None,
     ) -> ReserveResult:
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
@@ -670,6 +690,13 @@ class SqliteLedger(Ledger):
                 return ReserveResult(
                     ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
                 )
+            if idem_key is not None:
+                dup = conn.execute(
+                    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE idem_key = ? AND state <> 'released'",
+                    (idem_key,),
+                ).fetchone()
+                if dup is not None:
+                    return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
             cur = conn.execute(
                 "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ?",
                 (amount, account_id, amount),
@@ -684,8 +711,21 @@ class SqliteLedger(Ledger):
             now = _now()
             conn.execute(
                 f"INSERT INTO holds ({_HOLD_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
-                (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, now, now),
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    txn_id,
+                    account_id,
+                    amount,
+                    mti,
+                    terminal,
+                    stan,
+                    tx_time,
+                    rrn,
+                    idem_key,
+                    approval_code,
+                    now,
+                    now,
+                ),
             )
             (available,) = conn.execute(
                 "SELECT balance - held FROM accounts WHERE id = ?", (account_id,)
@@ -855,12 +895,16 @@ CREATE TABLE IF NOT EXISTS holds (
     stan TEXT,
     tx_time TEXT,
     rrn TEXT,
+    idem_key TEXT,
+    approval_code TEXT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS holds_by_stan ON holds (terminal, stan, tx_time);
 CREATE INDEX IF NOT EXISTS holds_by_rrn ON holds (terminal, rrn);
 CREATE INDEX IF NOT EXISTS holds_pending ON holds (state) WHERE state = 'pending';
+CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
+    WHERE idem_key IS NOT NULL AND state <> 'released';
 CREATE TABLE IF NOT EXISTS captures (
     txn_id TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts (id),
@@ -876,7 +920,7 @@ WITH acc AS (
     RETURNING id, balance - held AS available
 )
 INSERT INTO holds ({_HOLD_COLUMNS})
-SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8 FROM acc
+SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10 FROM acc
 RETURNING (SELECT available FROM acc)
 """
 
@@ -1048,22 +1092,51 @@ class PostgresLedger(Ledger):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
+        idem_key: str | None = None,
+        approval_code: str | None = None,
     ) -> ReserveResult:
         import asyncpg
 
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
         async with self.pool.acquire() as conn:
+            if idem_key is not None:
+                dup = await conn.fetchrow(
+                    f"SELECT {_HOLD_COLUMNS} FROM holds "
+                    "WHERE idem_key = $1 AND state <> 'released'",
+                    idem_key,
+                )
+                if dup is not None and dup["txn_id"] != txn_id:
+                    return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
             try:
                 row = await conn.fetchrow(
-                    _PG_RESERVE, txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn
+                    _PG_RESERVE,
+                    txn_id,
+                    account_id,
+                    amount,
+                    mti,
+                    terminal,
+                    stan,
+                    tx_time,
+                    rrn,
+                    idem_key,
+                    approval_code,
                 )
             except asyncpg.UniqueViolationError:
                 state = await conn.fetchval("SELECT state FROM holds WHERE txn_id = $1", txn_id)
-                ok = state is not None and state != HoldState.RELEASED
-                return ReserveResult(
-                    ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
+                if state is not None:
+                    ok = state != HoldState.RELEASED
+                    return ReserveResult(
+                        ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
+                    )
+                dup = await conn.fetchrow(
+                    f"SELECT {_HOLD_COLUMNS} FROM holds "
+                    "WHERE idem_key = $1 AND state <> 'released'",
+                    idem_key,
                 )
+                if dup is None:  # released meanwhile: let the caller try again
+                    raise
+                return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
             if row is not None:
                 return ReserveResult(ReserveStatus.APPROVED, row[0])
             available = await conn.fetchval(

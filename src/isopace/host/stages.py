@@ -14,9 +14,10 @@ and calls ``ex.abort(Declined(code, reason))``, so the flow rolls back what join
 idempotency store keeps the decline for a retransmission. A transaction that fails without a
 response (a stage raised, the deadline passed) is answered 96 by the host and not stored for replay.
 
-Response codes used: 00 approved, 05 do not honour (blocked card), 14 invalid card number (no such
-card, or no BIN route: configurable), 25 unable to locate the original (reversal), 30 format error,
-51 insufficient funds, 61 exceeds amount limit, 65 exceeds frequency limit, 96 system malfunction.
+Response codes used: 00 approved, 05 do not honour (blocked card), 09 request in progress (a
+retransmission whose original is still pending), 14 invalid card number (no such card, or no BIN
+route: configurable), 25 unable to locate the original (reversal), 30 format error, 51 insufficient
+funds, 61 exceeds amount limit, 65 exceeds frequency limit, 96 system malfunction.
 
 Stages that hold something for a transaction (``reserve``, ``reversal``) implement
 ``recover(ex, committing)``: crash recovery calls it with the exchange rebuilt from the journal
@@ -32,7 +33,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from isopace.flow import CONTINUE, SKIP, Result, route
@@ -280,13 +281,20 @@ class Reserve:
     it in commit (0200) or keeps it as an authorization (0100), releases it in abort. Declines 14
     for an unknown card and 51 for insufficient funds; on success sets the approval code (DE 38).
 
+    With ``key`` (the flow's idempotency key function) the hold carries the request's key, and the
+    ledger refuses a second live hold for it: a retransmission that reaches this stage (its
+    stored answer was lost, e.g. the original was finished by crash recovery before the answer was
+    stored) gets the original's approval code and is not debited again; one whose original is
+    still pending is declined 09 (request in progress).
+
     Durable properties (for recovery): ``hold`` (the transaction id) and ``capture`` (0200: post
     the amount; 0100: keep it held)."""
 
     name = "reserve"
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, key: Callable[[Exchange], str | None] | None = None) -> None:
         self.ledger = ledger
+        self.key = key
         self._background: set[asyncio.Task[None]] = set()
 
     async def prepare(self, ex: Exchange) -> Result:
@@ -297,6 +305,8 @@ class Reserve:
             if card is None:
                 return decline(ex, "14", "no such card")
         amount = ex.get("amount", 0)
+        idem_key = self.key(ex) if self.key is not None else None
+        code = _approval_code()
         try:
             result = await self.ledger.reserve(
                 ex.id,
@@ -307,19 +317,35 @@ class Reserve:
                 stan=_text(request, 11),
                 tx_time=_text(request, 7),
                 rrn=_text(request, 37),
+                idem_key=idem_key,
+                approval_code=code,
             )
         except BaseException:
             # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
             # no-op if it does not), since a prepare that raised does not join.
             self._release_later(ex.id)
             raise
+        if result.status is ReserveStatus.DUPLICATE and result.original is not None:
+            original = result.original
+            if original.state == HoldState.PENDING:
+                return decline(ex, "09", f"the original {original.txn_id} is still in progress")
+            log.info(
+                "reserve: %s repeats %s (%s); answered with its approval, not debited again",
+                ex.id,
+                original.txn_id,
+                original.state,
+                extra={"tx_id": ex.id, "original": original.txn_id},
+            )
+            ex.set("approval_code", original.approval_code)
+            ex.set("duplicate_of", original.txn_id)
+            return SKIP
         if result.status is ReserveStatus.NO_ACCOUNT:
             return decline(ex, "14", f"card {card.masked_pan}: no account")
         if result.status is ReserveStatus.INSUFFICIENT_FUNDS:
             return decline(ex, "51", f"card {card.masked_pan}: insufficient funds")
         ex.set("hold", ex.id, durable=True)
         ex.set("capture", request.mti.startswith("02"), durable=True)
-        ex.set("approval_code", _approval_code())
+        ex.set("approval_code", code)
         return CONTINUE
 
     async def commit(self, ex: Exchange) -> None:
