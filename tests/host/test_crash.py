@@ -7,10 +7,12 @@ replayed with the same approval code.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from isopace.iso8583 import ISO87_ASCII, Message
@@ -37,9 +39,10 @@ def purchase(stan: int, terminal: str, tx_time: str) -> Message:
 
 
 async def load_then_kill(
-    host: HostProcess, round_no: int, kill_after: float
+    host: HostProcess, round_no: int, kill_after: float, unanswered: list[Message] | None = None
 ) -> list[tuple[Message, Message]]:
-    """Eight client workers send purchases; the host is killed while they are in flight."""
+    """Eight client workers send purchases; the host is killed while they are in flight.
+    Returns the approvals received; the requests left without an answer go to ``unanswered``."""
     approved: list[tuple[Message, Message]] = []
     stop = False
 
@@ -51,6 +54,8 @@ async def load_then_kill(
             try:
                 response = await client.request(message, timeout=5)
             except Exception:
+                if unanswered is not None:
+                    unanswered.append(message)
                 return
             if response[39] == "00":
                 approved.append((message, response))
@@ -67,10 +72,11 @@ async def load_then_kill(
 def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
     db = str(tmp_path / "data" / "host.db")
     port = free_port()
-    args = ["--db", db, "--log-level", "WARNING"]
+    args = ["--db", db, "--log-level", "WARNING", "--idempotency-lease", "1"]
     rng = random.Random(8583)
     bench = None
     approved: list[tuple[Message, Message]] = []
+    unanswered: list[Message] = []
     logs = []
     try:
         for round_no in range(ROUNDS):
@@ -82,7 +88,7 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
                      "--concurrency", "16", "--duration", "60", "--timeout", "5", "--json"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
                 )  # fmt: skip
-            got = asyncio.run(load_then_kill(host, round_no, rng.uniform(0.8, 1.6)))
+            got = asyncio.run(load_then_kill(host, round_no, rng.uniform(0.8, 1.6), unanswered))
             assert got, f"round {round_no}: no approval before the kill\n{host.output}"
             approved += got
         assert bench is not None
@@ -90,18 +96,24 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
         bench.wait(30)
         final = HostProcess(port, args, tmp_path / "serve-final.log").start()
         logs.append(final)
-        # An approved request sent again after the crash: replayed from the durable store.
-        message, response = approved[0]
+        # Every request sent again after the crashes (the claims of the dead runs have expired):
+        # approvals are replayed with their approval code, and a request that was in flight at a
+        # kill is either recognised (recovery committed it: same answer, no second debit) or
+        # processed afresh (recovery rolled it back).
+        time.sleep(1.5)
         before = cli_json("ledger", "--db", db)
 
-        async def resend() -> Message:
+        async def resend(messages: list[Message]) -> list[Message]:
             async with Client(ISO87_ASCII, port=port) as client:
-                return await client.request(message, timeout=10)
+                return list(
+                    await asyncio.gather(*(client.request(m, timeout=15) for m in messages))
+                )
 
-        again = asyncio.run(resend())
-        assert again[39] == "00"
-        assert again[38] == response[38]
+        again = asyncio.run(resend([m for m, _ in approved]))
+        assert [r[38] for r in again] == [r[38] for _, r in approved]
         assert cli_json("ledger", "--db", db)["accounts"] == before["accounts"]
+        retried = asyncio.run(resend(unanswered))
+        assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
         assert final.stop() == 0, final.output
     finally:
         if bench is not None and bench.poll() is None:
@@ -129,6 +141,24 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
                 (message[41], message[11], message[7]),
             ).fetchone()
             assert row == ("captured",), (message[41], message[11], row)
+        doubled = conn.execute(
+            "SELECT terminal, stan, tx_time, COUNT(*) FROM holds WHERE state = 'captured' "
+            "GROUP BY terminal, stan, tx_time HAVING COUNT(*) > 1"
+        ).fetchall()
+        assert doubled == []  # nothing captured twice for one request
+        states = collections.Counter(
+            tuple(
+                sorted(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT state FROM holds WHERE terminal = ? AND stan = ? AND tx_time = ?",
+                        (m[41], m[11], m[7]),
+                    )
+                )
+            )
+            for m in unanswered
+        )
+        print("requests in flight at the kills, hold states after the retry:", dict(states))
         (captured,) = conn.execute(
             "SELECT COALESCE(SUM(amount), 0) FROM captures WHERE refunded_at IS NULL"
         ).fetchone()

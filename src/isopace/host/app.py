@@ -273,7 +273,11 @@ class AuthorizationHost:
                 from isopace.store import RedisIdempotencyStore
 
                 store: Any = RedisIdempotencyStore(
-                    cfg.redis, prefix=cfg.redis_prefix, ttl=cfg.idempotency_ttl, node=self.node
+                    cfg.redis,
+                    prefix=cfg.redis_prefix,
+                    ttl=cfg.idempotency_ttl,
+                    lease=cfg.idempotency_lease,
+                    node=self.node,
                 )
                 opener = getattr(store, "open", None)
                 if opener is not None:
@@ -287,6 +291,7 @@ class AuthorizationHost:
                     cfg.postgres,
                     schema=cfg.postgres_schema,
                     ttl=cfg.idempotency_ttl,
+                    lease=cfg.idempotency_lease,
                     node=self.node,
                 )
                 await store.open()
@@ -294,7 +299,10 @@ class AuthorizationHost:
                 from isopace.store import SqliteIdempotencyStore
 
                 store = SqliteIdempotencyStore(
-                    cfg.idempotency_path, ttl=cfg.idempotency_ttl, synchronous=cfg.synchronous
+                    cfg.idempotency_path,
+                    ttl=cfg.idempotency_ttl,
+                    lease=cfg.idempotency_lease,
+                    synchronous=cfg.synchronous,
                 )
         except Exception as exc:
             raise StartupError(f"idempotency store: {_one_line(exc)}") from exc

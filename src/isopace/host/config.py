@@ -97,6 +97,11 @@ class HostConfig:
     idempotency_ttl: float = _opt(
         86400.0, "how long answers are kept for replay", metavar="SECONDS"
     )
+    idempotency_lease: float = _opt(
+        30.0,
+        "how long a claim of a crashed host blocks its retransmissions before it expires",
+        metavar="SECONDS",
+    )
     bins: dict[str, str] = _opt(  # noqa: RUF009
         dict(DEFAULT_BINS), "BIN prefix -> network group (longest prefix wins)", metavar="BIN=NET"
     )
@@ -133,6 +138,8 @@ class HostConfig:
             raise ConfigError(f"synchronous {self.synchronous!r}: use NORMAL, FULL or EXTRA")
         if not 0 < self.switch_interval <= 1:
             raise ConfigError(f"switch_interval {self.switch_interval}: between 0 and 1 second")
+        if self.idempotency_lease <= 0 or self.idempotency_ttl <= 0:
+            raise ConfigError("idempotency_lease and idempotency_ttl must be positive")
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {self.timeout}")
         if self.max_in_flight < 1:
