@@ -11,6 +11,7 @@ import asyncio
 import random
 import subprocess
 import sys
+import time
 
 from isopace.iso8583 import ISO87_ASCII, Message
 from isopace.net import Client
@@ -60,6 +61,8 @@ def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix:
         redis_prefix,
         "--log-level",
         "WARNING",
+        "--idempotency-lease",
+        "1",
     ]
     port_a = free_port()
     a = spawn(*shared, "--node", "node-a", port=port_a)
@@ -115,6 +118,7 @@ def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
     )  # fmt: skip
     approved: list[Message] = []
+    unanswered: list[Message] = []
 
     async def load_and_kill() -> None:
         stop = False
@@ -128,6 +132,7 @@ def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix:
                     try:
                         response = await client.request(m, timeout=10)
                     except Exception:
+                        unanswered.append(m)
                         return
                     if response[39] == "00":
                         approved.append(m)
@@ -166,3 +171,25 @@ def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix:
         return [f"{m[41]}/{m[11]}" for m in approved if (m[41], m[11]) not in captured]
 
     assert asyncio.run(states()) == []  # every approval a client saw is captured
+
+    # Everything sent again to host B after A's claims expired: nothing is captured twice.
+    time.sleep(1.5)
+    retried = asyncio.run(ask(b.port, approved + unanswered))
+    assert {r[39] for r in retried} <= {"00"}
+
+    async def doubled() -> list[object]:
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            return list(
+                await conn.fetch(
+                    f"SELECT terminal, stan FROM {pg_schema}.holds WHERE state = 'captured' "
+                    "AND tx_time = '1129160000' GROUP BY terminal, stan HAVING COUNT(*) > 1"
+                )
+            )
+        finally:
+            await conn.close()
+
+    assert asyncio.run(doubled()) == []
+    assert cli_json("ledger", *store)["ok"]
