@@ -289,3 +289,18 @@ def test_tls(tmp_path: Path) -> None:
         assert plain.returncode == 2  # a plain-text client gets no answer from a TLS port
     finally:
         assert proc.stop() == 0
+
+
+def test_bench_command_reports_every_response(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    closed = cli_json("bench", "--port", str(proc.port), "-c", "4", "-d", "1", "--no-progress")
+    assert closed["complete"] is True
+    assert closed["sent"] == closed["answered"] > 0
+    assert closed["codes"] == {"00": closed["answered"]}
+    assert closed["p50_ms"] <= closed["p99_ms"]
+    opened = cli_json("bench", "--port", str(proc.port), "--tps", "50", "-d", "1", "--no-progress")
+    assert opened["complete"] is True and opened["sent"] == 50
+    text = cli("bench", "--port", str(proc.port), "-c", "2", "-d", "0.5", "--no-progress").stdout
+    assert "every request got a response: yes" in text
+    assert "p99.9" in text
+    assert accounts(db)["ACC-9000"]["held"] == 0
