@@ -11,6 +11,11 @@ Decisions:
   values it decoded on first access (invisible to callers).
 - A decoded message remembers its spec and bytes: ``spec.encode(m)`` hands the bytes back while
   ``m`` is unchanged, and after changes re-encodes only the changed fields.
+- ``reply()`` of a decoded message is derived from it like any change (the request's bytes, the
+  echo fields kept, the others dropped, a new MTI): the echoed values are not decoded, and
+  encoding the reply with the same spec copies them as slices of the request. It still fails
+  as reading the echo fields would (a quick ASCII check of the bytes stands in for decoding the
+  ASCII fields). Such a reply reports the request's ``spec``.
 - Equality and hash by content: MTI, header and data elements. ``redacted`` is not part of it.
 - ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55).
 - JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import binascii
 import json
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -45,6 +50,9 @@ _EMPTY: frozenset[int] = frozenset()
 _VALID_KEYS = frozenset(range(2, 193)) - {65}
 _OK_VALUE_TYPES = frozenset({str, bytes})
 _new = object.__new__
+# one frozenset per data element: the change sets of one-field changes are shared (their hash,
+# cached by frozenset, is computed once)
+_SINGLE: tuple[frozenset[int], ...] = tuple(frozenset((n,)) for n in range(193))
 
 
 def _check(n: Any, v: Any) -> Value:
@@ -176,7 +184,8 @@ class Message:
 
     @property
     def spec(self) -> Spec | None:
-        """The spec this message was decoded with (None for a message built in code)."""
+        """The spec this message was decoded with, or derived from a decoded message with
+        (``set``, ``reply``...); None for a message built in code."""
         return self._spec
 
     def __getitem__(self, n: int) -> Value:
@@ -345,18 +354,45 @@ class Message:
     # --- changing ---------------------------------------------------------------------------
     def set(self, n: int, value: Value) -> Message:
         """A new message with data element ``n`` set to ``value``."""
-        v = _check(n, value)
-        present = n in self
-        m = self._derive()
-        m._vals[n] = v
+        tv = type(value)
+        if (tv is str or tv is bytes) and type(n) is int and 2 <= n <= 192 and n != 65:
+            v = value
+        else:
+            v = _check(n, value)
+        vals = self._vals
+        lay = self._lay
+        gone = self._gone
+        present = n in vals or (
+            lay is not None and n in (lay.index or lay.fields) and n not in gone
+        )
+        m = _new(Message)
+        m._mti = self._mti
+        m._vals = vals = vals.copy()
+        vals[n] = v
+        m._spec = self._spec
+        m._data = self._data
+        m._lay = lay
+        m._offs = self._offs
+        m._dirty = self._dirty
+        m._hdr = self._hdr
+        m._hash = None
+        m._redacted = self._redacted
+        m._clean = False
+        m._hdirty = self._hdirty
         if self._data is not None:
-            m._dirty = self._dirty | {n}
-            if n in self._gone:
-                m._gone = self._gone - {n}
-        if not present:
-            keys = list(self._sorted_keys())
-            insort(keys, n)
-            m._keys = tuple(keys)
+            dirty = self._dirty
+            m._dirty = dirty | _SINGLE[n] if dirty else _SINGLE[n]
+            if gone and n in gone:
+                gone = gone - _SINGLE[n]
+        m._gone = gone
+        keys = self._keys
+        if present:
+            m._keys = keys
+        else:
+            if keys is None:
+                keys = self._sorted_keys()
+            i = bisect_left(keys, n)
+            m._keys = (*keys[:i], n, *keys[i:])
         return m
 
     def set_many(self, values: Mapping[int, Value]) -> Message:
@@ -396,14 +432,75 @@ class Message:
 
     def reply(self, mti: str | None = None, copy: Iterable[int] = ECHO_FIELDS) -> Message:
         """A response: the echo fields that are present copied, MTI ``0200`` -> ``0210`` (third
-        digit + 1) unless ``mti`` is given."""
+        digit + 1) unless ``mti`` is given.
+
+        The reply of a decoded message shares its wire bytes: the echoed fields are carried over
+        as spans of the request (not decoded, only checked to decode as :meth:`__getitem__`
+        would), so encoding the reply with the same spec copies them as slices."""
         if mti is None:
-            mti = response_mti(self._mti)
-        fields = {}
-        for n in copy:
-            if n in self:
-                fields[n] = self[n]
+            mti = _RESPONSES.get(self._mti) or response_mti(self._mti)
+        lay = self._lay
+        if lay is not None:
+            return self._reply_decoded(mti, copy, lay)
+        vals = self._vals
+        fields = {n: vals[n] for n in copy if n in vals}
         return Message(mti, fields, header=self._hdr)
+
+    def _reply_decoded(self, mti: str, copy: Iterable[int], lay: Layout) -> Message:
+        key = copy if type(copy) is tuple else tuple(copy)
+        replies = lay.replies
+        if replies is None:
+            replies = lay.replies = {}
+        info = replies.get(key)
+        if info is None:
+            echo = frozenset(key)
+            spec: Spec = lay.spec  # type: ignore[assignment]
+            kept = tuple(n for n in lay.fields if n in echo)
+            dropped = frozenset(lay.fields).difference(kept)
+            # in the order of ``copy``: the first bad field is the one the reader meets first
+            order = tuple(n for n in dict.fromkeys(key) if n in lay.fields)
+            checked = tuple(n for n in order if not spec._asc[n])
+            info = (echo, kept, dropped, checked, order)
+            if len(replies) >= 16:
+                replies.clear()
+            replies[key] = info
+        echo, kept, gone, checked, order = info
+        vals = self._vals
+        dirty = self._dirty
+        if vals:
+            vals = {n: v for n, v in vals.items() if n in echo}
+            if dirty:
+                dirty = dirty.intersection(echo)
+        else:
+            vals = {}
+        keys = kept
+        if self._gone or dirty:
+            # changed before the reply: fields removed, set or added since the decoding
+            gone = gone.union(self._gone)
+            present = set(kept).difference(gone)
+            present.update(vals)
+            keys = tuple(sorted(present))
+        # the request's fields that do not decode make reply() fail, as if it decoded them
+        data: _bytes = self._data  # type: ignore[assignment]
+        for n in checked if data.isascii() else order:
+            if n not in vals and n not in gone:
+                vals[n] = self[n]
+        m = _new(Message)
+        m._mti = mti
+        m._vals = vals
+        m._spec = self._spec
+        m._data = data
+        m._lay = lay
+        m._offs = self._offs
+        m._gone = gone
+        m._dirty = dirty
+        m._hdr = self._hdr
+        m._hash = None
+        m._keys = keys
+        m._redacted = _EMPTY
+        m._clean = False
+        m._hdirty = True
+        return m
 
     # --- equality ---------------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
@@ -526,8 +623,14 @@ def _strip_tags(v: Value) -> Value:
     return out if isinstance(v, bytes) else out.hex().upper()
 
 
+_RESPONSES: dict[str, str] = {}
+
+
 def response_mti(mti: str) -> str:
     """The response MTI of a request: third digit + 1 (0200 -> 0210, 0420 -> 0430)."""
     if len(mti) == 4 and mti.isdigit() and int(mti[2]) % 2 == 0:
-        return mti[:2] + str(int(mti[2]) + 1) + mti[3]
+        out = mti[:2] + str(int(mti[2]) + 1) + mti[3]
+        if len(_RESPONSES) < 1024:
+            _RESPONSES[mti] = out
+        return out
     raise Iso8583Error(f"MTI {mti!r} is not a request MTI")

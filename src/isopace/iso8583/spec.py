@@ -26,7 +26,8 @@ Decisions:
   generated pass (reading every field costs little more than reading three).
 - Encoding a decoded message that was not changed returns the original bytes object. After
   changes only the changed fields are re-encoded; runs of unchanged fields are copied from the
-  original bytes in one slice each (the plan is cached per layout and change set). Encoding a
+  original bytes in one slice each (the plan is cached per layout and change set, and becomes
+  one generated expression once used a few times). Encoding a
   new message uses an encoder generated per set of fields once that set has been seen a few
   times; any problem sends it to the field-by-field path, which raises the exact
   :class:`EncodeError`.
@@ -72,6 +73,7 @@ class Layout:
         "index",
         "locate",
         "patches",
+        "replies",
         "spec",
         "steps",
         "width",
@@ -91,7 +93,10 @@ class Layout:
         self.ext = spec is None  # marker entry: a further bitmap follows
         self.spec = spec
         self.hits = 0
-        self.patches: dict[Any, tuple[Any, ...]] | None = None
+        self.patches: dict[Any, _Patch] | None = None
+        # reply() of a message with this layout, per echo set: (echo set, fields kept, fields
+        # dropped, fields whose decoding is more than an ASCII check)
+        self.replies: dict[Any, tuple[Any, ...]] | None = None
         self.bulk: Callable[[bytes, Sequence[int]], dict[int, Any]] | None = None
         self.locate: Callable[[bytes, int], Sequence[int]] = self._generic
 
@@ -158,6 +163,44 @@ def _generate(fields: tuple[int, ...], codecs: tuple[Codec | None, ...]) -> Call
 
 
 _EXT = Layout((), (), 0, None)
+
+
+class _Patch:
+    """How to re-encode a changed decoded message: the items of :meth:`Spec._patch_plan` and,
+    once used a few times, a generated straight-line function doing the same."""
+
+    __slots__ = ("fast", "hits", "items")
+
+    def __init__(self, items: tuple[Any, ...]) -> None:
+        self.items = items
+        self.hits = 0
+        self.fast: Callable[[Message, Any, Any, dict[int, Any]], bytes] | None = None
+
+
+def _generate_patch(items: tuple[Any, ...], width: int, spec: Spec) -> Callable[..., bytes]:
+    """One expression for a patch plan: slices of the original bytes, new fields through their
+    encoders (which raise the exact :class:`EncodeError`, as the item loop does)."""
+    ns: dict[str, Any] = {"HEAD": spec._encode_head}
+    parts = []
+    for k, item in enumerate(items):
+        if type(item) is int:
+            if item >= 0:
+                ns[f"E{item}"] = spec._encs[item]
+                parts.append(f"E{item}(v[{item}])")
+            elif item == -1:
+                parts.append(f"d[:o[0] - {width}]")
+            elif item == -2:
+                parts.append(f"d[o[0] - {width}:o[0]]")
+            else:
+                parts.append("HEAD(m)")
+        elif type(item) is tuple:
+            parts.append(f"d[o[{item[0]}]:o[{item[1]}]]")
+        else:
+            ns[f"K{k}"] = item
+            parts.append(f"K{k}")
+    src = "def patch(m, d, o, v):\n    return b''.join((" + ", ".join(parts) + ",))"
+    exec(src, ns)
+    return ns["patch"]  # type: ignore[no-any-return]
 
 
 class _Plan:
@@ -712,12 +755,18 @@ class Spec:
         patches = lay.patches
         if patches is None:
             patches = lay.patches = {}
-        items = patches.get(pk)
-        if items is None:
-            items = self._patch_plan(lay, keys, m._dirty, m._hdirty)
+        entry = patches.get(pk)
+        if entry is None:
+            entry = _Patch(self._patch_plan(lay, keys, m._dirty, m._hdirty))
             if len(patches) >= 64:
                 patches.clear()
-            patches[pk] = items
+            patches[pk] = entry
+        fast = entry.fast
+        if fast is not None:
+            return fast(m, m._data, m._offs, m._vals)
+        entry.hits += 1
+        if entry.hits >= _GENERATE_AFTER:
+            entry.fast = _generate_patch(entry.items, lay.width, self)
         data = m._data
         offs = m._offs
         assert data is not None and offs is not None
@@ -725,7 +774,7 @@ class Spec:
         encs = self._encs
         out: list[bytes] = []
         append = out.append
-        for item in items:
+        for item in entry.items:
             if type(item) is int:
                 if item >= 0:
                     append(encs[item](vals[item]))  # type: ignore[misc]
@@ -734,12 +783,19 @@ class Spec:
                 elif item == -2:  # original bitmaps
                     append(data[offs[0] - lay.width : offs[0]])
                 else:  # new header + MTI
-                    append(self._encode_header(m) + self._encode_mti(m._mti))
+                    append(self._encode_head(m))
             elif type(item) is tuple:
                 append(data[offs[item[0]] : offs[item[1]]])
             else:
                 append(item)
         return b"".join(out)
+
+    def _encode_head(self, m: Message) -> bytes:
+        """The header (if the spec has one) and the MTI of ``m``, encoded."""
+        if self._header is None:
+            b = self._mti_bytes.get(m._mti)
+            return b if b is not None else self._encode_mti(m._mti)
+        return self._encode_header(m) + self._encode_mti(m._mti)
 
     def _patch_plan(
         self, lay: Layout, keys: tuple[int, ...], dirty: frozenset[int], hdirty: bool
