@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from isopace.flow import CONTINUE, Event, EventKind, Exchange, Flow, Outcome
-from isopace.store import JournalError, SchemaError, SqliteJournal, recover
+from isopace.store import SCHEMA_VERSION, JournalError, SchemaError, SqliteJournal, recover
+from isopace.store.sqlite_journal import migrate
 from tests.store.helpers import PAN, Ledger, approve, ledger_flow, request
 
 
@@ -115,7 +116,7 @@ async def test_migration_from_version_1_file(tmp_path: Path) -> None:
     conn.close()
 
     async with SqliteJournal(path) as journal:
-        assert journal.schema_version == 2
+        assert journal.schema_version == SCHEMA_VERSION == 3
         doubt = {d.tx_id: d for d in await journal.in_doubt()}
         assert set(doubt) == {"b", "c"}
         assert not doubt["b"].committing and doubt["c"].committing
@@ -137,12 +138,82 @@ async def test_migration_from_version_1_file(tmp_path: Path) -> None:
         assert ledger.balance() == 1000 and ledger.holds("released") == {"b": 1000}
         assert await journal.in_doubt() == []
     conn = sqlite3.connect(path)
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [1, 2]
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3]
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
     # opening again changes nothing
     async with SqliteJournal(path) as journal:
-        assert journal.schema_version == 2
+        assert journal.schema_version == 3
+
+
+_V2_INSERT = """INSERT INTO journal (tx_id, kind, at, at_us, node, joined, durable, request,
+    response, pan_masked, pan_hmac, error) VALUES (?1, ?2,
+    strftime('%Y-%m-%dT%H:%M:%f+00:00', ?3 / 1000000.0, 'unixepoch'), ?3, ?4, ?5, ?6, ?7, ?8,
+    NULL, NULL, NULL)"""
+
+
+async def test_migration_from_version_2_file(tmp_path: Path) -> None:
+    """A version 2 file (every row with its text time, inflight rows holding copies of the
+    request and response) opens as version 3: rows, in-doubt state and recovery carry over."""
+    path = tmp_path / "v2.db"
+    req = '{"mti":"0200","fields":{"4":"000000001000","41":"TERM0001"},"redacted":[2]}'
+    resp = '{"mti":"0210","fields":{"39":"00"}}'
+    t0 = 1_767_261_600_000_000  # 2026-01-01T10:00:00Z
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert migrate(conn, upto=2) == 2
+    journal_rows = [
+        ("a", "BEGIN", t0, "n1", "[]", None, req, None),
+        ("a", "COMMITTING", t0 + 1, "n1", '["ledger"]', '{"amount":1000}', None, resp),
+        ("a", "COMMITTED", t0 + 2, "n1", '["ledger"]', None, None, resp),
+        ("b", "BEGIN", t0 + 3, "n1", "[]", None, req, None),
+        ("c", "BEGIN", t0 + 4, "n1", "[]", None, req, None),
+        ("c", "COMMITTING", t0 + 5, "n1", '["ledger"]', '{"amount":1000}', None, resp),
+        ("d", "BEGIN", t0 + 6, "other", "[]", None, req, None),
+    ]
+    conn.executemany(_V2_INSERT, journal_rows)
+    conn.executemany(
+        "INSERT INTO inflight VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("b", "began", "n1", t0 + 3, t0 + 3, "[]", None, req, None),
+            ("c", "committing", "n1", t0 + 4, t0 + 5, '["ledger"]', '{"amount":1000}', None, resp),
+            ("d", "began", "other", t0 + 6, t0 + 6, "[]", None, req, None),
+        ],
+    )
+    conn.close()
+
+    async with SqliteJournal(path, node="n1") as journal:
+        assert journal.schema_version == 3
+        doubt = {d.tx_id: d for d in await journal.in_doubt(all_nodes=True)}
+        assert set(doubt) == {"b", "c", "d"}
+        assert not doubt["b"].committing and doubt["c"].committing
+        assert doubt["c"].joined == ("ledger",) and doubt["c"].durable == {"amount": 1000}
+        assert doubt["c"].response is not None and doubt["c"].response[39] == "00"
+        assert doubt["c"].request is not None and doubt["c"].request[4] == "000000001000"
+        assert doubt["d"].node == "other"
+        assert [d.tx_id for d in await journal.in_doubt()] == ["b", "c"]
+        a = await journal.by_id("a")
+        assert [r.kind for r in a] == ["BEGIN", "COMMITTING", "COMMITTED"]
+        assert a[0].at == datetime(2026, 1, 1, 10, tzinfo=UTC)
+        assert a[2].response is not None and a[2].response[39] == "00"
+        counts = await journal.counts()
+        assert counts["COMMITTED"] == 1 and counts["IN_DOUBT"] == 3
+        ledger = Ledger(tmp_path / "ledger.db")
+        ledger.reserve("b", 1000)
+        ledger.reserve("c", 1000)
+        report = await recover(ledger_flow(ledger, journal), journal)
+        assert report.committed == ["c"] and report.aborted == ["b"]
+        assert ledger.balance() == 1000 and ledger.holds("released") == {"b": 1000}
+        assert [d.tx_id for d in await journal.in_doubt(all_nodes=True)] == ["d"]
+        # new records after the migration keep the in-doubt state through the triggers
+        flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+        assert await flow.run(Exchange("e", request())) is Outcome.COMMITTED
+        assert [d.tx_id for d in await journal.in_doubt(all_nodes=True)] == ["d"]
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3]
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM journal WHERE tx_id = 'a' ORDER BY seq")]
+    assert seqs == [1, 2, 3]  # row identities kept
+    conn.close()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -50,6 +50,15 @@ import asyncpg  # type: ignore[import-untyped]
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
 from isopace.store.protect import CardDataProtector
 from isopace.store.records import (
+    AT_US,
+    DURABLE,
+    JOINED,
+    KIND,
+    NO_RESPONSE,
+    NODE,
+    REQUEST,
+    RESPONSE,
+    TX_ID,
     InDoubt,
     JournalRecord,
     Row,
@@ -57,6 +66,7 @@ from isopace.store.records import (
     default_node,
     loads_durable,
     loads_joined,
+    row_time,
 )
 
 if TYPE_CHECKING:
@@ -345,8 +355,10 @@ class PostgresJournal(_PoolOwner):
         s = self.schema
         self._sql_insert = f"""INSERT INTO {s}.journal (tx_id, kind, at, node, joined, durable,
             request, response, pan_masked, pan_hmac, error)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])"""
+            SELECT t, k, a, n, COALESCE(j, '[]'), d, rq, rs, pm, ph, e
+            FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
+                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
+                AS u(t, k, a, n, j, d, rq, rs, pm, ph, e)"""
         self._sql_upsert = f"""INSERT INTO {s}.inflight AS f (tx_id, state, node, began_at,
             updated_at, joined, durable, request, response)
             SELECT t, st, n, a, a, j, d, rq, rs FROM unnest($1::text[], $2::text[], $3::text[],
@@ -361,6 +373,7 @@ class PostgresJournal(_PoolOwner):
                 request = CASE WHEN excluded.state = 'began' THEN excluded.request
                                ELSE f.request END"""
         self._sql_delete = f"DELETE FROM {s}.inflight WHERE tx_id = ANY($1::text[])"
+        self._columns = self._COLUMNS.format(s=s)
 
     def _error(self, text: str) -> StoreError:
         return JournalError(f"postgres journal {self.schema}: {text}")
@@ -378,12 +391,17 @@ class PostgresJournal(_PoolOwner):
             await self.open()
         if self._closed:
             raise JournalError(f"postgres journal {self.schema}: closed")
-        if not self._wait_final and row.kind in _NO_WAIT:
+        if not self._wait_final and row[KIND] in _NO_WAIT:
             self._queue.put_nowait((row, None))  # see SqliteJournal: recovery re-derives it
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((row, fut))
-        await fut
+        try:
+            await fut
+        except JournalError:
+            if row[KIND] == "COMMITTING":
+                self._rows.forget(row[TX_ID])
+            raise
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written (queries do this first)."""
@@ -434,37 +452,23 @@ class PostgresJournal(_PoolOwner):
                         fut.set_exception(error)
 
     async def _write(self, rows: list[Row]) -> None:
-        columns: list[list[Any]] = [[] for _ in range(11)]
+        columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
+        times = columns[AT_US] = [row_time(r) for r in rows]
         upserts: dict[str, tuple[Any, ...]] = {}
         finished: list[str] = []
-        for r in rows:
-            for i, v in enumerate(
-                (
-                    r.tx_id,
-                    r.kind,
-                    r.at,
-                    r.node,
-                    r.joined,
-                    r.durable,
-                    r.request,
-                    r.response,
-                    r.pan_masked,
-                    r.pan_hmac,
-                    r.error,
-                )
-            ):
-                columns[i].append(v)
-            if r.kind == "BEGIN":
-                upserts[r.tx_id] = (
-                    "began", r.node, r.at, r.joined, r.durable, r.request, None
+        for r, at in zip(rows, times, strict=True):
+            kind = r[KIND]
+            if kind == "BEGIN":
+                upserts[r[TX_ID]] = (
+                    "began", r[NODE], at, r[JOINED] or "[]", r[DURABLE], r[REQUEST], None,
                 )  # fmt: skip
-            elif r.kind == "COMMITTING":
-                upserts[r.tx_id] = (
-                    "committing", r.node, r.at, r.joined, r.durable, None, r.response
+            elif kind == "COMMITTING":
+                upserts[r[TX_ID]] = (
+                    "committing", r[NODE], at, r[JOINED] or "[]", r[DURABLE], None, r[RESPONSE],
                 )  # fmt: skip
-            elif r.kind in ("COMMITTED", "ABORTED"):
-                upserts.pop(r.tx_id, None)
-                finished.append(r.tx_id)
+            elif kind in ("COMMITTED", "ABORTED"):
+                upserts.pop(r[TX_ID], None)
+                finished.append(r[TX_ID])
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(self._sql_insert, *columns)
             if upserts:
@@ -501,8 +505,12 @@ class PostgresJournal(_PoolOwner):
         except Exception as exc:
             raise StoreError(f"postgres journal {self.schema}: query failed: {exc}") from exc
 
-    _COLUMNS = """seq, tx_id, kind, at, node, joined, durable, request, response, pan_masked,
-        pan_hmac, error"""
+    #: A COMMITTED row's NULL response is its transaction's COMMITTING response (written once).
+    _COLUMNS = """j.seq, j.tx_id, j.kind, j.at, j.node, j.joined, j.durable, j.request,
+        CASE WHEN j.response IS NULL AND j.kind = 'COMMITTED' THEN
+            (SELECT c.response FROM {s}.journal c WHERE c.tx_id = j.tx_id
+             AND c.kind = 'COMMITTING' AND c.seq < j.seq ORDER BY c.seq DESC LIMIT 1)
+        ELSE j.response END, j.pan_masked, j.pan_hmac, j.error"""
 
     @staticmethod
     def _record(r: Any) -> JournalRecord:
@@ -515,7 +523,7 @@ class PostgresJournal(_PoolOwner):
             joined=loads_joined(r[5]),
             durable=loads_durable(r[6]),
             request_json=r[7],
-            response_json=r[8],
+            response_json=r[8] if r[8] != NO_RESPONSE else None,
             pan_masked=r[9],
             pan_hmac=r[10],
             error=r[11],
@@ -524,7 +532,8 @@ class PostgresJournal(_PoolOwner):
     async def by_id(self, tx_id: str) -> list[JournalRecord]:
         """Every record of one transaction, oldest first."""
         rows = await self._fetch(
-            f"SELECT {self._COLUMNS} FROM {self.schema}.journal WHERE tx_id = $1 ORDER BY seq",
+            f"""SELECT {self._columns} FROM {self.schema}.journal j WHERE j.tx_id = $1
+                ORDER BY j.seq""",
             tx_id,
         )
         return [self._record(r) for r in rows]
@@ -534,9 +543,9 @@ class PostgresJournal(_PoolOwner):
     ) -> list[JournalRecord]:
         """Records with ``start <= time < end`` (aware datetimes), oldest first."""
         rows = await self._fetch(
-            f"""SELECT {self._COLUMNS} FROM {self.schema}.journal
-                WHERE at >= $1 AND at < $2 AND ($3::text IS NULL OR kind = $3)
-                ORDER BY at, seq LIMIT $4""",
+            f"""SELECT {self._columns} FROM {self.schema}.journal j
+                WHERE j.at >= $1 AND j.at < $2 AND ($3::text IS NULL OR j.kind = $3)
+                ORDER BY j.at, j.seq LIMIT $4""",
             start,
             end,
             kind,
@@ -545,13 +554,15 @@ class PostgresJournal(_PoolOwner):
         return [self._record(r) for r in rows]
 
     async def by_pan(self, pan: str, *, limit: int = 10_000) -> list[JournalRecord]:
-        """Records of one card, by its keyed fingerprint (needs ``hmac_key``)."""
+        """Records of the transactions of one card, by its keyed fingerprint (needs
+        ``hmac_key``; the fingerprint is on the records that carry the request)."""
         fingerprint = self._protector.fingerprint(pan)
         if fingerprint is None:
             raise StoreError(f"postgres journal {self.schema}: searching by PAN needs an hmac_key")
         rows = await self._fetch(
-            f"""SELECT {self._COLUMNS} FROM {self.schema}.journal WHERE pan_hmac = $1
-                ORDER BY seq LIMIT $2""",
+            f"""SELECT {self._columns} FROM {self.schema}.journal j WHERE j.tx_id IN
+                (SELECT p.tx_id FROM {self.schema}.journal p WHERE p.pan_hmac = $1)
+                ORDER BY j.seq LIMIT $2""",
             fingerprint,
             limit,
         )

@@ -11,7 +11,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any, Final
 
 from isopace.store.errors import JournalError
 from isopace.store.protect import CardDataProtector, ProtectedMessage, scrub_text
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FINAL_KINDS",
+    "NO_RESPONSE",
     "InDoubt",
     "JournalRecord",
     "RecoveryReport",
@@ -45,25 +47,36 @@ def default_node() -> str:
     return socket.gethostname()
 
 
-class Row(NamedTuple):
-    """One journal row, protected and serialised, ready for any backend (a tuple in the column
-    order of the journal's INSERT, so a batch goes to ``executemany`` as it is)."""
+#: One journal row, protected and serialised, ready for any backend: a plain tuple in the
+#: column order of the journal's INSERT (so a batch goes to the database as it is):
+#: ``(tx_id, kind, at_us, node, joined, durable, request, response, pan_masked, pan_hmac,
+#: error)`` with ``at_us`` the UTC time in microseconds since the epoch, ``joined`` a JSON array
+#: of stage names, ``durable`` a JSON object, ``request`` / ``response`` protected message JSON.
+Row = tuple[
+    str, str, int, str, str | None, str | None, str | None, str | None, str | None, str | None,
+    str | None,
+]  # fmt: skip
+#: Positions in a :data:`Row`.
+TX_ID: Final = 0
+KIND: Final = 1
+AT_US: Final = 2
+NODE: Final = 3
+JOINED: Final = 4
+DURABLE: Final = 5
+REQUEST: Final = 6
+RESPONSE: Final = 7
+PAN_MASKED: Final = 8
+PAN_HMAC: Final = 9
+ERROR: Final = 10
 
-    tx_id: str
-    kind: str
-    at_us: int  # UTC, microseconds since the epoch
-    node: str
-    joined: str  # JSON array of stage names
-    durable: str | None  # JSON object
-    request: str | None  # protected message JSON
-    response: str | None
-    pan_masked: str | None
-    pan_hmac: str | None
-    error: str | None
+#: The ``response`` of a COMMITTED row whose transaction had a response at COMMITTING and has
+#: none any more (NULL there means "the COMMITTING row's response").
+NO_RESPONSE = "null"
 
-    @property
-    def at(self) -> datetime:
-        return datetime.fromtimestamp(self.at_us / 1_000_000, UTC)
+
+def row_time(row: Row) -> datetime:
+    """The UTC time of a row."""
+    return datetime.fromtimestamp(row[AT_US] / 1_000_000, UTC)
 
 
 def _protect(protector: CardDataProtector, message: object) -> ProtectedMessage | None:
@@ -87,13 +100,46 @@ def _error_text(error: BaseException | None) -> str | None:
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+if c_make_encoder is not None:
+    # the C encoder json.dumps builds for every call, built once (durable properties are
+    # checked JSON values when set, so no circular-reference markers are needed)
+    _C_ENCODE = c_make_encoder(
+        None, None, encode_basestring, None, ":", ",", False, False, True
+    )  # fmt: skip
+
+    def _encode(value: object) -> str:
+        return "".join(_C_ENCODE(value, 0))
+else:  # pragma: no cover - CPython without the _json accelerator
+
+    def _encode(value: object) -> str:
+        return _ENCODE(value)
+
+
+#: Event kind (a ``StrEnum`` value) -> the name journals store.
+_KIND_NAMES = {
+    "begin": "BEGIN",
+    "committing": "COMMITTING",
+    "committed": "COMMITTED",
+    "aborted": "ABORTED",
+    "idempotent_hit": "IDEMPOTENT_HIT",
+}
 
 
 class RowBuilder:
     """Builds protected rows; shared by the journal backends.
 
-    Caches what repeats: the JSON of a joined-stage tuple, and the protected response of a
-    transaction between its COMMITTING record and its final one (the same message object).
+    What each event's row carries (every message protected and serialised once per transaction):
+
+    - BEGIN: the request (and the PAN's masked form and fingerprint), durable properties if any;
+    - COMMITTING: the joined stages, the durable properties and the response decided (what
+      recovery needs to finish the transaction);
+    - COMMITTED: the joined stages, the commit errors if any, and the response only when it is
+      not the one journalled with COMMITTING (NULL: see the COMMITTING row; readers fill it in);
+    - ABORTED: the joined stages, durable properties, response and the abort cause;
+    - IDEMPOTENT_HIT: the duplicate's request (with PAN columns) and the replayed response.
+
+    Caches what repeats: the JSON of a joined-stage tuple, and the response of a transaction
+    between its COMMITTING record and its final one.
     """
 
     __slots__ = ("_joined", "_node", "_protector", "_responses")
@@ -102,7 +148,7 @@ class RowBuilder:
         self._protector = protector
         self._node = node
         self._joined: dict[tuple[str, ...], str] = {(): "[]"}
-        self._responses: dict[str, tuple[object, ProtectedMessage | None]] = {}
+        self._responses: dict[str, object] = {}
 
     def _joined_json(self, joined: tuple[str, ...]) -> str:
         text = self._joined.get(joined)
@@ -112,49 +158,69 @@ class RowBuilder:
                 self._joined[joined] = text
         return text
 
-    def _response(self, tx_id: str, kind: str, message: object) -> ProtectedMessage | None:
-        responses = self._responses
-        if kind == "COMMITTING":
-            protected = _protect(self._protector, message)
-            if len(responses) > 100_000:  # runs that never finished: do not grow for ever
-                responses.clear()
-            responses[tx_id] = (message, protected)
-            return protected
-        cached = responses.pop(tx_id, None)
-        if cached is not None and cached[0] is message:
-            return cached[1]
-        return _protect(self._protector, message)
+    def forget(self, tx_id: str) -> None:
+        """The COMMITTING record of ``tx_id`` was not written: its COMMITTED row must carry the
+        response itself."""
+        self._responses.pop(tx_id, None)
 
     def build(self, ex: Exchange, event: Event) -> Row:
         """The protected row for ``event`` of ``ex`` (raises JournalError if it cannot be)."""
-        kind = event.kind.name
-        tx_id = str(ex.id)
+        kind = _KIND_NAMES.get(event.kind) or event.kind.name
+        tx_id = ex.id if type(ex.id) is str else str(ex.id)
+        at_us = time.time_ns() // 1000
         try:
+            if kind == "BEGIN" or kind == "IDEMPOTENT_HIT":
+                begin_props = ex.durable()
+                req = _protect(self._protector, ex.request)
+                assert req is not None
+                resp = None
+                if kind == "IDEMPOTENT_HIT":
+                    resp = _protect(self._protector, ex.response)
+                return (
+                    tx_id, kind, at_us, self._node, None,
+                    _encode(begin_props) if begin_props else None, req.json,
+                    resp.json if resp is not None else None, req.pan_masked, req.pan_hmac, None,
+                )  # fmt: skip
             joined = self._joined_json(ex.joined)
-            # COMMITTED: the durable properties are on the COMMITTING row already
-            props = ex.durable() if kind != "COMMITTED" else None
-            durable = _ENCODE(props) if props else None
-            request = _protect(self._protector, ex.request) if kind in _REQUEST_KINDS else None
-            response = self._response(tx_id, kind, ex.response) if kind in _RESPONSE_KINDS else None
+            response = ex.response
+            if kind == "COMMITTING":
+                decided = ex.durable()
+                resp = _protect(self._protector, response)
+                responses = self._responses
+                if len(responses) > 100_000:  # runs that never finished: do not grow for ever
+                    responses.clear()
+                responses[tx_id] = response
+                return (
+                    tx_id, kind, at_us, self._node, joined,
+                    _encode(decided) if decided else None, None,
+                    resp.json if resp is not None else None, None, None, None,
+                )  # fmt: skip
+            error = event.error
+            if kind == "COMMITTED":
+                # the durable properties are on the COMMITTING row already
+                props: dict[str, object] | None = None
+                at_committing = self._responses.pop(tx_id, _MISSING)
+                if at_committing is response and response is not None:
+                    text: str | None = None  # the COMMITTING row's response
+                else:
+                    resp = _protect(self._protector, response)
+                    text = resp.json if resp is not None else NO_RESPONSE
+            else:
+                self._responses.pop(tx_id, None)
+                props = ex.durable()
+                resp = _protect(self._protector, response)
+                text = resp.json if resp is not None else None
+                if error is None and kind == "ABORTED":
+                    error = ex.error
         except (TypeError, ValueError) as exc:
             raise JournalError(f"transaction {ex.id!r}: cannot journal {kind}: {exc}") from exc
-        error = event.error
-        if error is None and kind == "ABORTED":
-            error = ex.error
-        pan = request or response
-        return Row(
-            tx_id,
-            kind,
-            time.time_ns() // 1000,
-            self._node,
-            joined,
-            durable,
-            request.json if request else None,
-            response.json if response else None,
-            pan.pan_masked if pan else None,
-            pan.pan_hmac if pan else None,
-            _error_text(error) if error is not None else None,
-        )
+        return (
+            tx_id, kind, at_us, self._node, joined, _encode(props) if props else None, None, text,
+            None, None, _error_text(error) if error is not None else None,
+        )  # fmt: skip
+
+
+_MISSING = object()
 
 
 def build_row(ex: Exchange, event: Event, protector: CardDataProtector, node: str) -> Row:

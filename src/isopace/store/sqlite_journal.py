@@ -2,9 +2,13 @@
 
 ``SqliteJournal(path)`` writes one row per flow event into the ``journal`` table (transaction id,
 event kind, UTC time, node, the stages that joined, the durable exchange properties, the request
-and response with card data protected by :mod:`isopace.store.protect`, the abort cause) and keeps
-an ``inflight`` table of transactions that began and have not finished, in the same database
-transaction, so finding what is in doubt never scans the whole journal.
+and response with card data protected by :mod:`isopace.store.protect`, the abort cause). Each
+message is protected, serialised and stored once per transaction (the request with BEGIN, the
+response with COMMITTING, or with the final record when it changed or there was no COMMITTING; see
+:class:`isopace.store.records.RowBuilder`); queries fill a COMMITTED record's response in from its
+COMMITTING row. Triggers keep an ``inflight`` table (transaction id -> its BEGIN row) of the
+transactions that began and have not finished, in the same statement, so finding what is in doubt
+never scans the whole journal: the COMMITTING decision is looked up by transaction id.
 
 Durability: WAL mode with ``synchronous=FULL`` (the WAL is fsynced at every commit). ``record``
 returns only once its row is durable. ``wait_final=False`` is an opt-in trade: COMMITTED /
@@ -17,7 +21,9 @@ It saves one fsync wait per transaction; a failed write is logged.
 
 Group commit: writes go through one writer thread (:class:`isopace.store._writer.GroupWriter`):
 every event queued while a batch is being written goes into the next batch, one transaction and
-one fsync for all of them.
+one fsync for all of them. A batch is ONE multi-row ``INSERT`` run in autocommit mode: the rows,
+the trigger work and the commit's fsync happen in a single ``sqlite3`` call, which releases the
+GIL for all of it, so the event loop keeps running while the batch is written.
 ``group_commit=False`` writes one transaction (one fsync) per event instead.
 
 Schema: versioned in ``schema_migrations`` (version, description, applied time); the migrations
@@ -25,7 +31,10 @@ below are applied in order on open, inside ``BEGIN IMMEDIATE`` so processes open
 at once apply them once. A file written by a newer version raises :class:`SchemaError`.
 Version 1 was the first release's schema (journal rows only); version 2 adds the microsecond time
 column, node, durable properties, PAN mask / fingerprint columns, indexes for operator queries and
-the ``inflight`` table (back-filled from the version 1 rows).
+the ``inflight`` table (back-filled from the version 1 rows); version 3 drops the text time
+column (``at_us`` is the time), makes ``joined`` optional and replaces ``inflight``'s copies of
+the request and response with a pointer to the BEGIN row, kept by triggers (the table is rebuilt:
+opening a large version 2 file once takes the time of copying it).
 
 Several processes may share one file (SQLite serialises the writers); each journals its ``node``
 (default: the host name) and recovery only touches its own node's transactions.
@@ -41,6 +50,7 @@ import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -127,36 +137,102 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
                                  AND f.kind IN ('COMMITTED', 'ABORTED') AND f.seq > b.seq)""",
         ),
     ),
+    (
+        3,
+        "rows without the text time column; inflight kept by triggers, pointing at BEGIN rows",
+        (
+            """CREATE TABLE journal_v3 (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                tx_id TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                at_us INTEGER NOT NULL,
+                node TEXT NOT NULL DEFAULT '',
+                joined TEXT,
+                durable TEXT,
+                request TEXT,
+                response TEXT,
+                pan_masked TEXT,
+                pan_hmac TEXT,
+                error TEXT
+            )""",
+            """INSERT INTO journal_v3 (seq, tx_id, kind, at_us, node, joined, durable, request,
+                response, pan_masked, pan_hmac, error)
+               SELECT seq, tx_id, kind, COALESCE(at_us, 0), node, joined, durable, request,
+                      response, pan_masked, pan_hmac, error FROM journal ORDER BY seq""",
+            """CREATE TABLE inflight_v3 (
+                tx_id TEXT PRIMARY KEY,
+                seq INTEGER NOT NULL,
+                node TEXT NOT NULL,
+                began_us INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            """INSERT INTO inflight_v3 (tx_id, seq, node, began_us)
+               SELECT i.tx_id, (SELECT max(b.seq) FROM journal b
+                                WHERE b.tx_id = i.tx_id AND b.kind = 'BEGIN'), i.node, i.began_us
+               FROM inflight i
+               WHERE EXISTS (SELECT 1 FROM journal b
+                             WHERE b.tx_id = i.tx_id AND b.kind = 'BEGIN')""",
+            "DROP TABLE inflight",
+            "DROP TABLE journal",
+            "ALTER TABLE journal_v3 RENAME TO journal",
+            "ALTER TABLE inflight_v3 RENAME TO inflight",
+            "CREATE INDEX journal_tx ON journal(tx_id)",
+            "CREATE INDEX journal_at ON journal(at_us)",
+            "CREATE INDEX journal_pan ON journal(pan_hmac) WHERE pan_hmac IS NOT NULL",
+            """CREATE TRIGGER journal_begin AFTER INSERT ON journal WHEN new.kind = 'BEGIN'
+               BEGIN
+                   INSERT OR REPLACE INTO inflight (tx_id, seq, node, began_us)
+                   VALUES (new.tx_id, new.seq, new.node, new.at_us);
+               END""",
+            """CREATE TRIGGER journal_final AFTER INSERT ON journal
+               WHEN new.kind IN ('COMMITTED', 'ABORTED')
+               BEGIN
+                   DELETE FROM inflight WHERE tx_id = new.tx_id;
+               END""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-_INSERT = """INSERT INTO journal (tx_id, kind, at, at_us, node, joined, durable, request, response,
-    pan_masked, pan_hmac, error) VALUES (?1, ?2,
-    strftime('%Y-%m-%dT%H:%M:%f+00:00', ?3 / 1000000.0, 'unixepoch'), ?3,
-    ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"""
-_BEGIN = """INSERT INTO inflight (tx_id, state, node, began_us, updated_us, joined, durable,
-    request, response) VALUES (?, 'began', ?, ?, ?, ?, ?, ?, NULL)
-    ON CONFLICT (tx_id) DO UPDATE SET state = 'began', node = excluded.node,
-    began_us = excluded.began_us, updated_us = excluded.updated_us, joined = excluded.joined,
-    durable = excluded.durable, request = excluded.request, response = NULL"""
-_COMMITTING = """INSERT INTO inflight (tx_id, state, node, began_us, updated_us, joined, durable,
-    request, response) VALUES (?, 'committing', ?, ?, ?, ?, ?, NULL, ?)
-    ON CONFLICT (tx_id) DO UPDATE SET state = 'committing', updated_us = excluded.updated_us,
-    joined = excluded.joined, durable = excluded.durable, response = excluded.response"""
-_FINISH = "DELETE FROM inflight WHERE tx_id = ?"
-_FINAL = frozenset({"COMMITTED", "ABORTED"})
+_ROW_COLUMNS = (
+    "tx_id, kind, at_us, node, joined, durable, request, response, pan_masked, pan_hmac, error"
+)
+_NCOLS = 11
+#: Rows per INSERT statement (at most; fewer when SQLite allows fewer bound parameters).
+_CHUNK = 128
+_INSERTS: dict[int, str] = {}
+
+
+def _insert_sql(n: int) -> str:
+    """``INSERT INTO journal ... VALUES (...), (...)`` for ``n`` rows (cached per size)."""
+    sql = _INSERTS.get(n)
+    if sql is None:
+        one = "(" + ",".join("?" * _NCOLS) + ")"
+        sql = _INSERTS[n] = f"INSERT INTO journal ({_ROW_COLUMNS}) VALUES " + ",".join([one] * n)
+    return sql
+
+
 #: Records whose durability ``record`` need not wait for (see ``wait_final``).
 _NO_WAIT = frozenset({"COMMITTED", "ABORTED", "IDEMPOTENT_HIT"})
 
-_COLUMNS = """seq, tx_id, kind, at_us, node, joined, durable, request, response, pan_masked,
-    pan_hmac, error"""
+#: A COMMITTED row's NULL response is its transaction's COMMITTING response (written once).
+_RESPONSE = """CASE WHEN j.response IS NULL AND j.kind = 'COMMITTED' THEN
+        (SELECT c.response FROM journal c WHERE c.tx_id = j.tx_id AND c.kind = 'COMMITTING'
+         AND c.seq < j.seq ORDER BY c.seq DESC LIMIT 1) ELSE j.response END"""
+_COLUMNS = f"""j.seq, j.tx_id, j.kind, j.at_us, j.node, j.joined, j.durable, j.request,
+    {_RESPONSE}, j.pan_masked, j.pan_hmac, j.error"""
 
 
 def _connect(
     path: str, *, synchronous: str, timeout: float, pragmas: Mapping[str, str | int] | None = None
 ) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        path,
+        timeout=timeout,
+        isolation_level=None,
+        check_same_thread=False,
+        cached_statements=_CHUNK + 32,
+    )
     conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
     for name, value in (pragmas or {}).items():
         if not name.isidentifier() or not str(value).replace("-", "").isalnum():
@@ -220,32 +296,20 @@ def migrate(conn: sqlite3.Connection, *, path: str = "", upto: int | None = None
 
 
 def _apply(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """Write ``rows`` in one transaction: ONE multi-row INSERT in autocommit mode (the
+    statement is its own transaction, so inserting, the triggers keeping ``inflight`` and the
+    commit's fsync all happen in one call that releases the GIL), or, for more rows than one
+    statement may bind, several INSERTs inside ``BEGIN IMMEDIATE`` / ``COMMIT``."""
+    chunk = max(1, min(_CHUNK, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _NCOLS))
+    n = len(rows)
+    if n <= chunk:
+        conn.execute(_insert_sql(n), list(chain.from_iterable(rows)))
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(_INSERT, rows)
-        # one event per transaction per batch (a run awaits each durable record before the
-        # next), so the inflight changes can be grouped by kind
-        begin = [r for r in rows if r.kind == "BEGIN"]
-        if begin:
-            conn.executemany(
-                _BEGIN,
-                [
-                    (r.tx_id, r.node, r.at_us, r.at_us, r.joined, r.durable, r.request)
-                    for r in begin
-                ],
-            )
-        committing = [r for r in rows if r.kind == "COMMITTING"]
-        if committing:
-            conn.executemany(
-                _COMMITTING,
-                [
-                    (r.tx_id, r.node, r.at_us, r.at_us, r.joined, r.durable, r.response)
-                    for r in committing
-                ],
-            )
-        finished = [(r.tx_id,) for r in rows if r.kind in _FINAL]
-        if finished:
-            conn.executemany(_FINISH, finished)
+        for i in range(0, n, chunk):
+            part = rows[i : i + chunk]
+            conn.execute(_insert_sql(len(part)), list(chain.from_iterable(part)))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -263,7 +327,7 @@ def record_from_row(row: Sequence[Any]) -> JournalRecord:
         joined=loads_joined(row[5]),
         durable=loads_durable(row[6]),
         request_json=row[7],
-        response_json=row[8],
+        response_json=row[8] if row[8] != "null" else None,
         pan_masked=row[9],
         pan_hmac=row[10],
         error=row[11],
@@ -336,10 +400,15 @@ class SqliteJournal:
     async def record(self, ex: Exchange, event: Event) -> None:
         """Journal ``event`` of ``ex``; returns once the row is durable (raises JournalError)."""
         row = self._rows.build(ex, event)
-        if not self._wait_final and row.kind in _NO_WAIT:
+        if not self._wait_final and row[1] in _NO_WAIT:
             self._writer.submit_nowait(row)
             return
-        await self._writer.submit(row)
+        try:
+            await self._writer.submit(row)
+        except JournalError:
+            if row[1] == "COMMITTING":
+                self._rows.forget(row[0])
+            raise
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -390,7 +459,7 @@ class SqliteJournal:
     async def by_id(self, tx_id: str) -> list[JournalRecord]:
         """Every record of one transaction, oldest first."""
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM journal WHERE tx_id = ? ORDER BY seq", (tx_id,)
+            f"SELECT {_COLUMNS} FROM journal j WHERE j.tx_id = ? ORDER BY j.seq", (tx_id,)
         )
         return [record_from_row(r) for r in rows]
 
@@ -403,22 +472,24 @@ class SqliteJournal:
         limit: int = 10_000,
     ) -> list[JournalRecord]:
         """Records with ``start <= time < end`` (aware datetimes), oldest first."""
-        sql = f"SELECT {_COLUMNS} FROM journal WHERE at_us >= ? AND at_us < ?"
+        sql = f"SELECT {_COLUMNS} FROM journal j WHERE j.at_us >= ? AND j.at_us < ?"
         params: list[Any] = [_us(start), _us(end)]
         if kind is not None:
-            sql += " AND kind = ?"
+            sql += " AND j.kind = ?"
             params.append(kind)
-        sql += " ORDER BY at_us, seq LIMIT ?"
+        sql += " ORDER BY j.at_us, j.seq LIMIT ?"
         params.append(limit)
         return [record_from_row(r) for r in await self._fetch(sql, params)]
 
     async def by_pan(self, pan: str, *, limit: int = 10_000) -> list[JournalRecord]:
-        """Records of one card, found by its keyed fingerprint (needs ``hmac_key``)."""
+        """Records of the transactions of one card, found by its keyed fingerprint (needs
+        ``hmac_key``; the fingerprint is on the records that carry the request)."""
         fingerprint = self._protector.fingerprint(pan)
         if fingerprint is None:
             raise StoreError(f"journal {self.path}: searching by PAN needs an hmac_key")
         rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM journal WHERE pan_hmac = ? ORDER BY seq LIMIT ?",
+            f"""SELECT {_COLUMNS} FROM journal j WHERE j.tx_id IN
+                (SELECT p.tx_id FROM journal p WHERE p.pan_hmac = ?) ORDER BY j.seq LIMIT ?""",
             (fingerprint, limit),
         )
         return [record_from_row(r) for r in rows]
@@ -431,26 +502,35 @@ class SqliteJournal:
         By default only this journal's node (and rows migrated from version 1, which have none);
         ``older_than`` (seconds) leaves out transactions whose last event is more recent.
         """
-        sql = """SELECT tx_id, state, began_us, node, joined, durable, request, response
-                 FROM inflight WHERE 1 = 1"""
+        # the BEGIN row named by inflight, and the transaction's COMMITTING row after it, if any
+        sql = """SELECT i.tx_id, c.seq IS NOT NULL, i.began_us, i.node,
+                        CASE WHEN c.seq IS NULL THEN b.joined ELSE c.joined END,
+                        CASE WHEN c.seq IS NULL THEN b.durable ELSE c.durable END,
+                        b.request, c.response
+                 FROM inflight i
+                 JOIN journal b ON b.seq = i.seq
+                 LEFT JOIN journal c ON c.seq = (
+                     SELECT max(x.seq) FROM journal x
+                     WHERE x.tx_id = i.tx_id AND x.kind = 'COMMITTING' AND x.seq > i.seq)
+                 WHERE 1 = 1"""
         params: list[Any] = []
         if not all_nodes:
-            sql += " AND node IN (?, '')"
+            sql += " AND i.node IN (?, '')"
             params.append(self.node)
         if older_than is not None:
-            sql += " AND updated_us < ?"
+            sql += " AND COALESCE(c.at_us, b.at_us) < ?"
             params.append(int((datetime.now(UTC).timestamp() - older_than) * 1_000_000))
-        sql += " ORDER BY began_us"
+        sql += " ORDER BY i.began_us"
         return [
             InDoubt(
                 tx_id=r[0],
-                committing=r[1] == "committing",
+                committing=bool(r[1]),
                 began_at=utc_from_us(int(r[2])),
                 node=r[3],
                 joined=loads_joined(r[4]),
                 durable=loads_durable(r[5]),
                 request_json=r[6],
-                response_json=r[7],
+                response_json=r[7] if r[7] != "null" else None,
             )
             for r in await self._fetch(sql, params)
         ]
