@@ -47,3 +47,14 @@ def test_scrub_text_and_mask_pan() -> None:
         "card 476173******0010 declined, stan 000001"
     )
     assert mask_pan("123456") == "**3456"
+
+
+def test_fingerprint_is_hmac_sha256_for_every_key_length() -> None:
+    for key in (b"k", b"x" * 63, b"y" * 64, b"z" * 65, bytes(range(200)), "clé".encode()):
+        protector = CardDataProtector(key)
+        for pan in (PAN, "5500000000000004", " 4111111111111111 "):
+            expected = hmac.new(key, pan.strip().encode(), hashlib.sha256).hexdigest()
+            assert protector.fingerprint(pan) == expected
+    assert CardDataProtector("clé").fingerprint(PAN) == CardDataProtector(
+        "clé".encode()
+    ).fingerprint(PAN)

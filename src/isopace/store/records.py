@@ -15,7 +15,7 @@ from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-
 from typing import TYPE_CHECKING, Any, Final
 
 from isopace.store.errors import JournalError
-from isopace.store.protect import CardDataProtector, ProtectedMessage, scrub_text
+from isopace.store.protect import CardDataProtector, scrub_text
 
 if TYPE_CHECKING:
     from isopace.flow import Event, Exchange
@@ -79,14 +79,16 @@ def row_time(row: Row) -> datetime:
     return datetime.fromtimestamp(row[AT_US] / 1_000_000, UTC)
 
 
-def _protect(protector: CardDataProtector, message: object) -> ProtectedMessage | None:
+def _protect(
+    protector: CardDataProtector, message: object
+) -> tuple[str, str | None, str | None] | None:
+    """``(json, pan_masked, pan_hmac)`` of a message (None for None)."""
     if message is None:
         return None
     to_json = getattr(message, "to_json", None)
     if to_json is None:
-        text = json.dumps({"repr": scrub_text(repr(message))})
-        return ProtectedMessage(text, None, None)
-    return protector.protect(message)  # type: ignore[arg-type]
+        return json.dumps({"repr": scrub_text(repr(message))}), None, None
+    return protector.protect_fields(message)  # type: ignore[arg-type]
 
 
 def _error_text(error: BaseException | None) -> str | None:
@@ -178,8 +180,8 @@ class RowBuilder:
                     resp = _protect(self._protector, ex.response)
                 return (
                     tx_id, kind, at_us, self._node, None,
-                    _encode(begin_props) if begin_props else None, req.json,
-                    resp.json if resp is not None else None, req.pan_masked, req.pan_hmac, None,
+                    _encode(begin_props) if begin_props else None, req[0],
+                    resp[0] if resp is not None else None, req[1], req[2], None,
                 )  # fmt: skip
             joined = self._joined_json(ex.joined)
             response = ex.response
@@ -193,7 +195,7 @@ class RowBuilder:
                 return (
                     tx_id, kind, at_us, self._node, joined,
                     _encode(decided) if decided else None, None,
-                    resp.json if resp is not None else None, None, None, None,
+                    resp[0] if resp is not None else None, None, None, None,
                 )  # fmt: skip
             error = event.error
             if kind == "COMMITTED":
@@ -204,12 +206,12 @@ class RowBuilder:
                     text: str | None = None  # the COMMITTING row's response
                 else:
                     resp = _protect(self._protector, response)
-                    text = resp.json if resp is not None else NO_RESPONSE
+                    text = resp[0] if resp is not None else NO_RESPONSE
             else:
                 self._responses.pop(tx_id, None)
                 props = ex.durable()
                 resp = _protect(self._protector, response)
-                text = resp.json if resp is not None else None
+                text = resp[0] if resp is not None else None
                 if error is None and kind == "ABORTED":
                     error = ex.error
         except (TypeError, ValueError) as exc:
