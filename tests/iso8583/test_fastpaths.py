@@ -3,15 +3,24 @@
 Each fast path is checked against a reference written the straightforward way (the code the fast
 path replaced): ``reply()`` of a decoded message (wire spans carried over, not decoded) against
 decoding every echo field and building a new message; ``set()``; the generated re-encoding of a
-changed decoded message against a fresh encode. Inputs tried: every built-in and differential
-spec (ASCII, BCD, EBCDIC, binary, exotic length prefixes), random field sets with primary,
-secondary and tertiary bitmaps, random echo sets in random order (duplicates, absent and invalid
-numbers), changes made before and after the reply, and corrupted wire bytes (bad values in echo
-fields and elsewhere).
+changed decoded message against a fresh encode; ``to_json`` (with and without redaction),
+``to_masked_dict`` and ``tlv`` (remembered per message, JSON written by hand) against the
+document through ``json.dumps``, ``mask_value`` per field and ``parse_tlv``.
+
+Inputs tried: every built-in and differential spec (ASCII, BCD, EBCDIC, binary, exotic length
+prefixes), random field sets with primary, secondary and tertiary bitmaps, random echo sets in
+random order (duplicates, absent and invalid numbers), changes made before and after the reply,
+corrupted wire bytes (bad values in echo fields and elsewhere); for JSON and masking: any unicode
+text (quotes, backslashes, control characters), binary values and headers, DE 55 as valid TLV
+with 5A/57 at top level and nested, as garbage, as mutated TLV, as hex text (upper, lower, odd,
+spaced), messages rebuilt from redacted JSON, built and decoded messages.
 """
 
 from __future__ import annotations
 
+import binascii
+import contextlib
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,10 +35,13 @@ from isopace.iso8583 import (
     ISO87_EBCDIC,
     DecodeError,
     FieldDef,
+    Iso8583Error,
     Message,
     Spec,
 )
-from isopace.iso8583.message import response_mti
+from isopace.iso8583.masking import mask_value
+from isopace.iso8583.message import REDACTED_FIELDS, response_mti
+from isopace.iso8583.tlv import build_tlv, parse_tlv
 
 from .conftest import AUTH, ICC, PIN, field_numbers
 from .test_differential import OURS
@@ -247,3 +259,140 @@ def test_set_equals_building_the_fields(case: tuple[Spec, Message], data: st.Dat
         want = outcome(lambda m=m: spec.encode(fresh(m)))
         for _ in range(4):
             assert outcome(lambda m=m: spec.encode(m)) == want
+
+
+# --- JSON, masked dict, TLV: built once per message, by hand ------------------------------------
+
+
+def slow_to_json(m: Message, redact: bool = False) -> str:
+    """to_json the plain way: a document through json.dumps."""
+    fields: dict[str, Any] = {}
+    redacted = set(m.redacted)
+    for n, v in m.fields().items():
+        if redact and n in REDACTED_FIELDS:
+            redacted.add(n)
+            continue
+        if redact and n == 55:
+            try:
+                raw = v if isinstance(v, bytes) else binascii.a2b_hex(v)
+                t = parse_tlv(raw)
+                if any(t.find_all(tag) for tag in ("5A", "57")):
+                    out = t.remove("5A", "57", deep=True).build()
+                    v = out if isinstance(v, bytes) else out.hex().upper()
+            except (Iso8583Error, ValueError):
+                redacted.add(n)
+                continue
+        fields[str(n)] = {"hex": v.hex().upper()} if isinstance(v, bytes) else v
+    doc: dict[str, Any] = {"mti": m.mti, "fields": fields}
+    if m.header is not None:
+        h = m.header
+        doc["header"] = {"hex": h.hex().upper()} if isinstance(h, bytes) else h
+    if redacted:
+        doc["redacted"] = sorted(redacted)
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def slow_to_masked_dict(m: Message) -> dict[str, str]:
+    out = {"mti": m.mti}
+    for n, v in m.fields().items():
+        out[str(n)] = mask_value(n, v)
+    return out
+
+
+tags = st.sampled_from(["5A", "57", "9F26", "9F27", "5F20", "9F6B", "82", "DF01"])
+primitive = st.tuples(tags, st.binary(max_size=12))
+tlv_items = st.lists(
+    st.one_of(primitive, st.tuples(st.sampled_from(["70", "77", "BF0C"]), st.lists(primitive))),
+    max_size=6,
+)
+
+
+@st.composite
+def icc_values(draw: st.DrawFn) -> str | bytes:
+    items = draw(tlv_items)
+    data = build_tlv([(t, build_tlv(v) if isinstance(v, list) else v) for t, v in items])
+    choice = draw(st.sampled_from(["tlv", "garbage", "mutated"]))
+    if choice == "garbage":
+        data = draw(st.binary(max_size=20))
+    elif choice == "mutated" and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + bytes([draw(st.integers(0, 255))]) + data[i + 1 :]
+    if draw(st.booleans()):
+        text = data.hex()
+        return draw(st.sampled_from([text, text.upper(), text + "Z", " ".join(text)]))
+    return data
+
+
+texts = st.text(max_size=20)  # any unicode: quotes, backslashes, controls, surrogates-free
+
+
+@st.composite
+def json_messages(draw: st.DrawFn) -> Message:
+    fields: dict[int, str | bytes] = {}
+    for n in draw(st.lists(st.integers(2, 128).filter(lambda n: n != 65), max_size=10)):
+        fields[n] = draw(st.one_of(texts, st.binary(max_size=10)))
+    if draw(st.booleans()):
+        fields[55] = draw(icc_values())
+    for n, v in draw(st.dictionaries(st.sampled_from([2, 35, 36, 45, 52]), texts)).items():
+        fields[n] = v
+    header = draw(st.one_of(st.none(), texts, st.binary(max_size=4)))
+    m = Message(draw(st.sampled_from(["0200", "0210", 'é"\\'])), fields, header=header)
+    if draw(st.booleans()):  # a message rebuilt from redacted JSON: ``redacted`` is set
+        m = Message.from_json(slow_to_json(m, redact=True))
+        if draw(st.booleans()):
+            m = m.set(2, "4761739001010010")
+    return m
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_messages(), st.data())
+def test_json_masked_and_tlv_equal_the_slow_ways(m: Message, data: st.DataObject) -> None:
+    if data.draw(st.booleans()):  # decoded from the wire, when the spec takes it
+        with contextlib.suppress(Iso8583Error):
+            m = ISO87_ASCII.decode(ISO87_ASCII.encode(m))
+    check_json_and_masking(m, data)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests(), st.one_of(st.none(), icc_values().filter(lambda v: isinstance(v, bytes))), st.data()
+)
+def test_json_of_decoded_messages_equal_the_slow_ways(
+    case: tuple[Spec, Message], icc: bytes | None, data: st.DataObject
+) -> None:
+    spec, m = case
+    if icc is not None and spec is ISO87_ASCII:
+        m = m.set(55, icc)
+    decoded = spec.decode(spec.encode(m))
+    if data.draw(st.booleans()):
+        decoded = decoded.reply().set(39, "00")
+    check_json_and_masking(decoded, data)
+
+
+def check_json_and_masking(m: Message, data: st.DataObject) -> None:
+    if data.draw(st.booleans()):
+        outcome(lambda: m.tlv(55))  # parsed (and remembered) before the rest
+    for _ in range(2):  # the second time from the memo
+        for redact in (False, True):
+            assert outcome(lambda redact=redact: m.to_json(redact)) == outcome(
+                lambda redact=redact: slow_to_json(m, redact)
+            )
+        want = outcome(lambda: slow_to_masked_dict(m))
+        got = outcome(m.to_masked_dict)
+        assert got == want
+        if got[0] == "ok":
+            got[1]["mti"] = "changed"  # the caller's copy: the next call is unaffected
+        assert outcome(lambda: m.tlv(55)) == outcome(lambda: parse_tlv(m.bytes(55)))
+    back = Message.from_json(m.to_json())
+    assert back == m and back.redacted == m.redacted
+
+
+def test_json_memo_is_per_message() -> None:
+    m = Message("0200", {**AUTH, 52: PIN, 55: ICC})
+    text = m.to_json(redact=True)
+    assert m.to_json(redact=True) is text
+    assert m.to_json() != text
+    changed = m.set(41, "TERM0002")
+    assert '"41":"TERM0002"' in changed.to_json(redact=True)
+    assert changed.tlv(55) == m.tlv(55) and m.tlv(55) is m.tlv(55)
+    assert "<55:" in Message("0200", {55: b"\x9f"}).to_masked_dict()["55"]

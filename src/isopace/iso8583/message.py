@@ -17,6 +17,9 @@ Decisions:
   as reading the echo fields would (a quick ASCII check of the bytes stands in for decoding the
   ASCII fields). Such a reply reports the request's ``spec``.
 - Equality and hash by content: MTI, header and data elements. ``redacted`` is not part of it.
+- What is derived from a whole message is computed once per message and remembered (messages
+  are immutable): ``to_json`` (each mode), ``to_masked_dict`` (a copy is handed out) and the
+  parsed TLV of ``tlv(n)``, which redaction and masking of DE 55 reuse.
 - ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55).
 - JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
   values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import json.encoder
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -83,6 +87,7 @@ class Message:
         "_hdr",
         "_keys",
         "_lay",
+        "_memo",
         "_mti",
         "_offs",
         "_redacted",
@@ -104,6 +109,7 @@ class Message:
     _redacted: frozenset[int]
     _clean: bool
     _hdirty: bool
+    _memo: dict[Any, Any] | None
 
     def __init__(
         self,
@@ -133,6 +139,7 @@ class Message:
         self._redacted = _EMPTY
         self._clean = False
         self._hdirty = False
+        self._memo = None
 
     # --- internal ---------------------------------------------------------------------------
     def _sorted_keys(self) -> tuple[int, ...]:
@@ -165,6 +172,7 @@ class Message:
         m._redacted = self._redacted
         m._clean = False
         m._hdirty = self._hdirty
+        m._memo = None
         return m
 
     # --- reading ----------------------------------------------------------------------------
@@ -339,10 +347,20 @@ class Message:
         raise Iso8583Error(f"field {n}: not a date-time")
 
     def tlv(self, n: int = 55) -> TLV:
-        """A BER-TLV field (EMV DE 55) as a read-only mapping: ``m.tlv(55)["9F26"]``."""
+        """A BER-TLV field (EMV DE 55) as a read-only mapping: ``m.tlv(55)["9F26"]``.
+
+        Parsed once per message (messages and TLVs are immutable)."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        else:
+            t = memo.get(n)
+            if t is not None:
+                return t  # type: ignore[no-any-return]
         from isopace.iso8583.tlv import parse_tlv
 
-        return parse_tlv(self.bytes(n), field=n)
+        t = memo[n] = parse_tlv(self.bytes(n), field=n)
+        return t
 
     def composite(self, n: int, spec: Spec | None = None) -> dict[Any, Any]:
         """The sub-fields of a composite field (e.g. DE 43, DE 127) per the spec's format."""
@@ -379,6 +397,7 @@ class Message:
         m._redacted = self._redacted
         m._clean = False
         m._hdirty = self._hdirty
+        m._memo = None
         if self._data is not None:
             dirty = self._dirty
             m._dirty = dirty | _SINGLE[n] if dirty else _SINGLE[n]
@@ -500,6 +519,7 @@ class Message:
         m._redacted = _EMPTY
         m._clean = False
         m._hdirty = True
+        m._memo = None
         return m
 
     # --- equality ---------------------------------------------------------------------------
@@ -523,13 +543,33 @@ class Message:
     # --- masking, describing ----------------------------------------------------------------
     def to_masked_dict(self) -> dict[str, str]:
         """``{"mti": ..., "2": "476173******0010", ...}``: printable, masked values for logs and
-        journal records."""
+        journal records. Built once per message (a copy is returned)."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        else:
+            out = memo.get("masked")
+            if out is not None:
+                return out.copy()  # type: ignore[no-any-return]
         from isopace.iso8583.masking import mask_value
 
         out = {"mti": self._mti}
         for n, v in self.fields().items():
-            out[str(n)] = mask_value(n, v)
-        return out
+            if type(v) is str and n not in _MASKED_FIELDS and v.isprintable():
+                out[_NAMES[n]] = v  # what mask_value gives, without the call
+            elif n == 55:
+                out["55"] = mask_value(55, self._icc(v))
+            else:
+                out[_NAMES[n]] = mask_value(n, v)
+        memo["masked"] = out
+        return out.copy()
+
+    def _icc(self, v: Value) -> Value | TLV:
+        """DE 55's TLV (parsed once per message), or ``v`` as it is when it does not parse."""
+        try:
+            return self.tlv(55)
+        except (Iso8583Error, ValueError):
+            return v
 
     def __repr__(self) -> str:
         from isopace.iso8583.masking import mask_value
@@ -563,27 +603,55 @@ class Message:
 
     # --- JSON -------------------------------------------------------------------------------
     def to_json(self, redact: bool = False) -> str:
-        fields: dict[str, Any] = {}
-        redacted = set(self._redacted)
+        """The message as JSON (see the module docstring); built once per message and mode."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        else:
+            text = memo.get("json-r" if redact else "json")
+            if text is not None:
+                return text  # type: ignore[no-any-return]
+        # Written by hand, byte for byte what ``json.dumps(doc, separators=(",", ":"))`` gives
+        # for the document (str values through json's own string encoder).
+        parts = []
+        append = parts.append
+        redacted = self._redacted
         for n, v in self.fields().items():
-            if redact and n in REDACTED_FIELDS:
-                redacted.add(n)
-                continue
-            if redact and n == 55:
-                try:
-                    v2 = _strip_tags(v)
-                except (Iso8583Error, ValueError):
-                    redacted.add(n)
+            if redact:
+                if n in REDACTED_FIELDS:
+                    redacted = redacted | _SINGLE[n]
                     continue
-                v = v2
-            fields[str(n)] = {"hex": v.hex().upper()} if isinstance(v, bytes) else v
-        doc: dict[str, Any] = {"mti": self._mti, "fields": fields}
-        if self._hdr is not None:
-            h = self._hdr
-            doc["header"] = {"hex": h.hex().upper()} if isinstance(h, bytes) else h
+                if n == 55:
+                    try:
+                        v = self._strip_icc(v)
+                    except (Iso8583Error, ValueError):
+                        redacted = redacted | _SINGLE[n]
+                        continue
+            if type(v) is str:
+                append(_KEYS[n] + _json_str(v))
+            else:
+                append(_KEYS[n] + '{"hex":"' + v.hex().upper() + '"}')
+        text = '{"mti":' + _json_str(self._mti) + ',"fields":{' + ",".join(parts) + "}"
+        h = self._hdr
+        if h is not None:
+            if isinstance(h, bytes):
+                text += ',"header":{"hex":"' + h.hex().upper() + '"}'
+            else:
+                text += ',"header":' + _ENCODE(h)
         if redacted:
-            doc["redacted"] = sorted(redacted)
-        return json.dumps(doc, separators=(",", ":"))
+            text += ',"redacted":[' + ",".join(map(str, sorted(redacted))) + "]"
+        text += "}"
+        memo["json-r" if redact else "json"] = text
+        return text
+
+    def _strip_icc(self, v: Value) -> Value:
+        """DE 55 (``v``) without EMV tags 5A and 57, wherever they sit; raises as
+        :func:`~isopace.iso8583.tlv.parse_tlv` does when it is not TLV."""
+        t = self.tlv(55)
+        if not _has_tags(t, _REDACTED_TAG_SET):
+            return v
+        out = t.remove(*_REDACTED_TAGS, deep=True).build()
+        return out if isinstance(v, bytes) else out.hex().upper()
 
     @classmethod
     def from_json(cls, text: str | _bytes) -> Message:
@@ -612,15 +680,22 @@ def _json_value(v: Any) -> Value:
     raise ValueError("field values are strings or {'hex': ...}")
 
 
-def _strip_tags(v: Value) -> Value:
-    from isopace.iso8583.tlv import parse_tlv
+_json_str: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses (ensure_ascii)
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_KEYS = tuple(f'"{n}":' for n in range(193))
+_NAMES = tuple(str(n) for n in range(193))
+_MASKED_FIELDS = frozenset({2, 35, 36, 45, 52, 55})
 
-    raw = v if isinstance(v, bytes) else binascii.a2b_hex(v)
-    t = parse_tlv(raw)
-    if not any(t.find_all(tag) for tag in _REDACTED_TAGS):
-        return v
-    out = t.remove(*_REDACTED_TAGS, deep=True).build()
-    return out if isinstance(v, bytes) else out.hex().upper()
+
+_REDACTED_TAG_SET = frozenset(_REDACTED_TAGS)
+
+
+def _has_tags(t: TLV, tags: frozenset[str]) -> bool:
+    """True when one of ``tags`` occurs in ``t`` at any depth."""
+    for tag, _, child in t.objects():
+        if tag in tags or (child is not None and _has_tags(child, tags)):
+            return True
+    return False
 
 
 _RESPONSES: dict[str, str] = {}

@@ -523,6 +523,7 @@ class Spec:
         m._redacted = _EMPTY
         m._clean = True
         m._hdirty = False
+        m._memo = None
         return m
 
     def _decode_mti(self, mb: bytes, p: int) -> str:
