@@ -608,12 +608,12 @@ class Message:
         if memo is None:
             memo = self._memo = {}
         else:
-            text = memo.get("json-r" if redact else "json")
-            if text is not None:
-                return text  # type: ignore[no-any-return]
+            cached = memo.get("json-r" if redact else "json")
+            if cached is not None:
+                return cached  # type: ignore[no-any-return]
         # Written by hand, byte for byte what ``json.dumps(doc, separators=(",", ":"))`` gives
         # for the document (str values through json's own string encoder).
-        parts = []
+        parts: list[str] = []
         append = parts.append
         redacted = self._redacted
         for n, v in self.fields().items():
@@ -627,11 +627,11 @@ class Message:
                     except (Iso8583Error, ValueError):
                         redacted = redacted | _SINGLE[n]
                         continue
-            if type(v) is str:
+            if isinstance(v, str):
                 append(_KEYS[n] + _json_str(v))
             else:
                 append(_KEYS[n] + '{"hex":"' + v.hex().upper() + '"}')
-        text = '{"mti":' + _json_str(self._mti) + ',"fields":{' + ",".join(parts) + "}"
+        text: str = '{"mti":' + _json_str(self._mti) + ',"fields":{' + ",".join(parts) + "}"
         h = self._hdr
         if h is not None:
             if isinstance(h, bytes):
