@@ -295,3 +295,31 @@ async def test_read_only_file_clear_error_flow_keeps_running(
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert conn.execute("SELECT count(*) FROM journal WHERE tx_id = 'during'").fetchone()[0] == 0
     conn.close()
+
+
+async def test_cancelling_one_record_leaves_its_batch_mates_waiting(tmp_path: Path) -> None:
+    """Records of one loop iteration share a batch (and its future): cancelling one of them
+    cancels that record only; the others still return once the batch is durable."""
+    async with SqliteJournal(tmp_path / "c.db") as journal:
+        exchanges = [Exchange(f"t{i}", request(i)) for i in range(20)]
+        tasks = [
+            asyncio.create_task(journal.record(ex, Event(EventKind.BEGIN))) for ex in exchanges
+        ]
+        await asyncio.sleep(0)  # every task is now waiting on the same batch
+        tasks[3].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(results[3], asyncio.CancelledError)
+        assert [r for i, r in enumerate(results) if i != 3] == [None] * 19
+        assert (await journal.counts())["BEGIN"] == 20  # the cancelled one's row is written too
+        assert journal.stats["batches"] == 1
+
+
+async def test_unawaited_final_records_are_written_by_close(tmp_path: Path) -> None:
+    path = tmp_path / "n.db"
+    journal = SqliteJournal(path, wait_final=False)
+    flow = Flow(journal=journal).group("main", _Stage("approve", _approve_stage))
+    assert await flow.run(Exchange("last", request())) is Outcome.COMMITTED
+    await journal.close()  # COMMITTED was only queued: close writes it
+    async with SqliteJournal(path) as journal:
+        assert [r.kind for r in await journal.by_id("last")] == ["BEGIN", "COMMITTING", "COMMITTED"]
+        assert await journal.in_doubt() == []

@@ -403,12 +403,16 @@ class SqliteJournal:
         if not self._wait_final and row[1] in _NO_WAIT:
             self._writer.submit_nowait(row)
             return
+        batch = self._writer.submit(row)
         try:
-            await self._writer.submit(row)
-        except JournalError:
+            try:
+                await batch.future  # shared by the batch's records: one wake-up for all
+            except asyncio.CancelledError as cancelled:
+                await batch.resume(cancelled)
+        except JournalError as exc:
             if row[1] == "COMMITTING":
                 self._rows.forget(row[0])
-            raise
+            raise JournalError(str(exc)) from exc.__cause__
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -419,6 +423,7 @@ class SqliteJournal:
 
     async def close(self) -> None:
         """Write what is queued, stop the writer, close the connections."""
+        self._writer.seal()
         await asyncio.to_thread(self._writer.close)
         with self._reader_lock:
             if self._reader is not None:
