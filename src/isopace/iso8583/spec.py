@@ -526,6 +526,89 @@ class Spec:
         m._memo = None
         return m
 
+    def decode_partial(self, data: bytes | bytearray | memoryview) -> Message:
+        """Best-effort recovery of the fields of a message :meth:`decode` rejects, for an error
+        response that echoes what it can (DE 11, 41...).
+
+        The header, MTI and bitmaps must be readable (else :class:`DecodeError`, as from
+        ``decode``). The fields are then located from the start up to the first one whose length
+        prefix or size is wrong; when that problem leaves the message's size in doubt (a
+        length prefix that cannot be read or exceeds the maximum, a field not in the spec),
+        the fixed-length fields at the end are also located backwards from the last byte, down
+        to the field in error. Each field found is decoded on its own; values that do not
+        decode are left out. For data that ``decode`` accepts, the fields are those of
+        ``decode(data)``. The result is a message built in code (it carries no wire bytes).
+        """
+        from isopace.iso8583.message import Message
+
+        if type(data) is not bytes:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"expected bytes, got {type(data).__name__}")
+            data = bytes(data)
+        p = 0
+        header: str | bytes | None = None
+        if self._header is not None:
+            p, header = self._decode_header(data)
+        ml = self._mti_len
+        mb = data[p : p + ml]
+        mti = self._mtis.get(mb)
+        if mti is None:
+            mti = self._decode_mti(mb, p)
+        p += ml
+        lay = self._layouts.get(data[p : p + self._bmw])
+        if lay is None or lay.ext:
+            lay = self._layout(data, p)
+        p += lay.width
+        codecs = self._codecs
+        end = len(data)
+        spans: dict[int, tuple[int, int]] = {}
+        fields = lay.fields
+        bad = len(fields)  # index of the first field that cannot be located
+        from_end = False  # the size is still trusted: try the fixed fields back from the end
+        for i, n in enumerate(fields):
+            c = codecs[n]
+            if c is None:
+                bad, from_end = i, True
+                break
+            start = p + c.plen
+            if c.plen:
+                if start > end:
+                    bad = i
+                    break
+                try:
+                    count = c.read_len(data, p)
+                except (KeyError, IndexError, ValueError):
+                    bad, from_end = i, True
+                    break
+                if count > c.fd.max_len:
+                    bad, from_end = i, True
+                    break
+                size = (count + 1) // 2 if c.nibbles else count
+            else:
+                size = c.fixed_size
+            if start + size > end:
+                bad = i
+                break
+            spans[n] = (start, start + size)
+            p = start + size
+        if from_end:
+            q = end
+            for n in reversed(fields[bad + 1 :]):
+                c = codecs[n]
+                if c is None or c.plen or q - c.fixed_size < p:
+                    break
+                spans[n] = (q - c.fixed_size, q)
+                q -= c.fixed_size
+        values: dict[int, str | bytes] = {}
+        decs = self._decs
+        for n in sorted(spans):
+            s, e = spans[n]
+            try:
+                values[n] = decs[n](data, s, e)  # type: ignore[misc]
+            except Exception:  # best effort: a value that does not decode is left out
+                continue
+        return Message(mti, values, header=header)
+
     def _decode_mti(self, mb: bytes, p: int) -> str:
         if len(mb) != self._mti_len:
             raise DecodeError(0, p, f"MTI is {len(mb)} bytes, expecting {self._mti_len}")
