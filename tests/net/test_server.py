@@ -2,7 +2,8 @@
 
 Inputs tried: every framing kind (length headers x include-header x TPDU); 1-byte writes; 50
 frames in one write; keep-alive frames; a declared length over the maximum; non-digit length
-headers; garbage payloads with and without a readable MTI; a response MTI sent as a request; a
+headers; garbage payloads with and without a readable MTI; an unreadable length prefix and a
+truncated field (format error echoing the recovered fields); a response MTI sent as a request; a
 frame too short for its TPDU; a peer closing mid-frame; a handler that raises; a handler that
 returns None; back-pressure at the in-flight bound; graceful shutdown within and past its deadline;
 TLS with a self-signed certificate."""
@@ -155,6 +156,21 @@ async def test_field_failing_lazily_gets_format_error_with_echo_fields() -> None
     assert response.mti == "0210" and response[39] == "30"
     assert response[11] == "000012" and response[41] == "TERM0001"  # matchable by the client
     assert 42 not in response
+
+
+async def test_undecodable_frame_format_error_echoes_recovered_fields(server: Server) -> None:
+    track2 = "4761739001010119=28122011234567890"
+    wire = SPEC.encode(make_request(15).set(35, track2))
+    at = wire.index(b"34" + track2.encode())
+    bad_prefix = wire[:at] + b"X4" + wire[at + 2 :]  # DE 35's length prefix unreadable
+    truncated = SPEC.encode(make_request(16))[:-2]  # DE 49 cut short
+    framing = Framing()
+    frames = framing.encode_frame(bad_prefix) + framing.encode_frame(truncated)
+    first, second = (SPEC.decode(r) for r in await raw_exchange(server.port, frames, count=2))
+    assert first.mti == "0210" and first[39] == "30"
+    assert first[11] == "000015" and first[41] == "TERM0001"  # matchable by the client
+    assert 35 not in first
+    assert second[39] == "30" and second[11] == "000016" and 49 not in second
 
 
 @pytest.mark.parametrize("spec", [ISO87_BINARY, ISO87_EBCDIC], ids=["binary", "ebcdic"])

@@ -20,8 +20,9 @@ Decisions:
 - Bad input never kills the server, and the connection survives whatever leaves the stream in sync:
   * a frame that cannot be decoded: if the MTI can be read (ASCII, EBCDIC or BCD digits at the start
     of the message) and asks for an answer, the server answers with a format error — MTI function
-    digit + 1, DE 39 = ``"30"`` (no echo fields: the codec could not locate them, so a client that
-    matches on DE 11 sees it as unmatched); otherwise the frame is logged and dropped;
+    digit + 1, DE 39 = ``"30"``, with the echo fields the spec's ``decode_partial`` can still
+    recover (often DE 11 and 41, so the client can match it; none if the bitmap is unreadable);
+    otherwise the frame is logged and dropped;
   * a request whose fields fail to decode when the handler reads them (decoding is lazy), or that
     ``spec.validate`` rejects when ``validate=True``: format error echoing the fields that still
     decode (the :meth:`Message.reply` echo set);
@@ -305,6 +306,14 @@ class _Connection(FramedProtocol):
                 extra=extra,
             )
             response = Message(response_mti(mti), {39: FORMAT_ERROR})
+            partial = getattr(self.server.spec, "decode_partial", None)
+            if partial is not None:  # echo the fields that can still be recovered (DE 11, 41)
+                try:
+                    found = partial(frame.payload)
+                    if found.mti == mti:
+                        response = error_response(found, FORMAT_ERROR)
+                except Exception:
+                    pass
             self._send(response, frame.tpdu)
         else:
             logger.warning(
