@@ -182,8 +182,11 @@ class CardDataProtector:
         """Protect ``message`` for storage (see the module docstring)."""
         return ProtectedMessage(*self.protect_fields(message))
 
-    def protect_fields(self, message: Message) -> tuple[str, str | None, str | None]:
-        """``protect`` as a plain tuple ``(json, pan_masked, pan_hmac)`` (the journals' path)."""
+    def protect_fields(
+        self, message: Message, pan: bool = True
+    ) -> tuple[str, str | None, str | None]:
+        """``protect`` as a plain tuple ``(json, pan_masked, pan_hmac)`` (the journals' path);
+        ``pan=False`` leaves the PAN columns out (None)."""
         if 55 in message:
             raw = message.get(55)
             try:
@@ -191,10 +194,12 @@ class CardDataProtector:
                 message = message.set(55, strip_emv_card_tags(data))
             except ValueError:
                 message = message.remove(55)
-        pan = message.get(2)
-        if not (isinstance(pan, str) and pan):
-            pan = self.pan_of(message)
         text = message.to_json(redact=True)
-        if pan is None:
+        if not pan:
             return text, None, None
-        return text, mask_pan(pan), self.fingerprint(pan)
+        number = message.get(2)
+        if not (isinstance(number, str) and number):
+            number = self.pan_of(message)
+        if number is None:
+            return text, None, None
+        return text, mask_pan(number), self.fingerprint(number)

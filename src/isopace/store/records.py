@@ -80,15 +80,16 @@ def row_time(row: Row) -> datetime:
 
 
 def _protect(
-    protector: CardDataProtector, message: object
+    protector: CardDataProtector, message: object, pan: bool = True
 ) -> tuple[str, str | None, str | None] | None:
-    """``(json, pan_masked, pan_hmac)`` of a message (None for None)."""
+    """``(json, pan_masked, pan_hmac)`` of a message (None for None); ``pan=False``: no PAN
+    columns (responses: the fingerprint is kept with the request)."""
     if message is None:
         return None
     to_json = getattr(message, "to_json", None)
     if to_json is None:
         return json.dumps({"repr": scrub_text(repr(message))}), None, None
-    return protector.protect_fields(message)  # type: ignore[arg-type]
+    return protector.protect_fields(message, pan)  # type: ignore[arg-type]
 
 
 def _error_text(error: BaseException | None) -> str | None:
@@ -150,7 +151,8 @@ class RowBuilder:
         self._protector = protector
         self._node = node
         self._joined: dict[tuple[str, ...], str] = {(): "[]"}
-        self._responses: dict[str, object] = {}
+        #: tx id -> (the response journalled with COMMITTING, the joined stages' JSON)
+        self._responses: dict[str, tuple[object, str]] = {}
 
     def _joined_json(self, joined: tuple[str, ...]) -> str:
         text = self._joined.get(joined)
@@ -177,21 +179,21 @@ class RowBuilder:
                 assert req is not None
                 resp = None
                 if kind == "IDEMPOTENT_HIT":
-                    resp = _protect(self._protector, ex.response)
+                    resp = _protect(self._protector, ex.response, False)
                 return (
                     tx_id, kind, at_us, self._node, None,
                     _encode(begin_props) if begin_props else None, req[0],
                     resp[0] if resp is not None else None, req[1], req[2], None,
                 )  # fmt: skip
-            joined = self._joined_json(ex.joined)
             response = ex.response
             if kind == "COMMITTING":
+                joined = self._joined_json(ex.joined)
                 decided = ex.durable()
-                resp = _protect(self._protector, response)
+                resp = _protect(self._protector, response, False)
                 responses = self._responses
                 if len(responses) > 100_000:  # runs that never finished: do not grow for ever
                     responses.clear()
-                responses[tx_id] = response
+                responses[tx_id] = (response, joined)
                 return (
                     tx_id, kind, at_us, self._node, joined,
                     _encode(decided) if decided else None, None,
@@ -199,18 +201,25 @@ class RowBuilder:
                 )  # fmt: skip
             error = event.error
             if kind == "COMMITTED":
-                # the durable properties are on the COMMITTING row already
+                # the durable properties are on the COMMITTING row already, and the joined
+                # stages cannot change after it
                 props: dict[str, object] | None = None
-                at_committing = self._responses.pop(tx_id, _MISSING)
-                if at_committing is response and response is not None:
+                at_committing = self._responses.pop(tx_id, None)
+                if at_committing is None:
+                    joined = self._joined_json(ex.joined)
+                    at_committing = (_MISSING, joined)
+                else:
+                    joined = at_committing[1]
+                if at_committing[0] is response and response is not None:
                     text: str | None = None  # the COMMITTING row's response
                 else:
-                    resp = _protect(self._protector, response)
+                    resp = _protect(self._protector, response, False)
                     text = resp[0] if resp is not None else NO_RESPONSE
             else:
                 self._responses.pop(tx_id, None)
+                joined = self._joined_json(ex.joined)
                 props = ex.durable()
-                resp = _protect(self._protector, response)
+                resp = _protect(self._protector, response, False)
                 text = resp[0] if resp is not None else None
                 if error is None and kind == "ABORTED":
                     error = ex.error
