@@ -2,7 +2,8 @@
 
 Each fast path is checked against a reference written the straightforward way (the code the fast
 path replaced): ``reply()`` of a decoded message (wire spans carried over, not decoded) against
-decoding every echo field and building a new message; ``set()``; the generated re-encoding of a
+decoding every echo field and building a new message; ``set()``, ``set_many()`` and ``get()``
+against a message built from the expected fields; the generated re-encoding of a
 changed decoded message against a fresh encode; ``to_json`` (with and without redaction),
 ``to_masked_dict`` and ``tlv`` (remembered per message, JSON written by hand) against the
 document through ``json.dumps``, ``mask_value`` per field and ``parse_tlv``.
@@ -244,7 +245,9 @@ def test_reply_with_header_spec() -> None:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(requests(), st.data())
-def test_set_equals_building_the_fields(case: tuple[Spec, Message], data: st.DataObject) -> None:
+def test_set_and_get_equal_building_the_fields(
+    case: tuple[Spec, Message], data: st.DataObject
+) -> None:
     spec, built = case
     defined = [n for n in range(2, 129) if n != 65 and spec.field(n) is not None]
     for m in (built, spec.decode(spec.encode(built))):
@@ -252,9 +255,19 @@ def test_set_equals_building_the_fields(case: tuple[Spec, Message], data: st.Dat
         for _ in range(data.draw(st.integers(1, 4))):
             n = data.draw(st.sampled_from(defined))
             v = field_value(data.draw, spec, n)
-            m = m.set(n, v)
-            expected[n] = v
+            if data.draw(st.booleans()):
+                m = m.set(n, v)
+                expected[n] = v
+            else:  # set_many, with fields present and absent
+                more = {
+                    k: field_value(data.draw, spec, k)
+                    for k in data.draw(st.sets(st.sampled_from(defined), max_size=3))
+                }
+                m = m.set_many({n: v, **more})
+                expected.update({n: v, **more})
             assert m == Message(m.mti, expected)
+            for k in range(0, 194):
+                assert m.get(k) == expected.get(k) and (k in m) == (k in expected)
             assert list(m) == sorted(expected) and m.fields() == dict(sorted(expected.items()))
         want = outcome(lambda m=m: spec.encode(fresh(m)))
         for _ in range(4):

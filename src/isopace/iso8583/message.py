@@ -237,10 +237,13 @@ class Message:
         return v
 
     def get(self, n: int, default: Any = None) -> Any:
-        try:
-            return self[n]
-        except KeyError:
-            return default
+        v = self._vals.get(n)
+        if v is not None:
+            return v
+        lay = self._lay
+        if lay is None or n not in (lay.index or lay.fields) or n in self._gone:
+            return default  # absent (no KeyError raised and caught: absent fields are common)
+        return self[n]
 
     def __contains__(self, n: object) -> bool:
         if n in self._vals:
@@ -416,12 +419,15 @@ class Message:
 
     def set_many(self, values: Mapping[int, Value]) -> Message:
         checked = {n: _check(n, v) for n, v in values.items()}
+        keys = self._keys
         m = self._derive()
         m._vals.update(checked)
         if self._data is not None:
             m._dirty = self._dirty.union(checked)
             m._gone = self._gone.difference(checked)
-        m._keys = None
+            m._keys = None
+        elif keys is None or not self._vals.keys() >= checked.keys():
+            m._keys = None  # fields added: sorted again when needed
         return m
 
     def remove(self, *ns: int) -> Message:
