@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from isopace.flow import CONTINUE, Exchange, Flow, Outcome
+from isopace.flow import CONTINUE, Event, EventKind, Exchange, Flow, Outcome
 from isopace.iso8583 import Message
 from isopace.store import (
     IdempotencyError,
@@ -280,3 +280,29 @@ async def test_redis_server_restarted(tmp_path: Path, caplog: pytest.LogCaptureF
         await store.close()
         server.terminate()
         server.wait()
+
+
+async def test_postgres_in_doubt_states_and_committed_response(pg: tuple[str, str]) -> None:
+    """The one-statement batch keeps inflight right: begun, committing, finished."""
+    dsn, schema = pg
+    async with PostgresJournal(dsn, schema=schema, node="n1") as journal:
+        for tx, kinds in (
+            ("t-began", ("BEGIN",)),
+            ("t-committing", ("BEGIN", "COMMITTING")),
+            ("t-done", ("BEGIN", "COMMITTING", "COMMITTED")),
+            ("t-aborted", ("BEGIN", "ABORTED")),
+        ):
+            ex = Exchange.restore(tx, request(), durable={"hold": tx}, joined=["a"])
+            ex.response = Message("0210", {39: "00"})
+            for kind in kinds:
+                await journal.record(ex, Event(EventKind[kind]))
+        doubt = {d.tx_id: d for d in await journal.in_doubt()}
+        assert set(doubt) == {"t-began", "t-committing"}
+        assert doubt["t-committing"].committing and not doubt["t-began"].committing
+        assert doubt["t-committing"].durable == {"hold": "t-committing"}
+        assert doubt["t-committing"].response is not None
+        assert doubt["t-began"].request is not None
+        done = await journal.by_id("t-done")
+        assert done[2].kind == "COMMITTED" and done[2].response is not None
+        assert done[2].response[39] == "00"
+        assert (await journal.counts())["IN_DOUBT"] == 2

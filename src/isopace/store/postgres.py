@@ -8,10 +8,13 @@ Both classes take a DSN (they then own a connection pool) or an existing ``async
 under a transaction-level advisory lock, so nodes starting together migrate once.
 
 ``PostgresJournal`` stores exactly what :class:`~isopace.store.SqliteJournal` stores (same rows,
-same card data protection, same ``inflight`` table and operator queries). Group commit: one writer
-task takes every queued row and writes the batch in one transaction with ONE multi-row
-``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal plus one upsert and one delete
-for ``inflight`` (asyncpg prepares and caches these statements per connection); each ``record``
+built by the same :class:`~isopace.store.records.RowBuilder`: each message protected and stored
+once per transaction, a COMMITTED row's NULL response read from its COMMITTING row; same card
+data protection and operator queries); its ``inflight`` table keeps the in-doubt transactions'
+request, decision and response. Group commit: one writer task takes every queued row and writes
+the batch with ONE statement (atomic by itself: no BEGIN / COMMIT round trips): a multi-row
+``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal with the ``inflight`` upsert and
+delete as data-modifying CTEs (asyncpg prepares and caches it per connection); each ``record``
 awaits its own batch's commit; ``writers`` batches (default 3) are in flight at once, so the
 network round trips and the server's commit overlap. ``wait_final=False``: COMMITTED / ABORTED /
 IDEMPOTENT_HIT are queued without waiting, as in SqliteJournal. ``group_commit=False`` commits
@@ -51,13 +54,8 @@ from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError,
 from isopace.store.protect import CardDataProtector
 from isopace.store.records import (
     AT_US,
-    DURABLE,
-    JOINED,
     KIND,
     NO_RESPONSE,
-    NODE,
-    REQUEST,
-    RESPONSE,
     TX_ID,
     InDoubt,
     JournalRecord,
@@ -353,26 +351,38 @@ class PostgresJournal(_PoolOwner):
         self.batches = 0
         self.rows = 0
         s = self.schema
-        self._sql_insert = f"""INSERT INTO {s}.journal (tx_id, kind, at, node, joined, durable,
-            request, response, pan_masked, pan_hmac, error)
-            SELECT t, k, a, n, COALESCE(j, '[]'), d, rq, rs, pm, ph, e
-            FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
-                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])
-                AS u(t, k, a, n, j, d, rq, rs, pm, ph, e)"""
-        self._sql_upsert = f"""INSERT INTO {s}.inflight AS f (tx_id, state, node, began_at,
-            updated_at, joined, durable, request, response)
-            SELECT t, st, n, a, a, j, d, rq, rs FROM unnest($1::text[], $2::text[], $3::text[],
-                $4::timestamptz[], $5::text[], $6::text[], $7::text[], $8::text[])
-                AS u(t, st, n, a, j, d, rq, rs)
-            ON CONFLICT (tx_id) DO UPDATE SET state = excluded.state,
-                updated_at = excluded.updated_at, joined = excluded.joined,
-                durable = excluded.durable, response = excluded.response,
-                node = CASE WHEN excluded.state = 'began' THEN excluded.node ELSE f.node END,
-                began_at = CASE WHEN excluded.state = 'began' THEN excluded.began_at
-                                ELSE f.began_at END,
-                request = CASE WHEN excluded.state = 'began' THEN excluded.request
-                               ELSE f.request END"""
-        self._sql_delete = f"DELETE FROM {s}.inflight WHERE tx_id = ANY($1::text[])"
+        # One statement per batch (atomic on its own, so no BEGIN / COMMIT round trips): the
+        # rows, then inflight: upsert the last BEGIN / COMMITTING of each transaction not
+        # finished in the batch, delete the transactions it finishes.
+        self._sql_write = f"""WITH r AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[],
+                    $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                    $11::text[]) WITH ORDINALITY AS u(t, k, a, n, j, d, rq, rs, pm, ph, e, o)
+            ), ins AS (
+                INSERT INTO {s}.journal (tx_id, kind, at, node, joined, durable, request,
+                    response, pan_masked, pan_hmac, error)
+                SELECT t, k, a, n, COALESCE(j, '[]'), d, rq, rs, pm, ph, e FROM r ORDER BY o
+            ), fin AS (
+                SELECT DISTINCT t FROM r WHERE k IN ('COMMITTED', 'ABORTED')
+            ), up AS (
+                SELECT DISTINCT ON (t) t, k, a, n, j, d, rq, rs FROM r
+                WHERE k IN ('BEGIN', 'COMMITTING') AND t NOT IN (SELECT t FROM fin)
+                ORDER BY t, o DESC
+            ), ups AS (
+                INSERT INTO {s}.inflight AS f (tx_id, state, node, began_at, updated_at, joined,
+                    durable, request, response)
+                SELECT t, CASE WHEN k = 'BEGIN' THEN 'began' ELSE 'committing' END, n, a, a,
+                    COALESCE(j, '[]'), d, rq, rs FROM up
+                ON CONFLICT (tx_id) DO UPDATE SET state = excluded.state,
+                    updated_at = excluded.updated_at, joined = excluded.joined,
+                    durable = excluded.durable, response = excluded.response,
+                    node = CASE WHEN excluded.state = 'began' THEN excluded.node ELSE f.node END,
+                    began_at = CASE WHEN excluded.state = 'began' THEN excluded.began_at
+                                    ELSE f.began_at END,
+                    request = CASE WHEN excluded.state = 'began' THEN excluded.request
+                                   ELSE f.request END
+            )
+            DELETE FROM {s}.inflight WHERE tx_id IN (SELECT t FROM fin)"""
         self._columns = self._COLUMNS.format(s=s)
 
     def _error(self, text: str) -> StoreError:
@@ -453,32 +463,9 @@ class PostgresJournal(_PoolOwner):
 
     async def _write(self, rows: list[Row]) -> None:
         columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
-        times = columns[AT_US] = [row_time(r) for r in rows]
-        upserts: dict[str, tuple[Any, ...]] = {}
-        finished: list[str] = []
-        for r, at in zip(rows, times, strict=True):
-            kind = r[KIND]
-            if kind == "BEGIN":
-                upserts[r[TX_ID]] = (
-                    "began", r[NODE], at, r[JOINED] or "[]", r[DURABLE], r[REQUEST], None,
-                )  # fmt: skip
-            elif kind == "COMMITTING":
-                upserts[r[TX_ID]] = (
-                    "committing", r[NODE], at, r[JOINED] or "[]", r[DURABLE], None, r[RESPONSE],
-                )  # fmt: skip
-            elif kind in ("COMMITTED", "ABORTED"):
-                upserts.pop(r[TX_ID], None)
-                finished.append(r[TX_ID])
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self._sql_insert, *columns)
-            if upserts:
-                ups: list[list[Any]] = [list(upserts)] + [[] for _ in range(7)]
-                for values in upserts.values():
-                    for i, v in enumerate(values):
-                        ups[i + 1].append(v)
-                await conn.execute(self._sql_upsert, *ups)
-            if finished:
-                await conn.execute(self._sql_delete, finished)
+        columns[AT_US] = [row_time(r) for r in rows]
+        async with self.pool.acquire() as conn:
+            await conn.execute(self._sql_write, *columns)
 
     @property
     def stats(self) -> dict[str, int]:
