@@ -92,3 +92,39 @@ async def test_other_nodes_left_alone_unless_asked(tmp_path: Path) -> None:
         assert (await recover(flow, journal)).total == 0
         assert len(await journal.in_doubt(all_nodes=True)) == 2
         assert (await recover(flow, journal, all_nodes=True)).total == 2
+
+
+async def test_recovery_completes_idempotency_claims_of_committed_transactions(
+    tmp_path: Path,
+) -> None:
+    """A run that crashed after COMMITTING left its claim held: recovery waits for the lease,
+    then stores the journalled response, so a duplicate is replayed, not processed again."""
+    from isopace.iso8583 import Message
+    from isopace.store import SqliteIdempotencyStore
+
+    log: list[tuple[str, str, bool]] = []
+    crashed = SqliteIdempotencyStore(tmp_path / "i.db", lease=0.3)
+    for tx in ("t-commit", "t-prep"):
+        assert await crashed.claim("key-" + tx) is None
+    crashed._held.clear()  # a dead process renews nothing
+    await crashed.close()
+    async with (
+        SqliteJournal(tmp_path / "j.db") as journal,
+        SqliteIdempotencyStore(tmp_path / "i.db", lease=0.3) as store,
+    ):
+        for tx, kinds in (("t-commit", ("BEGIN", "COMMITTING")), ("t-prep", ("BEGIN",))):
+            ex = Exchange.restore(tx, request(), durable={"hold": "H-" + tx}, joined=["a"])
+            ex.response = Message("0210", {11: "000001", 39: "00"})
+            for kind in kinds:
+                await journal.record(ex, Event(EventKind[kind]))
+        flow = Flow().group("main", Hook("a", log))
+
+        def key(ex: Exchange) -> str:
+            return "key-" + ex.id
+
+        report = await recover(flow, journal, idempotency=store, key=key)
+        assert report.committed == ["t-commit"] and report.aborted == ["t-prep"]
+        assert report.completed_keys == ["key-t-commit"]
+        replay = await store.claim("key-t-commit")
+        assert replay is not None and replay[39] == "00"
+        assert await store.claim("key-t-prep") is None  # expired: a duplicate runs afresh

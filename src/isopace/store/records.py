@@ -313,6 +313,8 @@ class RecoveryReport:
     failed: dict[str, str] = field(default_factory=dict)
     #: tx id -> joined stage names that have no recover hook (or are no longer in the flow).
     unrecoverable_stages: dict[str, list[str]] = field(default_factory=dict)
+    #: idempotency keys whose claims recovery completed with the committed response.
+    completed_keys: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:

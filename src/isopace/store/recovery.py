@@ -30,11 +30,22 @@ journalled COMMITTED because the decision was taken.
 
 Only this node's transactions are recovered by default (journals shared by several nodes record
 each row's node); ``all_nodes=True`` takes over every node's, for a node that will not come back.
-Idempotency claims of the crashed runs are not touched: their leases expire.
+
+Idempotency claims: a crashed run's claim expires with its lease, and a duplicate arriving after
+that would be processed again although the original committed. Give ``idempotency=`` (the flow's
+store) and ``key=`` (its key function) and recovery stores the response of every transaction it
+commits under its key, through the claim protocol only: it claims the key, which waits until the
+crashed owner's lease expires (so start-up takes up to one lease longer; the claims are made
+concurrently), then completes it with the journalled response (protected: a replay re-fills the
+card data from the duplicate). A key already completed is left as it is. The key function sees
+the exchange rebuilt from the journal (protected request: no card data); a key it cannot compute
+(it raises or returns None) is skipped and logged. Aborted transactions need nothing: their claims
+expire and a duplicate is processed afresh, which is right since nothing was done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Sequence
@@ -44,7 +55,7 @@ from isopace.store.errors import StoreError
 from isopace.store.records import InDoubt, RecoveryReport
 
 if TYPE_CHECKING:
-    from isopace.flow import Event, Exchange, Flow
+    from isopace.flow import Event, Exchange, Flow, IdempotencyStore, KeyFunc
 
 __all__ = ["RecoverableJournal", "RecoveredAbortError", "recover"]
 
@@ -105,13 +116,20 @@ async def recover(
     *,
     all_nodes: bool = False,
     older_than: float | None = None,
+    idempotency: IdempotencyStore | None = None,
+    key: KeyFunc | None = None,
 ) -> RecoveryReport:
     """Finish every transaction in doubt in ``journal`` through ``flow``'s recover hooks.
 
     Run it at start-up, before serving: a transaction still running looks in doubt too.
     ``older_than`` (seconds) only takes transactions whose last event is older, for running it
     on a live node (e.g. to take over a dead node's transactions with ``all_nodes=True``).
+    ``idempotency`` and ``key``: store the committed transactions' responses under their
+    idempotency keys (see the module docstring); the keys stored are in
+    ``report.completed_keys``.
     """
+    if (idempotency is None) != (key is None):
+        raise ValueError("recover: give both idempotency= and key=, or neither")
     from isopace.flow import Event, EventKind
 
     stages = flow.stages()
@@ -121,6 +139,7 @@ async def recover(
         in_doubt = await journal.in_doubt(all_nodes=all_nodes)
     else:
         in_doubt = await journal.in_doubt(all_nodes=all_nodes, older_than=older_than)
+    committed: list[Exchange] = []
     for tx in in_doubt:
         ex = _rebuild(tx)
         if tx.committing:
@@ -171,12 +190,51 @@ async def recover(
             )
             continue
         (report.committed if tx.committing else report.aborted).append(tx.tx_id)
+        if tx.committing:
+            committed.append(ex)
         log.info(
             "recovery: transaction %r %s",
             tx.tx_id,
             "committed" if tx.committing else "aborted",
             extra={"tx_id": tx.tx_id, "committing": tx.committing},
         )
+    if idempotency is not None and key is not None and committed:
+        await _complete_claims(idempotency, key, committed, report)
     if report.total:
         log.warning("%s", report, extra={"committed": len(report.committed)})
     return report
+
+
+async def _complete_claims(
+    store: IdempotencyStore, key_func: KeyFunc, exchanges: list[Exchange], report: RecoveryReport
+) -> None:
+    async def complete(ex: Exchange) -> None:
+        try:
+            key = key_func(ex)
+        except Exception as exc:
+            log.warning(
+                "recovery: transaction %r: no idempotency key (%s: %s)",
+                ex.id,
+                type(exc).__name__,
+                exc,
+                extra={"tx_id": ex.id},
+            )
+            return
+        response = ex.response
+        if key is None or response is None:
+            return
+        try:
+            if await store.claim(key) is None:  # waits for the crashed owner's lease
+                await store.complete(key, response)
+                report.completed_keys.append(key)
+        except Exception as exc:
+            log.error(
+                "recovery: transaction %r: storing its response under its idempotency key "
+                "failed: %s: %s",
+                ex.id,
+                type(exc).__name__,
+                exc,
+                extra={"tx_id": ex.id, "error": str(exc)},
+            )
+
+    await asyncio.gather(*(complete(ex) for ex in exchanges))
