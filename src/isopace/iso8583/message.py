@@ -277,13 +277,15 @@ class Message:
         data = self._data
         offs = self._offs
         assert offs is not None
-        if lay.bulk is not None and self._clean:
+        if lay.bulk is not None:
             try:
                 rest = lay.bulk(data, offs)  # type: ignore[arg-type]
             except Exception:  # a bad value: decode field by field below
                 pass
             else:
-                rest.update(vals)
+                for n in self._gone:  # changed since the decoding: removed fields go
+                    del rest[n]
+                rest.update(vals)  # and changed or added ones win
                 self._vals = rest
                 return dict(rest) if list(rest) == list(keys) else {n: rest[n] for n in keys}
         index = lay.index or dict(zip(lay.fields, range(len(lay.fields)), strict=True))
