@@ -21,6 +21,7 @@ import asyncio
 import collections
 import dataclasses
 import datetime as dt
+import gc
 import json
 import math
 import random
@@ -134,6 +135,8 @@ async def run_load(
         for _ in range(connections)
     ]
     await asyncio.gather(*(c.connect() for c in clients))
+    gc.collect()
+    gc.freeze()  # long-lived objects out of the collector: no full-collection pauses mid-run
     loop = asyncio.get_running_loop()
     clock_second = [-1]
     clock_de7 = [_now_de7()]

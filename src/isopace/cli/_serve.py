@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -120,6 +121,10 @@ async def _serve(config: HostConfig) -> int:
     out = Output()
     host = AuthorizationHost(config)
     await host.start()
+    # Everything built at start-up (specs, stages, connections) lives as long as the process:
+    # keep it out of the cyclic collector, whose full passes over it paused the loop ~20 ms.
+    gc.collect()
+    gc.freeze()
     try:
         if host.seeded:
             out.table(
