@@ -16,7 +16,9 @@ the batch with ONE statement (atomic by itself: no BEGIN / COMMIT round trips): 
 ``INSERT ... SELECT FROM unnest($1::text[], ...)`` for the journal with the ``inflight`` upsert and
 delete as data-modifying CTEs (asyncpg prepares and caches it per connection); each ``record``
 awaits its own batch's commit; ``writers`` batches (default 3) are in flight at once, so the
-network round trips and the server's commit overlap. ``wait_final=False``: COMMITTED / ABORTED /
+network round trips and the server's commit overlap. The rows arriving until a writer takes
+them (at most ``max_batch``) form one batch whose single future wakes them all (no future nor
+queue operation per row), as in SqliteJournal. ``wait_final=False``: COMMITTED / ABORTED /
 IDEMPOTENT_HIT are queued without waiting, as in SqliteJournal. ``group_commit=False`` commits
 each event alone.
 
@@ -50,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg  # type: ignore[import-untyped]
 
+from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
 from isopace.store.protect import CardDataProtector
 from isopace.store.records import (
@@ -342,9 +345,10 @@ class PostgresJournal(_PoolOwner):
         self._rows = RowBuilder(self._protector, self.node)
         self._group_commit = group_commit
         self._max_batch = max_batch if group_commit else 1
-        self._queue: asyncio.Queue[tuple[Row | None, asyncio.Future[None] | None] | None] = (
-            asyncio.Queue()
-        )
+        #: batches to write; a batch is queued when its first row arrives and filled until a
+        #: writer takes it (everything on the event loop's thread)
+        self._queue: asyncio.Queue[Batch[Row] | None] = asyncio.Queue()
+        self._filling: Batch[Row] | None = None
         self._writers: list[asyncio.Task[None]] = []
         self._nwriters = max(1, writers)
         self._batches_running: set[asyncio.Future[None]] = set()
@@ -401,28 +405,44 @@ class PostgresJournal(_PoolOwner):
             await self.open()
         if self._closed:
             raise JournalError(f"postgres journal {self.schema}: closed")
+        batch = self._batch()
+        batch.rows.append(row)
         if not self._wait_final and row[KIND] in _NO_WAIT:
-            self._queue.put_nowait((row, None))  # see SqliteJournal: recovery re-derives it
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((row, fut))
+            return  # see SqliteJournal: recovery re-derives it
         try:
-            await fut
-        except JournalError:
+            try:
+                await batch.future  # shared by the batch's records: one wake-up for all
+            except asyncio.CancelledError as cancelled:
+                await batch.resume(cancelled)
+        except JournalError as exc:
             if row[KIND] == "COMMITTING":
                 self._rows.forget(row[TX_ID])
-            raise
+            raise JournalError(str(exc)) from exc.__cause__
+
+    def _batch(self) -> Batch[Row]:
+        batch = self._filling
+        if batch is None or len(batch.rows) >= self._max_batch:
+            batch = self._filling = Batch(asyncio.get_running_loop())
+            self._queue.put_nowait(batch)
+        return batch
+
+    def _seal(self, batch: Batch[Row]) -> Batch[Row]:
+        if batch is self._filling:
+            self._filling = None
+        return batch
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written (queries do this first)."""
         if not self._writers or self._closed:
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((None, fut))
+        running = list(self._batches_running)  # batches taken by writers, still being written
+        batch = self._batch()
+        fut: asyncio.Future[None] = batch.loop.create_future()
+        if batch.waiters is None:
+            batch.waiters = []
+        batch.waiters.append(fut)
         with contextlib.suppress(JournalError):
             await fut
-        # everything queued before the barrier was taken by some writer: wait for those batches
-        running = list(self._batches_running)
         if running:
             await asyncio.wait(running)
 
@@ -432,15 +452,17 @@ class PostgresJournal(_PoolOwner):
             item = await self._queue.get()
             if item is None:
                 break
-            batch = [item]
-            while len(batch) < self._max_batch and not self._queue.empty():
+            batches = [self._seal(item)]
+            size = len(item.rows)
+            while size < self._max_batch and not self._queue.empty():
                 nxt = self._queue.get_nowait()
                 if nxt is None:
                     stop = True
                     break
-                batch.append(nxt)
+                batches.append(self._seal(nxt))
+                size += len(nxt.rows)
             error: BaseException | None = None
-            rows = [row for row, _ in batch if row is not None]  # None: a flush barrier
+            rows = [row for b in batches for row in b.rows]
             running: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._batches_running.add(running)
             try:
@@ -451,15 +473,11 @@ class PostgresJournal(_PoolOwner):
             except Exception as exc:  # never let the writer die: fail the batch instead
                 error = JournalError(f"postgres journal {self.schema}: write failed: {exc}")
                 error.__cause__ = exc
-                log.warning("journal: batch of %d rows failed: %s", len(batch), error)
+                log.warning("journal: batch of %d rows failed: %s", len(rows), error)
             self._batches_running.discard(running)
             running.set_result(None)
-            for _, fut in batch:
-                if fut is not None and not fut.done():
-                    if error is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(error)
+            for b in batches:
+                b.settle(error)
 
     async def _write(self, rows: list[Row]) -> None:
         columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
