@@ -323,3 +323,13 @@ async def test_unawaited_final_records_are_written_by_close(tmp_path: Path) -> N
     async with SqliteJournal(path) as journal:
         assert [r.kind for r in await journal.by_id("last")] == ["BEGIN", "COMMITTING", "COMMITTED"]
         assert await journal.in_doubt() == []
+
+
+async def test_record_without_request_or_response(tmp_path: Path) -> None:
+    async with SqliteJournal(tmp_path / "e.db") as journal:
+        ex = Exchange("bare", None)  # type: ignore[arg-type]
+        for kind in ("BEGIN", "COMMITTING", "COMMITTED"):
+            await journal.record(ex, Event(EventKind[kind]))
+        records = await journal.by_id("bare")
+        assert [(r.request_json, r.response_json) for r in records] == [(None, None)] * 3
+        assert await journal.in_doubt() == []

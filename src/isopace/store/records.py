@@ -175,8 +175,7 @@ class RowBuilder:
         try:
             if kind == "BEGIN" or kind == "IDEMPOTENT_HIT":
                 begin_props = ex.durable()
-                req = _protect(self._protector, ex.request)
-                assert req is not None
+                req = _protect(self._protector, ex.request) or _NO_MESSAGE
                 resp = None
                 if kind == "IDEMPOTENT_HIT":
                     resp = _protect(self._protector, ex.response, False)
@@ -232,6 +231,7 @@ class RowBuilder:
 
 
 _MISSING = object()
+_NO_MESSAGE: tuple[str | None, str | None, str | None] = (None, None, None)
 
 
 def build_row(ex: Exchange, event: Event, protector: CardDataProtector, node: str) -> Row:
