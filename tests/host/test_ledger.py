@@ -221,3 +221,39 @@ async def test_flow_without_stored_answer_is_not_debited_twice(tmp_path: Path) -
         assert account is not None and account.balance == 3_700 - 500
     finally:
         await book.close()
+
+
+async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
+    """A ledger file made before holds carried idempotency keys opens and gains them."""
+    import sqlite3
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO ledger_meta VALUES ('schema_version', '1');
+        CREATE TABLE accounts (id TEXT PRIMARY KEY, currency TEXT NOT NULL, opening INTEGER
+            NOT NULL, balance INTEGER NOT NULL, held INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE holds (txn_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, amount INTEGER
+            NOT NULL, state TEXT NOT NULL, mti TEXT, terminal TEXT, stan TEXT, tx_time TEXT,
+            rrn TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+        INSERT INTO accounts VALUES ('ACC-T', '840', 1000, 1000, 0);
+        """
+    )
+    conn.commit()
+    conn.close()
+    book = SqliteLedger(path)
+    await book.open()
+    try:
+        assert (await book.reserve("a", "ACC-T", 10, idem_key="k", approval_code="C1")).approved
+        dup = await book.reserve("b", "ACC-T", 10, idem_key="k")
+        assert dup.status is ReserveStatus.DUPLICATE
+    finally:
+        await book.close()
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
+        assert version.fetchone() == ("2",)
+    finally:
+        conn.close()

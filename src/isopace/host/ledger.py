@@ -78,7 +78,9 @@ __all__ = [
 
 log = logging.getLogger("isopace.host")
 
-SCHEMA_VERSION = 1
+#: Version 1: accounts, cards, holds, captures. Version 2: holds.idem_key and
+#: holds.approval_code, with a unique index on the live holds' keys (applied on open).
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 
 
@@ -382,8 +384,6 @@ CREATE TABLE IF NOT EXISTS holds (
 CREATE INDEX IF NOT EXISTS holds_by_stan ON holds (terminal, stan, tx_time);
 CREATE INDEX IF NOT EXISTS holds_by_rrn ON holds (terminal, rrn);
 CREATE INDEX IF NOT EXISTS holds_pending ON holds (state) WHERE state = 'pending';
-CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
-    WHERE idem_key IS NOT NULL AND state <> 'released';
 CREATE TABLE IF NOT EXISTS captures (
     txn_id TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts (id),
@@ -391,6 +391,11 @@ CREATE TABLE IF NOT EXISTS captures (
     captured_at TEXT NOT NULL,
     refunded_at TEXT
 );
+"""
+
+_KEY_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
+    WHERE idem_key IS NOT NULL AND state <> 'released'
 """
 
 _HOLD_COLUMNS = (
@@ -569,15 +574,21 @@ class SqliteLedger(Ledger):
     def _init(self, conn: sqlite3.Connection) -> None:
         conn.executescript(_SQLITE_SCHEMA)
         row = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            conn.execute(
-                "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-        elif int(row[0]) > SCHEMA_VERSION:
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise LedgerError(
                 f"schema version {row[0]} is newer than this isopace ({SCHEMA_VERSION})"
             )
+        # Upgrade a version 1 file (no-op on a new one, whose tables already have the columns).
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(holds)")}
+        for column in ("idem_key", "approval_code"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE holds ADD COLUMN {column} TEXT")
+        conn.execute(_KEY_INDEX)
+        conn.execute(
+            "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(SCHEMA_VERSION),),
+        )
         conn.execute(
             "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('pan_key', ?)",
             (secrets.token_hex(32),),
@@ -903,8 +914,6 @@ CREATE TABLE IF NOT EXISTS holds (
 CREATE INDEX IF NOT EXISTS holds_by_stan ON holds (terminal, stan, tx_time);
 CREATE INDEX IF NOT EXISTS holds_by_rrn ON holds (terminal, rrn);
 CREATE INDEX IF NOT EXISTS holds_pending ON holds (state) WHERE state = 'pending';
-CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
-    WHERE idem_key IS NOT NULL AND state <> 'released';
 CREATE TABLE IF NOT EXISTS captures (
     txn_id TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts (id),
@@ -1004,22 +1013,34 @@ class PostgresLedger(Ledger):
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
                 await conn.execute(f"SET LOCAL search_path TO {self.schema}")
                 await conn.execute(_PG_SCHEMA)
-                await conn.execute(
-                    "INSERT INTO ledger_meta (key, value) "
-                    "VALUES ('schema_version', $1), ('pan_key', $2) ON CONFLICT (key) DO NOTHING",
-                    str(SCHEMA_VERSION),
-                    secrets.token_hex(32),
-                )
-                key = await conn.fetchval("SELECT value FROM ledger_meta WHERE key = 'pan_key'")
                 version = await conn.fetchval(
                     "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
                 )
+                if version is not None and int(version) > SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"ledger: schema version {version} is newer than {SCHEMA_VERSION}"
+                    )
+                # Upgrade version 1 (no-op on new tables).
+                await conn.execute(
+                    "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
+                    "ADD COLUMN IF NOT EXISTS approval_code TEXT"
+                )
+                await conn.execute(_KEY_INDEX)
+                await conn.execute(
+                    "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1), "
+                    "('pan_key', $2) ON CONFLICT (key) DO NOTHING",
+                    str(SCHEMA_VERSION),
+                    secrets.token_hex(32),
+                )
+                await conn.execute(
+                    "UPDATE ledger_meta SET value = $1 WHERE key = 'schema_version'",
+                    str(SCHEMA_VERSION),
+                )
+                key = await conn.fetchval("SELECT value FROM ledger_meta WHERE key = 'pan_key'")
         except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger: cannot create the schema {self.schema}: {exc}") from exc
         finally:
             await conn.close()
-        if int(version) > SCHEMA_VERSION:
-            raise LedgerError(f"ledger: schema version {version} is newer than {SCHEMA_VERSION}")
         self._pan_key = bytes.fromhex(key)
         self._pool = await asyncpg.create_pool(
             self.dsn,
