@@ -110,9 +110,13 @@ def test_equality_and_hash(auth: Message, auth_wire: bytes) -> None:
 
 
 def test_bad_values() -> None:
-    for bad in ({1: "x"}, {65: "x"}, {0: "x"}, {193: "x"}, {"2": "x"}):
+    for bad in ({1: "x"}, {65: "x"}, {0: "x"}, {193: "x"}, {"2": "x"}, {2.0: "x"}, {True: "x"}):
         with pytest.raises(EncodeError):
-            Message("0200", bad)  # type: ignore[arg-type]
+            Message("0200", bad)  # type: ignore[arg-type,dict-item]
+        with pytest.raises(EncodeError):
+            Message("0200").set_many(bad)  # type: ignore[arg-type,dict-item]
+    with pytest.raises(EncodeError):
+        Message("0200").set(2.0, "x")  # type: ignore[arg-type]
     with pytest.raises(EncodeError):
         Message("0200", {4: 2500})  # type: ignore[dict-item]
     with pytest.raises(EncodeError):

@@ -53,6 +53,7 @@ _REDACTED_TAGS = ("5A", "57")
 _EMPTY: frozenset[int] = frozenset()
 _VALID_KEYS = frozenset(range(2, 193)) - {65}
 _OK_VALUE_TYPES = frozenset({str, bytes})
+_INT = frozenset({int})  # 2.0 == 2 as a dict key: the key's type is checked, not only its value
 _new = object.__new__
 # one frozenset per data element: the change sets of one-field changes are shared (their hash,
 # cached by frozenset, is computed once)
@@ -122,7 +123,9 @@ class Message:
             raise EncodeError(0, f"MTI must be a str, got {type(mti).__name__}")
         vals: dict[int, Value] = dict(fields) if fields else {}
         if vals and not (
-            _VALID_KEYS.issuperset(vals) and _OK_VALUE_TYPES.issuperset(map(type, vals.values()))
+            _VALID_KEYS.issuperset(vals)
+            and _INT.issuperset(map(type, vals))
+            and _OK_VALUE_TYPES.issuperset(map(type, vals.values()))
         ):
             vals = {n: _check(n, v) for n, v in vals.items()}
         self._mti = mti
