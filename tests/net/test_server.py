@@ -369,3 +369,39 @@ def test_recover_mti() -> None:
     assert recover_mti(b"\x02\x00\x01") == "0200"
     assert recover_mti(b"\xde\xad") is None
     assert recover_mti(b"") is None
+
+
+async def test_handlers_run_in_a_task_unless_eager() -> None:
+    """By default a handler runs in a task from its first line, so ``asyncio.timeout`` (and a flow
+    run's deadline) can interrupt it; ``eager=True`` trades that for no task per instant answer."""
+    seen: list[bool] = []
+
+    async def timed(request: Message) -> Message:
+        seen.append(asyncio.current_task() is not None)
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(5)
+            code = "00"
+        except TimeoutError:
+            code = "68"  # response received too late
+        return request.reply().set(39, code)
+
+    async with (
+        Server(SPEC, timed) as server,
+        Client(SPEC, port=server.port, timeout=5) as client,
+    ):
+        response = await client.request(make_request(1))
+    assert response[39] == "68" and seen == [True]
+
+    seen.clear()
+    async with (
+        Server(SPEC, timed, eager=True) as server,
+        Client(SPEC, port=server.port, timeout=5) as client,
+    ):
+        response = await client.request(make_request(2))
+    assert response[39] == "96" and seen == [False]  # asyncio.timeout refuses to run outside a task
+    async with (
+        Server(SPEC, reply_handler, eager=True) as server,
+        Client(SPEC, port=server.port, timeout=5) as client,
+    ):
+        assert (await client.request(make_request(3)))[39] == "00"

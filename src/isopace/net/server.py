@@ -8,10 +8,14 @@ Decisions:
 
 - Each connection is an ``asyncio.Protocol`` (faster than streams) rather than a task reading a
   stream; each request runs in its own task, so responses leave in completion order, not arrival
-  order (pipelining; the client matches them by key). The handler is started eagerly: it runs up
-  to its first real suspension inside ``data_received`` (in a copy of the context, as a task
-  would), and a task is created only if it suspends, so a handler that answers at once costs no
-  task. Writes made in one loop turn go out in one ``transport.write``.
+  order (pipelining; the client matches them by key). Writes made in one loop turn go out in one
+  ``transport.write``.
+- ``eager=True`` starts the handler eagerly: it runs up to its first real suspension inside
+  ``data_received`` (in a copy of the context, as a task would), and a task is created only if it
+  suspends, so a handler that answers at once costs no task. It is off by default because the
+  code before that first suspension runs outside any task: ``asyncio.current_task()`` is None
+  there, so ``asyncio.timeout`` and a flow run's deadline cannot interrupt it. Turn it on for
+  handlers that do not rely on the current task.
 - Back-pressure: at most ``max_in_flight`` requests per connection run at once; at the bound the
   server stops taking frames and pauses reading the socket, and resumes when one finishes. It also
   stops taking frames while the transport's write buffer is above its high-water mark (a client
@@ -282,15 +286,18 @@ class _Connection(FramedProtocol):
             )
             return
         self.in_flight += 1
-        # Eager start: run the handler up to its first suspension now (in its own context), and
-        # make a task only if it suspends. A handler that answers at once costs no task.
         coro = self._handle(request, frame.tpdu)
-        context = contextvars.copy_context()
-        try:
-            first = context.run(coro.send, None)
-        except StopIteration:
-            return
-        task = self._loop.create_task(_resume(coro, first), context=context)
+        if server.eager:
+            # Run the handler up to its first suspension now (in its own context), and make a
+            # task only if it suspends. A handler that answers at once costs no task.
+            context = contextvars.copy_context()
+            try:
+                first = context.run(coro.send, None)
+            except StopIteration:
+                return
+            task = self._loop.create_task(_resume(coro, first), context=context)
+        else:
+            task = self._loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -415,7 +422,8 @@ class Server:
     """An ISO 8583 server. ``await start()`` (or ``async with``), then ``port`` is the bound port.
 
     ``max_in_flight`` bounds the concurrent requests per connection; ``keepalive_reply`` answers
-    zero-length frames; ``validate`` runs ``spec.validate`` on each request before the handler."""
+    zero-length frames; ``validate`` runs ``spec.validate`` on each request before the handler;
+    ``eager`` starts handlers without a task until they first suspend (see the module notes)."""
 
     def __init__(
         self,
@@ -430,6 +438,7 @@ class Server:
         keepalive_reply: bool = True,
         validate: bool = False,
         backlog: int = 128,
+        eager: bool = False,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
@@ -441,6 +450,7 @@ class Server:
         self.max_in_flight = max_in_flight
         self.keepalive_reply = keepalive_reply
         self.validate = validate
+        self.eager = eager
         self._requested_port = port
         self._backlog = backlog
         self._server: asyncio.Server | None = None
