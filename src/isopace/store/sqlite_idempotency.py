@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -91,6 +92,10 @@ class SqliteIdempotencyStore:
         self._sync = synchronous.upper()
         self._timeout = timeout
         self._node = node if node is not None else f"{default_node()}:{os.getpid()}"
+        # Owner tokens: a random per-store prefix (unique across processes and restarts) and a
+        # counter; a UUID per claim costs an os.urandom call (tens of microseconds on some VMs).
+        self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
+        self._owners = itertools.count(1)
         self._held: dict[str, str] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
@@ -209,10 +214,10 @@ class SqliteIdempotencyStore:
         self._ensure_task()
         delay = self._poll[0]
         while True:
-            owner = f"{self._node}:{uuid.uuid4().hex}"
             if key in self._held:  # another run of this process holds it: wait locally
                 status, text, remaining = "held", None, self.lease
             else:
+                owner = f"{self._owner_prefix}{next(self._owners):x}"
                 status, text, remaining = await self._run("claim", key, self._try_claim, key, owner)
             if status == "claimed":
                 self._held[key] = owner
