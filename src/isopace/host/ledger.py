@@ -31,8 +31,9 @@ kept in the ``ledger_meta`` table (generated on first start; a production issuer
 HSM or KMS), with the masked PAN (first 6 / last 4) for display.
 
 The SQLite backend runs every operation on one writer thread that batches whatever is queued into
-one SQLite transaction (group commit, ``synchronous=FULL`` by default), each operation inside its
-own SAVEPOINT so one failure does not affect its neighbours. Operations apply in the order they
+one SQLite transaction (group commit, ``synchronous=FULL`` by default); when an operation fails,
+the batch is rolled back and run again with each operation inside its own SAVEPOINT, so one
+failure does not affect its neighbours. Operations apply in the order they
 were submitted, so a release queued after a reserve always sees the hold.
 """
 
@@ -528,6 +529,28 @@ class _SqliteWorker:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, items: list[Any]) -> None:
+        """Run ``items`` in one transaction. The common case, where no operation fails, runs them
+        back to back; when one fails, the transaction is rolled back and the batch runs again
+        with a SAVEPOINT around each operation, so the failure touches only its own operation
+        (operations are functions of the database state, so running them again is safe)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = LedgerError(f"ledger {self._path}: {exc}")
+            self._deliver([(fut, loop, None, err) for _, fut, loop in items])
+            return
+        done: list[tuple[Any, Any, Any, BaseException | None]] = []
+        try:
+            for fn, fut, loop in items:
+                done.append((fut, loop, fn(conn), None))
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._run_isolated(conn, items)
+            return
+        self._commit(conn, done)
+
+    def _run_isolated(self, conn: sqlite3.Connection, items: list[Any]) -> None:
         done: list[tuple[Any, Any, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -551,6 +574,11 @@ class _SqliteWorker:
             else:
                 conn.execute("RELEASE op")
                 done.append((fut, loop, result, None))
+        self._commit(conn, done)
+
+    def _commit(
+        self, conn: sqlite3.Connection, done: list[tuple[Any, Any, Any, BaseException | None]]
+    ) -> None:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -693,26 +721,33 @@ class SqliteLedger(Ledger):
             raise ValueError(f"amount must not be negative: {amount}")
 
         def op(conn: sqlite3.Connection) -> ReserveResult:
-            existing = conn.execute(
-                "SELECT state FROM holds WHERE txn_id = ?", (txn_id,)
-            ).fetchone()
-            if existing is not None:
-                ok = existing[0] != HoldState.RELEASED
-                return ReserveResult(
-                    ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
-                )
-            if idem_key is not None:
-                dup = conn.execute(
-                    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE idem_key = ? AND state <> 'released'",
-                    (idem_key,),
-                ).fetchone()
-                if dup is not None:
-                    return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
-            cur = conn.execute(
-                "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ?",
+            # this transaction's hold, and a live hold of the same idempotency key, in one query
+            if idem_key is None:
+                rows = conn.execute(
+                    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE txn_id = ?", (txn_id,)
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE txn_id = ? "
+                    "OR (idem_key = ? AND state <> 'released')",
+                    (txn_id, idem_key),
+                ).fetchall()
+            dup = None
+            for row in rows:
+                if row[0] == txn_id:
+                    ok = row[3] != HoldState.RELEASED
+                    return ReserveResult(
+                        ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
+                    )
+                dup = row
+            if dup is not None:
+                return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
+            held = conn.execute(
+                "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ? "
+                "RETURNING balance - held",
                 (amount, account_id, amount),
-            )
-            if cur.rowcount != 1:
+            ).fetchall()
+            if not held:
                 row = conn.execute(
                     "SELECT balance - held FROM accounts WHERE id = ?", (account_id,)
                 ).fetchone()
@@ -738,10 +773,7 @@ class SqliteLedger(Ledger):
                     now,
                 ),
             )
-            (available,) = conn.execute(
-                "SELECT balance - held FROM accounts WHERE id = ?", (account_id,)
-            ).fetchone()
-            return ReserveResult(ReserveStatus.APPROVED, available)
+            return ReserveResult(ReserveStatus.APPROVED, held[0][0])
 
         return await self._worker.call(op)
 
@@ -751,18 +783,15 @@ class SqliteLedger(Ledger):
         marks = ", ".join("?" for _ in from_states)
 
         def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                f"SELECT account_id, amount FROM holds WHERE txn_id = ? AND state IN ({marks})",
-                (txn_id, *from_states),
-            ).fetchone()
-            if row is None:
-                return False
-            account_id, amount = row
             now = _now()
-            conn.execute(
-                "UPDATE holds SET state = ?, updated_at = ? WHERE txn_id = ?",
-                (to_state, now, txn_id),
-            )
+            rows = conn.execute(
+                "UPDATE holds SET state = ?, updated_at = ? "
+                f"WHERE txn_id = ? AND state IN ({marks}) RETURNING account_id, amount",
+                (to_state, now, txn_id, *from_states),
+            ).fetchall()
+            if not rows:
+                return False
+            account_id, amount = rows[0]
             if account_sql:
                 args = (
                     (amount, account_id)
