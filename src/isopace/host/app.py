@@ -260,6 +260,7 @@ class AuthorizationHost:
                     hmac_key=cfg.journal_key,
                     node=self.node,
                     synchronous=cfg.synchronous,
+                    wait_final=cfg.journal_wait_final,
                 )
         except Exception as exc:
             raise StartupError(f"journal: {_one_line(exc)}") from exc
@@ -278,6 +279,7 @@ class AuthorizationHost:
                     ttl=cfg.idempotency_ttl,
                     lease=cfg.idempotency_lease,
                     node=self.node,
+                    wait_final=cfg.journal_wait_final,
                 )
                 opener = getattr(store, "open", None)
                 if opener is not None:

@@ -91,6 +91,12 @@ class HostConfig:
         "secret for the journal's PAN HMAC (search by card); default: none (masked PAN only)",
         metavar="SECRET",
     )
+    journal_wait_final: bool = _opt(
+        False,
+        "wait for the journal's COMMITTED / ABORTED records to be durable before answering "
+        "(off: they go with the next batch; a crash that loses one leaves the transaction in "
+        "doubt and recovery ends it the same way: BEGIN and COMMITTING are always awaited)",
+    )
     idempotency_key: list[int] = _opt(  # noqa: RUF009
         [41, 11, 7], "fields whose values (with the MTI class) identify a retransmission"
     )
