@@ -250,6 +250,7 @@ class AuthorizationHost:
                     schema=cfg.postgres_schema,
                     hmac_key=cfg.journal_key,
                     node=self.node,
+                    wait_final=cfg.journal_wait_final,
                 )
                 await journal.open()
             else:
@@ -279,7 +280,6 @@ class AuthorizationHost:
                     ttl=cfg.idempotency_ttl,
                     lease=cfg.idempotency_lease,
                     node=self.node,
-                    wait_final=cfg.journal_wait_final,
                 )
                 opener = getattr(store, "open", None)
                 if opener is not None:
