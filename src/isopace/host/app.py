@@ -198,6 +198,8 @@ class AuthorizationHost:
             journal=self.journal,
             idempotency=self.idempotency,
             listener=self.metrics,
+            # the per-stage profile is only read by the transaction log line
+            profiler=cfg.log_transactions and log.isEnabledFor(logging.INFO),
         )
         from isopace.store import recover
 
@@ -371,7 +373,7 @@ class AuthorizationHost:
         response = ex.response
         if response is None or (outcome is Outcome.ABORTED and response.get(39) == "00"):
             response = error_reply(request, "96")
-        if self.config.log_transactions:
+        if self.config.log_transactions and log.isEnabledFor(logging.INFO):
             self._log(ex, outcome, response)
         return response
 

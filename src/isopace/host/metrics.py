@@ -95,6 +95,7 @@ class Metrics:
         self.stage_errors: dict[tuple[str, str], int] = defaultdict(int)
         self.run_seconds = Histogram()
         self.in_flight = 0
+        self._keys: dict[tuple[str, object], tuple[str, str]] = {}
         self._second = [0] * _TPS_WINDOW
         self._stamp = [0] * _TPS_WINDOW
         self.started = time.time()
@@ -104,7 +105,9 @@ class Metrics:
     def stage_finished(
         self, stage: str, phase: str, seconds: float, error: BaseException | None
     ) -> None:
-        key = (stage, str(phase))
+        key = self._keys.get((stage, phase))
+        if key is None:
+            key = self._keys[(stage, phase)] = (stage, str(phase))
         self.stage_seconds[key].observe(seconds)
         if error is not None:
             self.stage_errors[key] += 1
