@@ -182,3 +182,47 @@ def test_offline_recover_command(tmp_path: Path) -> None:
     assert "recovery: 0 committed, 0 aborted, 0 failed" in again.stdout
     ledger = cli_json("ledger", "--db", db)
     assert ledger["ok"] and ledger["pending"] == 0
+
+
+def test_retransmissions_after_a_crash_do_not_wait_for_the_lease(tmp_path: Path) -> None:
+    """With a long lease (60 s), requests retransmitted right after a kill -9 and restart are
+    answered at once: the restarted host takes over the claims its crashed run left, recovery
+    stores the responses of the transactions it committed, approvals are replayed with their
+    approval code and nothing is captured twice."""
+    db = str(tmp_path / "data" / "host.db")
+    port = free_port()
+    args = ["--db", db, "--log-level", "WARNING", "--idempotency-lease", "60"]
+    host = HostProcess(port, args, tmp_path / "serve-0.log").start()
+    unanswered: list[Message] = []
+    approved = asyncio.run(load_then_kill(host, 5, 1.0, unanswered))
+    assert approved
+    final = HostProcess(port, args, tmp_path / "serve-1.log").start()
+    try:
+
+        async def resend(messages: list[Message]) -> tuple[list[Message], float]:
+            t0 = time.monotonic()
+            async with Client(ISO87_ASCII, port=port) as client:
+                got = await asyncio.gather(*(client.request(m, timeout=20) for m in messages))
+            return list(got), time.monotonic() - t0
+
+        again, took = asyncio.run(resend([m for m, _ in approved] + unanswered))
+        assert took < 15, f"retransmissions waited {took:.1f} s (the lease is 60 s)"
+        assert [r[38] for r in again[: len(approved)]] == [r[38] for _, r in approved]
+        assert {r[39] for r in again} <= {"00"}, {r[39] for r in again}
+        assert final.stop() == 0, final.output
+    finally:
+        host.stop()
+        final.stop()
+    assert cli("journal", "--db", db, "--in-doubt", "--json", check=True).stdout.strip() == ""
+    ledger = cli_json("ledger", "--db", db)
+    assert ledger["ok"], ledger["problems"]
+    assert ledger["pending"] == 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        doubled = conn.execute(
+            "SELECT terminal, stan, tx_time, COUNT(*) FROM holds WHERE state = 'captured' "
+            "GROUP BY terminal, stan, tx_time HAVING COUNT(*) > 1"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert doubled == []

@@ -83,3 +83,28 @@ async def test_purge_and_ttl(tmp_path: Path) -> None:
 async def test_unwritable_store_clear_error(tmp_path: Path) -> None:
     with pytest.raises(IdempotencyError, match="cannot open"):
         SqliteIdempotencyStore(tmp_path / "missing-dir" / "i.db")
+
+
+async def test_exclusive_node_takes_over_its_crashed_runs_claims_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "i.db"
+    crashed = SqliteIdempotencyStore(path, lease=60, node="host:8583", exclusive_node=True)
+    assert await crashed.claim("k") is None
+    assert await crashed.claim("other") is None
+    crashed._held.clear()  # a dead process renews nothing
+    await crashed.close()
+    # another node (or a store that does not declare its node exclusive) waits for the lease
+    async with SqliteIdempotencyStore(path, lease=60, node="host:8584", exclusive_node=True) as b:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(b.claim("other"), 0.3)
+    async with SqliteIdempotencyStore(path, lease=60, node="host:8583") as c:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c.claim("other"), 0.3)
+    # the node's next run takes the claim over at once, and its own claims still exclude
+    async with SqliteIdempotencyStore(
+        path, lease=60, node="host:8583", exclusive_node=True
+    ) as restarted:
+        assert await asyncio.wait_for(restarted.claim("k"), 2) is None
+        await restarted.complete("k", Message("0210", {39: "00"}))
+        got = await restarted.claim("k")
+        assert got is not None and got[39] == "00"
+        assert await asyncio.wait_for(restarted.claim("other"), 2) is None

@@ -9,7 +9,9 @@ the TCP server and the metrics endpoint.
 3. the journal and the idempotency store (SQLite files next to the ledger; PostgreSQL and/or Redis
    when configured);
 4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
-   or rolled back through the stages' ``recover`` hooks before the port opens;
+   or rolled back through the stages' ``recover`` hooks before the port opens; with the SQLite
+   idempotency store (which takes over the crashed run's claims at once: one process per node)
+   the response of each transaction recovery commits is stored under its idempotency key;
 5. the ISO 8583 server, then the metrics endpoint.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
@@ -203,8 +205,22 @@ class AuthorizationHost:
         )
         from isopace.store import recover
 
+        # With a store that takes over this node's crashed claims at once (SQLite), recovery
+        # also stores each transaction it commits under its idempotency key, so a
+        # retransmission after the restart is replayed; elsewhere a claim would wait out the
+        # crashed run's lease before the port opens, and the ledger's second-hold guard answers
+        # such a retransmission with the original approval instead.
+        takes_over = cfg.redis is None and cfg.postgres is None
         try:
-            self.recovery = await recover(self.flow, self.journal)
+            if takes_over:
+                self.recovery = await recover(
+                    self.flow,
+                    self.journal,
+                    idempotency=self.idempotency,
+                    key=idempotency_key(cfg.idempotency_key),
+                )
+            else:
+                self.recovery = await recover(self.flow, self.journal)
         except Exception as exc:
             raise StartupError(f"recovery failed: {_one_line(exc)}") from exc
         if self.recovery.total:
@@ -307,6 +323,10 @@ class AuthorizationHost:
                     ttl=cfg.idempotency_ttl,
                     lease=cfg.idempotency_lease,
                     synchronous=cfg.synchronous,
+                    # one process per node (it owns the port): claims left by a crashed run
+                    # of this node are taken over at once, not after their lease
+                    node=self.node,
+                    exclusive_node=True,
                 )
         except Exception as exc:
             raise StartupError(f"idempotency store: {_one_line(exc)}") from exc

@@ -13,6 +13,11 @@ claim / complete / release queued meanwhile in ONE transaction (one fsync for al
   try again. Waiters in the same process are woken at once by ``complete`` / ``release``; SQLite
   has no cross-process notification, so waiters also re-check with a capped exponential back-off
   (``poll`` = first and last delay), never beyond the holder's lease.
+- ``exclusive_node=True`` declares that only one process at a time runs as ``node`` (e.g. a host
+  named by its address and port): a claim still leased to an earlier run of the node, which can
+  only be a run that crashed, is taken over at once instead of waiting out its lease, so crash
+  recovery and retransmissions after a restart do not wait. Each store's owner tokens are the
+  node, a random per-store prefix and a counter.
 - While a process holds claims, a background task renews their leases (every ``lease / 3``), so
   a live run never loses its claim however long it takes, and a crashed one's claim frees itself
   ``lease`` seconds after the crash. The same task deletes expired rows every ``purge_interval``.
@@ -27,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -81,6 +87,7 @@ class SqliteIdempotencyStore:
         synchronous: str = "FULL",
         timeout: float = 10.0,
         node: str | None = None,
+        exclusive_node: bool = False,
     ) -> None:
         if ttl <= 0 or lease <= 0:
             raise ValueError("ttl and lease must be positive")
@@ -96,6 +103,13 @@ class SqliteIdempotencyStore:
         # counter; a UUID per claim costs an os.urandom call (tens of microseconds on some VMs).
         self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
         self._owners = itertools.count(1)
+        # exclusive_node: the claims of an earlier run of this node (its owner tokens, from
+        # another prefix) belong to a process that is gone; they are taken over at once
+        self._stale_owner = (
+            re.compile(re.escape(self._node) + r":[0-9a-f]{16}:[0-9a-f]+").fullmatch
+            if exclusive_node
+            else None
+        )
         self._held: dict[str, str] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
@@ -144,21 +158,30 @@ class SqliteIdempotencyStore:
     ) -> tuple[str, str | None, float]:
         now = _now_us()
         row = conn.execute(
-            "SELECT state, lease_until_us, response, expires_us FROM idempotency_keys "
+            "SELECT state, lease_until_us, response, expires_us, owner FROM idempotency_keys "
             "WHERE key = ?",
             (key,),
         ).fetchone()
         if row is not None:
-            state, lease_until, response, expires = row
+            state, lease_until, response, expires, holder = row
             if state == "done" and expires > now:
                 return "done", response, 0.0
-            if state == "claimed" and lease_until > now:
+            if state == "claimed" and lease_until > now and not self._stale(holder):
                 return "held", None, (lease_until - now) / 1e6
         conn.execute(
             "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL)",
             (key, owner, now + int(self.lease * 1e6)),
         )
         return "claimed", None, 0.0
+
+    def _stale(self, holder: str | None) -> bool:
+        """A claim made by an earlier run of this (exclusive) node: its process is gone."""
+        return (
+            self._stale_owner is not None
+            and holder is not None
+            and not holder.startswith(self._owner_prefix)
+            and self._stale_owner(holder) is not None
+        )
 
     def _complete(self, conn: sqlite3.Connection, key: str, owner: str | None, text: str) -> bool:
         now = _now_us()
