@@ -3,7 +3,9 @@
 Table ``idempotency_keys``: one row per key, either *claimed* (by an owner token, until
 ``lease_until``) or *done* (the response, protected with ``to_json(redact=True)``, until
 ``expires`` = completion + ``ttl``). Each claim is one ``BEGIN IMMEDIATE`` transaction: SQLite's
-write lock makes read-check-write atomic across processes.
+write lock makes read-check-write atomic across processes. The common cases take one statement:
+a claim of a new key is an ``INSERT ... ON CONFLICT DO NOTHING`` (the row is read only when the
+key exists), a completion by the claim's owner an ``UPDATE`` guarded by the owner token.
 
 Operations from concurrent runs are batched: one thread owns the connection and runs every
 claim / complete / release queued meanwhile in ONE transaction (one fsync for all of them).
@@ -157,20 +159,28 @@ class SqliteIdempotencyStore:
         self, conn: sqlite3.Connection, key: str, owner: str
     ) -> tuple[str, str | None, float]:
         now = _now_us()
+        lease_until = now + int(self.lease * 1e6)
+        # the common case, a new key: one statement
+        if conn.execute(
+            "INSERT INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL) "
+            "ON CONFLICT (key) DO NOTHING",
+            (key, owner, lease_until),
+        ).rowcount:
+            return "claimed", None, 0.0
         row = conn.execute(
             "SELECT state, lease_until_us, response, expires_us, owner FROM idempotency_keys "
             "WHERE key = ?",
             (key,),
         ).fetchone()
         if row is not None:
-            state, lease_until, response, expires, holder = row
+            state, held_until, response, expires, holder = row
             if state == "done" and expires > now:
                 return "done", response, 0.0
-            if state == "claimed" and lease_until > now and not self._stale(holder):
-                return "held", None, (lease_until - now) / 1e6
+            if state == "claimed" and held_until > now and not self._stale(holder):
+                return "held", None, (held_until - now) / 1e6
         conn.execute(
             "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL)",
-            (key, owner, now + int(self.lease * 1e6)),
+            (key, owner, lease_until),
         )
         return "claimed", None, 0.0
 
@@ -185,6 +195,17 @@ class SqliteIdempotencyStore:
 
     def _complete(self, conn: sqlite3.Connection, key: str, owner: str | None, text: str) -> bool:
         now = _now_us()
+        expires = now + int(self.ttl * 1e6)
+        # the common case, the owner's live claim: one statement
+        if (
+            owner is not None
+            and conn.execute(
+                "UPDATE idempotency_keys SET state = 'done', owner = NULL, lease_until_us = NULL, "
+                "response = ?, expires_us = ? WHERE key = ? AND state = 'claimed' AND owner = ?",
+                (text, expires, key, owner),
+            ).rowcount
+        ):
+            return True
         row = conn.execute(
             "SELECT state, owner, lease_until_us FROM idempotency_keys WHERE key = ?", (key,)
         ).fetchone()
@@ -192,7 +213,7 @@ class SqliteIdempotencyStore:
             return False
         conn.execute(
             "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'done', NULL, NULL, ?, ?)",
-            (key, text, now + int(self.ttl * 1e6)),
+            (key, text, expires),
         )
         return True
 
