@@ -49,6 +49,7 @@ from isopace.host.stages import (
     Velocity,
     error_reply,
 )
+from isopace.iso8583.masking import mask_text
 
 if TYPE_CHECKING:
     from isopace.flow import FlowListener, IdempotencyStore, Journal
@@ -127,7 +128,9 @@ def build_flow(
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    """The exception's text on one line, with card numbers and track data masked (a stage's or a
+    driver's error may quote them)."""
+    return mask_text(" ".join(str(exc).split())) or type(exc).__name__
 
 
 class AuthorizationHost:
