@@ -146,6 +146,45 @@ async def test_logging_journal_writes_one_masked_record_per_event(
     assert "4761739001010010" not in text and "5413330089010012" not in text
 
 
+TRACK2 = "4761739001010010=2512101123"  # short discretionary data
+TRACK1 = "B4761739001010010^DOE/JOHN^25121011234"
+TRACK_SECRETS = ("4761739001010010", "2512101123", "DOE/JOHN", "25121011234")
+
+
+async def test_track_data_masked_in_logging_journal_and_flow_logs(
+    log: Log, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("test.flow.tracks")
+    cause = f"track 2 {TRACK2}? track 1 {TRACK1}"
+
+    def prep(ex: Exchange) -> None:
+        ex.set("track", TRACK2, durable=True)
+        raise ValueError(f"bad {cause}")
+
+    failing = Flow(journal=LoggingJournal(logger)).group(
+        "main",
+        Rec("j", log, abort_raises=RuntimeError(f"abort failed {cause}")),
+        func_stage("p", prep),
+    )
+    commits = Flow(journal=LoggingJournal(logger)).group(
+        "main", Rec("c", log, commit_raises=RuntimeError(f"commit failed {cause}"))
+    )
+    with caplog.at_level(logging.INFO):
+        assert await failing.run(Exchange("t-1", "r")) is Outcome.ABORTED
+        await commits.run(Exchange("t-2", "r"))
+    aborted = next(r for r in caplog.records if getattr(r, "flow_event", None) == "aborted")
+    assert aborted.error == (  # type: ignore[attr-defined]
+        "ValueError: bad track 2 476173******0010=****? track 1 B476173******0010^****"
+    )
+    assert aborted.durable == {"track": "476173******0010=****"}  # type: ignore[attr-defined]
+    flow_logs = [r.getMessage() for r in caplog.records if r.name == "isopace.flow"]
+    assert any("abort of stage j failed" in m for m in flow_logs)
+    assert any("commit of stage c failed" in m for m in flow_logs)
+    text = caplog.text + repr([r.__dict__ for r in caplog.records])
+    for secret in TRACK_SECRETS:
+        assert secret not in text, secret
+
+
 async def test_logging_journal_quiet_when_disabled(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("test.flow.quiet")
     logger.setLevel(logging.ERROR)
@@ -158,9 +197,12 @@ async def test_logging_journal_quiet_when_disabled(caplog: pytest.LogCaptureFixt
     ("text", "masked"),
     [
         ("4761739001010010", "476173******0010"),
-        ("PAN 4761 7390 0101 0010 declined", "PAN 4761 73** **** 0010 declined"),
-        ("card 4761-7390-0101-0010", "card 4761-73**-****-0010"),
-        ("5413330089010012345", "541333*********2345"),  # 19 digits
+        ("PAN 4761 7390 0101 0010 declined", "PAN 476173******0010 declined"),
+        ("card 4761-7390-0101-0010", "card 476173******0010"),
+        ("5413330089010012346", "541333*********2346"),  # 19 digits
+        # track data after the PAN: short discretionary data, track 1 name and discretionary data
+        ("t2 4761739001010010=2512101123?", "t2 476173******0010=****?"),
+        ("t1 B4761739001010010^DOE/JOHN^25121011234", "t1 B476173******0010^****"),
         ("stan 000001 amount 000000002500", "stan 000001 amount 000000002500"),
         ("123456789012", "123456789012"),  # 12 digits: too short for a card number
         ("12345678901234567890123", "12345678901234567890123"),  # 23: not a card number

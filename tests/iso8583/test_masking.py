@@ -238,6 +238,9 @@ def test_mask_value_other_fields() -> None:
         ("t1 '%" + TRACK1 + "?'", "t1 '%B476173******0010^****?'"),
         ("t3 " + TRACK3, "t3 " + TRACK3),  # format code + PAN: one 18-digit run failing Luhn
         ("stan 123456 ok 4111111111111111=", "stan 123456 ok 411111******1111="),
+        # discretionary data passing Luhn as a 17-digit run: hidden whole, not as a PAN
+        (PAN + "=25121010000000000", "476173******0010=****"),
+        ("B" + PAN + "^DOE/JOHN^25121010000000000", "B476173******0010^****"),
     ],
 )
 def test_mask_text(text: str, masked: str) -> None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sqlite3
+from pathlib import Path
 
+from isopace.flow import Exchange, Flow, Outcome
 from isopace.iso8583 import Message
-from isopace.store import CardDataProtector, mask_pan, scrub_text
+from isopace.iso8583 import mask_pan as iso8583_mask_pan
+from isopace.iso8583.masking import mask_text as iso8583_mask_text
+from isopace.store import CardDataProtector, SqliteJournal, mask_pan, scrub_text
 from isopace.store.protect import strip_emv_card_tags
 from tests.store.helpers import PAN, request
 
@@ -46,7 +51,45 @@ def test_scrub_text_and_mask_pan() -> None:
     assert scrub_text(f"card {PAN} declined, stan 000001") == (
         "card 476173******0010 declined, stan 000001"
     )
-    assert mask_pan("123456") == "**3456"
+    assert mask_pan("123456") == "******"  # fewer than 8 digits: nothing shown
+
+
+def test_scrub_text_is_the_shared_masker() -> None:
+    assert scrub_text is iso8583_mask_text and mask_pan is iso8583_mask_pan
+    # track data after the PAN is hidden too: short discretionary data, track 1 name
+    assert scrub_text(f"t2 {PAN}=2512101123? t1 B{PAN}^DOE/JOHN^25121011234") == (
+        "t2 476173******0010=****? t1 B476173******0010^****"
+    )
+
+
+async def test_journal_error_column_masks_track_data(tmp_path: Path) -> None:
+    track1 = f"B{PAN}^DOE/JOHN^25121011234"
+
+    class Refuse:
+        name = "refuse"
+
+        def prepare(self, ex: Exchange) -> None:
+            track2 = ex.request[35]
+            raise ValueError(f"bad track {track2} / {ex.request[2]}=2512101123 / {track1}")
+
+    path = tmp_path / "j.db"
+    async with SqliteJournal(path, hmac_key="k") as journal:
+        flow = Flow(journal=journal).group("main", Refuse())
+        assert await flow.run(Exchange("tx-1", request())) is Outcome.ABORTED
+        records = await journal.by_id("tx-1")
+    conn = sqlite3.connect(path)
+    try:
+        (error,) = conn.execute("SELECT error FROM journal WHERE kind = 'ABORTED'").fetchone()
+    finally:
+        conn.close()
+    assert error == (
+        "ValueError: bad track 476173******0010=**** / 476173******0010=**** / "
+        "B476173******0010^****"
+    )
+    assert records[-1].error == error
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    for secret in (PAN, "2512101123", "25121010000000000", "DOE/JOHN", "25121011234"):
+        assert secret.encode() not in raw, secret
 
 
 def test_fingerprint_is_hmac_sha256_for_every_key_length() -> None:

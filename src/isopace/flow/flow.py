@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from isopace._cardtext import mask_text
 from isopace.flow._interrupt import Expiry, arm, shielded, until
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
@@ -74,7 +75,6 @@ from isopace.flow.journal import (
     Event,
     EventKind,
     Journal,
-    mask_text,
 )
 from isopace.flow.listener import FlowListener
 from isopace.flow.profiler import Phase

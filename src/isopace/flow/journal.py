@@ -9,17 +9,22 @@ record time (``ex.id``, ``ex.joined``, ``ex.durable()``, ``ex.request``, ``ex.re
 
 ``MemoryJournal`` keeps entries in memory (optionally only the newest ``max_entries``);
 ``LoggingJournal`` writes one structured log record per event with card data masked.
+
+Free text (error messages, durable values, ids) is masked with ``isopace._cardtext.mask_text``,
+the masker every layer shares (re-exported by ``isopace.iso8583``): a 13-19 digit run passing
+Luhn keeps its first six and last four digits, and the track data following it (``=2512...``,
+``^DOE/JOHN^2512...``) becomes ``****``. ``mask_text`` stays importable from here.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
+from isopace._cardtext import mask_text as mask_text
 from isopace.flow.exchange import Exchange
 
 
@@ -95,8 +100,9 @@ class LoggingJournal:
     The record's message is ``"<kind> <id>"``; ``extra=`` carries ``flow_event``,
     ``exchange_id``, ``joined``, ``durable``, ``request``, ``response`` and ``error``. Messages
     are rendered with their masked view (``to_masked_dict()``), and every other text (error
-    messages, durable values) has anything that looks like a card number masked to its first
-    six and last four digits. ``ABORTED`` logs at WARNING, the rest at INFO.
+    messages, durable values) goes through ``mask_text``: card numbers keep their first six and
+    last four digits, track data after them is hidden. ``ABORTED`` logs at WARNING, the rest
+    at INFO.
     """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
@@ -126,29 +132,6 @@ class LoggingJournal:
 
 
 # -- masking ------------------------------------------------------------------------------------
-
-_PAN_RE: Final = re.compile(r"(?<![\d])\d(?:[ -]?\d){12,18}(?![\d])")
-
-
-def mask_text(text: str) -> str:
-    """Mask everything shaped like a card number: a run of 13 to 19 digits, possibly grouped
-    with single spaces or dashes (``4761 7390 0101 0010``), keeps its first six and last four
-    digits. No Luhn check: in a log, a false positive costs less than a leaked card number."""
-    return _PAN_RE.sub(_mask_match, text)
-
-
-def _mask_match(match: re.Match[str]) -> str:
-    run = match[0]
-    total = sum(ch.isdigit() for ch in run)
-    seen = 0
-    out = []
-    for ch in run:
-        if ch.isdigit():
-            out.append(ch if seen < 6 or seen >= total - 4 else "*")
-            seen += 1
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def masked_message(message: object) -> dict[str, str] | str | None:

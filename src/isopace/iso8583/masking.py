@@ -25,14 +25,16 @@ What is masked, and how:
   content), other bytes as uppercase hex, other strings as they are with non-printables escaped.
   It does not scrub other fields: use :func:`mask_text` for free text of unknown origin.
 - :func:`mask_text` masks every run of 13-19 digits (optionally grouped by single spaces or
-  dashes) that passes Luhn: a last line of defence for error messages and log lines built from
-  arbitrary text.
+  dashes) that passes Luhn, and the track data following such a PAN: a last line of defence for
+  error messages and log lines built from arbitrary text. It, :func:`mask_pan` and the Luhn
+  functions live in ``isopace._cardtext`` (standard library only), the one text masker the flow
+  and store layers use too, and are re-exported here unchanged.
 """
 
 from __future__ import annotations
 
-import re
-
+from isopace._cardtext import HIDDEN, luhn_check_digit, luhn_ok, mask_pan, mask_text
+from isopace._cardtext import printable as _printable
 from isopace.iso8583.tlv import TLV, TlvError, parse_tlv
 
 __all__ = [
@@ -57,58 +59,11 @@ _TLV_HIDDEN_TAGS = frozenset({"5F20", "9F1F", "9F20", "99"})
 CARD_TLV_TAGS = _TLV_PAN_TAGS | _TLV_TRACK_TAGS | _TLV_HIDDEN_TAGS
 """EMV tags (inside DE 55) holding card data: 5A, 56, 57, 5F20, 99, 9F1F, 9F20, 9F6B."""
 
-HIDDEN = "****"
-"""What replaces a value that is hidden entirely (PIN block, discretionary data, names)."""
-
 _TRACK_PREFIXES = frozenset({"", ";", "%", "B", "b", "%B", "%b"})
 _TRACK_SEPARATORS = frozenset("=Dd^")
 
 
-# ----------------------------------------------------------------------------------------- Luhn
-
-
-def luhn_ok(digits: str) -> bool:
-    """True when ``digits`` (ASCII digits only, at least 2) ends with a valid Luhn check digit."""
-    if len(digits) < 2 or not (digits.isascii() and digits.isdigit()):
-        return False
-    return _luhn_sum(digits, double_first=False) % 10 == 0
-
-
-def luhn_check_digit(partial: str) -> str:
-    """The Luhn check digit to append to ``partial`` (ASCII digits); ``ValueError`` otherwise."""
-    if not (partial.isascii() and partial.isdigit()):
-        raise ValueError("Luhn check digit needs a non-empty string of ASCII digits")
-    return str((10 - _luhn_sum(partial, double_first=True) % 10) % 10)
-
-
-def _luhn_sum(digits: str, *, double_first: bool) -> int:
-    # Walk from the right: the rightmost digit is doubled when computing a check digit
-    # (it will sit next to the check digit), not when verifying a complete number.
-    total = 0
-    double = double_first
-    for ch in reversed(digits):
-        d = ord(ch) - 48
-        if double:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-        double = not double
-    return total
-
-
 # ---------------------------------------------------------------------------------- PAN, tracks
-
-
-def mask_pan(pan: str) -> str:
-    """``4761739001010010`` -> ``476173******0010``. Never shows more than first 6 + last 4."""
-    pan = _printable(pan)
-    n = len(pan)
-    if n >= 13:
-        return pan[:6] + "*" * (n - 10) + pan[-4:]
-    if n >= 8:
-        return "*" * (n - 4) + pan[-4:]
-    return "*" * n
 
 
 def mask_track(value: str | bytes) -> str:
@@ -148,12 +103,6 @@ def _bcd_digits(value: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------ rendering
-
-
-def _printable(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def mask_value(field: int, value: str | bytes | TLV) -> str:
@@ -214,70 +163,3 @@ def _mask_tlv_object(tag: str, value: bytes, child: TLV | None) -> str:
     if tag in _TLV_HIDDEN_TAGS:
         return f"{tag}={HIDDEN}"
     return f"{tag}={value.hex().upper()}"
-
-
-# ------------------------------------------------------------------------------------ free text
-
-_DIGIT_GROUPS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
-_GROUP = re.compile(r"[0-9]+")
-
-
-def _mask_groups(match: re.Match[str]) -> str:
-    found = match.group(0)
-    groups = [(m.start(), m.end()) for m in _GROUP.finditer(found)]
-    if len(groups) == 1:
-        n = len(found)
-        return mask_pan(found) if 13 <= n <= 19 and luhn_ok(found) else found
-    # Several groups ("4761 7390 0101 0010", "stan 123456 4761-7390-..."): mask the longest
-    # run of whole groups holding 13-19 digits that passes Luhn, left to right.
-    out: list[str] = []
-    pos = 0
-    i = 0
-    while i < len(groups):
-        # candidates start at group i and grow while they hold at most 19 digits
-        hit = -1
-        hit_digits = ""
-        digits = ""
-        for j in range(i, len(groups)):
-            a, b = groups[j]
-            digits += found[a:b]
-            if len(digits) > 19:
-                break
-            if len(digits) >= 13 and luhn_ok(digits):
-                hit, hit_digits = j, digits
-        if hit < 0:
-            i += 1
-            continue
-        out.append(found[pos : groups[i][0]])
-        out.append(mask_pan(hit_digits))
-        pos = groups[hit][1]
-        i = hit + 1
-    out.append(found[pos:])
-    return "".join(out)
-
-
-# A masked PAN followed by track data: "=" / "D" and digits (track 2, EMV 57), or "^name^digits"
-# (track 1). The tail carries expiry, service code and discretionary data (CVV): hidden too.
-_TRACK_TAIL = re.compile(
-    r"([0-9]{6}\*{3,9}[0-9]{4})(?:([=D])[0-9][0-9A-F]*|(\^)[^^\r\n]{0,26}\^[0-9]*)"
-)
-
-
-def _hide_tail(match: re.Match[str]) -> str:
-    return match.group(1) + (match.group(2) or match.group(3)) + HIDDEN
-
-
-def mask_text(text: str) -> str:
-    """Mask every 13-19 digit run that passes Luhn, as :func:`mask_pan` does, and the track data
-    that follows such a PAN (``=25121010...``, ``D2512...``, ``^NAME^2512...`` become ``=****``...).
-
-    A run is a maximal sequence of ASCII digits, or of digit groups joined by single spaces or
-    dashes (whole groups are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit
-    run (20 or more with no separator, e.g. inside a hex dump) are not a PAN candidate. Other text
-    is returned unchanged."""
-    if not any("0" <= ch <= "9" for ch in text):
-        return text
-    out = _DIGIT_GROUPS.sub(_mask_groups, text)
-    if out == text:
-        return text
-    return _TRACK_TAIL.sub(_hide_tail, out)

@@ -15,7 +15,11 @@ into what a record may keep:
 The protected message is ``message.to_json(redact=True)`` of the message with DE 55 filtered, so
 ``Message.from_json`` rebuilds it for recovery, with ``redacted`` naming the removed fields.
 
-Free text (abort causes) goes through :func:`scrub_text`, which masks any run of 12 to 19 digits.
+Free text (abort causes) goes through :func:`scrub_text`, an alias of
+``isopace._cardtext.mask_text`` (the masker every layer shares, re-exported by
+``isopace.iso8583``): a 13-19 digit run passing Luhn keeps its first 6 / last 4 digits and the
+track data after it (``=2512...``, ``^NAME^2512...``) becomes ``****``. :func:`mask_pan` is that
+module's too (first 6 / last 4; shorter numbers show less).
 
 Without an HMAC key no fingerprint is stored (searching by card is then unavailable): a key kept
 in the same database as the fingerprints would make them reversible by brute force over the six
@@ -29,6 +33,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from isopace._cardtext import mask_pan as mask_pan
+from isopace._cardtext import mask_text
+
 if TYPE_CHECKING:
     from isopace.iso8583 import Message
 
@@ -41,24 +48,13 @@ __all__ = [
     "strip_emv_card_tags",
 ]
 
+scrub_text = mask_text
+"""Free text (an abort cause) with card data masked: the masker every layer shares."""
+
 #: EMV tags removed from DE 55 before a message is journalled.
 EMV_CARD_TAGS = frozenset({"5A", "57", "56", "9F6B", "9F1F", "9F20", "5F20", "5F24"})
 
-_DIGITS = re.compile(r"(?<!\d)\d{12,19}(?!\d)")
 _TRACK2_PAN = re.compile(r"^;?(\d{12,19})[=D]")
-
-
-def mask_pan(pan: str) -> str:
-    """Keep the first 6 and last 4 digits, ``*`` for the rest (short numbers: last 4 only)."""
-    pan = pan.strip()
-    if len(pan) >= 13:
-        return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
-    return "*" * max(len(pan) - 4, 0) + pan[-4:]
-
-
-def scrub_text(text: str) -> str:
-    """Mask every run of 12 to 19 digits (a possible PAN) in free text such as an error message."""
-    return _DIGITS.sub(lambda m: mask_pan(m.group(0)), text)
 
 
 def _read_tag(data: bytes, i: int) -> tuple[bytes, int]:
@@ -202,4 +198,4 @@ class CardDataProtector:
             number = self.pan_of(message)
         if number is None:
             return text, None, None
-        return text, mask_pan(number), self.fingerprint(number)
+        return text, mask_pan(number.strip()), self.fingerprint(number)

@@ -1,0 +1,152 @@
+"""Card data in free text: the one masker every layer uses (standard library only).
+
+Error messages, log lines and journal columns are built from text of unknown origin: an exception
+raised with a track in its message, a durable property holding a PAN. :func:`mask_text` is the
+last line of defence for all of them, used by ``isopace.iso8583`` (re-exported from
+``isopace.iso8583.masking``), ``isopace.flow`` (flow logs, ``LoggingJournal``) and
+``isopace.store`` (journals' error column). It sits at the package root, below every layer, so
+that ``flow`` and ``store`` share it without importing ``iso8583`` at run time.
+
+- :func:`luhn_ok` / :func:`luhn_check_digit`: the Luhn check.
+- :func:`mask_pan`: at most the first 6 and last 4 digits, at least 3 hidden (13 characters or
+  more: first 6 + ``*`` + last 4; 8 to 12: last 4 only; fewer: everything masked).
+- :func:`mask_text`: every 13-19 digit run (optionally grouped by single spaces or dashes) that
+  passes Luhn is masked as a PAN, and the track data that follows such a PAN (``=...``,
+  ``D...``, ``^NAME^...``: expiry, service code, discretionary data, name) becomes ``****``.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "HIDDEN",
+    "luhn_check_digit",
+    "luhn_ok",
+    "mask_pan",
+    "mask_text",
+    "printable",
+]
+
+HIDDEN = "****"
+"""What replaces a value that is hidden entirely (PIN block, discretionary data, names)."""
+
+
+# ------------------------------------------------------------------------------------- Luhn
+
+
+def luhn_ok(digits: str) -> bool:
+    """True when ``digits`` (ASCII digits only, at least 2) ends with a valid Luhn check digit."""
+    if len(digits) < 2 or not (digits.isascii() and digits.isdigit()):
+        return False
+    return _luhn_sum(digits, double_first=False) % 10 == 0
+
+
+def luhn_check_digit(partial: str) -> str:
+    """The Luhn check digit to append to ``partial`` (ASCII digits); ``ValueError`` otherwise."""
+    if not (partial.isascii() and partial.isdigit()):
+        raise ValueError("Luhn check digit needs a non-empty string of ASCII digits")
+    return str((10 - _luhn_sum(partial, double_first=True) % 10) % 10)
+
+
+def _luhn_sum(digits: str, *, double_first: bool) -> int:
+    # Walk from the right: the rightmost digit is doubled when computing a check digit
+    # (it will sit next to the check digit), not when verifying a complete number.
+    total = 0
+    double = double_first
+    for ch in reversed(digits):
+        d = ord(ch) - 48
+        if double:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+        double = not double
+    return total
+
+
+def mask_pan(pan: str) -> str:
+    """``4761739001010010`` -> ``476173******0010``. Never shows more than first 6 + last 4."""
+    pan = printable(pan)
+    n = len(pan)
+    if n >= 13:
+        return pan[:6] + "*" * (n - 10) + pan[-4:]
+    if n >= 8:
+        return "*" * (n - 4) + pan[-4:]
+    return "*" * n
+
+
+def printable(text: str) -> str:
+    """``text`` with non-printable characters escaped (``\\x00``, ``\\t``...)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+# ------------------------------------------------------------------------------------ text
+
+_DIGIT_GROUPS = re.compile(r"[0-9]+(?:[ -][0-9]+)*")
+_GROUP = re.compile(r"[0-9]+")
+
+
+def _mask_groups(match: re.Match[str]) -> str:
+    found = match.group(0)
+    groups = [(m.start(), m.end()) for m in _GROUP.finditer(found)]
+    if len(groups) == 1:
+        n = len(found)
+        return mask_pan(found) if 13 <= n <= 19 and luhn_ok(found) else found
+    # Several groups ("4761 7390 0101 0010", "stan 123456 4761-7390-..."): mask the longest
+    # run of whole groups holding 13-19 digits that passes Luhn, left to right.
+    out: list[str] = []
+    pos = 0
+    i = 0
+    while i < len(groups):
+        # candidates start at group i and grow while they hold at most 19 digits
+        hit = -1
+        hit_digits = ""
+        digits = ""
+        for j in range(i, len(groups)):
+            a, b = groups[j]
+            digits += found[a:b]
+            if len(digits) > 19:
+                break
+            if len(digits) >= 13 and luhn_ok(digits):
+                hit, hit_digits = j, digits
+        if hit < 0:
+            i += 1
+            continue
+        out.append(found[pos : groups[i][0]])
+        out.append(mask_pan(hit_digits))
+        pos = groups[hit][1]
+        i = hit + 1
+    out.append(found[pos:])
+    return "".join(out)
+
+
+# A masked PAN followed by track data: "=" / "D" and digits (track 2, EMV 57), or "^name^digits"
+# (track 1). The tail carries expiry, service code and discretionary data (CVV): hidden too.
+# The tail may itself have been masked as a PAN (discretionary data that happens to pass Luhn,
+# "=251210*******0000"): "*" belongs to it, so none of its digits stay in clear.
+_TRACK_TAIL = re.compile(
+    r"([0-9]{6}\*{3,9}[0-9]{4})(?:([=D])[0-9][0-9A-F*]*|(\^)[^^\r\n]{0,26}\^[0-9*]*)"
+)
+
+
+def _hide_tail(match: re.Match[str]) -> str:
+    return match.group(1) + (match.group(2) or match.group(3)) + HIDDEN
+
+
+def mask_text(text: str) -> str:
+    """Mask every 13-19 digit run that passes Luhn, as :func:`mask_pan` does, and the track data
+    that follows such a PAN (``=25121010...``, ``D2512...``, ``^NAME^2512...`` become ``=****``...).
+
+    A run is a maximal sequence of ASCII digits, or of digit groups joined by single spaces or
+    dashes (whole groups are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit
+    run (20 or more with no separator, e.g. inside a hex dump) are not a PAN candidate. Other text
+    is returned unchanged."""
+    if not any("0" <= ch <= "9" for ch in text):
+        return text
+    out = _DIGIT_GROUPS.sub(_mask_groups, text)
+    if out == text:
+        return text
+    return _TRACK_TAIL.sub(_hide_tail, out)
