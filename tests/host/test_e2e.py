@@ -200,6 +200,28 @@ def test_reversal_releases_an_authorization(host: tuple[HostProcess, str, int]) 
     assert accounts(db)["ACC-1001"] == before
 
 
+def test_reversal_of_another_card_or_amount_is_25(host: tuple[HostProcess, str, int]) -> None:
+    proc, db, _ = host
+    terminal = ["--terminal", "TERMREV3"]
+    assert send(proc.port, "--pan", PAN_OK, "--amount", "20.00", *terminal,
+                "--stan", "666001", "--time", "1129151515")["39"] == "00"  # fmt: skip
+    before = accounts(db)
+    reversal = [*terminal, "--mti", "0400", "--original-stan", "666001",
+                "--original-time", "1129151515"]  # fmt: skip
+    other_card = send(
+        proc.port, *reversal, "--pan", PAN_MC, "--amount", "20.00", "--stan", "666002"
+    )
+    assert other_card["39"] == "25"
+    other_amount = send(
+        proc.port, *reversal, "--pan", PAN_OK, "--amount", "2.00", "--stan", "666003"
+    )
+    assert other_amount["39"] == "25"
+    assert accounts(db) == before  # nothing reversed
+    assert send(proc.port, *reversal, "--pan", PAN_OK, "--amount", "20.00",
+                "--stan", "666004")["39"] == "00"  # fmt: skip
+    assert accounts(db)["ACC-1001"]["balance"] == before["ACC-1001"]["balance"] + 2000
+
+
 def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, str, int]) -> None:
     proc, _, _ = host
     response = send(

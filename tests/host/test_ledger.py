@@ -126,6 +126,27 @@ async def test_cards_block_and_find_original(ledger: Ledger) -> None:
     assert [h.txn_id for h in await ledger.pending_holds()] == ["x"]
 
 
+async def test_find_original_matches_the_card_and_the_amount(ledger: Ledger) -> None:
+    other = SeedCard("5555555555554444", "ACC-O", 5_000)
+    await ledger.seed([other])
+    ref, other_ref = ledger.pan_ref(CARD.pan), ledger.pan_ref(other.pan)
+    keys = {"terminal": "T1", "stan": "000008", "tx_time": "1129000000", "rrn": "RRN000000008"}
+    await ledger.reserve("y", "ACC-T", 25, **keys, pan_ref=ref)
+    await ledger.reserve("legacy", "ACC-T", 30, terminal="T1", stan="000009")  # no card ref
+    found = await ledger.find_original(**keys, pan_ref=ref, amount=25)
+    assert found is not None and found.txn_id == "y" and found.pan_ref == ref
+    by_rrn = await ledger.find_original(terminal="T1", rrn="RRN000000008", pan_ref=ref, amount=25)
+    assert by_rrn is not None and by_rrn.txn_id == "y"
+    # another card, another amount: not the original (by STAN or by RRN)
+    assert await ledger.find_original(**keys, pan_ref=other_ref, amount=25) is None
+    assert await ledger.find_original(**keys, pan_ref=ref, amount=24) is None
+    assert await ledger.find_original(terminal="T1", rrn="RRN000000008", pan_ref=other_ref) is None
+    # a hold without a card reference (made before schema version 3): the card's account decides
+    legacy = await ledger.find_original(terminal="T1", stan="000009", pan_ref=ref, amount=30)
+    assert legacy is not None and legacy.txn_id == "legacy"
+    assert await ledger.find_original(terminal="T1", stan="000009", pan_ref=other_ref) is None
+
+
 def test_config_file_flags_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('port = 9000\nmetrics-port = 9100\nbins = { "4" = "visa" }\n')
@@ -254,6 +275,6 @@ async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
-        assert version.fetchone() == ("2",)
+        assert version.fetchone() == ("3",)
     finally:
         conn.close()

@@ -80,8 +80,9 @@ __all__ = [
 log = logging.getLogger("isopace.host")
 
 #: Version 1: accounts, cards, holds, captures. Version 2: holds.idem_key and
-#: holds.approval_code, with a unique index on the live holds' keys (applied on open).
-SCHEMA_VERSION = 2
+#: holds.approval_code, with a unique index on the live holds' keys. Version 3: holds.pan_ref,
+#: the card's keyed hash, which a reversal must match (upgrades are applied on open).
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 
 
@@ -165,6 +166,8 @@ class Hold:
     rrn: str | None = None
     idem_key: str | None = None
     approval_code: str | None = None
+    pan_ref: str | None = None
+    """The card's keyed hash (None on holds made before schema version 3)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -286,13 +289,15 @@ class Ledger(abc.ABC):
         rrn: str | None = None,
         idem_key: str | None = None,
         approval_code: str | None = None,
+        pan_ref: str | None = None,
     ) -> ReserveResult:
         """Hold ``amount`` on the account for this transaction, if the available funds allow.
 
         ``idem_key`` (the request's idempotency key) makes the ledger refuse a second live hold
         for the same request: it answers DUPLICATE with the original hold (and its
         ``approval_code``) instead. This catches a retransmission the idempotency store could not
-        replay, e.g. one whose original was finished by crash recovery."""
+        replay, e.g. one whose original was finished by crash recovery. ``pan_ref`` (the card's
+        `pan_ref`) is kept on the hold so a reversal can be matched to the card."""
 
     @abc.abstractmethod
     async def authorize(self, txn_id: str) -> bool:
@@ -322,8 +327,15 @@ class Ledger(abc.ABC):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
+        pan_ref: str | None = None,
+        amount: int | None = None,
     ) -> Hold | None:
-        """The most recent hold of this terminal with this STAN (+ transmission time) or RRN."""
+        """The most recent hold of this terminal with this STAN (+ transmission time) or RRN.
+
+        With ``pan_ref`` (the card's `pan_ref`) and ``amount``, only a hold of that card and that
+        amount matches (a hold made before schema version 3, without a card reference, matches
+        when the card belongs to the hold's account), so a reversal cannot reach another card's
+        transaction."""
 
     @abc.abstractmethod
     async def pending_holds(self) -> list[Hold]:
@@ -379,6 +391,7 @@ CREATE TABLE IF NOT EXISTS holds (
     rrn TEXT,
     idem_key TEXT,
     approval_code TEXT,
+    pan_ref TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
@@ -400,7 +413,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
 """
 
 _HOLD_COLUMNS = (
-    "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn, idem_key, approval_code"
+    "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn, idem_key, approval_code,"
+    " pan_ref"
 )
 
 _CHECK_SQL = """
@@ -608,7 +622,7 @@ class SqliteLedger(Ledger):
             )
         # Upgrade a version 1 file (no-op on a new one, whose tables already have the columns).
         columns = {r[1] for r in conn.execute("PRAGMA table_info(holds)")}
-        for column in ("idem_key", "approval_code"):
+        for column in ("idem_key", "approval_code", "pan_ref"):
             if column not in columns:
                 conn.execute(f"ALTER TABLE holds ADD COLUMN {column} TEXT")
         conn.execute(_KEY_INDEX)
@@ -716,6 +730,7 @@ class SqliteLedger(Ledger):
         rrn: str | None = None,
         idem_key: str | None = None,
         approval_code: str | None = None,
+        pan_ref: str | None = None,
     ) -> ReserveResult:
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
@@ -757,7 +772,7 @@ class SqliteLedger(Ledger):
             now = _now()
             conn.execute(
                 f"INSERT INTO holds ({_HOLD_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     txn_id,
                     account_id,
@@ -769,6 +784,7 @@ class SqliteLedger(Ledger):
                     rrn,
                     idem_key,
                     approval_code,
+                    pan_ref,
                     now,
                     now,
                 ),
@@ -862,7 +878,21 @@ class SqliteLedger(Ledger):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
+        pan_ref: str | None = None,
+        amount: int | None = None,
     ) -> Hold | None:
+        match = ""  # the card and the amount, when given
+        match_args: tuple[Any, ...] = ()
+        if pan_ref is not None:
+            match += (
+                " AND (pan_ref = ? OR (pan_ref IS NULL AND account_id = "
+                "(SELECT c.account_id FROM cards c WHERE c.pan_ref = ?)))"
+            )
+            match_args += (pan_ref, pan_ref)
+        if amount is not None:
+            match += " AND amount = ?"
+            match_args += (amount,)
+
         def op(conn: sqlite3.Connection) -> Hold | None:
             row = None
             if stan is not None:
@@ -871,12 +901,15 @@ class SqliteLedger(Ledger):
                 if tx_time is not None:
                     sql += " AND tx_time = ?"
                     args += (tx_time,)
-                row = conn.execute(sql + " ORDER BY created_at DESC LIMIT 1", args).fetchone()
+                row = conn.execute(
+                    sql + match + " ORDER BY created_at DESC LIMIT 1", args + match_args
+                ).fetchone()
             if row is None and rrn is not None:
                 row = conn.execute(
-                    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE terminal = ? AND rrn = ? "
-                    "ORDER BY created_at DESC LIMIT 1",
-                    (terminal, rrn),
+                    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE terminal = ? AND rrn = ?"
+                    + match
+                    + " ORDER BY created_at DESC LIMIT 1",
+                    (terminal, rrn, *match_args),
                 ).fetchone()
             return Hold(*row) if row else None
 
@@ -937,6 +970,7 @@ CREATE TABLE IF NOT EXISTS holds (
     rrn TEXT,
     idem_key TEXT,
     approval_code TEXT,
+    pan_ref TEXT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
@@ -958,7 +992,7 @@ WITH acc AS (
     RETURNING id, balance - held AS available
 )
 INSERT INTO holds ({_HOLD_COLUMNS})
-SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10 FROM acc
+SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11 FROM acc
 RETURNING (SELECT available FROM acc)
 """
 
@@ -1052,7 +1086,8 @@ class PostgresLedger(Ledger):
                 # Upgrade version 1 (no-op on new tables).
                 await conn.execute(
                     "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
-                    "ADD COLUMN IF NOT EXISTS approval_code TEXT"
+                    "ADD COLUMN IF NOT EXISTS approval_code TEXT, "
+                    "ADD COLUMN IF NOT EXISTS pan_ref TEXT"
                 )
                 await conn.execute(_KEY_INDEX)
                 await conn.execute(
@@ -1144,6 +1179,7 @@ class PostgresLedger(Ledger):
         rrn: str | None = None,
         idem_key: str | None = None,
         approval_code: str | None = None,
+        pan_ref: str | None = None,
     ) -> ReserveResult:
         import asyncpg
 
@@ -1171,6 +1207,7 @@ class PostgresLedger(Ledger):
                     rrn,
                     idem_key,
                     approval_code,
+                    pan_ref,
                 )
             except asyncpg.UniqueViolationError:
                 state = await conn.fetchval("SELECT state FROM holds WHERE txn_id = $1", txn_id)
@@ -1226,22 +1263,36 @@ class PostgresLedger(Ledger):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
+        pan_ref: str | None = None,
+        amount: int | None = None,
     ) -> Hold | None:
+        def match(n: int) -> str:  # the card ($n) and the amount ($n+1), when given
+            return (
+                f" AND (${n}::text IS NULL OR pan_ref = ${n} OR (pan_ref IS NULL AND account_id"
+                f" = (SELECT c.account_id FROM cards c WHERE c.pan_ref = ${n})))"
+                f" AND (${n + 1}::bigint IS NULL OR amount = ${n + 1})"
+            )
+
         row = None
         if stan is not None:
             row = await self.pool.fetchrow(
                 f"SELECT {_HOLD_COLUMNS} FROM holds WHERE terminal = $1 AND stan = $2 "
-                "AND ($3::text IS NULL OR tx_time = $3) ORDER BY created_at DESC LIMIT 1",
+                f"AND ($3::text IS NULL OR tx_time = $3){match(4)} "
+                "ORDER BY created_at DESC LIMIT 1",
                 terminal,
                 stan,
                 tx_time,
+                pan_ref,
+                amount,
             )
         if row is None and rrn is not None:
             row = await self.pool.fetchrow(
-                f"SELECT {_HOLD_COLUMNS} FROM holds WHERE terminal = $1 AND rrn = $2 "
+                f"SELECT {_HOLD_COLUMNS} FROM holds WHERE terminal = $1 AND rrn = $2{match(3)} "
                 "ORDER BY created_at DESC LIMIT 1",
                 terminal,
                 rrn,
+                pan_ref,
+                amount,
             )
         return Hold(*row) if row else None
 

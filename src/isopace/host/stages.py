@@ -319,6 +319,7 @@ class Reserve:
                 rrn=_text(request, 37),
                 idem_key=idem_key,
                 approval_code=code,
+                pan_ref=card.pan_ref,
             )
         except BaseException:
             # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
@@ -397,12 +398,14 @@ def _original_keys(m: Message) -> tuple[str | None, str | None, str | None]:
 
 
 class Reversal:
-    """Finds the original (same terminal, by DE 90's STAN + transmission time, else DE 37) and,
-    in commit, releases its hold (an authorization) or refunds its capture (a purchase). Declines
-    25 when no original is found. A reversal of something already reversed is answered 00 and
-    changes nothing (the ledger's transitions are conditional), and a retransmitted reversal is
-    replayed by the idempotency store. Reversals are full: DE 4 is not used to reverse part. A
-    reversal that arrives while its original is still in flight releases the pending hold, and
+    """Finds the original (same terminal, by DE 90's STAN + transmission time, else DE 37, of the
+    same card, DE 2, and the same amount, DE 4) and, in commit, releases its hold (an
+    authorization) or refunds its capture (a purchase). Declines 25 when no original is found: a
+    reversal naming another card's or another amount's transaction reverses nothing. A reversal
+    of something already reversed is answered 00 and changes nothing (the ledger's transitions
+    are conditional), and a retransmitted reversal is replayed by the idempotency store.
+    Reversals are full: DE 4 must be the original's amount (a partial reversal is not supported).
+    A reversal that arrives while its original is still in flight releases the pending hold, and
     the original's capture then finds nothing to post: the reversal wins, the ledger balances.
 
     Durable property (for recovery): ``original`` (the original's transaction id)."""
@@ -417,7 +420,12 @@ class Reversal:
         stan, tx_time, rrn = _original_keys(request)
         terminal = _text(request, 41) or ""
         original = await self.ledger.find_original(
-            terminal=terminal, stan=stan, tx_time=tx_time, rrn=rrn
+            terminal=terminal,
+            stan=stan,
+            tx_time=tx_time,
+            rrn=rrn,
+            pan_ref=self.ledger.pan_ref(_text(request, 2) or ""),
+            amount=ex.get("amount", 0),
         )
         if original is None:
             return decline(ex, "25", "original transaction not found")
