@@ -13,14 +13,20 @@ that ``flow`` and ``store`` share it without importing ``iso8583`` at run time.
 - :func:`mask_text`: every 13-19 digit run (optionally grouped by single spaces or dashes) that
   passes Luhn is masked as a PAN, and the track data that follows such a PAN (``=...``,
   ``D...``, ``^NAME^...``: expiry, service code, discretionary data, name) becomes ``****``.
+- :func:`error_text`: an exception as text for a log line or a record, masked with
+  :func:`mask_text`; with ``traceback=True`` the whole formatted traceback (chained causes,
+  notes and exception group members included), formatted first and then masked. Loggers never
+  get the raw exception: ``exc_info=`` / ``logger.exception`` would format it unmasked.
 """
 
 from __future__ import annotations
 
 import re
+import traceback as _traceback
 
 __all__ = [
     "HIDDEN",
+    "error_text",
     "luhn_check_digit",
     "luhn_ok",
     "mask_pan",
@@ -150,3 +156,17 @@ def mask_text(text: str) -> str:
     if out == text:
         return text
     return _TRACK_TAIL.sub(_hide_tail, out)
+
+
+def error_text(exc: BaseException, *, traceback: bool = False) -> str:
+    """``"ValueError: bad 476173******0010=****"``: ``exc`` as ``Type: message`` (the type alone
+    when the message is empty) with card data masked; ``traceback=True``: the formatted
+    traceback (as ``logger.exception`` would print it), masked."""
+    if traceback:
+        return mask_text("".join(_traceback.format_exception(exc)).rstrip("\n"))
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() failed>"
+    return mask_text(f"{name}: {text}") if text else name

@@ -146,14 +146,21 @@ async def test_listener_sees_replays_and_cancellations() -> None:
 async def test_a_failing_listener_is_only_logged(
     log: Log, caplog: pytest.LogCaptureFixture
 ) -> None:
+    track = "4761739001010010=2512101123 B4761739001010010^DOE/JOHN^25121011234"
+
     class Broken:
         def stage_finished(self, *args: object) -> None:
-            raise RuntimeError("metrics down")
+            raise RuntimeError(f"metrics down {track}")
 
         def run_finished(self, *args: object) -> None:
-            raise RuntimeError("metrics down")
+            raise RuntimeError(f"metrics down {track}")
 
     flow = Flow(listener=Broken()).group("main", Rec("a", log))
     assert await flow.run(Exchange("t", "r")) is Outcome.COMMITTED
     assert log.of("commit") == ["a"]
     assert "listener failed" in caplog.text
+    # logged with its traceback, masked: never the raw exception (no exc_info)
+    assert "Traceback" in caplog.text and "476173******0010=****" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.exc_text]
+    for secret in ("4761739001010010", "2512101123", "DOE/JOHN"):
+        assert secret not in caplog.text

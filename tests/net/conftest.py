@@ -61,3 +61,16 @@ async def raw_exchange(
         return frames
     finally:
         writer.close()
+
+
+PAN = "4761739001010119"
+TRACK2 = PAN + "=2512101123"  # short discretionary data
+TRACK1 = "B" + PAN + "^DOE/JOHN^25121011234"
+CARD_SECRETS = (PAN, "2512101123", "DOE/JOHN", "25121011234")
+
+
+def assert_no_card_data(caplog: pytest.LogCaptureFixture) -> None:
+    """Neither the formatted log nor any record's fields hold the PAN or track data."""
+    text = caplog.text + repr([r.__dict__ for r in caplog.records])
+    for secret in CARD_SECRETS:
+        assert secret not in text, secret

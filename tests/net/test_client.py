@@ -9,6 +9,7 @@ requests before connect and after close; a pool over two hosts, one of which goe
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -27,7 +28,7 @@ from isopace.net import (
     rrn_key,
 )
 
-from .conftest import SPEC, make_request
+from .conftest import SPEC, TRACK1, TRACK2, assert_no_card_data, make_request
 
 
 async def test_1000_concurrent_answered_in_random_order() -> None:
@@ -357,3 +358,34 @@ def test_on_uvloop() -> None:
                 await client.request(make_request(999), timeout=0.0001)
 
     uvloop.run(main())
+
+
+async def test_unmatched_handler_failures_logged_masked(caplog: pytest.LogCaptureFixture) -> None:
+    async def stray(request: Message) -> Message:
+        return request.reply().set_many({39: "00", 11: "999999"})  # matches no request
+
+    def sync_handler(message: Message) -> None:
+        raise ValueError(f"no request for {message[2]} ({TRACK2}, {TRACK1})")
+
+    async def async_handler(message: Message) -> None:
+        await asyncio.sleep(0)
+        raise ValueError(f"no request for {message[2]} ({TRACK2}, {TRACK1})")
+
+    caplog.set_level(logging.INFO, "isopace.net")
+    for handler in (sync_handler, async_handler):
+        async with (
+            Server(SPEC, stray) as server,
+            Client(SPEC, port=server.port, on_unmatched=handler) as client,
+        ):
+            await client.send(make_request(1))
+            for _ in range(100):
+                if caplog.text.count("unmatched-message handler failed") == (
+                    1 if handler is sync_handler else 2
+                ):
+                    break
+                await asyncio.sleep(0.01)
+    assert caplog.text.count("unmatched-message handler failed") == 2
+    assert "ValueError: no request for 476173******0119 (476173******0119=****" in caplog.text
+    assert "Traceback" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.exc_text]
+    assert_no_card_data(caplog)

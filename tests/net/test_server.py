@@ -19,10 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from isopace.iso8583 import ISO87_BINARY, ISO87_EBCDIC, Message, Spec
+from isopace.iso8583 import ISO87_BINARY, ISO87_EBCDIC, Iso8583Error, Message, Spec
 from isopace.net import Client, Framing, LengthHeader, NetError, Server, Tpdu, recover_mti
 
-from .conftest import SPEC, make_request, raw_exchange, reply_handler
+from .conftest import (
+    SPEC,
+    TRACK1,
+    TRACK2,
+    assert_no_card_data,
+    make_request,
+    raw_exchange,
+    reply_handler,
+)
 
 ALL_FRAMINGS = [
     Framing(header=h, include_header=inc, tpdu=tp)
@@ -405,3 +413,31 @@ async def test_handlers_run_in_a_task_unless_eager() -> None:
         Client(SPEC, port=server.port, timeout=5) as client,
     ):
         assert (await client.request(make_request(3)))[39] == "00"
+
+
+async def test_handler_failures_logged_masked(caplog: pytest.LogCaptureFixture) -> None:
+    # a handler raising with card data in its message (plain error, codec error, chained cause),
+    # and a response that cannot be encoded: the log has the masked text and traceback only
+    async def handler(m: Message) -> Message:
+        if m[11] == "000001":
+            raise ValueError(f"bad {m[2]} track 2 {TRACK2} track 1 {TRACK1}")
+        if m[11] == "000002":
+            raise Iso8583Error(f"field 35: {TRACK2} refused")
+        if m[11] == "000003":
+            try:
+                raise KeyError(TRACK1)
+            except KeyError as exc:
+                raise RuntimeError(f"lookup of {m[2]} failed") from exc
+        return m.reply().set(4, "1" * 13)  # cannot be encoded
+
+    caplog.set_level(logging.INFO, "isopace.net")
+    async with Server(SPEC, handler) as server, Client(SPEC, port=server.port) as client:
+        for stan in (1, 3, 4):
+            assert (await client.request(make_request(stan)))[39] == "96"
+        assert (await client.request(make_request(2)))[39] == "30"
+    assert "handler failed" in caplog.text and "Traceback" in caplog.text
+    assert "ValueError: bad 476173******0119 track 2 476173******0119=****" in caplog.text
+    assert "B476173******0119^****" in caplog.text
+    assert "cannot be sent" in caplog.text and "malformed request" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info or r.exc_text]
+    assert_no_card_data(caplog)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from isopace.flow import CONTINUE, Event, EventKind, Exchange, Flow, retry
 from isopace.store import RecoveredAbortError, SqliteJournal, recover
-from tests.store.helpers import request
+from tests.store.helpers import PAN, request
+
+TRACK2 = PAN + "=2512101123"
+TRACK1 = "B" + PAN + "^DOE/JOHN^25121011234"
 
 
 class Hook:
@@ -20,7 +25,7 @@ class Hook:
 
     async def recover(self, ex: Exchange, committing: bool) -> None:
         if self.fail:
-            raise RuntimeError("ledger unavailable")
+            raise RuntimeError(f"ledger unavailable for {TRACK2} / {TRACK1}")
         self.log.append((self.name, ex.id, committing))
         assert ex.get("hold") == "H-" + ex.id  # durable properties are back
 
@@ -67,7 +72,9 @@ async def test_commit_and_abort_decisions(tmp_path: Path) -> None:
         assert issubclass(RecoveredAbortError, Exception)
 
 
-async def test_failing_hook_leaves_transaction_in_doubt(tmp_path: Path) -> None:
+async def test_failing_hook_leaves_transaction_in_doubt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     log: list[tuple[str, str, bool]] = []
     async with SqliteJournal(tmp_path / "j.db") as journal:
         await _journal_state(journal)
@@ -75,6 +82,14 @@ async def test_failing_hook_leaves_transaction_in_doubt(tmp_path: Path) -> None:
         report = await recover(flow, journal)
         assert set(report.failed) == {"t-commit", "t-prep"}
         assert "ledger unavailable" in report.failed["t-commit"]
+        # the hook's error is masked in the report and the log: no PAN, no track data
+        assert report.failed["t-commit"] == (
+            "RuntimeError: ledger unavailable for 476173******0010=**** / B476173******0010^****"
+        )
+        logged = caplog.text + repr(report) + repr([r.__dict__ for r in caplog.records])
+        assert "left in doubt" in caplog.text
+        for secret in (PAN, "2512101123", "DOE/JOHN", "25121011234"):
+            assert secret not in logged, secret
         assert {d.tx_id for d in await journal.in_doubt()} == {"t-commit", "t-prep"}
         fixed = Flow().group("main", Hook("a", log), NoHook(), Hook("b", log))
         report = await recover(fixed, journal)

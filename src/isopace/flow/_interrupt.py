@@ -20,6 +20,8 @@ import logging
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+from isopace._cardtext import error_text
+
 T = TypeVar("T")
 
 
@@ -86,8 +88,8 @@ async def shielded(aw: Coroutine[Any, Any, None] | Awaitable[None]) -> bool:
             await asyncio.wait((task,))
         except asyncio.CancelledError:
             cancelled = True
-    if not task.cancelled() and task.exception() is not None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
         logging.getLogger("isopace.flow").error(
-            "flow: shielded step failed", exc_info=task.exception()
+            "flow: shielded step failed\n%s", error_text(exc, traceback=True)
         )
     return cancelled

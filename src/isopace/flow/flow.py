@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from isopace._cardtext import mask_text
+from isopace._cardtext import error_text
 from isopace.flow._interrupt import Expiry, arm, shielded, until
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
@@ -280,8 +280,12 @@ class Flow:
         finally:
             try:
                 listener.run_finished(ex, outcome, _clock() - start)
-            except Exception:
-                self._log.exception("flow listener failed", extra={"exchange_id": ex.id})
+            except Exception as exc:
+                self._log.error(
+                    "flow listener failed\n%s",
+                    error_text(exc, traceback=True),
+                    extra={"exchange_id": ex.id},
+                )
 
     async def _run_idempotent(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
         store = self._store
@@ -304,7 +308,7 @@ class Flow:
             else:
                 self._log.error(
                     "flow: idempotency store failed to claim: %s",
-                    mask_text(f"{type(exc).__name__}: {exc}"),
+                    error_text(exc),
                     extra={"exchange_id": ex.id},
                 )
             return await self._refuse(ex, exc)
@@ -341,7 +345,7 @@ class Flow:
             self._log.error(
                 "flow: idempotency store failed to %s: %s",
                 "release" if response is None else "complete",
-                mask_text(f"{type(exc).__name__}: {exc}"),
+                error_text(exc),
                 extra={"exchange_id": ex.id},
             )
 
@@ -588,7 +592,7 @@ class Flow:
         self._log.error(
             "flow: commit of stage %s failed: %s",
             rs.name,
-            mask_text(f"{type(exc).__name__}: {exc}"),
+            error_text(exc),
             extra={"exchange_id": ex.id, "stage": rs.name},
         )
         exc.add_note(f"in the commit of stage {rs.name!r}")
@@ -633,7 +637,7 @@ class Flow:
                 self._log.error(
                     "flow: abort of stage %s failed: %s",
                     rs.name,
-                    mask_text(f"{type(exc).__name__}: {exc}"),
+                    error_text(exc),
                     extra={"exchange_id": ex.id, "stage": rs.name},
                 )
             if timed:
@@ -657,8 +661,12 @@ class Flow:
     def _notify(self, name: str, phase: Phase, seconds: float, error: BaseException | None) -> None:
         try:
             self._listener.stage_finished(name, phase, seconds, error)  # type: ignore[union-attr]
-        except Exception:
-            self._log.exception("flow listener failed", extra={"stage": name, "phase": phase.value})
+        except Exception as exc:
+            self._log.error(
+                "flow listener failed\n%s",
+                error_text(exc, traceback=True),
+                extra={"stage": name, "phase": phase.value},
+            )
 
     async def _record(self, ex: Exchange, event: Event) -> None:
         journal = self._journal
@@ -672,7 +680,7 @@ class Flow:
         self._log.error(
             "flow: journal failed to record %s: %s",
             event.kind.value,
-            mask_text(f"{type(exc).__name__}: {exc}"),
+            error_text(exc),
             extra={"exchange_id": ex.id, "flow_event": event.kind.value},
         )
 

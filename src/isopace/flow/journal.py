@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
+from isopace._cardtext import error_text
 from isopace._cardtext import mask_text as mask_text
 from isopace.flow.exchange import Exchange
 
@@ -126,7 +127,7 @@ class LoggingJournal:
                 "durable": _mask_json(ex.durable()),
                 "request": masked_message(ex.request),
                 "response": masked_message(ex.response),
-                "error": None if error is None else mask_text(f"{type(error).__name__}: {error}"),
+                "error": None if error is None else error_text(error),
             },
         )
 

@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from isopace._cardtext import error_text
 from isopace.iso8583 import Message
 from isopace.net._transport import FramedProtocol, is_request_mti, is_response_mti
 from isopace.net.errors import (
@@ -132,11 +133,12 @@ class _Connection(FramedProtocol):
             try:
                 frames = decoder.take()
             except FrameError as exc:
+                text = error_text(exc)
                 logger.error(
                     "closing connection to %s: %s",
                     self.peer,
-                    exc,
-                    extra={"peer": self.peer, "error": str(exc)},
+                    text,
+                    extra={"peer": self.peer, "error": text},
                 )
                 self.close_transport()
                 return
@@ -145,8 +147,13 @@ class _Connection(FramedProtocol):
             for frame in frames:
                 try:
                     self.frame_received(frame)
-                except Exception:  # a bug must not take the connection down
-                    logger.exception("error processing a frame from %s", self.peer)
+                except Exception as exc:  # a bug must not take the connection down
+                    logger.error(
+                        "error processing a frame from %s\n%s",
+                        self.peer,
+                        error_text(exc, traceback=True),
+                        extra={"peer": self.peer},
+                    )
 
     def frame_received(self, frame: Frame) -> None:
         client = self.client
@@ -167,12 +174,13 @@ class _Connection(FramedProtocol):
             message = client.spec.decode(payload)
             mti = message.mti
         except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
+            text = error_text(exc)
             logger.warning(
                 "unparseable frame of %d bytes from %s: %s; dropped",
                 len(frame.payload),
                 self.peer,
-                exc,
-                extra={"peer": self.peer, "error": str(exc)},
+                text,
+                extra={"peer": self.peer, "error": text},
             )
             return
         if mti[2:3] in _RESPONSE_DIGITS and is_response_mti(mti):
@@ -201,7 +209,7 @@ class _Connection(FramedProtocol):
                 "cannot answer network message %r from %s: %s",
                 request,
                 self.peer,
-                exc,
+                error_text(exc),
                 extra={"peer": self.peer},
             )
 
@@ -418,7 +426,7 @@ class Client:
                 attempt += 1
                 logger.warning(
                     "%s; retrying (attempt %d)",
-                    exc,
+                    error_text(exc),
                     attempt,
                     extra={"peer": self.address, "attempt": attempt},
                 )
@@ -433,7 +441,7 @@ class Client:
             logger.warning(
                 "connection to %s lost%s (%d requests in flight failed)%s",
                 self.address,
-                f": {exc}" if exc else "",
+                f": {error_text(exc)}" if exc else "",
                 failed,
                 "; reconnecting" if self.reconnect else "",
                 extra={"peer": self.address, "failed": failed},
@@ -466,7 +474,7 @@ class Client:
                     logger.warning(
                         "echo test to %s failed: %s; closing the connection",
                         self.address,
-                        exc,
+                        error_text(exc),
                         extra={"peer": self.address},
                     )
                     conn.close_transport(abort=True)
@@ -475,7 +483,10 @@ class Client:
                 continue  # the supervisor reconnects
             except Exception as exc:  # a duplicate key, an echo message that does not encode...
                 logger.warning(
-                    "echo test to %s not sent: %r", self.address, exc, extra={"peer": self.address}
+                    "echo test to %s not sent: %s",
+                    self.address,
+                    error_text(exc),
+                    extra={"peer": self.address},
                 )
                 conn.last_activity = loop.time()  # try again after a full interval
 
@@ -598,8 +609,8 @@ class Client:
             return
         try:
             result = handler(message)
-        except Exception:
-            logger.exception("unmatched-message handler failed for %r", message)
+        except Exception as exc:
+            _unmatched_failed(message, exc)
             return
         if inspect.isawaitable(result):
             task = asyncio.get_running_loop().create_task(self._await_callback(result, message))
@@ -610,5 +621,16 @@ class Client:
     async def _await_callback(result: Awaitable[None], message: Message) -> None:
         try:
             await result
-        except Exception:
-            logger.exception("unmatched-message handler failed for %r", message)
+        except Exception as exc:
+            _unmatched_failed(message, exc)
+
+
+def _unmatched_failed(message: Message, exc: Exception) -> None:
+    # never logger.exception / exc_info: the formatter would print the exception unmasked
+    logger.error(
+        "unmatched-message handler failed for %r: %s\n%s",
+        message,
+        error_text(exc),
+        error_text(exc, traceback=True),
+        extra={"mti": message.mti, "error": error_text(exc)},
+    )

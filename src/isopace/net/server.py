@@ -37,7 +37,9 @@ Decisions:
   * a length header that cannot be read or declares more than ``framing.max_frame_size``: the
     stream is out of sync, so the connection is closed with an error log line naming the peer and
     the length; the declared size is never allocated.
-  Logs show messages through their masked ``repr`` and never log raw bytes.
+  Logs show messages through their masked ``repr`` and never log raw bytes; exceptions (and
+  their tracebacks) are logged as text masked by ``isopace._cardtext.error_text``, never through
+  ``exc_info``, so a handler's error message cannot put card data in the log.
 - ``close(timeout)``: stop accepting, stop reading new requests, let the running transactions
   finish and send their responses within ``timeout`` seconds, then cancel what remains (the flow
   rolls it back) and close the connections. Requests still buffered unread are not started.
@@ -56,6 +58,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from isopace._cardtext import error_text
 from isopace.iso8583 import Message
 from isopace.iso8583.errors import Iso8583Error
 from isopace.net._transport import (
@@ -180,7 +183,9 @@ class _Connection(FramedProtocol):
                 extra={"peer": self.peer, "pending": pending},
             )
         elif exc is not None:
-            logger.info("connection from %s lost: %s", self.peer, exc, extra={"peer": self.peer})
+            logger.info(
+                "connection from %s lost: %s", self.peer, error_text(exc), extra={"peer": self.peer}
+            )
         else:
             logger.debug("connection from %s closed", self.peer, extra={"peer": self.peer})
         if self.server._connections_changed is not None:
@@ -239,11 +244,17 @@ class _Connection(FramedProtocol):
                     return
                 try:
                     self.frame_received(frame)
-                except Exception:  # a bug must not take the connection down
-                    logger.exception("error processing a frame from %s", self.peer)
+                except Exception as exc:  # a bug must not take the connection down
+                    logger.error(
+                        "error processing a frame from %s\n%s",
+                        self.peer,
+                        error_text(exc, traceback=True),
+                        extra={"peer": self.peer},
+                    )
 
     def _fatal(self, exc: FrameError) -> None:
-        extra = {"peer": self.peer, "error": str(exc)}
+        text = error_text(exc)
+        extra = {"peer": self.peer, "error": text}
         if isinstance(exc, FrameTooLargeError):
             logger.error(
                 "closing connection from %s: declared frame length %d exceeds the maximum %d",
@@ -253,7 +264,7 @@ class _Connection(FramedProtocol):
                 extra=extra,
             )
         else:
-            logger.error("closing connection from %s: %s", self.peer, exc, extra=extra)
+            logger.error("closing connection from %s: %s", self.peer, text, extra=extra)
         self.close_transport()
 
     def frame_received(self, frame: Frame) -> None:
@@ -303,13 +314,14 @@ class _Connection(FramedProtocol):
 
     def _undecodable(self, frame: Frame, exc: Exception) -> None:
         mti = recover_mti(frame.payload)
-        extra = {"peer": self.peer, "error": str(exc), "length": len(frame.payload), "mti": mti}
+        text = error_text(exc)
+        extra = {"peer": self.peer, "error": text, "length": len(frame.payload), "mti": mti}
         if mti is not None and is_request_mti(mti):
             logger.warning(
                 "malformed %s message from %s: %s; answering with a format error",
                 mti,
                 self.peer,
-                exc,
+                text,
                 extra=extra,
             )
             response = Message(response_mti(mti), {39: FORMAT_ERROR})
@@ -327,7 +339,7 @@ class _Connection(FramedProtocol):
                 "unparseable frame of %d bytes from %s: %s; dropped",
                 len(frame.payload),
                 self.peer,
-                exc,
+                text,
                 extra=extra,
             )
 
@@ -347,22 +359,24 @@ class _Connection(FramedProtocol):
                 else:
                     response = await server.handler(request)
             except Iso8583Error as exc:
+                text = error_text(exc)
                 logger.warning(
                     "malformed request %r from %s: %s; answering with a format error",
                     request,
                     self.peer,
-                    exc,
-                    extra={"peer": self.peer, "mti": request.mti, "error": str(exc)},
+                    text,
+                    extra={"peer": self.peer, "mti": request.mti, "error": text},
                 )
                 response = error_response(request, FORMAT_ERROR)
             except Exception as exc:
+                # never exc_info: the formatter would print the exception unmasked
                 logger.error(
-                    "handler failed for %r from %s: %r; answering with DE 39 = 96",
+                    "handler failed for %r from %s: %s; answering with DE 39 = 96\n%s",
                     request,
                     self.peer,
-                    exc,
-                    exc_info=True,
-                    extra={"peer": self.peer, "mti": request.mti},
+                    error_text(exc),
+                    error_text(exc, traceback=True),
+                    extra={"peer": self.peer, "mti": request.mti, "error": error_text(exc)},
                 )
                 response = error_response(request, SYSTEM_MALFUNCTION)
             if response is not None:
@@ -392,12 +406,13 @@ class _Connection(FramedProtocol):
             self.write(self.framing.encode_frame(spec.encode(response), reply_tpdu))
             return
         except Exception as exc:  # EncodeError, FrameError, a handler's wrong return type
+            text = error_text(exc)
             logger.error(
-                "response %r to %s cannot be sent: %r; answering with DE 39 = 96",
+                "response %r to %s cannot be sent: %s; answering with DE 39 = 96",
                 response,
                 self.peer,
-                exc,
-                extra={"peer": self.peer, "error": str(exc)},
+                text,
+                extra={"peer": self.peer, "error": text},
             )
         if request is None:
             fallbacks = [Message(response.mti, {39: SYSTEM_MALFUNCTION})]

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from isopace._cardtext import error_text, mask_text
 from isopace.store.errors import JournalError
 
 T = TypeVar("T")
@@ -230,8 +231,10 @@ class GroupWriter(Generic[T, C]):
         if self._conn is not None:
             try:
                 self._disconnect(self._conn)
-            except Exception:  # pragma: no cover - closing a broken connection
-                log.exception("journal: closing the connection failed")
+            except Exception as exc:  # pragma: no cover - closing a broken connection
+                log.error(
+                    "journal: closing the connection failed\n%s", error_text(exc, traceback=True)
+                )
             self._conn = None
 
     def _write(self, batches: list[Batch[T]]) -> None:
@@ -245,13 +248,14 @@ class GroupWriter(Generic[T, C]):
                 self.batches += 1
                 self.rows += len(rows)
         except Exception as exc:
-            error = JournalError(self._describe(exc))
+            error = JournalError(mask_text(self._describe(exc)))
             error.__cause__ = exc
+            text = error_text(error)
             log.warning(
                 "journal: batch of %d rows failed: %s",
                 len(rows),
-                error,
-                extra={"rows": len(rows), "error": str(error)},
+                text,
+                extra={"rows": len(rows), "error": text},
             )
             conn, self._conn = self._conn, None
             if conn is not None:

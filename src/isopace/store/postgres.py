@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg  # type: ignore[import-untyped]
 
+from isopace._cardtext import error_text, mask_text
 from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
 from isopace.store.protect import CardDataProtector
@@ -471,9 +472,11 @@ class PostgresJournal(_PoolOwner):
                     self.batches += 1
                     self.rows += len(rows)
             except Exception as exc:  # never let the writer die: fail the batch instead
-                error = JournalError(f"postgres journal {self.schema}: write failed: {exc}")
+                error = JournalError(
+                    f"postgres journal {self.schema}: write failed: {mask_text(str(exc))}"
+                )
                 error.__cause__ = exc
-                log.warning("journal: batch of %d rows failed: %s", len(rows), error)
+                log.warning("journal: batch of %d rows failed: %s", len(rows), error_text(error))
             self._batches_running.discard(running)
             running.set_result(None)
             for b in batches:
@@ -766,7 +769,7 @@ class PostgresIdempotencyStore(_PoolOwner):
                 log.info("idempotency: LISTEN connection re-established")
                 return
             except _PG_ERRORS as exc:
-                log.warning("idempotency: LISTEN reconnect failed: %s", exc)
+                log.warning("idempotency: LISTEN reconnect failed: %s", error_text(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -875,7 +878,7 @@ class PostgresIdempotencyStore(_PoolOwner):
                     await self.purge()
                     next_purge = loop.time() + self._purge_interval
             except Exception as exc:
-                log.warning("idempotency: maintenance failed: %s", exc)
+                log.warning("idempotency: maintenance failed: %s", error_text(exc))
             await asyncio.sleep(min(self.lease / 3, self._purge_interval))
 
     async def purge(self) -> int:

@@ -51,6 +51,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from isopace._cardtext import error_text
 from isopace.store.errors import StoreError
 from isopace.store.records import InDoubt, RecoveryReport
 
@@ -88,8 +89,8 @@ def _rebuild(tx: InDoubt) -> Exchange:
 
     try:
         request = tx.request
-    except Exception:
-        log.warning("recovery: transaction %r: request unreadable", tx.tx_id)
+    except Exception as exc:
+        log.warning("recovery: transaction %r: request unreadable: %s", tx.tx_id, error_text(exc))
         request = None
     try:
         response = tx.response
@@ -154,7 +155,7 @@ async def recover(
                 if hook is not None:
                     await _call(hook, ex, tx.committing)
         except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"
+            text = error_text(exc)
             report.failed[tx.tx_id] = text
             log.error(
                 "recovery: transaction %r left in doubt: a recover hook failed: %s",
@@ -180,13 +181,14 @@ async def recover(
         try:
             await journal.record(ex, event)
         except Exception as exc:
-            report.failed[tx.tx_id] = f"journal: {type(exc).__name__}: {exc}"
+            text = error_text(exc)
+            report.failed[tx.tx_id] = f"journal: {text}"
             log.error(
                 "recovery: transaction %r left in doubt: journalling %s failed: %s",
                 tx.tx_id,
                 event.kind.name,
-                exc,
-                extra={"tx_id": tx.tx_id, "error": str(exc)},
+                text,
+                extra={"tx_id": tx.tx_id, "error": text},
             )
             continue
         (report.committed if tx.committing else report.aborted).append(tx.tx_id)
@@ -213,10 +215,9 @@ async def _complete_claims(
             key = key_func(ex)
         except Exception as exc:
             log.warning(
-                "recovery: transaction %r: no idempotency key (%s: %s)",
+                "recovery: transaction %r: no idempotency key (%s)",
                 ex.id,
-                type(exc).__name__,
-                exc,
+                error_text(exc),
                 extra={"tx_id": ex.id},
             )
             return
@@ -228,13 +229,13 @@ async def _complete_claims(
                 await store.complete(key, response)
                 report.completed_keys.append(key)
         except Exception as exc:
+            text = error_text(exc)
             log.error(
                 "recovery: transaction %r: storing its response under its idempotency key "
-                "failed: %s: %s",
+                "failed: %s",
                 ex.id,
-                type(exc).__name__,
-                exc,
-                extra={"tx_id": ex.id, "error": str(exc)},
+                text,
+                extra={"tx_id": ex.id, "error": text},
             )
 
     await asyncio.gather(*(complete(ex) for ex in exchanges))

@@ -42,6 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from isopace._cardtext import error_text
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
 
@@ -174,7 +175,9 @@ class RedisIdempotencyStore:
                 self._wake_all()
                 if self._closed:
                     break
-                log.warning("idempotency: redis subscription lost (%s); reconnecting", exc)
+                log.warning(
+                    "idempotency: redis subscription lost (%s); reconnecting", error_text(exc)
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
@@ -193,7 +196,7 @@ class RedisIdempotencyStore:
                     args=[int(self.lease * 1000), *(f"C{o}" for _, o in items)],
                 )
             except _ERRORS as exc:
-                log.warning("idempotency: renewing leases failed: %s", exc)
+                log.warning("idempotency: renewing leases failed: %s", error_text(exc))
 
     def _wake(self, key: str) -> None:
         for event in self._waiters.pop(key, ()):
