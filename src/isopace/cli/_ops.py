@@ -242,7 +242,7 @@ def run_recover(args: argparse.Namespace) -> int:
 
 
 async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
-    from isopace.host.app import AuthorizationHost, build_flow
+    from isopace.host.app import AuthorizationHost, build_flow, idempotency_key
     from isopace.host.errors import HostError
     from isopace.store import recover
 
@@ -253,8 +253,17 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
         journal = await _open_journal(cfg, host.node)
         host._closers.append(journal.close)
         flow = build_flow(ledger, cfg, spec=host.spec, journal=journal)
+        extra: dict[str, Any] = {}
+        if not (cfg.postgres or cfg.redis or args.all_nodes):
+            # as ``isopace serve`` does: the SQLite idempotency store takes over this node's
+            # crashed claims at once, and the responses of the transactions committed here
+            # are stored for retransmissions
+            extra = {
+                "idempotency": await host._open_idempotency(),
+                "key": idempotency_key(cfg.idempotency_key),
+            }
         try:
-            report = await recover(flow, journal, all_nodes=args.all_nodes)
+            report = await recover(flow, journal, all_nodes=args.all_nodes, **extra)
         except Exception as exc:
             raise HostError(f"recovery failed: {_one_line(exc)}") from exc
         out.line(str(report))
