@@ -257,6 +257,26 @@ def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, str, int])
     assert "ledger balances" in ledger
 
 
+def test_journal_search_by_pan_on_a_default_host(host: tuple[HostProcess, str, int]) -> None:
+    """No --journal-key: the host generated one next to the database (mode 0600) on first start,
+    and ``isopace journal --pan`` finds the card's transactions with it."""
+    proc, db, _ = host
+    response = send(proc.port, "--pan", PAN_LOW, "--amount", "0.07", "--stan", "515151")
+    assert response["39"] == "00"
+    key_file = Path(db).with_suffix(".journal.key")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    records = [
+        json.loads(line)
+        for line in cli("journal", "--db", db, "--pan", PAN_LOW, "--json", check=True)
+        .stdout.strip()
+        .splitlines()
+    ]
+    assert records and {r["pan"] for r in records} - {None} == {"510510******5100"}
+    assert "COMMITTED" in {r["kind"] for r in records}
+    other = cli("journal", "--db", db, "--pan", PAN_MC, "--json", check=True).stdout
+    assert "510510******5100" not in other
+
+
 def test_log_lines_are_masked(host: tuple[HostProcess, str, int]) -> None:
     proc, _, _ = host
     send(proc.port, "--pan", PAN_OK, "--amount", "2.00")

@@ -15,7 +15,7 @@ from typing import Any
 
 from isopace.cli._output import Output, money
 from isopace.cli._serve import add_config_flags, config_from_args
-from isopace.host.config import HostConfig
+from isopace.host.config import HostConfig, journal_hmac_key
 
 _STORE_OPTIONS = {
     "db",
@@ -43,7 +43,7 @@ async def _open_journal(cfg: HostConfig, node: str) -> Any:
         return journal
     from isopace.store import SqliteJournal
 
-    return SqliteJournal(cfg.journal_path, hmac_key=cfg.journal_key, node=node)
+    return SqliteJournal(cfg.journal_path, hmac_key=journal_hmac_key(cfg, create=False), node=node)
 
 
 def _node(cfg: HostConfig) -> str:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from isopace.flow import Exchange, Flow, Outcome
-from isopace.host.config import HostConfig
+from isopace.host.config import HostConfig, journal_hmac_key
 from isopace.host.errors import HostError, StartupError
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
@@ -279,7 +279,7 @@ class AuthorizationHost:
 
                 journal = SqliteJournal(
                     cfg.journal_path,
-                    hmac_key=cfg.journal_key,
+                    hmac_key=journal_hmac_key(cfg),  # generated on first start if not configured
                     node=self.node,
                     synchronous=cfg.synchronous,
                     wait_final=cfg.journal_wait_final,
