@@ -207,20 +207,51 @@ def test_encode_errors() -> None:
     [
         (b"", 0, 0),
         (b"02", 0, 0),
-        (b"0200", None, 4),  # no bitmap
-        (b"0200XX00000000000000", None, 4),  # not hex
+        (b"0200", "bitmap", 4),  # no bitmap
+        (b"0200XX00000000000000", "bitmap", 4),  # not hex
         (b"02004000000000000000", 2, 20),  # DE 2 missing
         (b"020040000000000000001", 2, 20),  # length prefix cut
         (b"02004000000000000000AB", 2, 20),  # non-numeric length
         (b"0200400000000000000019123", 2, 22),  # data cut
         (b"02004000000000000000031234", 2, 25),  # extra data
-        (b"02008000000000000000", None, 20),  # secondary bitmap missing
+        (b"02008000000000000000", 1, 20),  # secondary bitmap (DE 1) missing
+        (b"02008000000000000000XX00000000000000", 1, 20),  # secondary bitmap not hex
+        (b"0200" + b"8000000000000000" * 2, 65, 36),  # tertiary bitmap (DE 65) missing
     ],
 )
-def test_decode_errors(wire: bytes, field: int | None, offset: int) -> None:
+def test_decode_errors(wire: bytes, field: int | str | None, offset: int) -> None:
     with pytest.raises(DecodeError) as ei:
         ISO87_ASCII.decode(wire)
     assert (ei.value.field, ei.value.offset) == (field, offset), str(ei.value)
+    if field in ("bitmap", 1, 65):  # names the bitmap, not the message as a whole
+        assert not str(ei.value).startswith("message")
+
+
+def test_encode_error_offsets() -> None:
+    # offset: where the field would have started in the output (MTI 4 + bitmap 16 + DE 2 18)
+    bad = Message("0200", {2: "4761739001010010", 3: "1234567", 4: "000000002500"})
+    good = bad.set(3, "000000")
+    for _ in range(5):  # the first encodes and the generated encoder report the same
+        assert ISO87_ASCII.encode(good)
+        with pytest.raises(EncodeError) as ei:
+            ISO87_ASCII.encode(bad)
+        assert (ei.value.field, ei.value.offset) == (3, 38)
+        assert str(ei.value).endswith(" at offset 38")
+    wire = ISO87_ASCII.encode(good)
+    for _ in range(5):  # re-encoding a decoded message with a changed field (patch path)
+        changed = ISO87_ASCII.decode(wire).set(3, "1234567")
+        with pytest.raises(EncodeError) as ei:
+            ISO87_ASCII.encode(changed)
+        assert (ei.value.field, ei.value.offset) == (3, 38)
+        assert ISO87_ASCII.encode(ISO87_ASCII.decode(wire).set(3, "111111"))
+    with pytest.raises(EncodeError) as ei:
+        ISO87_ASCII.encode(Message("020", {}))
+    assert (ei.value.field, ei.value.offset) == (0, 0)
+    undefined = Spec({"t": FieldDef(4), "p": FieldDef(8, data_enc="b"), "2": FieldDef(4)})
+    with pytest.raises(EncodeError) as ei:
+        undefined.encode(Message("0200", {3: "000000"}))
+    assert ei.value.offset is None and str(ei.value) == "field 3: field is not defined in the spec"
+    assert EncodeError(2, "x").offset is None and str(EncodeError(2, "x")) == "field 2: x"
 
 
 def test_decode_value_errors_are_lazy_decode_errors() -> None:

@@ -8,6 +8,8 @@ from isopace.errors import IsopaceError
 class Iso8583Error(IsopaceError, ValueError):
     """Base of the message layer's errors: the cause is always bad input (bytes, values, spec)."""
 
+    offset: int | None = None
+
 
 def _where(field: int | str | None) -> str:
     if field is None:
@@ -18,8 +20,11 @@ def _where(field: int | str | None) -> str:
 
 
 class DecodeError(Iso8583Error):
-    """Bytes that cannot be decoded. ``field`` is the data element (None for the frame as a whole),
+    """Bytes that cannot be decoded. ``field`` is the data element (0 the MTI, 1 the secondary
+    bitmap, 65 the tertiary bitmap, ``"bitmap"`` the primary bitmap, None the frame as a whole),
     ``offset`` the byte offset in the input where the problem was found."""
+
+    offset: int
 
     def __init__(self, field: int | str | None, offset: int, reason: str) -> None:
         self.field = field
@@ -29,9 +34,20 @@ class DecodeError(Iso8583Error):
 
 
 class EncodeError(Iso8583Error):
-    """A message that cannot be encoded with the spec: ``field`` names the data element."""
+    """A message that cannot be encoded with the spec: ``field`` names the data element,
+    ``offset`` the byte offset in the output where it would have started (None where no position
+    applies, e.g. a value refused by ``Message.set`` or a field the spec does not define). The
+    text ends with ``at offset N`` when the offset is known."""
 
-    def __init__(self, field: int | str | None, reason: str) -> None:
+    def __init__(self, field: int | str | None, reason: str, offset: int | None = None) -> None:
         self.field = field
         self.reason = reason
-        super().__init__(f"{_where(field)}: {reason}")
+        self.offset = offset
+        text = f"{_where(field)}: {reason}"
+        super().__init__(text if offset is None else f"{text} at offset {offset}")
+
+    def at(self, offset: int) -> EncodeError:
+        """This error with ``offset`` filled in (itself when it already has one)."""
+        if self.offset is not None or type(self) is not EncodeError:
+            return self
+        return EncodeError(self.field, self.reason, offset)

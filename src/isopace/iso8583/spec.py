@@ -645,12 +645,13 @@ class Spec:
         width, dec, _ = self._bm1 if which == 1 else self._bm2
         raw = data[p : p + width]
         name = ("primary", "secondary", "tertiary")[which - 1]
+        field: int | str = ("bitmap", 1, 65)[which - 1]  # the bitmaps' data element numbers
         if len(raw) != width:
-            raise DecodeError(None, p, f"{name} bitmap is {len(raw)} bytes, expecting {width}")
+            raise DecodeError(field, p, f"{name} bitmap is {len(raw)} bytes, expecting {width}")
         try:
             return dec(raw)
         except (ValueError, UnicodeError, binascii.Error):
-            raise DecodeError(None, p, f"{name} bitmap is not valid hex") from None
+            raise DecodeError(field, p, f"{name} bitmap is not valid hex") from None
 
     def _layout(self, data: bytes, p: int) -> Layout:
         """Find (or build and cache) the layout for the bitmaps starting at ``data[p]``."""
@@ -791,11 +792,11 @@ class Spec:
         if c is None:
             return b""
         if m._hdr is None:
-            raise EncodeError("header", "the spec requires a message header")
+            raise EncodeError("header", "the spec requires a message header", 0)
         try:
             return c.encode(m._hdr)
         except EncodeError as e:
-            raise EncodeError("header", e.reason) from None
+            raise EncodeError("header", e.reason, 0) from None
 
     def encode(self, m: Message) -> bytes:
         """Encode ``m``; a decoded, unchanged message gives back its original bytes."""
@@ -812,8 +813,8 @@ class Spec:
         vals = m._vals if m._spec is None else m.fields()
         head = self._mti_bytes.get(m._mti)
         if head is None:
-            head = self._encode_mti(m._mti)
-        if self._header is not None:
+            head = self._encode_head(m)
+        elif self._header is not None:
             head = self._encode_header(m) + head
         fast = plan.fast
         if fast is not None:
@@ -826,7 +827,16 @@ class Spec:
             if plan.hits >= _GENERATE_AFTER:
                 plan.fast = _generate_encoder(plan, self._codecs)
         out = [head, plan.bitmap]
-        out += [enc(vals[n]) for n, enc in zip(keys, plan.encs, strict=True)]
+        try:
+            out += [enc(vals[n]) for n, enc in zip(keys, plan.encs, strict=True)]
+        except EncodeError as e:  # where the failing field would have started in the output
+            pos = len(head) + len(plan.bitmap)
+            for n, enc in zip(keys, plan.encs, strict=True):
+                try:
+                    pos += len(enc(vals[n]))
+                except EncodeError:
+                    raise e.at(pos) from None
+            raise
         return b"".join(out)
 
     def _encode_patch(self, m: Message) -> bytes:
@@ -847,10 +857,14 @@ class Spec:
             patches[pk] = entry
         fast = entry.fast
         if fast is not None:
-            return fast(m, m._data, m._offs, m._vals)
-        entry.hits += 1
-        if entry.hits >= _GENERATE_AFTER:
-            entry.fast = _generate_patch(entry.items, lay.width, self)
+            try:
+                return fast(m, m._data, m._offs, m._vals)
+            except EncodeError:
+                pass  # the loop below reports where
+        else:
+            entry.hits += 1
+            if entry.hits >= _GENERATE_AFTER:
+                entry.fast = _generate_patch(entry.items, lay.width, self)
         data = m._data
         offs = m._offs
         assert data is not None and offs is not None
@@ -861,7 +875,10 @@ class Spec:
         for item in entry.items:
             if type(item) is int:
                 if item >= 0:
-                    append(encs[item](vals[item]))  # type: ignore[misc]
+                    try:
+                        append(encs[item](vals[item]))  # type: ignore[misc]
+                    except EncodeError as e:  # where the field would have started
+                        raise e.at(sum(map(len, out))) from None
                 elif item == -1:  # original header + MTI
                     append(data[: offs[0] - lay.width])
                 elif item == -2:  # original bitmaps
@@ -878,8 +895,17 @@ class Spec:
         """The header (if the spec has one) and the MTI of ``m``, encoded."""
         if self._header is None:
             b = self._mti_bytes.get(m._mti)
-            return b if b is not None else self._encode_mti(m._mti)
-        return self._encode_header(m) + self._encode_mti(m._mti)
+            if b is not None:
+                return b
+            try:
+                return self._encode_mti(m._mti)
+            except EncodeError as e:
+                raise e.at(0) from None
+        header = self._encode_header(m)
+        try:
+            return header + self._encode_mti(m._mti)
+        except EncodeError as e:
+            raise e.at(len(header)) from None
 
     def _patch_plan(
         self, lay: Layout, keys: tuple[int, ...], dirty: frozenset[int], hdirty: bool
