@@ -441,3 +441,17 @@ async def test_handler_failures_logged_masked(caplog: pytest.LogCaptureFixture) 
     assert "cannot be sent" in caplog.text and "malformed request" in caplog.text
     assert not [r for r in caplog.records if r.exc_info or r.exc_text]
     assert_no_card_data(caplog)
+
+
+async def test_positional_framing_host_port() -> None:
+    framing = Framing(header=LengthHeader.ASCII4)
+    async with (
+        Server(SPEC, reply_handler, framing, "127.0.0.1", 0) as server,
+        Client(SPEC, framing, "127.0.0.1", server.port) as client,
+    ):
+        assert (await client.request(make_request(1)))[39] == "00"
+        assert server.framing is framing and client.framing is framing
+    ssl_positional = Server(SPEC, reply_handler, framing, "127.0.0.1", 0, None)
+    assert ssl_positional.ssl is None and ssl_positional.host == "127.0.0.1"
+    with pytest.raises(TypeError):
+        Client(SPEC)  # type: ignore[call-arg]

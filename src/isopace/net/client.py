@@ -240,15 +240,18 @@ class _Connection(FramedProtocol):
 
 class Client:
     """An ISO 8583 client on one connection. ``await connect()`` (or ``async with``), then
-    ``await request(message)`` from any number of tasks."""
+    ``await request(message)`` from any number of tasks.
+
+    ``Client(spec, framing, host, port)``: those four may be given by position or by name
+    (``port`` is required); the rest by name only."""
 
     def __init__(
         self,
         spec: Spec,
-        *,
-        host: str = "127.0.0.1",
-        port: int,
         framing: Framing | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
         key: KeyFunc = stan_terminal_key,
         timeout: float = 30.0,
         ssl: _ssl.SSLContext | None = None,
@@ -266,9 +269,11 @@ class Client:
         answer_echo: bool = True,
         answer_keepalive: bool = False,
     ) -> None:
+        if port is None:
+            raise TypeError("Client() missing required argument: 'port'")
         self.spec = spec
         self.host = host
-        self.port = port
+        self.port: int = port
         self.framing = framing if framing is not None else Framing()
         if self.framing.tpdu and tpdu is None:
             tpdu = Tpdu()

@@ -436,6 +436,9 @@ class _Connection(FramedProtocol):
 class Server:
     """An ISO 8583 server. ``await start()`` (or ``async with``), then ``port`` is the bound port.
 
+    ``Server(spec, handler, framing, host, port, ssl)``: those six may be given by position or by
+    name; the rest by name only.
+
     ``max_in_flight`` bounds the concurrent requests per connection; ``keepalive_reply`` answers
     zero-length frames; ``validate`` runs ``spec.validate`` on each request before the handler;
     ``eager`` starts handlers without a task until they first suspend (see the module notes)."""
@@ -444,11 +447,11 @@ class Server:
         self,
         spec: Spec,
         handler: Handler,
-        *,
         framing: Framing | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         ssl: _ssl.SSLContext | None = None,
+        *,
         max_in_flight: int = 256,
         keepalive_reply: bool = True,
         validate: bool = False,
