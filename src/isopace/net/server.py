@@ -59,8 +59,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
-from isopace.iso8583 import Message
-from isopace.iso8583.errors import Iso8583Error
+from isopace.iso8583 import Iso8583Error, Message
 from isopace.net._transport import (
     FramedProtocol,
     is_request_mti,
