@@ -49,7 +49,9 @@ async def _open_journal(cfg: HostConfig, node: str) -> Any:
 def _node(cfg: HostConfig) -> str:
     import socket
 
-    return cfg.node or f"{socket.gethostname()}:{cfg.port}"
+    if cfg.postgres:
+        return cfg.node or f"{socket.gethostname()}:{cfg.port}"
+    return cfg.node or socket.gethostname()  # as AuthorizationHost names it
 
 
 def _one_line(exc: BaseException) -> str:
@@ -224,8 +226,9 @@ def add_recover_parser(sub: Any) -> None:
             "Run crash recovery without starting the host (``isopace serve`` also does this at "
             "start-up): each transaction in doubt is committed if its commit decision was "
             "journalled, else rolled back, through the flow's stages. Only this node's "
-            "transactions (--node, default hostname:port) unless --all-nodes. Do not run it "
-            "while a host is serving the same node."
+            "transactions (--node, default the host name with SQLite, hostname:port with "
+            "PostgreSQL) unless --all-nodes. Do not run it while a host is serving the same "
+            "node; with --all-nodes, only once the other nodes are stopped."
         ),
     )
     add_config_flags(p, only=_STORE_OPTIONS)

@@ -9,7 +9,8 @@ the TCP server and the metrics endpoint.
 3. the journal and the idempotency store (SQLite files next to the ledger; PostgreSQL and/or Redis
    when configured);
 4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
-   or rolled back through the stages' ``recover`` hooks before the port opens; with the SQLite
+   or rolled back through the stages' ``recover`` hooks before the port opens (see "Nodes"
+   below for whose transactions that is); with the SQLite
    idempotency store (which takes over the crashed run's claims at once: one process per node)
    the response of each transaction recovery commits is stored under its idempotency key;
 5. the ISO 8583 server, then the metrics endpoint.
@@ -19,6 +20,21 @@ sharing a journal and across restarts); the idempotency
 key is the MTI class (``020`` for 0200/0201) plus DE 41, DE 11, DE 7 by default, so a retransmission
 is answered from the store and never applied twice. Network management (08xx) is not idempotent.
 A transaction that ends without a response (a stage failed, the deadline passed) is answered 96.
+
+Nodes (whose transactions start-up recovery ends):
+
+- SQLite: the data (ledger, journal, idempotency files) belongs to one host process at a time,
+  which holds an exclusive lock on ``<name>.lock`` next to the database from start to close (the
+  kernel drops it when the process dies, even on kill -9; a second ``isopace serve`` on the same
+  data fails with a one-line error). The node defaults to the machine's host name, and start-up
+  recovery ends every node's transactions in the files (whoever left them is gone: the lock says
+  so), so a host restarted after a crash with another ``--port``, or another ``--node``, still
+  finishes what the crashed run left.
+- PostgreSQL: several hosts share the database, so the node defaults to ``hostname:port`` and
+  recovery ends only this node's transactions (another node's may still be in flight). At start-up
+  the host warns with the count of other nodes' transactions in doubt for longer than twice the
+  transaction deadline and names ``isopace recover --all-nodes``, to be run once those nodes are
+  gone for good (a node restarted under its old name recovers its own at start-up).
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -142,7 +159,10 @@ class AuthorizationHost:
 
         self.config = config
         self.spec: Spec = spec if spec is not None else ISO87_ASCII
-        self.node = config.node or f"{socket.gethostname()}:{config.port}"
+        # see "Nodes" in the module docstring
+        self.node = config.node or (
+            f"{socket.gethostname()}:{config.port}" if config.postgres else socket.gethostname()
+        )
         self.metrics = Metrics()
         self.ledger: Ledger | None = None
         self.journal: Any = None
@@ -192,6 +212,8 @@ class AuthorizationHost:
         if cfg.metrics_port:
             _check_bindable("metrics", cfg.metrics_host, cfg.metrics_port)
         self.ledger = await self._open_ledger()
+        if not cfg.postgres:
+            self._lock_data(cfg.db)
         if cfg.seed_demo and not await self.ledger.accounts():
             self.seeded = await self.ledger.seed(DEMO_CARDS)
         self.journal = await self._open_journal()
@@ -214,20 +236,25 @@ class AuthorizationHost:
         # crashed run's lease before the port opens, and the ledger's second-hold guard answers
         # such a retransmission with the original approval instead.
         takes_over = cfg.redis is None and cfg.postgres is None
+        # SQLite: this process holds the data's lock, so every node's transactions are ours
+        all_nodes = not cfg.postgres
         try:
             if takes_over:
                 self.recovery = await recover(
                     self.flow,
                     self.journal,
+                    all_nodes=all_nodes,
                     idempotency=self.idempotency,
                     key=idempotency_key(cfg.idempotency_key),
                 )
             else:
-                self.recovery = await recover(self.flow, self.journal)
+                self.recovery = await recover(self.flow, self.journal, all_nodes=all_nodes)
         except Exception as exc:
             raise StartupError(f"recovery failed: {_one_line(exc)}") from exc
         if self.recovery.total:
             log.warning("%s", self.recovery, extra={"node": self.node})
+        if not all_nodes:
+            await self._warn_other_nodes()
         await self._start_server(ssl_context)
         if cfg.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
@@ -239,6 +266,49 @@ class AuthorizationHost:
                     _bind_error("metrics", cfg.metrics_host, cfg.metrics_port, exc)
                 ) from exc
             self._closers.append(self._close_metrics)
+
+    def _lock_data(self, db: str) -> None:
+        """Take the SQLite data's lock (see "Nodes" in the module docstring), held until close."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return
+        path = os.path.splitext(db)[0] + ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StartupError(f"lock {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(
+                f"{db}: in use by another isopace host (pid {holder}); one host per SQLite "
+                "database (use PostgreSQL to run several)"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._closers.append(lambda: os.close(fd))  # closing the file releases the lock
+
+    async def _warn_other_nodes(self) -> None:
+        """PostgreSQL: warn about other nodes' transactions in doubt (see "Nodes")."""
+        try:
+            stale = await self.journal.in_doubt(all_nodes=True, older_than=2 * self.config.timeout)
+        except Exception as exc:
+            log.warning("could not count other nodes' transactions in doubt: %s", _one_line(exc))
+            return
+        others = sorted({r.node for r in stale if r.node not in (self.node, "")})
+        count = sum(1 for r in stale if r.node in others)
+        if count:
+            log.warning(
+                "%d transaction(s) of other node(s) (%s) in doubt; this node (%s) recovers only "
+                "its own: if those nodes will not come back, run `isopace recover --all-nodes`",
+                count,
+                ", ".join(others),
+                self.node,
+                extra={"node": self.node, "in_doubt": count, "nodes": others},
+            )
 
     async def _close_metrics(self) -> None:
         if self.metrics_server is not None:

@@ -91,8 +91,9 @@ class HostConfig:
     redis_prefix: str = _opt("isopace:", "prefix of the Redis idempotency keys")
     node: str | None = _opt(
         None,
-        "this host's name in a shared journal (recovery takes over its own transactions); "
-        "default: hostname:port",
+        "this host's name in the journal; default: the host name with SQLite (one host process "
+        "per SQLite database; start-up recovery ends every node's transactions in it), "
+        "hostname:port with PostgreSQL (start-up recovery ends this node's own)",
     )
     journal_key: str | None = _opt(
         None,
