@@ -174,3 +174,80 @@ def redis_prefix() -> Iterator[str]:
             client.delete(key)
     finally:
         client.close()
+
+
+class Backend:
+    """Where a test host keeps its data: ``sqlite`` (files under ``tmp``) or ``postgres``
+    (PostgreSQL, a unique schema, with Redis, a unique key prefix, for idempotency). ``store``:
+    the flags of ``isopace ledger`` / ``journal`` / ``recover``; ``serve``: those of
+    ``isopace serve``. The services must be up: a test fails, never skips, when they are not."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.kind = kind
+        tag = uuid.uuid4().hex[:10]
+        if kind == "sqlite":
+            self.db = str(tmp / "data" / "host.db")
+            self.store = ["--db", self.db]
+            self.serve = list(self.store)
+        else:
+            self.schema = f"t_host_{tag}"
+            self.prefix = f"t-host-{tag}:"
+            self.store = ["--postgres", PG_DSN, "--postgres-schema", self.schema]
+            self.serve = [*self.store, "--redis", REDIS_URL, "--redis-prefix", self.prefix]
+
+    def fetch(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Rows of a query on the ledger's tables (``?`` placeholders, unqualified names)."""
+        if self.kind == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+            try:
+                return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+            finally:
+                conn.close()
+        import asyncio
+
+        import asyncpg
+
+        parts = sql.split("?")
+        pg_sql = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+
+        async def run() -> list[tuple[Any, ...]]:
+            conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": self.schema})
+            try:
+                return [tuple(r) for r in await conn.fetch(pg_sql, *params)]
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def drop(self) -> None:
+        if self.kind == "sqlite":
+            return
+        import asyncio
+
+        import asyncpg
+        import redis
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(PG_DSN)
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            for key in client.scan_iter(match=self.prefix + "*"):
+                client.delete(key)
+        finally:
+            client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each backend in turn (see `Backend`), cleaned up afterwards."""
+    store = Backend(request.param, tmp_path)
+    yield store
+    store.drop()

@@ -1,15 +1,19 @@
-"""End-to-end: a real ``isopace serve`` process (SQLite), driven by ``isopace send`` and the client.
+"""End-to-end: real ``isopace serve`` processes, driven by ``isopace send`` and the client, once
+on SQLite (one host) and once on PostgreSQL + Redis (two hosts on two ports sharing them: the
+retransmissions and reversals go to both).
 
 Inputs tried: approvals (0100, 0200), insufficient funds, a blocked card, a PAN no BIN routes, a
 card not in the ledger, a request missing DE 41, a PAN failing Luhn, an unsupported MTI, a frame
 whose fields are cut short (garbage after the bitmap), echo 0800, retransmissions (sequential and
 concurrent on two connections), reversals of a purchase and of an authorization, a repeated
-reversal, a second reversal of the same original, a reversal of an unknown transaction.
+reversal, a second reversal of the same original, a reversal of an unknown transaction, of
+another card's transaction and of another amount.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import struct
@@ -31,23 +35,54 @@ from .conftest import (
     PAN_OK,
     PAN_UNKNOWN_BIN,
     PAN_UNKNOWN_CARD,
+    Backend,
     HostProcess,
     cli,
     cli_json,
     free_port,
 )
 
+JOURNAL_KEY = "e2e-journal-secret"  # PostgreSQL hosts share a configured one
+
+
+@dataclasses.dataclass
+class E2E:
+    proc: HostProcess
+    peer: HostProcess  # the second host sharing PostgreSQL + Redis (SQLite: ``proc`` itself)
+    backend: Backend
+    metrics: int
+    journal: list[str]  # the flags of ``isopace journal``
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+    tmp = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    backend = Backend(request.param, tmp)
+    key = [] if request.param == "sqlite" else ["--journal-key", JOURNAL_KEY]
+    metrics = free_port()
+    hosts: list[HostProcess] = []
+    try:
+        proc = HostProcess(
+            free_port(), [*backend.serve, *key, "--metrics-port", str(metrics)], tmp / "serve.log"
+        )
+        hosts.append(proc.start())
+        peer = proc
+        if request.param == "postgres":
+            peer = HostProcess(free_port(), [*backend.serve, *key], tmp / "peer.log")
+            hosts.append(peer.start())
+        yield E2E(proc, peer, backend, metrics, [*backend.store, *key])
+        for h in hosts:
+            assert h.stop() == 0, h.output
+    finally:
+        for h in hosts:
+            h.stop()
+        backend.drop()
+
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostProcess, str, int]]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    db = str(tmp / "data" / "host.db")
-    metrics = free_port()
-    proc = HostProcess(
-        free_port(), ["--db", db, "--metrics-port", str(metrics)], tmp / "serve.log"
-    ).start()
-    yield proc, db, metrics
-    assert proc.stop() == 0, proc.output
+def host(e2e: E2E) -> tuple[HostProcess, list[str], int]:
+    """(the host, the flags of ``isopace ledger`` for its data, its metrics port)."""
+    return e2e.proc, e2e.backend.store, e2e.metrics
 
 
 def send(port: int, *args: str) -> dict[str, str]:
@@ -56,8 +91,8 @@ def send(port: int, *args: str) -> dict[str, str]:
     return response
 
 
-def accounts(db: str) -> dict[str, dict[str, Any]]:
-    data = cli_json("ledger", "--db", db)
+def accounts(store: list[str]) -> dict[str, dict[str, Any]]:
+    data = cli_json("ledger", *store)
     assert data["ok"], data["problems"]
     return {a["id"]: a for a in data["accounts"]}
 
@@ -84,29 +119,29 @@ async def request_all(port: int, messages: list[Message]) -> list[Message]:
         return list(await asyncio.gather(*(client.request(m, timeout=10) for m in messages)))
 
 
-def test_approve_with_send_debits_the_account(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
-    before = accounts(db)["ACC-1001"]["balance"]
+def test_approve_with_send_debits_the_account(host: tuple[HostProcess, list[str], int]) -> None:
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]["balance"]
     response = send(proc.port, "--pan", PAN_OK, "--amount", "25.00")
     assert response["mti"] == "0210"
     assert response["39"] == "00"
     assert len(response["38"]) == 6
     assert response["2"] == "411111******1111"  # masked in the output
-    assert accounts(db)["ACC-1001"]["balance"] == before - 2500
+    assert accounts(store)["ACC-1001"]["balance"] == before - 2500
 
 
-def test_declines(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
-    before = accounts(db)
+def test_declines(host: tuple[HostProcess, list[str], int]) -> None:
+    proc, store, _ = host
+    before = accounts(store)
     assert send(proc.port, "--pan", PAN_LOW, "--amount", "25.00")["39"] == "51"
     assert send(proc.port, "--pan", PAN_BLOCKED, "--amount", "1.00")["39"] == "05"
     assert send(proc.port, "--pan", PAN_UNKNOWN_BIN, "--amount", "1.00")["39"] == "14"
     assert send(proc.port, "--pan", PAN_UNKNOWN_CARD, "--amount", "1.00")["39"] == "14"
-    after = accounts(db)
+    after = accounts(store)
     assert after == before  # nothing held, nothing posted
 
 
-def test_malformed_requests_get_30(host: tuple[HostProcess, str, int]) -> None:
+def test_malformed_requests_get_30(host: tuple[HostProcess, list[str], int]) -> None:
     proc, _, _ = host
     missing = send(proc.port, "--pan", PAN_OK, "--amount", "1.00", "--field", "41=")
     assert missing["39"] == "30"
@@ -128,7 +163,7 @@ def test_malformed_requests_get_30(host: tuple[HostProcess, str, int]) -> None:
     assert reply[39] == "30"
 
 
-def test_echo_0800(host: tuple[HostProcess, str, int]) -> None:
+def test_echo_0800(host: tuple[HostProcess, list[str], int]) -> None:
     proc, _, _ = host
     response = send(proc.port, "--mti", "0800", "--network-code", "301")
     assert response["mti"] == "0810"
@@ -136,76 +171,81 @@ def test_echo_0800(host: tuple[HostProcess, str, int]) -> None:
     assert response["70"] == "301"
 
 
-def test_retransmission_is_replayed_and_debited_once(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
-    before = accounts(db)["ACC-1002"]["balance"]
+def test_retransmission_is_replayed_and_debited_once(e2e: E2E) -> None:
+    """Sequential duplicates to one host, concurrent ones to both hosts (PostgreSQL + Redis)."""
+    proc, peer, store = e2e.proc, e2e.peer, e2e.backend.store
+    before = accounts(store)["ACC-1002"]["balance"]
     args = ["--pan", PAN_MC, "--amount", "10.00", "--stan", "424242", "--time", "1129111111"]
     first = send(proc.port, *args)
     second = send(proc.port, *args)
-    assert first["39"] == second["39"] == "00"
+    third = send(peer.port, *args)
+    assert first["39"] == second["39"] == third["39"] == "00"
+    assert first["38"] == third["38"]
     assert first["38"] == second["38"]  # the same approval, replayed
-    assert accounts(db)["ACC-1002"]["balance"] == before - 1000
+    assert accounts(store)["ACC-1002"]["balance"] == before - 1000
 
     # Concurrent duplicates on two connections, ten distinct requests: each applied once.
     messages = [purchase(PAN_MC, 100, 500 + i, tx_time="1129121212") for i in range(10)]
 
     async def both() -> tuple[list[Message], list[Message]]:
         a, b = await asyncio.gather(
-            request_all(proc.port, messages), request_all(proc.port, messages)
+            request_all(proc.port, messages), request_all(peer.port, messages)
         )
         return a, b
 
     a, b = asyncio.run(both())
     assert [m[39] for m in a] == ["00"] * 10
     assert [m[38] for m in a] == [m[38] for m in b]
-    assert accounts(db)["ACC-1002"]["balance"] == before - 1000 - 10 * 100
+    assert accounts(store)["ACC-1002"]["balance"] == before - 1000 - 10 * 100
 
 
-def test_reversal_refunds_a_purchase_once(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
-    before = accounts(db)["ACC-1001"]["balance"]
+def test_reversal_refunds_a_purchase_once(e2e: E2E) -> None:
+    """The purchase on one host, the reversal on the other, retransmitted to both."""
+    proc, peer, store = e2e.proc, e2e.peer, e2e.backend.store
+    before = accounts(store)["ACC-1001"]["balance"]
     original = ["--stan", "777001", "--time", "1129131313", "--terminal", "TERMREV1"]
     assert send(proc.port, "--pan", PAN_OK, "--amount", "40.00", *original)["39"] == "00"
-    assert accounts(db)["ACC-1001"]["balance"] == before - 4000
+    assert accounts(store)["ACC-1001"]["balance"] == before - 4000
     reversal = [
         "--mti", "0400", "--pan", PAN_OK, "--amount", "40.00", "--terminal", "TERMREV1",
         "--stan", "777002", "--time", "1129131320",
         "--original-stan", "777001", "--original-time", "1129131313",
     ]  # fmt: skip
-    response = send(proc.port, *reversal)
+    response = send(peer.port, *reversal)
     assert response["mti"] == "0410"
     assert response["39"] == "00"
-    assert accounts(db)["ACC-1001"]["balance"] == before
+    assert accounts(store)["ACC-1001"]["balance"] == before
     # The same reversal retransmitted: replayed, not applied twice.
     assert send(proc.port, *reversal)["39"] == "00"
+    assert send(peer.port, *reversal)["39"] == "00"
     # A new reversal (new STAN) of the same original: answered, changes nothing.
     again = [*reversal[:-6], "--stan", "777003", *reversal[-4:]]
     assert send(proc.port, *again)["39"] == "00"
-    assert accounts(db)["ACC-1001"]["balance"] == before
+    assert accounts(store)["ACC-1001"]["balance"] == before
 
 
-def test_reversal_releases_an_authorization(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
-    before = accounts(db)["ACC-1001"]
+def test_reversal_releases_an_authorization(host: tuple[HostProcess, list[str], int]) -> None:
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]
     auth = ["--mti", "0100", "--pan", PAN_OK, "--amount", "30.00", "--terminal", "TERMREV2",
             "--stan", "888001", "--time", "1129141414"]  # fmt: skip
     assert send(proc.port, *auth)["39"] == "00"
-    held = accounts(db)["ACC-1001"]
+    held = accounts(store)["ACC-1001"]
     assert held["held"] == before["held"] + 3000
     assert held["balance"] == before["balance"]
     reversal = ["--mti", "0400", "--pan", PAN_OK, "--amount", "30.00", "--terminal", "TERMREV2",
                 "--stan", "888002", "--original-stan", "888001", "--original-time", "1129141414",
                 "--original-mti", "0100"]  # fmt: skip
     assert send(proc.port, *reversal)["39"] == "00"
-    assert accounts(db)["ACC-1001"] == before
+    assert accounts(store)["ACC-1001"] == before
 
 
-def test_reversal_of_another_card_or_amount_is_25(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
+def test_reversal_of_another_card_or_amount_is_25(host: tuple[HostProcess, list[str], int]) -> None:
+    proc, store, _ = host
     terminal = ["--terminal", "TERMREV3"]
     assert send(proc.port, "--pan", PAN_OK, "--amount", "20.00", *terminal,
                 "--stan", "666001", "--time", "1129151515")["39"] == "00"  # fmt: skip
-    before = accounts(db)
+    before = accounts(store)
     reversal = [*terminal, "--mti", "0400", "--original-stan", "666001",
                 "--original-time", "1129151515"]  # fmt: skip
     other_card = send(
@@ -216,13 +256,13 @@ def test_reversal_of_another_card_or_amount_is_25(host: tuple[HostProcess, str, 
         proc.port, *reversal, "--pan", PAN_OK, "--amount", "2.00", "--stan", "666003"
     )
     assert other_amount["39"] == "25"
-    assert accounts(db) == before  # nothing reversed
+    assert accounts(store) == before  # nothing reversed
     assert send(proc.port, *reversal, "--pan", PAN_OK, "--amount", "20.00",
                 "--stan", "666004")["39"] == "00"  # fmt: skip
-    assert accounts(db)["ACC-1001"]["balance"] == before["ACC-1001"]["balance"] + 2000
+    assert accounts(store)["ACC-1001"]["balance"] == before["ACC-1001"]["balance"] + 2000
 
 
-def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, str, int]) -> None:
+def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, list[str], int]) -> None:
     proc, _, _ = host
     response = send(
         proc.port, "--mti", "0400", "--pan", PAN_OK, "--amount", "1.00",
@@ -231,8 +271,8 @@ def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, str, int
     assert response["39"] == "25"
 
 
-def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, metrics = host
+def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, list[str], int]) -> None:
+    proc, store, metrics = host
     send(proc.port, "--pan", PAN_OK, "--amount", "1.00")
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -242,7 +282,7 @@ def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, str, int])
     assert 'isopace_stage_seconds_bucket{stage="reserve",phase="prepare",le="+Inf"}' in text
     assert "isopace_in_flight 0" in text
 
-    counts = cli_json("journal", "--db", db, "--counts")
+    counts = cli_json("journal", *store, "--counts")
     assert counts["COMMITTED"] > 0
     assert counts["IN_DOUBT"] == 0
 
@@ -253,31 +293,32 @@ def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, str, int])
     masked = json.loads(cli("describe", encoded.hex(), "--json", check=True).stdout)
     assert masked["2"] == "411111******1111"
 
-    ledger = cli("ledger", "--db", db, check=True).stdout
+    ledger = cli("ledger", *store, check=True).stdout
     assert "ledger balances" in ledger
 
 
-def test_journal_search_by_pan_on_a_default_host(host: tuple[HostProcess, str, int]) -> None:
-    """No --journal-key: the host generated one next to the database (mode 0600) on first start,
-    and ``isopace journal --pan`` finds the card's transactions with it."""
-    proc, db, _ = host
-    response = send(proc.port, "--pan", PAN_LOW, "--amount", "0.07", "--stan", "515151")
+def test_journal_search_by_pan(e2e: E2E) -> None:
+    """SQLite, no --journal-key: the host generated one next to the database (mode 0600) on first
+    start, and ``isopace journal --pan`` finds the card's transactions with it. PostgreSQL: the
+    hosts share a configured key."""
+    response = send(e2e.proc.port, "--pan", PAN_LOW, "--amount", "0.07", "--stan", "515151")
     assert response["39"] == "00"
-    key_file = Path(db).with_suffix(".journal.key")
-    assert key_file.stat().st_mode & 0o777 == 0o600
+    if e2e.backend.kind == "sqlite":
+        key_file = Path(e2e.backend.db).with_suffix(".journal.key")
+        assert key_file.stat().st_mode & 0o777 == 0o600
     records = [
         json.loads(line)
-        for line in cli("journal", "--db", db, "--pan", PAN_LOW, "--json", check=True)
+        for line in cli("journal", *e2e.journal, "--pan", PAN_LOW, "--json", check=True)
         .stdout.strip()
         .splitlines()
     ]
     assert records and {r["pan"] for r in records} - {None} == {"510510******5100"}
     assert "COMMITTED" in {r["kind"] for r in records}
-    other = cli("journal", "--db", db, "--pan", PAN_MC, "--json", check=True).stdout
+    other = cli("journal", *e2e.journal, "--pan", PAN_MC, "--json", check=True).stdout
     assert "510510******5100" not in other
 
 
-def test_log_lines_are_masked(host: tuple[HostProcess, str, int]) -> None:
+def test_log_lines_are_masked(host: tuple[HostProcess, list[str], int]) -> None:
     proc, _, _ = host
     send(proc.port, "--pan", PAN_OK, "--amount", "2.00")
     log = proc.output
@@ -333,8 +374,8 @@ def test_tls(tmp_path: Path) -> None:
         assert proc.stop() == 0
 
 
-def test_bench_command_reports_every_response(host: tuple[HostProcess, str, int]) -> None:
-    proc, db, _ = host
+def test_bench_command_reports_every_response(host: tuple[HostProcess, list[str], int]) -> None:
+    proc, store, _ = host
     closed = cli_json("bench", "--port", str(proc.port), "-c", "4", "-d", "1", "--no-progress")
     assert closed["complete"] is True
     assert closed["sent"] == closed["answered"] > 0
@@ -345,4 +386,4 @@ def test_bench_command_reports_every_response(host: tuple[HostProcess, str, int]
     text = cli("bench", "--port", str(proc.port), "-c", "2", "-d", "0.5", "--no-progress").stdout
     assert "every request got a response: yes" in text
     assert "p99.9" in text
-    assert accounts(db)["ACC-9000"]["held"] == 0
+    assert accounts(store)["ACC-9000"]["held"] == 0
