@@ -1,7 +1,7 @@
-"""Kill -9 the host under ``isopace bench`` load, restart it, and check that recovery leaves
-nothing in doubt, that every approval a client received is captured (nothing lost), that the
-ledger balances (nothing doubled), and that an approved request retransmitted after the crash is
-replayed with the same approval code.
+"""Kill -9 the host under ``isopace bench`` load, restart it, and check (on SQLite, and on
+PostgreSQL + Redis) that recovery leaves nothing in doubt, that every approval a client received
+is captured (nothing lost), that the ledger balances (nothing doubled), and that an approved
+request retransmitted after the crash is replayed with the same approval code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from isopace.iso8583 import ISO87_ASCII, Message
 from isopace.net import Client
 
-from .conftest import PAN_BENCH, ROOT, HostProcess, _env, cli, cli_json, free_port
+from .conftest import PAN_BENCH, ROOT, Backend, HostProcess, _env, cli, cli_json, free_port
 
 ROUNDS = 3
 
@@ -69,10 +69,11 @@ async def load_then_kill(
     return approved
 
 
-def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
-    db = str(tmp_path / "data" / "host.db")
+def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> None:
+    """On SQLite, and on PostgreSQL (ledger, journal) + Redis (idempotency)."""
+    store = backend.store
     port = free_port()
-    args = ["--db", db, "--log-level", "WARNING", "--idempotency-lease", "1"]
+    args = [*backend.serve, "--log-level", "WARNING", "--idempotency-lease", "1"]
     rng = random.Random(8583)
     bench = None
     approved: list[tuple[Message, Message]] = []
@@ -101,7 +102,7 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
         # kill is either recognised (recovery committed it: same answer, no second debit) or
         # processed afresh (recovery rolled it back).
         time.sleep(1.5)
-        before = cli_json("ledger", "--db", db)
+        before = cli_json("ledger", *store)
 
         async def resend(messages: list[Message]) -> list[Message]:
             async with Client(ISO87_ASCII, port=port) as client:
@@ -111,7 +112,7 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
 
         again = asyncio.run(resend([m for m, _ in approved]))
         assert [r[38] for r in again] == [r[38] for _, r in approved]
-        assert cli_json("ledger", "--db", db)["accounts"] == before["accounts"]
+        assert cli_json("ledger", *store)["accounts"] == before["accounts"]
         retried = asyncio.run(resend(unanswered))
         assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
         assert final.stop() == 0, final.output
@@ -125,45 +126,32 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path) -> None:
     recovered = [h.output for h in logs if "recovery:" in h.output]
     print(f"{len(approved)} approvals before kills; recovery ran on {len(recovered)} restarts")
 
-    in_doubt = cli("journal", "--db", db, "--in-doubt", "--json", check=True).stdout
+    in_doubt = cli("journal", *store, "--in-doubt", "--json", check=True).stdout
     assert in_doubt.strip() == "", in_doubt
-    counts = cli_json("journal", "--db", db, "--counts")
+    counts = cli_json("journal", *store, "--counts")
     assert counts["IN_DOUBT"] == 0
-    ledger = cli_json("ledger", "--db", db)
+    ledger = cli_json("ledger", *store)
     assert ledger["ok"], ledger["problems"]
     assert ledger["pending"] == 0
     # Nothing lost: every approval a client saw is captured in the ledger.
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        for message, _ in approved:
-            row = conn.execute(
-                "SELECT state FROM holds WHERE terminal = ? AND stan = ? AND tx_time = ?",
-                (message[41], message[11], message[7]),
-            ).fetchone()
-            assert row == ("captured",), (message[41], message[11], row)
-        doubled = conn.execute(
-            "SELECT terminal, stan, tx_time, COUNT(*) FROM holds WHERE state = 'captured' "
-            "GROUP BY terminal, stan, tx_time HAVING COUNT(*) > 1"
-        ).fetchall()
-        assert doubled == []  # nothing captured twice for one request
-        states = collections.Counter(
-            tuple(
-                sorted(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT state FROM holds WHERE terminal = ? AND stan = ? AND tx_time = ?",
-                        (m[41], m[11], m[7]),
-                    )
-                )
-            )
-            for m in unanswered
-        )
-        print("requests in flight at the kills, hold states after the retry:", dict(states))
-        (captured,) = conn.execute(
-            "SELECT COALESCE(SUM(amount), 0) FROM captures WHERE refunded_at IS NULL"
-        ).fetchone()
-    finally:
-        conn.close()
+    holds = collections.defaultdict(list)
+    for terminal, stan, tx_time, state in backend.fetch(
+        "SELECT terminal, stan, tx_time, state FROM holds"
+    ):
+        holds[terminal, stan, tx_time].append(state)
+    for message, _ in approved:
+        states = holds[message[41], message[11], message[7]]
+        assert states == ["captured"], (message[41], message[11], states)
+    doubled = backend.fetch(
+        "SELECT terminal, stan, tx_time, COUNT(*) FROM holds WHERE state = 'captured' "
+        "GROUP BY terminal, stan, tx_time HAVING COUNT(*) > 1"
+    )
+    assert doubled == []  # nothing captured twice for one request
+    retry_states = collections.Counter(tuple(sorted(holds[m[41], m[11], m[7]])) for m in unanswered)
+    print("requests in flight at the kills, hold states after the retry:", dict(retry_states))
+    ((captured,),) = backend.fetch(
+        "SELECT COALESCE(SUM(amount), 0) FROM captures WHERE refunded_at IS NULL"
+    )
     bench_account = next(a for a in ledger["accounts"] if a["id"] == "ACC-9000")
     assert bench_account["balance"] == bench_account["opening"] - captured
 
