@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from isopace._cardtext import error_text
 from isopace.store._writer import BatchExecutor
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
@@ -323,7 +324,7 @@ class SqliteIdempotencyStore:
                     if purged:
                         log.debug("idempotency: purged %d expired keys", purged)
             except IdempotencyError as exc:
-                log.warning("idempotency: maintenance failed: %s", exc)
+                log.warning("idempotency: maintenance failed: %s", error_text(exc))
             await asyncio.sleep(min(renew_every, self._purge_interval))
 
     async def purge(self) -> int:
