@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from types import TracebackType
@@ -649,6 +650,9 @@ class PostgresIdempotencyStore(_PoolOwner):
         self._recheck = recheck
         self._purge_interval = purge_interval
         self._node = node if node is not None else default_node()
+        # owner tokens: a random prefix per store and a counter (uuid4 per claim costs tens of us)
+        self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
+        self._owners = itertools.count(1)
         self._channel = f"isopace_idem_{self.schema}"
         self._held: dict[str, str] = {}
         self._waiters: dict[str, list[asyncio.Event]] = {}
@@ -807,7 +811,7 @@ class PostgresIdempotencyStore(_PoolOwner):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), self._recheck)
                 continue
-            owner = f"{self._node}:{uuid.uuid4().hex}"
+            owner = f"{self._owner_prefix}{next(self._owners):x}"
             event = asyncio.Event()
             self._waiters.setdefault(key, []).append(event)  # before the check: no lost wake-up
             try:

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-import uuid
+import secrets
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -126,6 +127,9 @@ class RedisIdempotencyStore:
         self.lease = lease
         self._recheck = recheck
         self._node = node if node is not None else default_node()
+        # owner tokens: a random prefix per store and a counter (uuid4 per claim costs tens of us)
+        self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
+        self._owners = itertools.count(1)
         self._channel = f"{prefix}done"
         self._complete = self._client.register_script(_COMPLETE)
         self._release = self._client.register_script(_RELEASE)
@@ -221,7 +225,7 @@ class RedisIdempotencyStore:
                 if key in self._held:  # a run of this process holds it
                     timeout = self._recheck
                 else:
-                    owner = f"{self._node}:{uuid.uuid4().hex}"
+                    owner = f"{self._owner_prefix}{next(self._owners):x}"
                     try:
                         got = await self._client.set(
                             rkey, f"C{owner}", nx=True, px=int(self.lease * 1000)
