@@ -36,8 +36,18 @@ async def _open_journal(cfg: HostConfig, node: str) -> Any:
     if cfg.postgres:
         from isopace.store import PostgresJournal
 
+        key = cfg.journal_key
+        if key is None:  # as the host does: derived from the ledger's key
+            from isopace.host.ledger import PostgresLedger
+
+            ledger = PostgresLedger(cfg.postgres, schema=cfg.postgres_schema, min_size=1)
+            await ledger.open()
+            try:
+                key = ledger.derived_key("journal")
+            finally:
+                await ledger.close()
         journal: Any = PostgresJournal(
-            cfg.postgres, schema=cfg.postgres_schema, hmac_key=cfg.journal_key, node=node
+            cfg.postgres, schema=cfg.postgres_schema, hmac_key=key, node=node
         )
         await journal.open()
         return journal

@@ -336,10 +336,14 @@ class AuthorizationHost:
             if cfg.postgres:
                 from isopace.store import PostgresJournal
 
+                key = cfg.journal_key
+                if key is None and self.ledger is not None:
+                    # the nodes sharing the database derive the same key from the ledger's
+                    key = self.ledger.derived_key("journal")
                 journal: Any = PostgresJournal(
                     cfg.postgres,
                     schema=cfg.postgres_schema,
-                    hmac_key=cfg.journal_key,
+                    hmac_key=key,
                     node=self.node,
                     wait_final=cfg.journal_wait_final,
                 )

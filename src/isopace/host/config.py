@@ -99,7 +99,8 @@ class HostConfig:
         None,
         "secret for the journal's PAN HMAC (search by card, `isopace journal --pan`); default "
         "with SQLite: a random key generated on first start into <name>.journal.key next to "
-        "the database (mode 0600); with PostgreSQL: none (give every node the same secret)",
+        "the database (mode 0600); with PostgreSQL: derived from the ledger's card key (the "
+        "same on every node sharing it)",
         metavar="SECRET",
     )
     journal_wait_final: bool = _opt(
@@ -216,8 +217,9 @@ def journal_hmac_key(config: HostConfig, *, create: bool = True) -> str | None:
     ``journal_key`` when configured. Otherwise, with SQLite, the key in `journal_key_path`: made
     on first start (``create``) from 32 random bytes (hex), written to a temporary file of mode
     0600 and linked into place, so hosts starting at once agree on one key and no reader sees a
-    partial file. None with PostgreSQL (the nodes sharing it must share the secret: configure it),
-    or when the file does not exist and ``create`` is False. A `ConfigError` if it cannot be read
+    partial file. None with PostgreSQL (the host then derives the key from the ledger's card key,
+    `Ledger.derived_key`, the same on every node), or when the file does not exist and ``create``
+    is False. A `ConfigError` if it cannot be read
     or written."""
     if config.journal_key is not None or config.postgres:
         return config.journal_key

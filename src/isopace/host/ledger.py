@@ -216,6 +216,16 @@ class Ledger(abc.ABC):
         """The keyed hash that identifies a card without storing its number."""
         return hmac.new(self._pan_key, pan.encode(), hashlib.sha256).hexdigest()
 
+    def derived_key(self, purpose: str) -> str:
+        """A secret for another use (``"journal"``: the journal's PAN fingerprints on PostgreSQL),
+        derived from the ledger's card key with HMAC-SHA256 under a per-purpose label, so every
+        host sharing the ledger derives the same one and no second secret has to be distributed.
+        The ledger must be open."""
+        if not self._pan_key:
+            raise LedgerError("ledger: not open")
+        label = b"isopace derived key: " + purpose.encode()
+        return hmac.new(self._pan_key, label, hashlib.sha256).hexdigest()
+
     async def __aenter__(self) -> Ledger:
         await self.open()
         return self
