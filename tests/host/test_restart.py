@@ -42,6 +42,9 @@ def test_sqlite_restart_on_another_port_recovers(tmp_path: Path) -> None:
     second = cli("serve", "--port", str(free_port()), *args, timeout=30)
     assert second.returncode == 2
     assert "in use by another isopace host" in second.stderr, second.stderr
+    offline = cli("recover", "--db", db, timeout=30)  # so is the offline recovery
+    assert offline.returncode == 2
+    assert "in use by another isopace host" in offline.stderr, offline.stderr
     approved = asyncio.run(load_then_kill(first, 6, 1.0))
     assert approved
     # until a kill leaves something in doubt, crash the host again on yet another port

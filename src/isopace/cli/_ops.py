@@ -236,9 +236,10 @@ def add_recover_parser(sub: Any) -> None:
             "Run crash recovery without starting the host (``isopace serve`` also does this at "
             "start-up): each transaction in doubt is committed if its commit decision was "
             "journalled, else rolled back, through the flow's stages. Only this node's "
-            "transactions (--node, default the host name with SQLite, hostname:port with "
-            "PostgreSQL) unless --all-nodes. Do not run it while a host is serving the same "
-            "node; with --all-nodes, only once the other nodes are stopped."
+            "transactions (--node, default hostname:port) unless --all-nodes with PostgreSQL: do "
+            "not run it while a host is serving the same node, and with --all-nodes only once "
+            "the other nodes are stopped. With SQLite every node's transactions (one host per "
+            "database: refused while a host serves it)."
         ),
     )
     add_config_flags(p, only=_STORE_OPTIONS)
@@ -263,6 +264,10 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
     host = AuthorizationHost(cfg)
     try:
         ledger = await host._open_ledger()
+        if not cfg.postgres:
+            # as ``isopace serve`` does: the data's lock (refused while a host serves it), so
+            # every node's transactions in it are recovered
+            host._lock_data(cfg.db)
         journal = await _open_journal(cfg, host.node)
         host._closers.append(journal.close)
         flow = build_flow(ledger, cfg, spec=host.spec, journal=journal)
@@ -276,7 +281,8 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
                 "key": idempotency_key(cfg.idempotency_key),
             }
         try:
-            report = await recover(flow, journal, all_nodes=args.all_nodes, **extra)
+            all_nodes = args.all_nodes or not cfg.postgres
+            report = await recover(flow, journal, all_nodes=all_nodes, **extra)
         except Exception as exc:
             raise HostError(f"recovery failed: {_one_line(exc)}") from exc
         out.line(str(report))
