@@ -1,0 +1,68 @@
+"""The host's ledger: accounts, cards, holds keyed by transaction id, and captures.
+
+Two backends with one interface (`Ledger`): `SqliteLedger` (standard library, the default) and
+`PostgresLedger` (asyncpg, the ``postgres`` extra) for several host processes sharing one database.
+
+Money model (amounts in minor units, integers):
+
+- ``accounts``: ``opening`` (the balance when the account was created), ``balance`` (posted) and
+  ``held`` (the sum of open holds). Available funds are ``balance - held``; the database refuses
+  any row where that goes negative (a CHECK constraint), as a last line of defence.
+- ``holds``: one row per transaction id (the flow's exchange id), the reservation made in the
+  prepare pass. States: ``pending`` (prepared, outcome not known yet), ``authorized`` (an 0100
+  committed: the funds stay held), ``captured`` (an 0200 committed: posted to the balance),
+  ``released`` (aborted or an authorization reversed) and ``refunded`` (a captured transaction
+  reversed).
+- ``captures``: one row per captured transaction (the posting), with ``refunded_at`` once reversed.
+
+Concurrency: a hold is taken by one conditional statement, ``UPDATE accounts SET held = held +
+:amount WHERE id = :account AND balance - held >= :amount``, in the same database transaction as
+the hold's INSERT (on PostgreSQL a single ``WITH ... UPDATE ... INSERT`` statement). Two holds
+racing for the last funds cannot both succeed: the database serialises the row update and re-checks
+the condition.
+
+Idempotency: ``capture``, ``authorize``, ``release`` and ``refund`` are conditional state
+transitions (``UPDATE holds ... WHERE txn_id = ? AND state IN (...)``); running one twice, as crash
+recovery may, changes nothing the second time. ``reserve`` of a transaction id that already has a
+hold returns the existing outcome instead of holding twice.
+
+Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under a key
+kept in the ``ledger_meta`` table (generated on first start; a production issuer keeps it in an
+HSM or KMS), with the masked PAN (first 6 / last 4) for display.
+
+The SQLite backend runs every operation on one writer thread that batches whatever is queued into
+one SQLite transaction (group commit, ``synchronous=FULL`` by default); when an operation fails,
+the batch is rolled back and run again with each operation inside its own SAVEPOINT, so one
+failure does not affect its neighbours. Operations apply in the order they
+were submitted, so a release queued after a reserve always sees the hold.
+"""
+
+from isopace.host.ledger._common import (
+    Account,
+    Card,
+    Hold,
+    HoldState,
+    Ledger,
+    LedgerCheck,
+    ReserveResult,
+    ReserveStatus,
+    SeedCard,
+    mask_pan,
+)
+from isopace.host.ledger._postgres import PostgresLedger
+from isopace.host.ledger._sqlite import SqliteLedger
+
+__all__ = [
+    "Account",
+    "Card",
+    "Hold",
+    "HoldState",
+    "Ledger",
+    "LedgerCheck",
+    "PostgresLedger",
+    "ReserveResult",
+    "ReserveStatus",
+    "SeedCard",
+    "SqliteLedger",
+    "mask_pan",
+]

@@ -1,0 +1,343 @@
+"""What both ledger backends share: the value types, the `Ledger` interface, and the SQL and
+checks that read the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import hashlib
+import hmac
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from isopace.host.errors import LedgerError
+
+#: Version 1: accounts, cards, holds, captures. Version 2: holds.idem_key and
+#: holds.approval_code, with a unique index on the live holds' keys. Version 3: holds.pan_ref,
+#: the card's keyed hash, which a reversal must match (upgrades are applied on open).
+SCHEMA_VERSION = 3
+
+
+class HoldState(enum.StrEnum):
+    """The life of a hold (see the package docstring)."""
+
+    PENDING = "pending"
+    AUTHORIZED = "authorized"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    REFUNDED = "refunded"
+
+
+OPEN_STATES = (HoldState.PENDING.value, HoldState.AUTHORIZED.value)
+
+
+class ReserveStatus(enum.Enum):
+    """What `Ledger.reserve` decided."""
+
+    APPROVED = "approved"
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    NO_ACCOUNT = "no_account"
+    DUPLICATE = "duplicate"
+    """A live hold already carries this idempotency key: ``ReserveResult.original``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """The outcome of a reservation and the funds available after it."""
+
+    status: ReserveStatus
+    available: int | None = None
+    original: Hold | None = None
+
+    @property
+    def approved(self) -> bool:
+        return self.status is ReserveStatus.APPROVED
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Card:
+    """A card as the ledger knows it: no clear PAN, only its keyed hash and masked form."""
+
+    pan_ref: str
+    masked_pan: str
+    account_id: str
+    status: str
+
+    @property
+    def blocked(self) -> bool:
+        return self.status != "active"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Account:
+    """An account's figures in minor units."""
+
+    id: str
+    currency: str
+    opening: int
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation, keyed by the transaction id that made it."""
+
+    txn_id: str
+    account_id: str
+    amount: int
+    state: str
+    mti: str | None = None
+    terminal: str | None = None
+    stan: str | None = None
+    tx_time: str | None = None
+    rrn: str | None = None
+    idem_key: str | None = None
+    approval_code: str | None = None
+    pan_ref: str | None = None
+    """The card's keyed hash (None on holds made before schema version 3)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SeedCard:
+    """A demo card with its account, created on first start."""
+
+    pan: str
+    account_id: str
+    balance: int
+    currency: str = "840"
+    status: str = "active"
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LedgerCheck:
+    """The result of `Ledger.check`: every invariant that failed, and the holds still pending."""
+
+    accounts: int
+    holds: int
+    pending: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def mask_pan(pan: str) -> str:
+    """First 6 and last 4 digits, the rest replaced by ``*`` (short numbers are fully masked)."""
+    if len(pan) < 13:
+        return "*" * len(pan)
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+class Ledger(abc.ABC):
+    """The operations the host's stages need; every method is a coroutine (see the package doc)."""
+
+    _pan_key: bytes = b""
+
+    def pan_ref(self, pan: str) -> str:
+        """The keyed hash that identifies a card without storing its number."""
+        return hmac.new(self._pan_key, pan.encode(), hashlib.sha256).hexdigest()
+
+    def derived_key(self, purpose: str) -> str:
+        """A secret for another use (``"journal"``: the journal's PAN fingerprints on PostgreSQL),
+        derived from the ledger's card key with HMAC-SHA256 under a per-purpose label, so every
+        host sharing the ledger derives the same one and no second secret has to be distributed.
+        The ledger must be open."""
+        if not self._pan_key:
+            raise LedgerError("ledger: not open")
+        label = b"isopace derived key: " + purpose.encode()
+        return hmac.new(self._pan_key, label, hashlib.sha256).hexdigest()
+
+    async def __aenter__(self) -> Ledger:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create or upgrade the schema, load the card key."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads (pending operations finish first)."""
+
+    @abc.abstractmethod
+    async def seed(self, cards: Iterable[SeedCard]) -> list[SeedCard]:
+        """Create the cards and accounts that do not exist yet; returns the ones created."""
+
+    #: Seconds a card looked up stays cached in this process (0: no cache). A card blocked by
+    #: another process is seen within this time; one blocked through this ledger at once.
+    card_cache_ttl: float = 2.0
+    _card_cache: dict[str, tuple[float, Card | None]]
+
+    async def card(self, pan: str) -> Card | None:
+        """The card with this PAN, or None (cached for `card_cache_ttl` seconds)."""
+        ref = self.pan_ref(pan)
+        if self.card_cache_ttl <= 0:
+            return await self._fetch_card(ref)
+        cache: dict[str, tuple[float, Card | None]] = self.__dict__.setdefault("_card_cache", {})
+        now = time.monotonic()
+        hit = cache.get(ref)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        card = await self._fetch_card(ref)
+        if len(cache) >= 100_000:
+            cache.clear()
+        cache[ref] = (now + self.card_cache_ttl, card)
+        return card
+
+    def _forget_card(self, pan: str) -> None:
+        self.__dict__.get("_card_cache", {}).pop(self.pan_ref(pan), None)
+
+    @abc.abstractmethod
+    async def _fetch_card(self, pan_ref: str) -> Card | None:
+        """The card with this keyed PAN hash, from the database."""
+
+    @abc.abstractmethod
+    async def set_card_status(self, pan: str, status: str) -> bool:
+        """Block (``"blocked"``) or unblock (``"active"``) a card; False when unknown."""
+
+    @abc.abstractmethod
+    async def account(self, account_id: str) -> Account | None:
+        """One account's figures."""
+
+    @abc.abstractmethod
+    async def accounts(self) -> list[Account]:
+        """Every account, by id."""
+
+    @abc.abstractmethod
+    async def reserve(
+        self,
+        txn_id: str,
+        account_id: str,
+        amount: int,
+        *,
+        mti: str | None = None,
+        terminal: str | None = None,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        idem_key: str | None = None,
+        approval_code: str | None = None,
+        pan_ref: str | None = None,
+    ) -> ReserveResult:
+        """Hold ``amount`` on the account for this transaction, if the available funds allow.
+
+        ``idem_key`` (the request's idempotency key) makes the ledger refuse a second live hold
+        for the same request: it answers DUPLICATE with the original hold (and its
+        ``approval_code``) instead. This catches a retransmission the idempotency store could not
+        replay, e.g. one whose original was finished by crash recovery. ``pan_ref`` (the card's
+        `pan_ref`) is kept on the hold so a reversal can be matched to the card."""
+
+    @abc.abstractmethod
+    async def authorize(self, txn_id: str) -> bool:
+        """pending -> authorized (an authorization committed; the funds stay held)."""
+
+    @abc.abstractmethod
+    async def capture(self, txn_id: str) -> bool:
+        """pending/authorized -> captured: post the amount to the balance. Idempotent."""
+
+    @abc.abstractmethod
+    async def release(self, txn_id: str) -> bool:
+        """pending/authorized -> released: free the held funds. Idempotent."""
+
+    @abc.abstractmethod
+    async def refund(self, txn_id: str) -> bool:
+        """captured -> refunded: give the posted amount back. Idempotent."""
+
+    @abc.abstractmethod
+    async def hold(self, txn_id: str) -> Hold | None:
+        """The hold made by this transaction, if any."""
+
+    @abc.abstractmethod
+    async def find_original(
+        self,
+        *,
+        terminal: str,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        pan_ref: str | None = None,
+        amount: int | None = None,
+    ) -> Hold | None:
+        """The most recent hold of this terminal with this STAN (+ transmission time) or RRN.
+
+        With ``pan_ref`` (the card's `pan_ref`) and ``amount``, only a hold of that card and that
+        amount matches (a hold made before schema version 3, without a card reference, matches
+        when the card belongs to the hold's account), so a reversal cannot reach another card's
+        transaction."""
+
+    @abc.abstractmethod
+    async def pending_holds(self) -> list[Hold]:
+        """Holds whose transaction's outcome is not known to the ledger yet."""
+
+    @abc.abstractmethod
+    async def check(self) -> LedgerCheck:
+        """Verify the ledger balances: balance = opening - live captures, held = open holds."""
+
+    async def reverse(self, txn_id: str) -> str:
+        """Undo a committed transaction: release an authorization, refund a capture.
+
+        Returns the transition applied (``"released"``, ``"refunded"``) or ``"none"`` when the
+        transaction was already reversed (a repeated reversal changes nothing).
+        """
+        if await self.release(txn_id):
+            return "released"
+        if await self.refund(txn_id):
+            return "refunded"
+        return "none"
+
+
+KEY_INDEX = """
+CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
+    WHERE idem_key IS NOT NULL AND state <> 'released'
+"""
+
+HOLD_COLUMNS = (
+    "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn, idem_key, approval_code,"
+    " pan_ref"
+)
+
+CHECK_SQL = """
+SELECT a.id, a.opening, a.balance, a.held,
+       COALESCE((SELECT SUM(amount) FROM captures c
+                 WHERE c.account_id = a.id AND c.refunded_at IS NULL), 0),
+       COALESCE((SELECT SUM(amount) FROM holds h
+                 WHERE h.account_id = a.id AND h.state IN ('pending', 'authorized')), 0)
+FROM accounts a ORDER BY a.id
+"""
+
+CAPTURE_MISMATCH_SQL = """
+SELECT COUNT(*) FROM holds h
+WHERE (h.state IN ('captured', 'refunded'))
+      <> EXISTS (SELECT 1 FROM captures c WHERE c.txn_id = h.txn_id)
+"""
+
+
+def check_rows(
+    rows: Sequence[Sequence[Any]], holds: int, pending: int, mismatched: int
+) -> LedgerCheck:
+    problems: list[str] = []
+    for account_id, opening, balance, held, captured, open_holds in rows:
+        if balance != opening - captured:
+            problems.append(
+                f"account {account_id}: balance {balance} != opening {opening}"
+                f" - captures {captured}"
+            )
+        if held != open_holds:
+            problems.append(f"account {account_id}: held {held} != open holds {open_holds}")
+        if balance - held < 0:
+            problems.append(f"account {account_id}: overdrawn (available {balance - held})")
+    if mismatched:
+        problems.append(f"{mismatched} hold(s) disagree with the captures table")
+    return LedgerCheck(len(rows), holds, pending, tuple(problems))

@@ -1,0 +1,399 @@
+"""The PostgreSQL ledger (asyncpg, the ``postgres`` extra), for several host processes sharing
+one database."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from isopace.host.errors import LedgerError
+from isopace.host.ledger._common import (
+    CAPTURE_MISMATCH_SQL,
+    CHECK_SQL,
+    HOLD_COLUMNS,
+    KEY_INDEX,
+    SCHEMA_VERSION,
+    Account,
+    Card,
+    Hold,
+    HoldState,
+    Ledger,
+    LedgerCheck,
+    ReserveResult,
+    ReserveStatus,
+    SeedCard,
+    check_rows,
+    mask_pan,
+)
+
+if TYPE_CHECKING:
+    import asyncpg  # type: ignore[import-untyped]
+
+
+_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    currency TEXT NOT NULL,
+    opening BIGINT NOT NULL,
+    balance BIGINT NOT NULL,
+    held BIGINT NOT NULL DEFAULT 0,
+    CHECK (held >= 0),
+    CHECK (balance - held >= 0)
+);
+CREATE TABLE IF NOT EXISTS cards (
+    pan_ref TEXT PRIMARY KEY,
+    masked_pan TEXT NOT NULL,
+    account_id TEXT NOT NULL REFERENCES accounts (id),
+    status TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS holds (
+    txn_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (id),
+    amount BIGINT NOT NULL CHECK (amount >= 0),
+    state TEXT NOT NULL,
+    mti TEXT,
+    terminal TEXT,
+    stan TEXT,
+    tx_time TEXT,
+    rrn TEXT,
+    idem_key TEXT,
+    approval_code TEXT,
+    pan_ref TEXT,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS holds_by_stan ON holds (terminal, stan, tx_time);
+CREATE INDEX IF NOT EXISTS holds_by_rrn ON holds (terminal, rrn);
+CREATE INDEX IF NOT EXISTS holds_pending ON holds (state) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS captures (
+    txn_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (id),
+    amount BIGINT NOT NULL,
+    captured_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    refunded_at TIMESTAMPTZ
+);
+"""
+
+_PG_RESERVE = f"""
+WITH acc AS (
+    UPDATE accounts SET held = held + $3 WHERE id = $2 AND balance - held >= $3
+    RETURNING id, balance - held AS available
+)
+INSERT INTO holds ({HOLD_COLUMNS})
+SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11 FROM acc
+RETURNING (SELECT available FROM acc)
+"""
+
+_PG_CAPTURE = """
+WITH h AS (
+    UPDATE holds SET state = 'captured', updated_at = now()
+    WHERE txn_id = $1 AND state IN ('pending', 'authorized')
+    RETURNING txn_id, account_id, amount
+), a AS (
+    UPDATE accounts SET balance = balance - h.amount, held = held - h.amount
+    FROM h WHERE accounts.id = h.account_id RETURNING accounts.id
+)
+INSERT INTO captures (txn_id, account_id, amount) SELECT txn_id, account_id, amount FROM h
+RETURNING txn_id
+"""
+
+_PG_RELEASE = """
+WITH h AS (
+    UPDATE holds SET state = 'released', updated_at = now()
+    WHERE txn_id = $1 AND state IN ('pending', 'authorized')
+    RETURNING account_id, amount
+)
+UPDATE accounts SET held = held - h.amount FROM h WHERE accounts.id = h.account_id
+RETURNING accounts.id
+"""
+
+_PG_REFUND = """
+WITH h AS (
+    UPDATE holds SET state = 'refunded', updated_at = now()
+    WHERE txn_id = $1 AND state = 'captured'
+    RETURNING txn_id, account_id, amount
+), c AS (
+    UPDATE captures SET refunded_at = now() FROM h WHERE captures.txn_id = h.txn_id
+    RETURNING captures.txn_id
+)
+UPDATE accounts SET balance = balance + h.amount FROM h WHERE accounts.id = h.account_id
+RETURNING accounts.id
+"""
+
+
+class PostgresLedger(Ledger):
+    """The ledger on PostgreSQL (asyncpg pool), for several host processes sharing one database.
+
+    ``schema`` names the PostgreSQL schema holding the tables (created if missing), so several
+    ledgers can share one database.
+    """
+
+    def __init__(
+        self, dsn: str, *, schema: str = "public", min_size: int = 2, max_size: int = 10
+    ) -> None:
+        if not schema.replace("_", "").isalnum():
+            raise ValueError(f"schema must be letters, digits and _: {schema!r}")
+        self.dsn = dsn
+        self.schema = schema
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise LedgerError("ledger: not open")
+        return self._pool
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            import asyncpg
+        except ImportError as exc:  # pragma: no cover - depends on the installed extras
+            raise LedgerError(
+                "PostgreSQL needs the postgres extra: pip install isopace[postgres]"
+            ) from exc
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=10)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            raise LedgerError(f"ledger: cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('isopace.ledger'))")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                await conn.execute(f"SET LOCAL search_path TO {self.schema}")
+                await conn.execute(_PG_SCHEMA)
+                version = await conn.fetchval(
+                    "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
+                )
+                if version is not None and int(version) > SCHEMA_VERSION:
+                    raise LedgerError(
+                        f"ledger: schema version {version} is newer than {SCHEMA_VERSION}"
+                    )
+                # Upgrade version 1 (no-op on new tables).
+                await conn.execute(
+                    "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
+                    "ADD COLUMN IF NOT EXISTS approval_code TEXT, "
+                    "ADD COLUMN IF NOT EXISTS pan_ref TEXT"
+                )
+                await conn.execute(KEY_INDEX)
+                await conn.execute(
+                    "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1), "
+                    "('pan_key', $2) ON CONFLICT (key) DO NOTHING",
+                    str(SCHEMA_VERSION),
+                    secrets.token_hex(32),
+                )
+                await conn.execute(
+                    "UPDATE ledger_meta SET value = $1 WHERE key = 'schema_version'",
+                    str(SCHEMA_VERSION),
+                )
+                key = await conn.fetchval("SELECT value FROM ledger_meta WHERE key = 'pan_key'")
+        except asyncpg.PostgresError as exc:
+            raise LedgerError(f"ledger: cannot create the schema {self.schema}: {exc}") from exc
+        finally:
+            await conn.close()
+        self._pan_key = bytes.fromhex(key)
+        self._pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            server_settings={"search_path": self.schema},
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def seed(self, cards: Iterable[SeedCard]) -> list[SeedCard]:
+        created = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for c in cards:
+                await conn.execute(
+                    "INSERT INTO accounts (id, currency, opening, balance, held) "
+                    "VALUES ($1, $2, $3, $3, 0) ON CONFLICT (id) DO NOTHING",
+                    c.account_id,
+                    c.currency,
+                    c.balance,
+                )
+                ref = await conn.fetchval(
+                    "INSERT INTO cards (pan_ref, masked_pan, account_id, status) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (pan_ref) DO NOTHING RETURNING pan_ref",
+                    self.pan_ref(c.pan),
+                    mask_pan(c.pan),
+                    c.account_id,
+                    c.status,
+                )
+                if ref is not None:
+                    created.append(c)
+        return created
+
+    async def _fetch_card(self, ref: str) -> Card | None:
+        row = await self.pool.fetchrow(
+            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = $1", ref
+        )
+        return Card(*row) if row else None
+
+    async def set_card_status(self, pan: str, status: str) -> bool:
+        self._forget_card(pan)
+        result = await self.pool.execute(
+            "UPDATE cards SET status = $1 WHERE pan_ref = $2", status, self.pan_ref(pan)
+        )
+        return bool(result == "UPDATE 1")
+
+    async def account(self, account_id: str) -> Account | None:
+        row = await self.pool.fetchrow(
+            "SELECT id, currency, opening, balance, held FROM accounts WHERE id = $1", account_id
+        )
+        return Account(*row) if row else None
+
+    async def accounts(self) -> list[Account]:
+        rows = await self.pool.fetch(
+            "SELECT id, currency, opening, balance, held FROM accounts ORDER BY id"
+        )
+        return [Account(*r) for r in rows]
+
+    async def reserve(
+        self,
+        txn_id: str,
+        account_id: str,
+        amount: int,
+        *,
+        mti: str | None = None,
+        terminal: str | None = None,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        idem_key: str | None = None,
+        approval_code: str | None = None,
+        pan_ref: str | None = None,
+    ) -> ReserveResult:
+        import asyncpg
+
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+        async with self.pool.acquire() as conn:
+            if idem_key is not None:
+                dup = await conn.fetchrow(
+                    f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
+                    idem_key,
+                )
+                if dup is not None and dup["txn_id"] != txn_id:
+                    return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
+            try:
+                row = await conn.fetchrow(
+                    _PG_RESERVE,
+                    txn_id,
+                    account_id,
+                    amount,
+                    mti,
+                    terminal,
+                    stan,
+                    tx_time,
+                    rrn,
+                    idem_key,
+                    approval_code,
+                    pan_ref,
+                )
+            except asyncpg.UniqueViolationError:
+                state = await conn.fetchval("SELECT state FROM holds WHERE txn_id = $1", txn_id)
+                if state is not None:
+                    ok = state != HoldState.RELEASED
+                    return ReserveResult(
+                        ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
+                    )
+                dup = await conn.fetchrow(
+                    f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
+                    idem_key,
+                )
+                if dup is None:  # released meanwhile: let the caller try again
+                    raise
+                return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
+            if row is not None:
+                return ReserveResult(ReserveStatus.APPROVED, row[0])
+            available = await conn.fetchval(
+                "SELECT balance - held FROM accounts WHERE id = $1", account_id
+            )
+        if available is None:
+            return ReserveResult(ReserveStatus.NO_ACCOUNT)
+        return ReserveResult(ReserveStatus.INSUFFICIENT_FUNDS, available)
+
+    async def authorize(self, txn_id: str) -> bool:
+        result = await self.pool.execute(
+            "UPDATE holds SET state = 'authorized', updated_at = now() "
+            "WHERE txn_id = $1 AND state = 'pending'",
+            txn_id,
+        )
+        return bool(result == "UPDATE 1")
+
+    async def capture(self, txn_id: str) -> bool:
+        return await self.pool.fetchval(_PG_CAPTURE, txn_id) is not None
+
+    async def release(self, txn_id: str) -> bool:
+        return await self.pool.fetchval(_PG_RELEASE, txn_id) is not None
+
+    async def refund(self, txn_id: str) -> bool:
+        return await self.pool.fetchval(_PG_REFUND, txn_id) is not None
+
+    async def hold(self, txn_id: str) -> Hold | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {HOLD_COLUMNS} FROM holds WHERE txn_id = $1", txn_id
+        )
+        return Hold(*row) if row else None
+
+    async def find_original(
+        self,
+        *,
+        terminal: str,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        pan_ref: str | None = None,
+        amount: int | None = None,
+    ) -> Hold | None:
+        def match(n: int) -> str:  # the card ($n) and the amount ($n+1), when given
+            return (
+                f" AND (${n}::text IS NULL OR pan_ref = ${n} OR (pan_ref IS NULL AND account_id"
+                f" = (SELECT c.account_id FROM cards c WHERE c.pan_ref = ${n})))"
+                f" AND (${n + 1}::bigint IS NULL OR amount = ${n + 1})"
+            )
+
+        row = None
+        if stan is not None:
+            row = await self.pool.fetchrow(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE terminal = $1 AND stan = $2 "
+                f"AND ($3::text IS NULL OR tx_time = $3){match(4)} "
+                "ORDER BY created_at DESC LIMIT 1",
+                terminal,
+                stan,
+                tx_time,
+                pan_ref,
+                amount,
+            )
+        if row is None and rrn is not None:
+            row = await self.pool.fetchrow(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE terminal = $1 AND rrn = $2{match(3)} "
+                "ORDER BY created_at DESC LIMIT 1",
+                terminal,
+                rrn,
+                pan_ref,
+                amount,
+            )
+        return Hold(*row) if row else None
+
+    async def pending_holds(self) -> list[Hold]:
+        rows = await self.pool.fetch(
+            f"SELECT {HOLD_COLUMNS} FROM holds WHERE state = 'pending' ORDER BY created_at"
+        )
+        return [Hold(*r) for r in rows]
+
+    async def check(self) -> LedgerCheck:
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            rows = await conn.fetch(CHECK_SQL)
+            holds = await conn.fetchval("SELECT COUNT(*) FROM holds")
+            pending = await conn.fetchval("SELECT COUNT(*) FROM holds WHERE state = 'pending'")
+            mismatched = await conn.fetchval(CAPTURE_MISMATCH_SQL)
+        return check_rows([tuple(r) for r in rows], holds, pending, mismatched)
