@@ -50,23 +50,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from isopace.flow import Exchange, Flow, Outcome
+from isopace.host import stages
 from isopace.host.config import HostConfig, journal_hmac_key
-from isopace.host.errors import HostError, StartupError
+from isopace.host.errors import HostError, StartupError, one_line
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
-from isopace.host.stages import (
-    BinRoute,
-    Dispatch,
-    NetworkManagement,
-    Parse,
-    Reserve,
-    Respond,
-    Reversal,
-    Risk,
-    Velocity,
-    error_reply,
-)
-from isopace.iso8583.masking import mask_text
 
 if TYPE_CHECKING:
     from isopace.flow import FlowListener, IdempotencyStore, Journal
@@ -121,11 +109,11 @@ def build_flow(
 ) -> Flow:
     """The reference authorization flow (see `isopace.host.stages` for the picture)."""
     config = config or HostConfig()
-    velocity = Velocity(
+    velocity = stages.Velocity(
         config.velocity_window, config.velocity_max_count, config.velocity_max_amount
     )
     key = idempotency_key(config.idempotency_key)
-    reserve = Reserve(ledger, key=key)
+    reserve = stages.Reserve(ledger, key=key)
     flow = Flow(
         entry="main",
         journal=journal,
@@ -134,20 +122,18 @@ def build_flow(
         profiler=profiler,
         listener=listener,
     )
-    flow.group("main", Parse(spec), Dispatch())
-    flow.group("netmgmt", NetworkManagement())
-    flow.group("authorize", Risk(ledger, velocity), BinRoute(config.bins, config.unknown_bin_code))
+    flow.group("main", stages.Parse(spec), stages.Dispatch())
+    flow.group("netmgmt", stages.NetworkManagement())
+    flow.group(
+        "authorize",
+        stages.Risk(ledger, velocity),
+        stages.BinRoute(config.bins, config.unknown_bin_code),
+    )
     for network in sorted(set(config.bins.values())):
         flow.group(network, reserve)
-    flow.group("reversal", Reversal(ledger))
-    flow.group("respond", Respond())
+    flow.group("reversal", stages.Reversal(ledger))
+    flow.group("respond", stages.Respond())
     return flow
-
-
-def _one_line(exc: BaseException) -> str:
-    """The exception's text on one line, with card numbers and track data masked (a stage's or a
-    driver's error may quote them)."""
-    return mask_text(" ".join(str(exc).split())) or type(exc).__name__
 
 
 class AuthorizationHost:
@@ -160,9 +146,7 @@ class AuthorizationHost:
         self.config = config
         self.spec: Spec = spec if spec is not None else ISO87_ASCII
         # see "Nodes" in the module docstring
-        self.node = config.node or (
-            f"{socket.gethostname()}:{config.port}" if config.postgres else socket.gethostname()
-        )
+        self.node = config.node_name
         self.metrics = Metrics()
         self.ledger: Ledger | None = None
         self.journal: Any = None
@@ -250,7 +234,7 @@ class AuthorizationHost:
             else:
                 self.recovery = await recover(self.flow, self.journal, all_nodes=all_nodes)
         except Exception as exc:
-            raise StartupError(f"recovery failed: {_one_line(exc)}") from exc
+            raise StartupError(f"recovery failed: {one_line(exc)}") from exc
         if self.recovery.total:
             log.warning("%s", self.recovery, extra={"node": self.node})
         if not all_nodes:
@@ -296,7 +280,7 @@ class AuthorizationHost:
         try:
             stale = await self.journal.in_doubt(all_nodes=True, older_than=2 * self.config.timeout)
         except Exception as exc:
-            log.warning("could not count other nodes' transactions in doubt: %s", _one_line(exc))
+            log.warning("could not count other nodes' transactions in doubt: %s", one_line(exc))
             return
         others = sorted({r.node for r in stale if r.node not in (self.node, "")})
         count = sum(1 for r in stale if r.node in others)
@@ -324,9 +308,9 @@ class AuthorizationHost:
         try:
             await ledger.open()
         except HostError as exc:
-            raise StartupError(_one_line(exc)) from exc
+            raise StartupError(one_line(exc)) from exc
         except Exception as exc:
-            raise StartupError(f"ledger: {_one_line(exc)}") from exc
+            raise StartupError(f"ledger: {one_line(exc)}") from exc
         self._closers.append(ledger.close)
         return ledger
 
@@ -359,7 +343,7 @@ class AuthorizationHost:
                     wait_final=cfg.journal_wait_final,
                 )
         except Exception as exc:
-            raise StartupError(f"journal: {_one_line(exc)}") from exc
+            raise StartupError(f"journal: {one_line(exc)}") from exc
         self._closers.append(journal.close)
         return journal
 
@@ -406,7 +390,7 @@ class AuthorizationHost:
                     exclusive_node=True,
                 )
         except Exception as exc:
-            raise StartupError(f"idempotency store: {_one_line(exc)}") from exc
+            raise StartupError(f"idempotency store: {one_line(exc)}") from exc
         self._closers.append(store.close)
         return store
 
@@ -443,7 +427,7 @@ class AuthorizationHost:
                 if asyncio.iscoroutine(result):
                     await result
             except Exception as exc:  # keep closing the rest
-                log.warning("close: %s", _one_line(exc))
+                log.warning("close: %s", one_line(exc))
 
     async def serve_forever(self) -> None:
         """Wait until cancelled (the CLI cancels on SIGINT / SIGTERM)."""
@@ -469,7 +453,7 @@ class AuthorizationHost:
             metrics.in_flight -= 1
         response = ex.response
         if response is None or (outcome is Outcome.ABORTED and response.get(39) == "00"):
-            response = error_reply(request, "96")
+            response = stages.error_reply(request, "96")
         if self.config.log_transactions and log.isEnabledFor(logging.INFO):
             self._log(ex, outcome, response)
         return response
@@ -485,7 +469,7 @@ class AuthorizationHost:
         amount = f"{int(raw) / 100:.2f}" if isinstance(raw, str) and raw.isdigit() else "-"
         cause = ""
         if ex.error is not None and outcome is Outcome.ABORTED:
-            cause = " cause=" + _one_line(ex.error)
+            cause = " cause=" + one_line(ex.error)
         log.info(
             "txn %s %s pan=%s amount=%s rc=%s %s%s %s",
             ex.id,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -191,6 +192,14 @@ class HostConfig:
                 f"TLS files {self.tls_cert}, {self.tls_key}: cannot load: {reason}"
             ) from exc
         return ctx
+
+    @property
+    def node_name(self) -> str:
+        """``node``, else the default name (see "Nodes" in `isopace.host.app`): hostname:port
+        with PostgreSQL, the hostname with SQLite."""
+        if self.node:
+            return self.node
+        return f"{socket.gethostname()}:{self.port}" if self.postgres else socket.gethostname()
 
     @property
     def journal_path(self) -> str:

@@ -7,6 +7,7 @@ command line can print it as it is and exit with status 2.
 from __future__ import annotations
 
 from isopace.errors import IsopaceError
+from isopace.iso8583.masking import mask_text
 
 
 class HostError(IsopaceError):
@@ -23,3 +24,9 @@ class LedgerError(HostError):
 
 class StartupError(HostError):
     """The host cannot start: port in use, database unreachable, recovery failed."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's text on one line, with card numbers and track data masked (a stage's or a
+    driver's error may quote them)."""
+    return mask_text(" ".join(str(exc).split())) or type(exc).__name__
