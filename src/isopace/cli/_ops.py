@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from isopace.cli._output import Output, money
 from isopace.cli._serve import add_config_flags, config_from_args
 from isopace.host.config import HostConfig, journal_hmac_key
+from isopace.host.errors import one_line
+
+if TYPE_CHECKING:
+    from isopace.host.app import AuthorizationHost
+    from isopace.host.ledger import Ledger
 
 _STORE_OPTIONS = {
     "db",
@@ -56,16 +63,17 @@ async def _open_journal(cfg: HostConfig, node: str) -> Any:
     return SqliteJournal(cfg.journal_path, hmac_key=journal_hmac_key(cfg, create=False), node=node)
 
 
-def _node(cfg: HostConfig) -> str:
-    import socket
+@contextlib.asynccontextmanager
+async def _host_ledger(cfg: HostConfig) -> AsyncIterator[tuple[AuthorizationHost, Ledger]]:
+    """A host (not started) and its ledger, opened as ``isopace serve`` opens it; the host closes
+    (with what was opened through it) on the way out."""
+    from isopace.host.app import AuthorizationHost
 
-    if cfg.postgres:
-        return cfg.node or f"{socket.gethostname()}:{cfg.port}"
-    return cfg.node or socket.gethostname()  # as AuthorizationHost names it
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    host = AuthorizationHost(cfg)
+    try:
+        yield host, await host._open_ledger()
+    finally:
+        await host.close()
 
 
 def _check_sqlite_exists(cfg: HostConfig, path: str) -> None:
@@ -116,9 +124,9 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
 
     out = Output()
     try:
-        journal = await _open_journal(cfg, _node(cfg))
+        journal = await _open_journal(cfg, cfg.node_name)
     except Exception as exc:
-        raise HostError(f"journal: {_one_line(exc)}") from exc
+        raise HostError(f"journal: {one_line(exc)}") from exc
     try:
         if args.in_doubt:
             rows = await journal.in_doubt(all_nodes=True)
@@ -256,14 +264,12 @@ def run_recover(args: argparse.Namespace) -> int:
 
 
 async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
-    from isopace.host.app import AuthorizationHost, build_flow, idempotency_key
+    from isopace.host.app import build_flow, idempotency_key
     from isopace.host.errors import HostError
     from isopace.store import recover
 
     out = Output()
-    host = AuthorizationHost(cfg)
-    try:
-        ledger = await host._open_ledger()
+    async with _host_ledger(cfg) as (host, ledger):
         if not cfg.postgres:
             # as ``isopace serve`` does: the data's lock (refused while a host serves it), so
             # every node's transactions in it are recovered
@@ -284,7 +290,7 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
             all_nodes = args.all_nodes or not cfg.postgres
             report = await recover(flow, journal, all_nodes=all_nodes, **extra)
         except Exception as exc:
-            raise HostError(f"recovery failed: {_one_line(exc)}") from exc
+            raise HostError(f"recovery failed: {one_line(exc)}") from exc
         out.line(str(report))
         for tx_id, text in report.failed.items():
             out.line(f"  left in doubt: {tx_id}: {text}")
@@ -295,8 +301,6 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
             else "ledger does NOT balance: " + "; ".join(check.problems)
         )
         return 0 if not report.failed and check.ok else 1
-    finally:
-        await host.close()
 
 
 # -- ledger ----------------------------------------------------------------------------------------
@@ -326,13 +330,10 @@ def run_ledger(args: argparse.Namespace) -> int:
 
 
 async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
-    from isopace.host.app import AuthorizationHost
     from isopace.host.errors import ConfigError
 
     out = Output()
-    host = AuthorizationHost(cfg)
-    try:
-        ledger = await host._open_ledger()
+    async with _host_ledger(cfg) as (_, ledger):
         for pan, status in ((args.block, "blocked"), (args.unblock, "active")):
             if pan and not await ledger.set_card_status(pan, status):
                 raise ConfigError("no such card in the ledger")
@@ -381,5 +382,3 @@ async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
             for problem in check.problems:
                 out.line(f"  {problem}")
         return 0 if check.ok else 1
-    finally:
-        await host.close()
