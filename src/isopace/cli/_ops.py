@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from isopace.cli._output import Output, money
@@ -76,6 +76,21 @@ async def _host_ledger(cfg: HostConfig) -> AsyncIterator[tuple[AuthorizationHost
         await host.close()
 
 
+def _command(
+    body: Callable[[argparse.Namespace, HostConfig], Coroutine[Any, Any, int]],
+    database: Callable[[HostConfig], str],
+) -> Callable[[argparse.Namespace], int]:
+    """A command's entry point: the configuration from the flags, the SQLite database the
+    command reads (``database(cfg)``) checked to exist, then ``body`` run."""
+
+    def run(args: argparse.Namespace) -> int:
+        cfg = config_from_args(args)
+        _check_sqlite_exists(cfg, database(cfg))
+        return asyncio.run(body(args, cfg))
+
+    return run
+
+
 def _check_sqlite_exists(cfg: HostConfig, path: str) -> None:
     import os
 
@@ -110,13 +125,7 @@ def add_journal_parser(sub: Any) -> None:
     q.add_argument("--pan", help="records of one card (needs the journal key)")
     p.add_argument("--limit", type=int, default=100, help="most records to print (default: 100)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    p.set_defaults(func=run_journal)
-
-
-def run_journal(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    _check_sqlite_exists(cfg, cfg.journal_path)
-    return asyncio.run(_journal(args, cfg))
+    p.set_defaults(func=_command(_journal, lambda cfg: cfg.journal_path))
 
 
 async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
@@ -254,13 +263,7 @@ def add_recover_parser(sub: Any) -> None:
     p.add_argument(
         "--all-nodes", action="store_true", help="also take over other nodes' transactions"
     )
-    p.set_defaults(func=run_recover)
-
-
-def run_recover(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    _check_sqlite_exists(cfg, cfg.journal_path)
-    return asyncio.run(_recover(args, cfg))
+    p.set_defaults(func=_command(_recover, lambda cfg: cfg.journal_path))
 
 
 async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
@@ -320,13 +323,7 @@ def add_ledger_parser(sub: Any) -> None:
     p.add_argument("--block", metavar="PAN", help="block this card (declined 05 from now on)")
     p.add_argument("--unblock", metavar="PAN", help="unblock this card")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run_ledger)
-
-
-def run_ledger(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    _check_sqlite_exists(cfg, cfg.db)
-    return asyncio.run(_ledger(args, cfg))
+    p.set_defaults(func=_command(_ledger, lambda cfg: cfg.db))
 
 
 async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
