@@ -120,6 +120,22 @@ class FramedProtocol(asyncio.Protocol):
     def frame_received(self, frame: Frame) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def control_frame(self, frame: Frame, answer_keepalive: bool) -> None:
+        """Handle a frame with no message to decode (``frame.tpdu is None`` and an empty payload
+        or a TPDU framing): a keep-alive, answered when ``answer_keepalive``, or a frame too
+        short to carry its TPDU, logged and dropped."""
+        payload = frame.payload
+        if not payload:
+            if answer_keepalive:
+                self.write(self.framing.keepalive())
+            return
+        logger.warning(
+            "frame of %d bytes from %s is too short for its TPDU; dropped",
+            len(payload),
+            self.peer,
+            extra={"peer": self.peer, "length": len(payload)},
+        )
+
     def close_transport(self, abort: bool = False) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.flush()

@@ -159,16 +159,7 @@ class _Connection(FramedProtocol):
         client = self.client
         payload = frame.payload
         if frame.tpdu is None and (not payload or self._tpdu):
-            if not payload:  # keep-alive
-                if client.answer_keepalive:
-                    self.write(self.framing.keepalive())
-                return
-            logger.warning(
-                "frame of %d bytes from %s is too short for its TPDU; dropped",
-                len(payload),
-                self.peer,
-                extra={"peer": self.peer},
-            )
+            self.control_frame(frame, client.answer_keepalive)
             return
         try:
             message = client.spec.decode(payload)

@@ -270,16 +270,7 @@ class _Connection(FramedProtocol):
         server = self.server
         payload = frame.payload
         if frame.tpdu is None and (not payload or self._tpdu):
-            if not payload:  # keep-alive
-                if server.keepalive_reply:
-                    self.write(self.framing.keepalive())
-                return
-            logger.warning(
-                "frame of %d bytes from %s is too short for its TPDU; dropped",
-                len(payload),
-                self.peer,
-                extra={"peer": self.peer, "length": len(payload)},
-            )
+            self.control_frame(frame, server.keepalive_reply)
             return
         try:
             request = server.spec.decode(payload)
