@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from types import TracebackType
@@ -54,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Self
 import asyncpg  # type: ignore[import-untyped]
 
 from isopace._cardtext import error_text, mask_text
+from isopace.store._owners import OwnerTokens
 from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
 from isopace.store.protect import CardDataProtector
@@ -650,9 +649,7 @@ class PostgresIdempotencyStore(_PoolOwner):
         self._recheck = recheck
         self._purge_interval = purge_interval
         self._node = node if node is not None else default_node()
-        # owner tokens: a random prefix per store and a counter (uuid4 per claim costs tens of us)
-        self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
-        self._owners = itertools.count(1)
+        self._owners = OwnerTokens(self._node)
         self._channel = f"isopace_idem_{self.schema}"
         self._held: dict[str, str] = {}
         self._waiters: dict[str, list[asyncio.Event]] = {}
@@ -811,7 +808,7 @@ class PostgresIdempotencyStore(_PoolOwner):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), self._recheck)
                 continue
-            owner = f"{self._owner_prefix}{next(self._owners):x}"
+            owner = self._owners.next()
             event = asyncio.Event()
             self._waiters.setdefault(key, []).append(event)  # before the check: no lost wake-up
             try:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import secrets
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
@@ -44,6 +42,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from isopace._cardtext import error_text
+from isopace.store._owners import OwnerTokens
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
 
@@ -127,9 +126,7 @@ class RedisIdempotencyStore:
         self.lease = lease
         self._recheck = recheck
         self._node = node if node is not None else default_node()
-        # owner tokens: a random prefix per store and a counter (uuid4 per claim costs tens of us)
-        self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
-        self._owners = itertools.count(1)
+        self._owners = OwnerTokens(self._node)
         self._channel = f"{prefix}done"
         self._complete = self._client.register_script(_COMPLETE)
         self._release = self._client.register_script(_RELEASE)
@@ -225,7 +222,7 @@ class RedisIdempotencyStore:
                 if key in self._held:  # a run of this process holds it
                     timeout = self._recheck
                 else:
-                    owner = f"{self._owner_prefix}{next(self._owners):x}"
+                    owner = self._owners.next()
                     try:
                         got = await self._client.set(
                             rkey, f"C{owner}", nx=True, px=int(self.lease * 1000)

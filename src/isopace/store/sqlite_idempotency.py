@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import re
-import secrets
 import sqlite3
 import time
 from collections.abc import Callable
@@ -44,6 +42,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from isopace._cardtext import error_text
+from isopace.store._owners import OwnerTokens
 from isopace.store._writer import BatchExecutor
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
@@ -104,8 +103,7 @@ class SqliteIdempotencyStore:
         self._node = node if node is not None else f"{default_node()}:{os.getpid()}"
         # Owner tokens: a random per-store prefix (unique across processes and restarts) and a
         # counter; a UUID per claim costs an os.urandom call (tens of microseconds on some VMs).
-        self._owner_prefix = f"{self._node}:{secrets.token_hex(8)}:"
-        self._owners = itertools.count(1)
+        self._owners = OwnerTokens(self._node)
         # exclusive_node: the claims of an earlier run of this node (its owner tokens, from
         # another prefix) belong to a process that is gone; they are taken over at once
         self._stale_owner = (
@@ -190,7 +188,7 @@ class SqliteIdempotencyStore:
         return (
             self._stale_owner is not None
             and holder is not None
-            and not holder.startswith(self._owner_prefix)
+            and not holder.startswith(self._owners.prefix)
             and self._stale_owner(holder) is not None
         )
 
@@ -262,7 +260,7 @@ class SqliteIdempotencyStore:
             if key in self._held:  # another run of this process holds it: wait locally
                 status, text, remaining = "held", None, self.lease
             else:
-                owner = f"{self._owner_prefix}{next(self._owners):x}"
+                owner = self._owners.next()
                 status, text, remaining = await self._run("claim", key, self._try_claim, key, owner)
             if status == "claimed":
                 self._held[key] = owner
