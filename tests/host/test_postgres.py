@@ -123,12 +123,12 @@ def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix:
     async def load_and_kill() -> None:
         stop = False
 
-        async def worker(w: int, port: int) -> None:
+        async def worker(w: int, port: int, host: int) -> None:
             stan = 0
             async with Client(ISO87_ASCII, port=port, reconnect=False) as client:
                 while not stop:
                     stan += 1
-                    m = purchase(PAN_BENCH, 100, stan, f"KP{port % 100:02d}{w:04d}", "1129160000")
+                    m = purchase(PAN_BENCH, 100, stan, f"KP{host:02d}{w:04d}", "1129160000")
                     try:
                         response = await client.request(m, timeout=10)
                     except Exception:
@@ -137,7 +137,12 @@ def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix:
                     if response[39] == "00":
                         approved.append(m)
 
-        tasks = [asyncio.create_task(worker(w, p)) for w in range(4) for p in (a.port, b.port)]
+        # terminals differ per host and worker: the retransmission below sends them all at once
+        tasks = [
+            asyncio.create_task(worker(w, p, host))
+            for w in range(4)
+            for host, p in enumerate((a.port, b.port))
+        ]
         await asyncio.sleep(random.uniform(1.0, 1.5))
         await asyncio.to_thread(a.kill9)
         await asyncio.sleep(0.5)
