@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any, cast
 
+from isopace._cardtext import error_text
 from isopace.net.framing import Frame, FrameDecoder, Framing
 
 logger = logging.getLogger("isopace.net")
@@ -119,6 +120,19 @@ class FramedProtocol(asyncio.Protocol):
 
     def frame_received(self, frame: Frame) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def dispatch(self, frame: Frame) -> None:
+        """``frame_received(frame)``; an error there is logged (masked), never fatal: a bug
+        handling one frame must not take the connection down."""
+        try:
+            self.frame_received(frame)
+        except Exception as exc:
+            logger.error(
+                "error processing a frame from %s\n%s",
+                self.peer,
+                error_text(exc, traceback=True),
+                extra={"peer": self.peer},
+            )
 
     def control_frame(self, frame: Frame, answer_keepalive: bool) -> None:
         """Handle a frame with no message to decode (``frame.tpdu is None`` and an empty payload

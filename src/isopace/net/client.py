@@ -145,15 +145,7 @@ class _Connection(FramedProtocol):
             if not frames:
                 return
             for frame in frames:
-                try:
-                    self.frame_received(frame)
-                except Exception as exc:  # a bug must not take the connection down
-                    logger.error(
-                        "error processing a frame from %s\n%s",
-                        self.peer,
-                        error_text(exc, traceback=True),
-                        extra={"peer": self.peer},
-                    )
+                self.dispatch(frame)
 
     def frame_received(self, frame: Frame) -> None:
         client = self.client

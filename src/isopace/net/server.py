@@ -241,15 +241,7 @@ class _Connection(FramedProtocol):
             for frame in frames:
                 if self.closed or self.stopping:
                     return
-                try:
-                    self.frame_received(frame)
-                except Exception as exc:  # a bug must not take the connection down
-                    logger.error(
-                        "error processing a frame from %s\n%s",
-                        self.peer,
-                        error_text(exc, traceback=True),
-                        extra={"peer": self.peer},
-                    )
+                self.dispatch(frame)
 
     def _fatal(self, exc: FrameError) -> None:
         text = error_text(exc)
