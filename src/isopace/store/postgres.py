@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Self
 import asyncpg  # type: ignore[import-untyped]
 
 from isopace._cardtext import error_text, mask_text
+from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
@@ -898,11 +899,7 @@ class PostgresIdempotencyStore(_PoolOwner):
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._tasks)
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.remove_listener(self._channel, self._notified)

@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from isopace._cardtext import error_text
+from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
@@ -308,11 +309,7 @@ class RedisIdempotencyStore:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self._tasks)
         self._wake_all()
         if self._owns_client:
             with contextlib.suppress(Exception):
