@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from isopace._cardtext import error_text
 from isopace.store._owners import OwnerTokens
+from isopace.store._sqlite_open import open_wal
 from isopace.store._writer import BatchExecutor
 from isopace.store.errors import IdempotencyError, LeaseLostError
 from isopace.store.records import default_node
@@ -138,13 +139,10 @@ class SqliteIdempotencyStore:
         return err
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        conn = open_wal(
+            self.path, timeout=self._timeout, synchronous=self._sync, check_same_thread=False
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self._sync}")
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)

@@ -55,6 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from isopace.store._sqlite_open import open_wal
 from isopace.store._writer import GroupWriter
 from isopace.store.errors import JournalError, SchemaError, StoreError
 from isopace.store.protect import CardDataProtector
@@ -226,23 +227,14 @@ _COLUMNS = f"""j.seq, j.tx_id, j.kind, j.at_us, j.node, j.joined, j.durable, j.r
 def _connect(
     path: str, *, synchronous: str, timeout: float, pragmas: Mapping[str, str | int] | None = None
 ) -> sqlite3.Connection:
-    conn = sqlite3.connect(
+    return open_wal(
         path,
         timeout=timeout,
-        isolation_level=None,
+        synchronous=synchronous,
+        pragmas=pragmas,
         check_same_thread=False,
         cached_statements=_CHUNK + 32,
     )
-    conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-    for name, value in (pragmas or {}).items():
-        if not name.isidentifier() or not str(value).replace("-", "").isalnum():
-            raise ValueError(f"bad pragma {name!r} = {value!r}")
-        conn.execute(f"PRAGMA {name} = {value}")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise JournalError(f"journal {path}: could not switch to WAL mode (got {mode!r})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
-    return conn
 
 
 def migrate(conn: sqlite3.Connection, *, path: str = "", upto: int | None = None) -> int:

@@ -40,6 +40,7 @@ from isopace.host.ledger._common import (
     check_rows,
     mask_pan,
 )
+from isopace.store._sqlite_open import open_wal
 
 T = TypeVar("T")
 
@@ -153,11 +154,13 @@ class _SqliteWorker:
 
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA busy_timeout=10000")
-            conn.execute("PRAGMA foreign_keys=ON")
+            conn = open_wal(
+                self._path,
+                timeout=10.0,
+                synchronous=self._synchronous,
+                pragmas={"foreign_keys": "ON"},
+                check_same_thread=False,
+            )
             self._init(conn)
         except BaseException as exc:
             self._error = LedgerError(f"ledger {self._path}: cannot open: {exc}")
