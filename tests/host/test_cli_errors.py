@@ -102,7 +102,7 @@ def test_database_unreachable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     proc = cli("serve", "--port", "0", "--db", str(blocker / "sub" / "h.db"))
-    one_line_error(proc, "ledger")
+    one_line_error(proc, "database", "h.db: cannot open", "Not a directory")
 
 
 def test_send_to_closed_port() -> None:

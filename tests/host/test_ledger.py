@@ -152,7 +152,7 @@ def test_config_file_flags_and_errors(tmp_path: Path) -> None:
     path.write_text('port = 9000\nmetrics-port = 9100\nbins = { "4" = "visa" }\n')
     cfg = load_config(str(path), {"port": 9001, "db": None})
     assert (cfg.port, cfg.metrics_port, cfg.bins) == (9001, 9100, {"4": "visa"})
-    assert cfg.journal_path.endswith("isopace.journal.db")
+    assert cfg.legacy_paths[0].endswith("isopace.journal.db")
     path.write_text("colour = 'blue'\n")
     with pytest.raises(ConfigError, match="unknown key 'colour'"):
         load_config(str(path))

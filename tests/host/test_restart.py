@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from isopace.iso8583 import Message
 
-from .conftest import PG_DSN, REDIS_URL, HostProcess, cli, cli_json, free_port
+from .conftest import PG_DSN, REDIS_URL, HostProcess, _env, cli, cli_json, free_port
 from .test_crash import load_then_kill
 
 
@@ -34,6 +37,31 @@ def _captured(db: str, approved: list[tuple[Message, Message]]) -> list[object]:
         conn.close()
 
 
+def _leave_in_doubt(db: str, node: str) -> list[str]:
+    """Run tests/host/in_doubt_child.py and kill it with SIGKILL once it is ready."""
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("in_doubt_child.py")), db, node],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ids = []
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                break
+            ids.append(line.strip())
+        else:
+            raise AssertionError(f"the child ended early: {proc.wait()} {proc.stderr.read()}")  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(ids) == 2, ids
+    return ids
+
+
 def test_sqlite_restart_on_another_port_recovers(tmp_path: Path) -> None:
     db = str(tmp_path / "data" / "host.db")
     args = ["--db", db, "--log-level", "WARNING"]
@@ -47,19 +75,18 @@ def test_sqlite_restart_on_another_port_recovers(tmp_path: Path) -> None:
     assert "in use by another isopace host" in offline.stderr, offline.stderr
     approved = asyncio.run(load_then_kill(first, 6, 1.0))
     assert approved
-    # until a kill leaves something in doubt, crash the host again on yet another port
-    crashed = [first]
-    for round_no in range(8):
-        if cli("journal", "--db", db, "--in-doubt", "--json", check=True).stdout.strip():
-            break
-        host = HostProcess(free_port(), args, tmp_path / f"serve-{round_no + 2}.log").start()
-        crashed.append(host)
-        approved += asyncio.run(load_then_kill(host, (round_no + 7) % 10, 0.5))
-    else:
-        raise AssertionError("no kill left a transaction in doubt")
+    # and a run of another node killed in the middle of two transactions
+    doubt = _leave_in_doubt(db, "crashed-node:1")
+    in_doubt = cli("journal", "--db", db, "--in-doubt", "--json", check=True).stdout
+    assert all(tx in in_doubt for tx in doubt), in_doubt
     restarted = HostProcess(free_port(), args, tmp_path / "serve-1.log").start()
     try:
-        assert "recovery:" in restarted.output
+        recovered = re.search(r"recovery: (\d+) committed, (\d+) aborted", restarted.output)
+        assert recovered, restarted.output
+        assert int(recovered[1]) >= 1 and int(recovered[2]) >= 1, recovered[0]
+        for tx_id, outcome in zip(doubt, ("committed", "aborted"), strict=True):
+            records = cli("journal", "--db", db, "--id", tx_id, "--json", check=True).stdout
+            assert f'"{outcome}"' in records.lower(), records
         in_doubt = cli("journal", "--db", db, "--in-doubt", "--json", check=True).stdout
         assert in_doubt.strip() == "", in_doubt
         ledger = cli_json("ledger", "--db", db)
@@ -68,8 +95,7 @@ def test_sqlite_restart_on_another_port_recovers(tmp_path: Path) -> None:
         assert set(_captured(db, approved)) == {("captured",)}
     finally:
         assert restarted.stop() == 0, restarted.output
-        for host in crashed:
-            host.stop()
+        first.stop()
 
 
 def test_postgres_restart_on_another_port_warns_and_recover_all_nodes_ends_them(

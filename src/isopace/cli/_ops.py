@@ -60,7 +60,7 @@ async def _open_journal(cfg: HostConfig, node: str) -> Any:
         return journal
     from isopace.store import SqliteJournal
 
-    return SqliteJournal(cfg.journal_path, hmac_key=journal_hmac_key(cfg, create=False), node=node)
+    return SqliteJournal(cfg.db, hmac_key=journal_hmac_key(cfg, create=False), node=node)
 
 
 @contextlib.asynccontextmanager
@@ -125,7 +125,7 @@ def add_journal_parser(sub: Any) -> None:
     q.add_argument("--pan", help="records of one card (needs the journal key)")
     p.add_argument("--limit", type=int, default=100, help="most records to print (default: 100)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-    p.set_defaults(func=_command(_journal, lambda cfg: cfg.journal_path))
+    p.set_defaults(func=_command(_journal, lambda cfg: cfg.db))
 
 
 async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
@@ -263,7 +263,7 @@ def add_recover_parser(sub: Any) -> None:
     p.add_argument(
         "--all-nodes", action="store_true", help="also take over other nodes' transactions"
     )
-    p.set_defaults(func=_command(_recover, lambda cfg: cfg.journal_path))
+    p.set_defaults(func=_command(_recover, lambda cfg: cfg.db))
 
 
 async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
@@ -277,8 +277,11 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
             # as ``isopace serve`` does: the data's lock (refused while a host serves it), so
             # every node's transactions in it are recovered
             host._lock_data(cfg.db)
-        journal = await _open_journal(cfg, host.node)
-        host._closers.append(journal.close)
+        if cfg.postgres:
+            journal = await _open_journal(cfg, host.node)
+            host._closers.append(journal.close)
+        else:  # the host's own journal, in the database the ledger opened
+            journal = await host._open_journal()
         flow = build_flow(ledger, cfg, spec=host.spec, journal=journal)
         extra: dict[str, Any] = {}
         if not (cfg.postgres or cfg.redis or args.all_nodes):

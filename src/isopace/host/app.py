@@ -5,9 +5,12 @@ the TCP server and the metrics endpoint.
 `AuthorizationHost` owns the resources and their start-up order:
 
 1. the TLS context (bad files fail before anything is opened);
-2. the ledger (SQLite file, or PostgreSQL), seeded with the demo cards when it is empty;
-3. the journal and the idempotency store (SQLite files next to the ledger; PostgreSQL and/or Redis
-   when configured);
+2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty;
+3. the journal and the idempotency store (PostgreSQL and/or Redis when configured). With SQLite,
+   the ledger, the journal and the idempotency store share ONE file, one connection and one WAL
+   (`isopace.store.SqliteDatabase`): their writes run inline on the event loop, a transaction's
+   writes commit in order (mostly in one SQLite transaction), and a response leaves only once
+   they are on disk, after one group fsync shared with every transaction answered meanwhile;
 4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
    or rolled back through the stages' ``recover`` hooks before the port opens (see "Nodes"
    below for whose transactions that is); with the SQLite
@@ -23,7 +26,7 @@ A transaction that ends without a response (a stage failed, the deadline passed)
 
 Nodes (whose transactions start-up recovery ends):
 
-- SQLite: the data (ledger, journal, idempotency files) belongs to one host process at a time,
+- SQLite: the data (the database file) belongs to one host process at a time,
   which holds an exclusive lock on ``<name>.lock`` next to the database from start to close (the
   kernel drops it when the process dies, even on kill -9; a second ``isopace serve`` on the same
   data fails with a one-line error). The node defaults to the machine's host name, and start-up
@@ -55,6 +58,7 @@ from isopace.host.config import HostConfig, journal_hmac_key
 from isopace.host.errors import HostError, StartupError, one_line
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
+from isopace.store import SqliteDatabase, SqliteIdempotencyStore
 
 if TYPE_CHECKING:
     from isopace.flow import FlowListener, IdempotencyStore, Journal
@@ -148,6 +152,7 @@ class AuthorizationHost:
         # see "Nodes" in the module docstring
         self.node = config.node_name
         self.metrics = Metrics()
+        self.database: SqliteDatabase | None = None
         self.ledger: Ledger | None = None
         self.journal: Any = None
         self.idempotency: Any = None
@@ -161,6 +166,7 @@ class AuthorizationHost:
         # counter; cheaper than a UUID per transaction.
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
+        self._sync_before_reply: SqliteDatabase | None = None
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -202,6 +208,11 @@ class AuthorizationHost:
             self.seeded = await self.ledger.seed(DEMO_CARDS)
         self.journal = await self._open_journal()
         self.idempotency = await self._open_idempotency()
+        # A response may leave only once the transaction's writes are on disk. The SQLite
+        # idempotency store's `complete`, the last write of every idempotent transaction, waits
+        # for that; with another store the handler waits for the database itself.
+        if self.database is not None and not isinstance(self.idempotency, SqliteIdempotencyStore):
+            self._sync_before_reply = self.database
         self.flow = build_flow(
             self.ledger,
             cfg,
@@ -298,13 +309,37 @@ class AuthorizationHost:
         if self.metrics_server is not None:
             await self.metrics_server.close()
 
+    async def _open_database(self) -> SqliteDatabase:
+        """The one SQLite file of the ledger, the journal and the idempotency store (see
+        :mod:`isopace.store.sqlite_database`); refuses the three files of an earlier isopace."""
+        from isopace.store import SqliteDatabase
+
+        cfg = self.config
+        legacy = [p for p in cfg.legacy_paths if os.path.exists(p)]
+        if legacy:
+            raise StartupError(
+                f"{legacy[0]}: a journal or idempotency file of an earlier isopace, which kept "
+                f"them apart from {cfg.db}; finish its transactions with that version "
+                "(isopace recover), then move these files away"
+            )
+        try:
+            database = await asyncio.to_thread(SqliteDatabase, cfg.db, synchronous=cfg.synchronous)
+        except Exception as exc:  # a StoreError names the database
+            raise StartupError(one_line(exc)) from exc
+        self.database = database
+        self._closers.append(database.close)
+        return database
+
+    async def _shared_database(self) -> SqliteDatabase:
+        return self.database if self.database is not None else await self._open_database()
+
     async def _open_ledger(self) -> Ledger:
         cfg = self.config
         ledger: Ledger
         if cfg.postgres:
             ledger = PostgresLedger(cfg.postgres, schema=cfg.postgres_schema)
         else:
-            ledger = SqliteLedger(cfg.db, synchronous=cfg.synchronous)
+            ledger = SqliteLedger.on(await self._open_database())
         try:
             await ledger.open()
         except HostError as exc:
@@ -335,11 +370,10 @@ class AuthorizationHost:
             else:
                 from isopace.store import SqliteJournal
 
-                journal = SqliteJournal(
-                    cfg.journal_path,
+                journal = SqliteJournal.on(
+                    await self._shared_database(),
                     hmac_key=journal_hmac_key(cfg),  # generated on first start if not configured
                     node=self.node,
-                    synchronous=cfg.synchronous,
                     wait_final=cfg.journal_wait_final,
                 )
         except Exception as exc:
@@ -379,11 +413,10 @@ class AuthorizationHost:
             else:
                 from isopace.store import SqliteIdempotencyStore
 
-                store = SqliteIdempotencyStore(
-                    cfg.idempotency_path,
+                store = SqliteIdempotencyStore.on(
+                    await self._shared_database(),
                     ttl=cfg.idempotency_ttl,
                     lease=cfg.idempotency_lease,
-                    synchronous=cfg.synchronous,
                     # one process per node (it owns the port): claims left by a crashed run
                     # of this node are taken over at once, not after their lease
                     node=self.node,
@@ -449,6 +482,8 @@ class AuthorizationHost:
         metrics.in_flight += 1
         try:
             outcome = await flow.run(ex, timeout=self.config.timeout)
+            if self._sync_before_reply is not None:
+                await self._sync_before_reply.synced()
         finally:
             metrics.in_flight -= 1
         response = ex.response

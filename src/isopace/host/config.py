@@ -74,8 +74,7 @@ class HostConfig:
     timeout: float = _opt(5.0, "deadline of one transaction in seconds", metavar="SECONDS")
     db: str = _opt(
         "isopace-data/isopace.db",
-        "SQLite ledger file; the journal and idempotency store sit next to it "
-        "(<name>.journal.db, <name>.idem.db)",
+        "SQLite file of the ledger, the journal and the idempotency store",
         metavar="PATH",
     )
     synchronous: str = _opt("FULL", "SQLite synchronous level: NORMAL, FULL or EXTRA")
@@ -202,12 +201,11 @@ class HostConfig:
         return f"{socket.gethostname()}:{self.port}" if self.postgres else socket.gethostname()
 
     @property
-    def journal_path(self) -> str:
-        return _sibling(self.db, "journal")
-
-    @property
-    def idempotency_path(self) -> str:
-        return _sibling(self.db, "idem")
+    def legacy_paths(self) -> tuple[str, str]:
+        """Where an earlier isopace kept the journal and the idempotency store, apart from the
+        ledger (``<name>.journal.db``, ``<name>.idem.db``); the host refuses to start next to
+        them rather than leave their transactions behind."""
+        return _sibling(self.db, "journal"), _sibling(self.db, "idem")
 
     @property
     def journal_key_path(self) -> str:

@@ -1,7 +1,9 @@
 """isopace.store: durable journals, idempotency stores and crash recovery.
 
 - :class:`SqliteJournal` / :class:`SqliteIdempotencyStore`: the embedded default (standard
-  library ``sqlite3``): WAL, ``synchronous=FULL``, group commit, versioned schema.
+  library ``sqlite3``): WAL, ``synchronous=FULL``, group commit, versioned schema; each in a
+  file of its own, or ``.on(database)`` in one :class:`SqliteDatabase` shared with the host's
+  ledger (written inline, made durable by one group fsync).
 - :class:`PostgresJournal` / :class:`PostgresIdempotencyStore` (``isopace[postgres]``, asyncpg) and
   :class:`RedisIdempotencyStore` (``isopace[redis]``) for several nodes; imported lazily, so
   ``import isopace.store`` needs neither package.
@@ -28,6 +30,7 @@ from isopace.store.errors import (
 from isopace.store.protect import CardDataProtector, mask_pan, scrub_text
 from isopace.store.records import InDoubt, JournalRecord, RecoveryReport
 from isopace.store.recovery import RecoverableJournal, RecoveredAbortError, recover
+from isopace.store.sqlite_database import SqliteDatabase
 from isopace.store.sqlite_idempotency import SqliteIdempotencyStore
 from isopace.store.sqlite_journal import SCHEMA_VERSION, SqliteJournal
 
@@ -51,6 +54,7 @@ __all__ = [
     "RecoveryReport",
     "RedisIdempotencyStore",
     "SchemaError",
+    "SqliteDatabase",
     "SqliteIdempotencyStore",
     "SqliteJournal",
     "StoreError",

@@ -45,11 +45,12 @@ from isopace._cardtext import error_text
 from isopace.store._owners import OwnerTokens
 from isopace.store._sqlite_open import open_wal
 from isopace.store._writer import BatchExecutor
-from isopace.store.errors import IdempotencyError, LeaseLostError
+from isopace.store.errors import IdempotencyError, LeaseLostError, StoreError
 from isopace.store.records import default_node
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Message
+    from isopace.store.sqlite_database import SqliteDatabase
 
 __all__ = ["SqliteIdempotencyStore"]
 
@@ -72,12 +73,29 @@ _SCHEMA = (
 )
 
 
+def _create_schema(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        conn.execute(statement)
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
 
 class SqliteIdempotencyStore:
-    """The flow's ``IdempotencyStore`` protocol on a SQLite file shared by several processes."""
+    """The flow's ``IdempotencyStore`` protocol on a SQLite file shared by several processes.
+
+    ``SqliteIdempotencyStore.on(database, ...)`` keeps the keys in a shared
+    :class:`SqliteDatabase` (the host's one file) instead of a file and thread of its own: every
+    operation runs inline and commits in order with the process's other writes, and ``complete``
+    returns once the response is on disk (``database.synced()``), which also makes every earlier
+    write of the transaction durable; a claim or release is made durable by the next sync.
+    """
+
+    @classmethod
+    def on(cls, database: SqliteDatabase, **options: Any) -> SqliteIdempotencyStore:
+        """A store in the shared ``database``; ``options`` as for the constructor."""
+        return cls(database.path, database=database, **options)
 
     def __init__(
         self,
@@ -91,6 +109,7 @@ class SqliteIdempotencyStore:
         timeout: float = 10.0,
         node: str | None = None,
         exclusive_node: bool = False,
+        database: SqliteDatabase | None = None,
     ) -> None:
         if ttl <= 0 or lease <= 0:
             raise ValueError("ttl and lease must be positive")
@@ -116,7 +135,16 @@ class SqliteIdempotencyStore:
         self._wakeups: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._db: BatchExecutor[sqlite3.Connection] = BatchExecutor(
+        self._database = database
+        self._db: BatchExecutor[sqlite3.Connection] | None = None
+        if database is not None:
+            try:
+                database.write(_create_schema)
+            except StoreError as exc:
+                message = f"idempotency store {self.path}: cannot open: {exc.__cause__ or exc}"
+                raise IdempotencyError(message) from exc
+            return
+        self._db = BatchExecutor(
             connect=self._connect,
             begin=lambda c: c.execute("BEGIN IMMEDIATE"),
             commit=lambda c: c.execute("COMMIT"),
@@ -144,8 +172,7 @@ class SqliteIdempotencyStore:
         )
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                conn.execute(statement)
+            _create_schema(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.close()
@@ -237,15 +264,24 @@ class SqliteIdempotencyStore:
         )
         return int(cur.rowcount)
 
-    async def _run(self, what: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(
+        self, what: str, key: str, fn: Callable[..., T], *args: Any, durable: bool = False
+    ) -> T:
+        """Run ``fn(conn, *args)`` in a write transaction; with ``durable``, return once it is
+        on disk (a store of its own is always durable: every batch is fsynced)."""
         if self._closed:
             raise IdempotencyError(f"idempotency store {self.path} is closed")
         try:
-            result: T = await self._db.call(fn, *args)
-        except IdempotencyError as exc:
+            if self._db is not None:
+                result: T = await self._db.call(fn, *args)
+            else:
+                assert self._database is not None
+                result = await self._database.call(fn, *args, durable=durable)
+        except StoreError as exc:
+            cause = exc.__cause__ or exc
             raise IdempotencyError(
-                f"idempotency store {self.path}: {what} of key {key!r} failed: {exc.__cause__}"
-            ) from exc.__cause__
+                f"idempotency store {self.path}: {what} of key {key!r} failed: {cause}"
+            ) from cause
         return result
 
     # -- the IdempotencyStore protocol ----------------------------------------------------------
@@ -277,7 +313,13 @@ class SqliteIdempotencyStore:
         owner = self._held.get(key)
         try:
             ok = await self._run(
-                "complete", key, self._complete, key, owner, response.to_json(redact=True)
+                "complete",
+                key,
+                self._complete,
+                key,
+                owner,
+                response.to_json(redact=True),
+                durable=True,
             )
         finally:
             if self._held.get(key) == owner:
@@ -337,7 +379,8 @@ class SqliteIdempotencyStore:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await asyncio.to_thread(self._db.close)
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
         for event in self._wakeups.values():
             event.set()
 

@@ -72,6 +72,7 @@ from isopace.store.records import (
 
 if TYPE_CHECKING:
     from isopace.flow import Event, Exchange
+    from isopace.store.sqlite_database import SqliteDatabase
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteJournal"]
 
@@ -287,21 +288,27 @@ def migrate(conn: sqlite3.Connection, *, path: str = "", upto: int | None = None
         raise
 
 
+def _insert(conn: sqlite3.Connection, rows: list[Row]) -> None:
+    """INSERT ``rows``, as few multi-row statements as the bind limit allows (no transaction
+    control: alone, a single statement is its own transaction)."""
+    chunk = max(1, min(_CHUNK, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _NCOLS))
+    for i in range(0, len(rows), chunk):
+        part = rows[i : i + chunk]
+        conn.execute(_insert_sql(len(part)), list(chain.from_iterable(part)))
+
+
 def _apply(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """Write ``rows`` in one transaction: ONE multi-row INSERT in autocommit mode (the
     statement is its own transaction, so inserting, the triggers keeping ``inflight`` and the
     commit's fsync all happen in one call that releases the GIL), or, for more rows than one
     statement may bind, several INSERTs inside ``BEGIN IMMEDIATE`` / ``COMMIT``."""
     chunk = max(1, min(_CHUNK, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _NCOLS))
-    n = len(rows)
-    if n <= chunk:
-        conn.execute(_insert_sql(n), list(chain.from_iterable(rows)))
+    if len(rows) <= chunk:
+        _insert(conn, rows)
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for i in range(0, n, chunk):
-            part = rows[i : i + chunk]
-            conn.execute(_insert_sql(len(part)), list(chain.from_iterable(part)))
+        _insert(conn, rows)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -341,7 +348,32 @@ class SqliteJournal:
     ``{"max_page_count": 100000}`` to cap the file size); ``synchronous`` may be lowered to
     ``"NORMAL"`` (durable against a process crash, not a power loss) where that trade-off is
     acceptable.
+
+    ``SqliteJournal.on(database)`` journals into a shared :class:`SqliteDatabase` instead (the
+    file of the host's ledger and idempotency store): each record is then written inline and
+    committed, in order, when ``record`` returns, and is on disk once ``database.synced()`` has
+    returned (see :mod:`isopace.store.sqlite_database` for why the single ordered WAL makes
+    that safe); the writer thread, ``group_commit``, ``max_batch`` and ``pragmas`` do not apply.
     """
+
+    @classmethod
+    def on(
+        cls,
+        database: SqliteDatabase,
+        *,
+        hmac_key: bytes | str | None = None,
+        node: str | None = None,
+        wait_final: bool = True,
+    ) -> SqliteJournal:
+        """A journal in the shared ``database`` (see the class docstring)."""
+        return cls(
+            database.path,
+            hmac_key=hmac_key,
+            node=node,
+            synchronous=database.synchronous,
+            wait_final=wait_final,
+            database=database,
+        )
 
     def __init__(
         self,
@@ -355,6 +387,7 @@ class SqliteJournal:
         timeout: float = 10.0,
         pragmas: Mapping[str, str | int] | None = None,
         wait_final: bool = True,
+        database: SqliteDatabase | None = None,
     ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
@@ -366,17 +399,27 @@ class SqliteJournal:
         self._timeout = timeout
         self._pragmas = dict(pragmas or {})
         self._wait_final = wait_final
+        self._database = database
+        self._inline_rows = 0
         try:
-            conn = _connect(self.path, synchronous=self._sync, timeout=timeout)
-            try:
-                self.schema_version = migrate(conn, path=self.path)
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
+            if database is not None:
+                self.schema_version = database.setup(lambda conn: migrate(conn, path=self.path))
+            else:
+                conn = _connect(self.path, synchronous=self._sync, timeout=timeout)
+                try:
+                    self.schema_version = migrate(conn, path=self.path)
+                finally:
+                    conn.close()
+        except SchemaError:
+            raise
+        except (sqlite3.Error, StoreError) as exc:
             raise JournalError(f"journal {self.path}: cannot open: {exc}") from exc
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
-        self._writer: GroupWriter[Row, sqlite3.Connection] = GroupWriter(
+        self._writer: GroupWriter[Row, sqlite3.Connection] | None = None
+        if database is not None:
+            return
+        self._writer = GroupWriter(
             connect=lambda: _connect(
                 self.path, synchronous=self._sync, timeout=self._timeout, pragmas=self._pragmas
             ),
@@ -392,6 +435,9 @@ class SqliteJournal:
     async def record(self, ex: Exchange, event: Event) -> None:
         """Journal ``event`` of ``ex``; returns once the row is durable (raises JournalError)."""
         row = self._rows.build(ex, event)
+        if self._writer is None:
+            self._write_inline(row)
+            return
         if not self._wait_final and row[1] in _NO_WAIT:
             self._writer.submit_nowait(row)
             return
@@ -406,17 +452,33 @@ class SqliteJournal:
                 self._rows.forget(row[0])
             raise JournalError(str(exc)) from exc.__cause__
 
+    def _write_inline(self, row: Row) -> None:
+        """Shared database: commit the row now, in order with the process's other writes."""
+        assert self._database is not None
+        try:
+            self._database.write(_insert, [row])
+        except StoreError as exc:
+            if row[1] == "COMMITTING":
+                self._rows.forget(row[0])
+            cause = exc.__cause__ or exc
+            raise JournalError(f"journal {self.path}: write failed: {cause}") from cause
+        self._inline_rows += 1
+
     # -- life cycle ----------------------------------------------------------------------------
 
     @property
     def stats(self) -> dict[str, int]:
         """Rows written and transactions (batches) used: rows / batches is the group size."""
+        if self._writer is None:
+            return {"rows": self._inline_rows, "batches": self._inline_rows}
         return {"rows": self._writer.rows, "batches": self._writer.batches}
 
     async def close(self) -> None:
-        """Write what is queued, stop the writer, close the connections."""
-        self._writer.seal()
-        await asyncio.to_thread(self._writer.close)
+        """Write what is queued, stop the writer, close the connections (a shared database
+        stays open: its owner closes it)."""
+        if self._writer is not None:
+            self._writer.seal()
+            await asyncio.to_thread(self._writer.close)
         with self._reader_lock:
             if self._reader is not None:
                 self._reader.close()
@@ -446,6 +508,8 @@ class SqliteJournal:
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written (queries do this first)."""
+        if self._writer is None:  # shared database: every record is committed already
+            return
         with contextlib.suppress(JournalError):
             await self._writer.barrier()
 

@@ -1,22 +1,21 @@
 """The SQLite ledger (standard library ``sqlite3``, the default backend).
 
-Every operation runs on one writer thread that batches whatever is queued into one SQLite
-transaction (group commit, ``synchronous=FULL`` by default); when an operation fails, the batch is
-rolled back and run again with each operation inside its own SAVEPOINT, so one failure does not
-affect its neighbours. Operations apply in the order they were submitted, so a release queued
-after a reserve always sees the hold.
+The ledger runs on a :class:`isopace.store.SqliteDatabase`: every operation is one short
+transaction run inline on the event loop, in the order operations are called (so a release
+called after a reserve always sees the hold). ``SqliteLedger(path)`` opens a database of its own
+and returns from a write only once it is on disk; ``SqliteLedger.on(database)`` shares the host's
+database with its journal and idempotency store, where a write is committed in order with theirs
+and made durable by the database's next sync (the one the idempotency store's ``complete`` waits
+for before the response leaves; see :mod:`isopace.store.sqlite_database`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as _dt
 import os
-import queue
 import secrets
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -40,7 +39,8 @@ from isopace.host.ledger._common import (
     check_rows,
     mask_pan,
 )
-from isopace.store._sqlite_open import open_wal
+from isopace.store.errors import StoreError
+from isopace.store.sqlite_database import SqliteDatabase
 
 T = TypeVar("T")
 
@@ -95,171 +95,48 @@ CREATE TABLE IF NOT EXISTS captures (
 """
 
 
-class _SqliteWorker:
-    """One thread owning the connection; queued operations run in batches, one commit per batch."""
-
-    _STOP = object()
-
-    def __init__(self, path: str, synchronous: str, max_batch: int = 512) -> None:
-        self._path = path
-        self._synchronous = synchronous
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="isopace-ledger", daemon=True)
-
-    def start(self, init: Callable[[sqlite3.Connection], None]) -> None:
-        self._init = init
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._thread.is_alive():
-            raise LedgerError(f"ledger {self._path}: closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, fut, loop))
-        return await fut
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(self._STOP)
-            self._thread.join()
-
-    @staticmethod
-    def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
+class SqliteLedger(Ledger):
+    """The embedded ledger: standard library ``sqlite3``, WAL, on a `SqliteDatabase`."""
 
     @classmethod
-    def _resolve_all(cls, items: list[tuple[Any, Any, BaseException | None]]) -> None:
-        for fut, result, error in items:
-            cls._resolve(fut, result, error)
+    def on(cls, database: SqliteDatabase) -> SqliteLedger:
+        """A ledger in the shared ``database`` (see the module docstring)."""
+        return cls(database.path, database=database)
 
-    def _deliver(self, done: list[tuple[Any, Any, Any, BaseException | None]]) -> None:
-        # One wake-up per event loop per batch, not one per operation.
-        by_loop: dict[Any, list[tuple[Any, Any, BaseException | None]]] = {}
-        for fut, loop, result, error in done:
-            by_loop.setdefault(loop, []).append((fut, result, error))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-                loop.call_soon_threadsafe(self._resolve_all, items)
-
-    def _run(self) -> None:
-        try:
-            conn = open_wal(
-                self._path,
-                timeout=10.0,
-                synchronous=self._synchronous,
-                pragmas={"foreign_keys": "ON"},
-                check_same_thread=False,
-            )
-            self._init(conn)
-        except BaseException as exc:
-            self._error = LedgerError(f"ledger {self._path}: cannot open: {exc}")
-            self._ready.set()
-            return
-        self._ready.set()
-        stopping = False
-        try:
-            while not stopping:
-                batch = [self._queue.get()]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                items = []
-                for item in batch:
-                    if item is self._STOP:
-                        stopping = True
-                    else:
-                        items.append(item)
-                if items:
-                    self._run_batch(conn, items)
-        finally:
-            conn.close()
-
-    def _run_batch(self, conn: sqlite3.Connection, items: list[Any]) -> None:
-        """Run ``items`` in one transaction. The common case, where no operation fails, runs them
-        back to back; when one fails, the transaction is rolled back and the batch runs again
-        with a SAVEPOINT around each operation, so the failure touches only its own operation
-        (operations are functions of the database state, so running them again is safe)."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            err = LedgerError(f"ledger {self._path}: {exc}")
-            self._deliver([(fut, loop, None, err) for _, fut, loop in items])
-            return
-        done: list[tuple[Any, Any, Any, BaseException | None]] = []
-        try:
-            for fn, fut, loop in items:
-                done.append((fut, loop, fn(conn), None))
-        except Exception:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._run_isolated(conn, items)
-            return
-        self._commit(conn, done)
-
-    def _run_isolated(self, conn: sqlite3.Connection, items: list[Any]) -> None:
-        done: list[tuple[Any, Any, Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            err = LedgerError(f"ledger {self._path}: {exc}")
-            self._deliver([(fut, loop, None, err) for _, fut, loop in items])
-            return
-        for fn, fut, loop in items:
-            conn.execute("SAVEPOINT op")
-            try:
-                result = fn(conn)
-            except Exception as exc:
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                error: BaseException = (
-                    LedgerError(f"ledger {self._path}: {exc}")
-                    if isinstance(exc, sqlite3.Error)
-                    else exc
-                )
-                done.append((fut, loop, None, error))
-            else:
-                conn.execute("RELEASE op")
-                done.append((fut, loop, result, None))
-        self._commit(conn, done)
-
-    def _commit(
-        self, conn: sqlite3.Connection, done: list[tuple[Any, Any, Any, BaseException | None]]
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        database: SqliteDatabase | None = None,
     ) -> None:
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            err = LedgerError(f"ledger {self._path}: commit failed: {exc}")
-            done = [(fut, loop, None, err) for fut, loop, _, _ in done]
-        self._deliver(done)
-
-
-class SqliteLedger(Ledger):
-    """The embedded ledger: standard library ``sqlite3``, WAL, group commit on one thread."""
-
-    def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
-        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        if synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = os.fspath(path)
-        self._worker = _SqliteWorker(self.path, synchronous.upper())
+        self._synchronous = synchronous.upper()
+        self._shared = database is not None
+        self._db = database
         self._opened = False
 
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """Run a write; a ledger of its own waits for the disk, a shared one when ``durable``."""
+        try:
+            return await self._database().call(fn, durable=durable or not self._shared)
+        except StoreError as exc:
+            raise LedgerError(f"ledger {self.path}: {exc.__cause__ or exc}") from exc
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return self._database().read(fn)
+        except StoreError as exc:
+            raise LedgerError(f"ledger {self.path}: {exc.__cause__ or exc}") from exc
+
+    def _database(self) -> SqliteDatabase:
+        if self._db is None or not self._opened:
+            raise LedgerError(f"ledger {self.path}: not open")
+        return self._db
+
     def _init(self, conn: sqlite3.Connection) -> None:
-        conn.executescript(_SQLITE_SCHEMA)
         row = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'").fetchone()
         if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise LedgerError(
@@ -286,18 +163,27 @@ class SqliteLedger(Ledger):
     async def open(self) -> None:
         if self._opened:
             return
-        parent = os.path.dirname(os.path.abspath(self.path))
         try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise LedgerError(f"ledger {self.path}: cannot create {parent}: {exc}") from exc
-        await asyncio.to_thread(self._worker.start, self._init)
+            if self._db is None:
+                self._db = await asyncio.to_thread(
+                    SqliteDatabase, self.path, synchronous=self._synchronous
+                )
+            # executescript commits as it goes: the tables first, then the rest in one transaction
+            self._db.setup(lambda conn: conn.executescript(_SQLITE_SCHEMA))
+            self._db.write(self._init)
+        except StoreError as exc:
+            if not self._shared and self._db is not None:
+                await self._db.close()
+                self._db = None
+            raise LedgerError(f"ledger {self.path}: cannot open: {exc.__cause__ or exc}") from exc
         self._opened = True
 
     async def close(self) -> None:
         if self._opened:
-            await asyncio.to_thread(self._worker.stop)
             self._opened = False
+            if not self._shared and self._db is not None:
+                await self._db.close()
+                self._db = None
 
     async def seed(self, cards: Iterable[SeedCard]) -> list[SeedCard]:
         todo = [(c, self.pan_ref(c.pan)) for c in cards]
@@ -319,7 +205,7 @@ class SqliteLedger(Ledger):
                     created.append(c)
             return created
 
-        return await self._worker.call(op)
+        return await self._write(op, durable=True)
 
     async def _fetch_card(self, ref: str) -> Card | None:
         def op(conn: sqlite3.Connection) -> Card | None:
@@ -329,18 +215,19 @@ class SqliteLedger(Ledger):
             ).fetchone()
             return Card(*row) if row else None
 
-        return await self._worker.call(op)
+        return await self._read(op)
 
     async def set_card_status(self, pan: str, status: str) -> bool:
         ref = self.pan_ref(pan)
         self._forget_card(pan)
-        return await self._worker.call(
+        return await self._write(
             lambda conn: (
                 conn.execute(
                     "UPDATE cards SET status = ? WHERE pan_ref = ?", (status, ref)
                 ).rowcount
                 == 1
-            )
+            ),
+            durable=True,
         )
 
     async def account(self, account_id: str) -> Account | None:
@@ -351,7 +238,7 @@ class SqliteLedger(Ledger):
             ).fetchone()
             return Account(*row) if row else None
 
-        return await self._worker.call(op)
+        return await self._read(op)
 
     async def accounts(self) -> list[Account]:
         def op(conn: sqlite3.Connection) -> list[Account]:
@@ -360,7 +247,7 @@ class SqliteLedger(Ledger):
             ).fetchall()
             return [Account(*r) for r in rows]
 
-        return await self._worker.call(op)
+        return await self._read(op)
 
     async def reserve(
         self,
@@ -436,7 +323,7 @@ class SqliteLedger(Ledger):
             )
             return ReserveResult(ReserveStatus.APPROVED, held[0][0])
 
-        return await self._worker.call(op)
+        return await self._write(op)
 
     def _transition(
         self, txn_id: str, from_states: tuple[str, ...], to_state: str, account_sql: str
@@ -473,12 +360,12 @@ class SqliteLedger(Ledger):
         return op
 
     async def authorize(self, txn_id: str) -> bool:
-        return await self._worker.call(
+        return await self._write(
             self._transition(txn_id, (HoldState.PENDING.value,), HoldState.AUTHORIZED, "")
         )
 
     async def capture(self, txn_id: str) -> bool:
-        return await self._worker.call(
+        return await self._write(
             self._transition(
                 txn_id,
                 OPEN_STATES,
@@ -488,7 +375,7 @@ class SqliteLedger(Ledger):
         )
 
     async def release(self, txn_id: str) -> bool:
-        return await self._worker.call(
+        return await self._write(
             self._transition(
                 txn_id,
                 OPEN_STATES,
@@ -498,7 +385,7 @@ class SqliteLedger(Ledger):
         )
 
     async def refund(self, txn_id: str) -> bool:
-        return await self._worker.call(
+        return await self._write(
             self._transition(
                 txn_id,
                 (HoldState.CAPTURED.value,),
@@ -514,7 +401,7 @@ class SqliteLedger(Ledger):
             ).fetchone()
             return Hold(*row) if row else None
 
-        return await self._worker.call(op)
+        return await self._read(op)
 
     async def find_original(
         self,
@@ -558,7 +445,7 @@ class SqliteLedger(Ledger):
                 ).fetchone()
             return Hold(*row) if row else None
 
-        return await self._worker.call(op)
+        return await self._read(op)
 
     async def pending_holds(self) -> list[Hold]:
         def op(conn: sqlite3.Connection) -> list[Hold]:
@@ -567,7 +454,7 @@ class SqliteLedger(Ledger):
             ).fetchall()
             return [Hold(*r) for r in rows]
 
-        return await self._worker.call(op)
+        return await self._read(op)
 
     async def check(self) -> LedgerCheck:
         def op(conn: sqlite3.Connection) -> LedgerCheck:
@@ -579,4 +466,4 @@ class SqliteLedger(Ledger):
             (mismatched,) = conn.execute(CAPTURE_MISMATCH_SQL).fetchone()
             return check_rows(rows, holds, pending, mismatched)
 
-        return await self._worker.call(op)
+        return await self._read(op)
