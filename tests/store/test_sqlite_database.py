@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from isopace.flow import CONTINUE, Exchange, Flow, Outcome
+from isopace.iso8583 import Message
 from isopace.store import (
     IdempotencyError,
     JournalError,
@@ -276,3 +277,25 @@ def test_every_write_reported_durable_survives_a_kill(tmp_path: Path) -> None:
     proc.wait()
     rows = _rows(path)
     assert all(f"k{n}" in rows for n in range(1, last + 1)), last
+
+
+async def test_purge_of_a_shared_store_deletes_in_chunks(tmp_path: Path) -> None:
+    database = SqliteDatabase(tmp_path / "p.db")
+    store = SqliteIdempotencyStore.on(database, ttl=0.05)
+    try:
+        for n in range(1234):
+            assert await store.claim(f"k{n}") is None
+            await store.complete(f"k{n}", Message("0210", {39: "00"}))
+        assert await store.claim("live") is None  # a live claim stays
+        await asyncio.sleep(0.1)
+        database.commit()
+        writes = database.commits
+        assert await store.purge() == 1234
+        database.commit()
+        assert database.commits - writes == 3  # 500 + 500 + 234, a commit between chunks
+        assert await store.purge() == 0
+        left = database.read(lambda c: c.execute("SELECT key FROM idempotency_keys").fetchall())
+        assert left == [("live",)]
+    finally:
+        await store.close()
+        await database.close()

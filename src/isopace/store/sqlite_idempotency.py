@@ -73,6 +73,10 @@ _SCHEMA = (
 )
 
 
+#: expired rows deleted per statement by a purge
+_PURGE_CHUNK = 500
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA:
         conn.execute(statement)
@@ -256,11 +260,15 @@ class SqliteIdempotencyStore:
         )
 
     def _purge(self, conn: sqlite3.Connection) -> int:
+        """Delete up to `_PURGE_CHUNK` expired rows (a day's keys expire together at a steady
+        rate; one unbounded DELETE would hold the write lock, or the event loop of a shared
+        database, for as long as it takes)."""
         now = _now_us()
         cur = conn.execute(
-            "DELETE FROM idempotency_keys WHERE (state = 'done' AND expires_us <= ?) "
-            "OR (state = 'claimed' AND lease_until_us <= ?)",
-            (now, now),
+            "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys "
+            "WHERE (state = 'done' AND expires_us <= ?) OR (state = 'claimed' AND "
+            "lease_until_us <= ?) LIMIT ?)",
+            (now, now, _PURGE_CHUNK),
         )
         return int(cur.rowcount)
 
@@ -357,7 +365,7 @@ class SqliteIdempotencyStore:
                 if self._held:
                     await self._run("renew", "*", self._renew, list(self._held.items()))
                 if loop.time() >= next_purge:
-                    purged = await self._run("purge", "*", self._purge)
+                    purged = await self.purge()
                     next_purge = loop.time() + self._purge_interval
                     if purged:
                         log.debug("idempotency: purged %d expired keys", purged)
@@ -367,7 +375,13 @@ class SqliteIdempotencyStore:
 
     async def purge(self) -> int:
         """Delete expired responses and claims now; return how many rows went."""
-        return await self._run("purge", "*", self._purge)
+        total = 0
+        while True:
+            purged = await self._run("purge", "*", self._purge)
+            total += purged
+            if purged < _PURGE_CHUNK:
+                return total
+            await asyncio.sleep(0)  # let transactions in between chunks
 
     # -- life cycle -----------------------------------------------------------------------------
 
