@@ -508,7 +508,9 @@ class SqliteJournal:
 
     async def flush(self) -> None:
         """Wait until every record queued so far is written (queries do this first)."""
-        if self._writer is None:  # shared database: every record is committed already
+        if self._writer is None:  # shared database: commit its open batch
+            assert self._database is not None
+            self._database.commit()
             return
         with contextlib.suppress(JournalError):
             await self._writer.barrier()
