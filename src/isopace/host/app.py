@@ -8,9 +8,9 @@ the TCP server and the metrics endpoint.
 2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty;
 3. the journal and the idempotency store (PostgreSQL and/or Redis when configured). With SQLite,
    the ledger, the journal and the idempotency store share ONE file, one connection and one WAL
-   (`isopace.store.SqliteDatabase`): their writes run inline on the event loop, a transaction's
-   writes commit in order (mostly in one SQLite transaction), and a response leaves only once
-   they are on disk, after one group fsync shared with every transaction answered meanwhile;
+   (`isopace.store.SqliteDatabase`): their writes run inline on the event loop and commit in
+   order, and a response leaves only once they are on disk, after one group fsync shared with
+   every transaction answered meanwhile;
 4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
    or rolled back through the stages' ``recover`` hooks before the port opens (see "Nodes"
    below for whose transactions that is); with the SQLite
@@ -312,8 +312,6 @@ class AuthorizationHost:
     async def _open_database(self) -> SqliteDatabase:
         """The one SQLite file of the ledger, the journal and the idempotency store (see
         :mod:`isopace.store.sqlite_database`); refuses the three files of an earlier isopace."""
-        from isopace.store import SqliteDatabase
-
         cfg = self.config
         legacy = [p for p in cfg.legacy_paths if os.path.exists(p)]
         if legacy:
@@ -339,7 +337,7 @@ class AuthorizationHost:
         if cfg.postgres:
             ledger = PostgresLedger(cfg.postgres, schema=cfg.postgres_schema)
         else:
-            ledger = SqliteLedger.on(await self._open_database())
+            ledger = SqliteLedger.on(await self._shared_database())
         try:
             await ledger.open()
         except HostError as exc:

@@ -350,10 +350,11 @@ class SqliteJournal:
     acceptable.
 
     ``SqliteJournal.on(database)`` journals into a shared :class:`SqliteDatabase` instead (the
-    file of the host's ledger and idempotency store): each record is then written inline and
-    committed, in order, when ``record`` returns, and is on disk once ``database.synced()`` has
-    returned (see :mod:`isopace.store.sqlite_database` for why the single ordered WAL makes
-    that safe); the writer thread, ``group_commit``, ``max_batch`` and ``pragmas`` do not apply.
+    file of the host's ledger and idempotency store): each record is then written inline when
+    ``record`` is called, committed in order with the process's other writes, and on disk once
+    ``database.synced()`` has returned (see :mod:`isopace.store.sqlite_database` for why the
+    single ordered WAL makes that safe); the writer thread, ``group_commit``, ``max_batch`` and
+    ``pragmas`` do not apply.
     """
 
     @classmethod
@@ -453,7 +454,7 @@ class SqliteJournal:
             raise JournalError(str(exc)) from exc.__cause__
 
     def _write_inline(self, row: Row) -> None:
-        """Shared database: commit the row now, in order with the process's other writes."""
+        """Shared database: write the row now, in order with the process's other writes."""
         assert self._database is not None
         try:
             self._database.write(_insert, [row])

@@ -1,12 +1,13 @@
 """The SQLite ledger (standard library ``sqlite3``, the default backend).
 
-The ledger runs on a :class:`isopace.store.SqliteDatabase`: every operation is one short
-transaction run inline on the event loop, in the order operations are called (so a release
-called after a reserve always sees the hold). ``SqliteLedger(path)`` opens a database of its own
-and returns from a write only once it is on disk; ``SqliteLedger.on(database)`` shares the host's
-database with its journal and idempotency store, where a write is committed in order with theirs
-and made durable by the database's next sync (the one the idempotency store's ``complete`` waits
-for before the response leaves; see :mod:`isopace.store.sqlite_database`).
+The ledger runs on a :class:`isopace.store.SqliteDatabase`: every operation runs inline on the
+event loop, in the order operations are called (so a release called after a reserve always sees
+the hold), each write in a SAVEPOINT of the database's open transaction (a failed one is undone
+alone; the transaction commits at the next loop iteration). ``SqliteLedger(path)`` opens a
+database of its own and returns from a write only once it is on disk; ``SqliteLedger.on(database)``
+shares the host's database with its journal and idempotency store, where a write is committed in
+order with theirs and made durable by the database's next sync (the one the idempotency store's
+``complete`` waits for before the response leaves; see :mod:`isopace.store.sqlite_database`).
 """
 
 from __future__ import annotations
