@@ -215,6 +215,33 @@ def test_mask_value_other_fields() -> None:
     assert mask_value(127, TLV({"9F27": H("80")})) == "9F27=80"
 
 
+def test_a_card_number_in_any_text_field_is_masked_everywhere_it_is_shown() -> None:
+    """A PAN keyed into DE 43 or carried in private data (DE 48) or an account field (DE 102)
+    is masked by repr, describe and to_masked_dict like DE 2; other values stay as they are."""
+    from isopace.iso8583 import Message
+
+    m = Message(
+        "0200",
+        {
+            2: PAN,
+            41: "TERM0001",
+            42: "MERCHANT0000001",
+            43: "REFUND TO 4111 1111 1111 1111 PARIS",
+            48: "ORIG" + PAN + "=25121010000000000",
+            102: "4012888888881881",
+        },
+    )
+    shown = [repr(m), m.describe(), str(m.to_masked_dict())]
+    for text in shown:
+        for secret in (PAN, "4111 1111 1111 1111", "4012888888881881", "25121010000000000"):
+            assert secret not in text, text
+        assert "TERM0001" in text and "MERCHANT0000001" in text
+    masked = m.to_masked_dict()
+    assert masked["43"] == "REFUND TO 411111******1111 PARIS"
+    assert masked["48"] == "ORIG476173******0010=****"
+    assert masked["102"] == "401288******1881"
+
+
 # ------------------------------------------------------------------------------------ mask_text
 
 

@@ -22,8 +22,11 @@ What is masked, and how:
   ``****`` entirely.
 - :func:`mask_value` renders any field value as printable text: card fields masked as above,
   DE 55 parsed as TLV with card tags masked (``<55: N bytes, unparsed>`` when malformed, never the
-  content), other bytes as uppercase hex, other strings as they are with non-printables escaped.
-  It does not scrub other fields: use :func:`mask_text` for free text of unknown origin.
+  content), other bytes as uppercase hex, other strings with non-printables escaped and passed
+  through :func:`mask_text`: a card number keyed into a text field (DE 43, DE 48 private data,
+  an account number in DE 102) is masked there too. The price is that a numeric 13-19 digit
+  value that happens to pass Luhn (one merchant id in ten) is masked as well: over-masking a
+  display is safe, a PAN in clear is not.
 - :func:`mask_text` masks every run of 13-19 digits (optionally grouped by single spaces or
   dashes) that passes Luhn, and the track data following such a PAN: a last line of defence for
   error messages and log lines built from arbitrary text. It, :func:`mask_pan` and the Luhn
@@ -123,7 +126,7 @@ def mask_value(field: int, value: str | bytes | TLV) -> str:
         return bytes(value).hex().upper()
     if isinstance(value, TLV):
         return mask_tlv(value)
-    return _printable(value if isinstance(value, str) else str(value))
+    return mask_text(_printable(value if isinstance(value, str) else str(value)))
 
 
 def _mask_icc(value: object) -> str:

@@ -20,7 +20,8 @@ Decisions:
 - What is derived from a whole message is computed once per message and remembered (messages
   are immutable): ``to_json`` (each mode), ``to_masked_dict`` (a copy is handed out) and the
   parsed TLV of ``tlv(n)``, which redaction and masking of DE 55 reuse.
-- ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55).
+- ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55;
+  a card number in any other text field: see :func:`isopace.iso8583.masking.mask_value`).
 - JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
   values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
   and listed in ``redacted``; DE 55 keeps its other EMV tags but loses 5A (PAN) and 57 (track 2
@@ -566,9 +567,7 @@ class Message:
 
         out = {"mti": self._mti}
         for n, v in self.fields().items():
-            if type(v) is str and n not in _MASKED_FIELDS and v.isprintable():
-                out[_NAMES[n]] = v  # what mask_value gives, without the call
-            elif n == 55:
+            if n == 55:
                 out["55"] = mask_value(55, self._icc(v))
             else:
                 out[_NAMES[n]] = mask_value(n, v)
@@ -695,7 +694,6 @@ _json_str: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses (e
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _KEYS = tuple(f'"{n}":' for n in range(193))
 _NAMES = tuple(str(n) for n in range(193))
-_MASKED_FIELDS = frozenset({2, 35, 36, 45, 52, 55})
 
 
 _REDACTED_TAG_SET = frozenset(_REDACTED_TAGS)
