@@ -129,6 +129,10 @@ def test_postgres_restart_on_another_port_warns_and_recover_all_nodes_ends_them(
     finally:
         assert restarted.stop() == 0, restarted.output
         first.stop()
+    # an age filter longer than the transactions' age leaves them alone
+    young = cli("recover", *store, "--all-nodes", "--older-than", "3600", check=True)
+    assert "recovery: 0 committed, 0 aborted" in young.stdout, young.stdout
+    assert len(cli("journal", *store, "--in-doubt", "--json", check=True).stdout.split()) > 0
     cli("recover", *store, "--all-nodes", check=True)
     assert cli("journal", *store, "--in-doubt", "--json", check=True).stdout.strip() == ""
     ledger = cli_json("ledger", *store)

@@ -263,6 +263,16 @@ def add_recover_parser(sub: Any) -> None:
     p.add_argument(
         "--all-nodes", action="store_true", help="also take over other nodes' transactions"
     )
+    p.add_argument(
+        "--older-than",
+        type=float,
+        metavar="SECONDS",
+        help=(
+            "only transactions whose last event is older (default: all). With --all-nodes while "
+            "other nodes may still serve, give more than their transaction deadline: a live "
+            "node finishes every transaction within it"
+        ),
+    )
     p.set_defaults(func=_command(_recover, lambda cfg: cfg.db))
 
 
@@ -294,7 +304,9 @@ async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
             }
         try:
             all_nodes = args.all_nodes or not cfg.postgres
-            report = await recover(flow, journal, all_nodes=all_nodes, **extra)
+            report = await recover(
+                flow, journal, all_nodes=all_nodes, older_than=args.older_than, **extra
+            )
         except Exception as exc:
             raise HostError(f"recovery failed: {one_line(exc)}") from exc
         out.line(str(report))

@@ -298,7 +298,8 @@ class AuthorizationHost:
         if count:
             log.warning(
                 "%d transaction(s) of other node(s) (%s) in doubt; this node (%s) recovers only "
-                "its own: if those nodes will not come back, run `isopace recover --all-nodes`",
+                "its own: if those nodes will not come back, run `isopace recover --all-nodes` "
+                "(`--older-than SECONDS` leaves the transactions of live nodes alone)",
                 count,
                 ", ".join(others),
                 self.node,
