@@ -11,7 +11,8 @@ The machine is shared, so each measurement runs ``BENCH_ROUNDS`` times (default 
 and the host alternating, and the best round of each counts (as in ``bench_net``).
 
 Run: ``./scripts/bench host``; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_CONCURRENCY``
-(default 64), ``BENCH_ROUNDS`` (default 3).
+(default 64), ``BENCH_ROUNDS`` (default 3), ``BENCH_SERVE_ARGS`` (extra ``isopace serve`` flags,
+e.g. ``--uvloop``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from isopace.iso8583 import ISO87_ASCII
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+#: extra ``isopace serve`` flags, e.g. ``BENCH_SERVE_ARGS=--uvloop``
+SERVE_ARGS = os.environ.get("BENCH_SERVE_ARGS", "").split()
 ROOT = Path(__file__).resolve().parents[1]
 
 _ECHO_SERVER = """
@@ -116,7 +119,7 @@ def main() -> None:
     # isopace serve with its defaults: SQLite, synchronous=FULL, durable idempotency, recovery.
     serve = subprocess.Popen(
         [sys.executable, "-m", "isopace", "serve", "--port", str(port),
-         "--db", str(Path(tmp.name) / "bench.db"), "--log-level", "WARNING"],
+         "--db", str(Path(tmp.name) / "bench.db"), "--log-level", "WARNING", *SERVE_ARGS],
         stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
     )  # fmt: skip
     echoes: list[float] = []
