@@ -259,7 +259,9 @@ class SqliteDatabase:
             self._sync_wanted.set()
 
     def _sync_thread(self) -> None:
-        sync = os.fsync if self.synchronous == "EXTRA" else os.fdatasync
+        # fdatasync (data, and the metadata needed to read it back); fsync where asked for, or
+        # where the platform has no fdatasync
+        sync = getattr(os, "fdatasync", os.fsync) if self.synchronous != "EXTRA" else os.fsync
         wal_fd: int | None = None
         try:
             while True:
