@@ -299,3 +299,25 @@ async def test_purge_of_a_shared_store_deletes_in_chunks(tmp_path: Path) -> None
     finally:
         await store.close()
         await database.close()
+
+
+async def test_a_write_after_which_sqlite_dropped_the_batch_fails_the_database(
+    db: SqliteDatabase,
+) -> None:
+    """SQLite may roll a whole transaction back on some errors (a full disk, an I/O error): the
+    writes before in the batch are then gone, so the database refuses everything after."""
+    db.write(_put, "a")
+
+    def rolled_back_by_sqlite(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does by itself on such an error
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(StoreError, match="disk is full"):
+        db.write(rolled_back_by_sqlite)
+    assert db.failed
+    with pytest.raises(StoreError, match="commit or sync failed"):
+        db.write(_put, "b")
+    with pytest.raises(StoreError):
+        await db.synced()
+    await asyncio.sleep(0)
+    assert _rows(Path(db.path)) == {}

@@ -488,6 +488,10 @@ class AuthorizationHost:
         response = ex.response
         if response is None or (outcome is Outcome.ABORTED and response.get(39) == "00"):
             response = stages.error_reply(request, "96")
+        elif self.database is not None and self.database.failed:
+            # the flow logs a failed idempotency `complete` and goes on; with the SQLite
+            # database that failure means the transaction may not be on disk: no approval
+            response = stages.error_reply(request, "96")
         if self.config.log_transactions and log.isEnabledFor(logging.INFO):
             self._log(ex, outcome, response)
         return response

@@ -34,7 +34,8 @@ starts the WAL over (a checkpoint running beside a busy writer never catches up,
 only grows makes every page lookup slower); one costs the loop about a millisecond.
 A failed fdatasync fails every waiter and every later call: after a failed fsync the kernel may
 have dropped the dirty pages, so nothing written since can be trusted to reach the disk. A failed
-COMMIT does the same: its writes were undone after their callers had gone on with their results.
+COMMIT does the same: its writes were undone after their callers had gone on with their results;
+so does a write after which SQLite rolled the whole batch back (as it may on a full disk).
 Either way the process must restart, and recovery finishes what was in flight from the disk.
 
 One event loop uses a database; a write blocks that loop for its duration (it waits up to
@@ -130,9 +131,15 @@ class SqliteDatabase:
         try:
             result = fn(conn, *args)
         except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK TO write")
-                conn.execute("RELEASE write")
+            if not conn.in_transaction:
+                # SQLite rolled the whole batch back (it may, on a full disk or an I/O error):
+                # the writes before this one are gone although their callers have their results
+                self._batch_open = False
+                self._fail(exc)
+            else:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"database {self.path}: {exc}") from exc
             raise
@@ -200,6 +207,12 @@ class SqliteDatabase:
         if durable:
             await self.synced()
         return result
+
+    @property
+    def failed(self) -> bool:
+        """True once a commit or sync failed (see the module docstring): nothing written since
+        can be trusted, and the process should answer no more approvals and restart."""
+        return self._failed is not None
 
     def _check(self) -> None:
         if self._closed:
