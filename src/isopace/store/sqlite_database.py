@@ -79,7 +79,6 @@ class SqliteDatabase:
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = os.fspath(path)
         self.synchronous = mode
-        self._timeout = timeout
         parent = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(parent, exist_ok=True)
@@ -108,7 +107,7 @@ class SqliteDatabase:
     # -- writing and reading (inline, on the loop) ----------------------------------------------
 
     def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(conn, *args)`` as one write and return its result (committed, not synced).
+        """Run ``fn(conn, *args)`` as one write and return its result (not yet committed).
 
         The writes of one event loop iteration share one transaction, committed at the start
         of the next iteration (`commit`): each write is a SAVEPOINT in it, so one that fails
