@@ -291,8 +291,7 @@ class _Connection(FramedProtocol):
             task = self._loop.create_task(_resume(coro, first), context=context)
         else:
             task = self._loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # `_handle` takes it out as it ends (cheaper than a done callback)
 
     def _undecodable(self, frame: Frame, exc: Exception) -> None:
         mti = recover_mti(frame.payload)
@@ -365,6 +364,7 @@ class _Connection(FramedProtocol):
                 self._send(response, tpdu, request)
         finally:
             self.in_flight -= 1
+            self.tasks.discard(asyncio.current_task())
             if self._blocked:
                 self._blocked = False
                 self.pump()
