@@ -121,3 +121,15 @@ def test_describe_errors(tmp_path: Path) -> None:
 def test_journal_of_missing_database(tmp_path: Path) -> None:
     one_line_error(cli("journal", "--db", str(tmp_path / "none.db")), "no such database")
     one_line_error(cli("ledger", "--db", str(tmp_path / "none.db")), "no such database")
+
+
+def test_files_of_the_earlier_three_file_layout_are_refused(tmp_path: Path) -> None:
+    """An earlier isopace kept the journal and the idempotency keys in files of their own next
+    to the ledger; a host that started without them would leave their transactions behind."""
+    db = tmp_path / "h.db"
+    for legacy in ("h.journal.db", "h.idem.db"):
+        (tmp_path / legacy).write_bytes(b"")
+        proc = cli("serve", "--port", "0", "--db", str(db))
+        one_line_error(proc, legacy, "earlier isopace", "isopace recover", "move these files")
+        (tmp_path / legacy).unlink()
+    assert not db.exists()  # refused before anything was created
