@@ -248,7 +248,9 @@ class AuthorizationHost:
             raise StartupError(f"recovery failed: {one_line(exc)}") from exc
         if self.recovery.total:
             log.warning("%s", self.recovery, extra={"node": self.node})
-        if not all_nodes:
+        if all_nodes:
+            await self._release_orphan_holds()
+        else:
             await self._warn_other_nodes()
         await self._start_server(ssl_context)
         if cfg.metrics_port is not None:
@@ -285,6 +287,28 @@ class AuthorizationHost:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._closers.append(lambda: os.close(fd))  # closing the file releases the lock
+
+    async def _release_orphan_holds(self) -> None:
+        """SQLite: release the holds still pending after recovery.
+
+        Nothing runs yet and this process owns the data (its lock), so a pending hold belongs
+        to a transaction that never answered and that recovery did not know: its BEGIN record
+        failed to write (the flow logs a journal failure and goes on) before the process died.
+        Left alone, its funds would stay held for ever; released, a retransmission is processed
+        afresh (a released hold does not count as a duplicate)."""
+        assert self.ledger is not None
+        # a transaction recovery could not finish stays in doubt, and keeps its hold
+        in_doubt = {tx.tx_id for tx in await self.journal.in_doubt(all_nodes=True)}
+        orphans = [h for h in await self.ledger.pending_holds() if h.txn_id not in in_doubt]
+        for hold in orphans:
+            await self.ledger.release(hold.txn_id)
+        if orphans:
+            log.warning(
+                "released %d pending hold(s) that no journal record covers: %s",
+                len(orphans),
+                ", ".join(h.txn_id for h in orphans[:20]) + (" ..." if len(orphans) > 20 else ""),
+                extra={"node": self.node, "released": len(orphans)},
+            )
 
     async def _warn_other_nodes(self) -> None:
         """PostgreSQL: warn about other nodes' transactions in doubt (see "Nodes")."""
