@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from isopace.iso8583 import Message
+
 ROOT = Path(__file__).resolve().parents[2]
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -251,3 +253,29 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     store = Backend(request.param, tmp_path)
     yield store
     store.drop()
+
+
+def purchase(
+    pan: str,
+    amount: int,
+    stan: int,
+    terminal: str = "TERME2E1",
+    tx_time: str = "1129101010",
+    *,
+    mti: str = "0200",
+) -> Message:
+    """A purchase (or, with ``mti``, another request) as a terminal sends it: the idempotency key
+    is ``terminal`` + ``stan`` + ``tx_time``; DE 37 (RRN) is the STAN."""
+    return Message(
+        mti,
+        {
+            2: pan,
+            3: "000000",
+            4: f"{amount:012d}",
+            7: tx_time,
+            11: f"{stan:06d}",
+            37: f"{stan:012d}",
+            41: terminal,
+            49: "840",
+        },
+    )

@@ -18,24 +18,19 @@ from pathlib import Path
 from isopace.iso8583 import ISO87_ASCII, Message
 from isopace.net import Client
 
-from .conftest import PAN_BENCH, ROOT, Backend, HostProcess, _env, cli, cli_json, free_port
+from .conftest import (
+    PAN_BENCH,
+    ROOT,
+    Backend,
+    HostProcess,
+    _env,
+    cli,
+    cli_json,
+    free_port,
+    purchase,
+)
 
 ROUNDS = 3
-
-
-def purchase(stan: int, terminal: str, tx_time: str) -> Message:
-    return Message(
-        "0200",
-        {
-            2: PAN_BENCH,
-            3: "000000",
-            4: "000000000100",
-            7: tx_time,
-            11: f"{stan:06d}",
-            41: terminal,
-            49: "840",
-        },
-    )
 
 
 async def load_then_kill(
@@ -50,7 +45,8 @@ async def load_then_kill(
         stan = 0
         while not stop:
             stan += 1
-            message = purchase(stan, f"K{round_no:01d}{w:06d}", f"11290{round_no}0000")
+            terminal, tx_time = f"K{round_no:01d}{w:06d}", f"11290{round_no}0000"
+            message = purchase(PAN_BENCH, 100, stan, terminal, tx_time)
             try:
                 response = await client.request(message, timeout=5)
             except Exception:

@@ -40,6 +40,7 @@ from .conftest import (
     cli,
     cli_json,
     free_port,
+    purchase,
 )
 
 
@@ -91,23 +92,6 @@ def accounts(store: list[str]) -> dict[str, dict[str, Any]]:
     data = cli_json("ledger", *store)
     assert data["ok"], data["problems"]
     return {a["id"]: a for a in data["accounts"]}
-
-
-def purchase(pan: str, amount: int, stan: int, *, mti: str = "0200", tx_time: str = "1129101010",
-             terminal: str = "TERME2E1") -> Message:  # fmt: skip
-    return Message(
-        mti,
-        {
-            2: pan,
-            3: "000000",
-            4: f"{amount:012d}",
-            7: tx_time,
-            11: f"{stan:06d}",
-            37: f"{stan:012d}",
-            41: terminal,
-            49: "840",
-        },
-    )
 
 
 async def request_all(port: int, messages: list[Message]) -> list[Message]:

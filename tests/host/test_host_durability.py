@@ -14,15 +14,7 @@ from isopace.host.config import HostConfig
 from isopace.iso8583 import Message
 from isopace.store import StoreError
 
-from .conftest import PAN_OK
-
-
-def purchase(stan: int) -> Message:
-    return Message(
-        "0200",
-        {2: PAN_OK, 3: "000000", 4: "000000000100", 7: "1129101010", 11: f"{stan:06d}",
-         41: "TERMSYNC", 49: "840"},
-    )  # fmt: skip
+from .conftest import PAN_OK, purchase
 
 
 async def test_no_approval_leaves_when_the_sync_fails(tmp_path: Path) -> None:
@@ -30,7 +22,7 @@ async def test_no_approval_leaves_when_the_sync_fails(tmp_path: Path) -> None:
     async with AuthorizationHost(config) as host:
         database = host.database
         assert database is not None
-        first = await host.handle(purchase(1))
+        first = await host.handle(purchase(PAN_OK, 100, 1, "TERMSYNC"))
         assert first is not None and first[39] == "00"
 
         async def failing_sync() -> None:
@@ -38,9 +30,9 @@ async def test_no_approval_leaves_when_the_sync_fails(tmp_path: Path) -> None:
             raise StoreError(f"database {database.path}: sync failed")
 
         database.synced = failing_sync  # type: ignore[method-assign]
-        second = await host.handle(purchase(2))
+        second = await host.handle(purchase(PAN_OK, 100, 2, "TERMSYNC"))
         assert second is not None and second[39] == "96"
-        third = await host.handle(purchase(3))
+        third = await host.handle(purchase(PAN_OK, 100, 3, "TERMSYNC"))
         assert third is not None and third[39] == "96"
 
 
@@ -58,13 +50,13 @@ async def test_a_full_disk_never_leaves_an_approval_without_its_records(tmp_path
         database = host.database
         assert database is not None and host.ledger is not None
         for stan in range(1, 6):
-            response = await host.handle(purchase(stan))
+            response = await host.handle(purchase(PAN_OK, 100, stan, "TERMSYNC"))
             assert response is not None and response[39] == "00"
         database.commit()
         pages = database.conn.execute("PRAGMA page_count").fetchone()[0]
         database.conn.execute(f"PRAGMA max_page_count = {pages}")
         for stan in range(6, 400):
-            response = await host.handle(purchase(stan))
+            response = await host.handle(purchase(PAN_OK, 100, stan, "TERMSYNC"))
             assert response is not None
             codes.add(response[39])
             if response[39] == "00":

@@ -27,23 +27,8 @@ from .conftest import (
     cli,
     cli_json,
     free_port,
+    purchase,
 )
-
-
-def purchase(pan: str, amount: int, stan: int, terminal: str, tx_time: str) -> Message:
-    return Message(
-        "0200",
-        {
-            2: pan,
-            3: "000000",
-            4: f"{amount:012d}",
-            7: tx_time,
-            11: f"{stan:06d}",
-            37: f"{stan:012d}",
-            41: terminal,
-            49: "840",
-        },
-    )
 
 
 async def ask(port: int, messages: list[Message]) -> list[Message]:
