@@ -1,14 +1,13 @@
-# Sourced by the other scripts: makes .venv (once) with isopace and every extra installed.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-stamp=.venv/.installed
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+# Sourced by the other scripts: makes .venv from uv.lock, exactly, and puts it on PATH.
+#
+# Why uv: one lock file (uv.lock) pins every package the scripts install, the dev tools and the
+# extras' packages with their transitive dependencies, to exact versions with hashes, for every
+# platform at once; `uv sync --locked` installs exactly that and refuses a lock that no longer
+# matches pyproject.toml instead of resolving again. uv itself is bootstrapped by _uv.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/_uv.sh"
+if ! "$uv" lock --check --offline --quiet >/dev/null 2>&1 && ! "$uv" lock --check --quiet >/dev/null 2>&1; then
+    echo "uv.lock does not match pyproject.toml: run ./scripts/upgrade (or .venv-uv/bin/uv lock) and commit uv.lock" >&2
+    exit 1
 fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip || true
-    .venv/bin/python -m pip install --quiet -e ".[dev,postgres,redis,cli,uvloop]"
-    touch "$stamp"
-fi
+"$uv" sync --locked --all-extras --python python3 --quiet
 export PATH="$root/.venv/bin:$PATH"

@@ -184,7 +184,7 @@ class RedisIdempotencyStore:
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def _maintain(self) -> None:
         while not self._closed:
