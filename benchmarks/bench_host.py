@@ -8,11 +8,15 @@ Reported: saturation throughput (closed loop, ``CONCURRENCY`` in flight) and its
 (target p99 < 20 ms).
 
 The machine is shared, so each measurement runs ``BENCH_ROUNDS`` times (default 3), the echo
-and the host alternating, and the best round of each counts (as in ``bench_net``).
+and the host alternating; every round is printed and the best of each is compared (as in
+``bench_net``). ``BENCH_COMPARE=DIR`` runs a second host from another checkout (its ``src``) in
+the same run, its rounds interleaved with this tree's, so a change is measured before and after
+under the same load on the machine; the latency runs then offer both hosts one rate, half the
+slower one's saturation.
 
 Run: ``./scripts/bench host``; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_CONCURRENCY``
 (default 64), ``BENCH_ROUNDS`` (default 3), ``BENCH_SERVE_ARGS`` (extra ``isopace serve`` flags,
-e.g. ``--uvloop``).
+e.g. ``--uvloop``), ``BENCH_COMPARE`` (a checkout to measure beside this one).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 #: extra ``isopace serve`` flags, e.g. ``BENCH_SERVE_ARGS=--uvloop``
 SERVE_ARGS = os.environ.get("BENCH_SERVE_ARGS", "").split()
+#: another checkout (``git worktree add /tmp/before main~3``) whose host runs beside this one's
+COMPARE = Path(os.environ["BENCH_COMPARE"]).resolve() if os.environ.get("BENCH_COMPARE") else None
 ROOT = Path(__file__).resolve().parents[1]
 
 _ECHO_SERVER = """
@@ -105,7 +111,35 @@ def _line(name: str, r: BenchResult) -> str:
     pct = "  ".join(f"p{p:g} {r.percentile(p) * 1000:6.2f} ms" for p in (50, 90, 99, 99.9))
     codes = ",".join(f"{k}:{v}" for k, v in sorted(r.codes.items()))
     ok = "all answered" if r.complete else f"INCOMPLETE ({r.sent - r.answered} missing)"
-    return f"{name:26s} {r.tps:9,.0f} tps   {pct}   [{codes}; {ok}]"
+    return f"{name:30s} {r.tps:9,.0f} tps   {pct}   [{codes}; {ok}]"
+
+
+class _Host:
+    """One ``isopace serve`` process, from this checkout or from ``BENCH_COMPARE``'s."""
+
+    def __init__(self, name: str, tree: Path, tmp: Path) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.saturated: list[BenchResult] = []
+        self.paced: list[BenchResult] = []
+        self._log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        env = _env()
+        env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), env["PYTHONPATH"]])
+        # isopace serve with its defaults: SQLite, synchronous=FULL, durable idempotency, recovery.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "isopace", "serve", "--port", str(self.port),
+             "--db", str(tmp / name / "bench.db"), "--log-level", "WARNING", *SERVE_ARGS],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tree,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self._log.close()
+
+    @property
+    def best(self) -> BenchResult:
+        return max(self.saturated, key=lambda r: r.tps)
 
 
 def main() -> None:
@@ -114,57 +148,69 @@ def main() -> None:
         [sys.executable, "-c", _ECHO_SERVER, str(echo_port)], env=_env(), cwd=ROOT
     )
     tmp = tempfile.TemporaryDirectory()
-    port = _free_port()
-    log = open(Path(tmp.name) / "serve.log", "wb")  # noqa: SIM115 - closed below
-    # isopace serve with its defaults: SQLite, synchronous=FULL, durable idempotency, recovery.
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "isopace", "serve", "--port", str(port),
-         "--db", str(Path(tmp.name) / "bench.db"), "--log-level", "WARNING", *SERVE_ARGS],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
-    )  # fmt: skip
+    trees = [("this tree", ROOT)]
+    if COMPARE:
+        trees.append((f"BENCH_COMPARE {COMPARE.name}", COMPARE))
+    hosts = [_Host(f"host{i}", tree, Path(tmp.name)) for i, (_, tree) in enumerate(trees)]
+    names = {host.name: label for host, (label, _) in zip(hosts, trees, strict=True)}
     echoes: list[float] = []
-    saturated: list[BenchResult] = []
-    paced: list[BenchResult] = []
     try:
         _wait_port(echo_port, echo)
-        _wait_port(port, serve)
-        asyncio.run(run_load(port=port, duration=1.0, concurrency=CONCURRENCY))  # warm-up
-        for _ in range(ROUNDS):
+        for host in hosts:
+            _wait_port(host.port, host.proc)
+            asyncio.run(run_load(port=host.port, duration=1.0, concurrency=CONCURRENCY))  # warm-up
+        for _ in range(ROUNDS):  # echo and hosts alternate, so a noisy moment hits every one
             echoes.append(asyncio.run(_echo_rate(echo_port)))
-            saturated.append(
-                asyncio.run(run_load(port=port, duration=SECONDS, concurrency=CONCURRENCY))
-            )
-        best = max(saturated, key=lambda r: r.tps)
-        half = max(1.0, best.tps / 2)
+            for host in hosts:
+                host.saturated.append(
+                    asyncio.run(run_load(port=host.port, duration=SECONDS, concurrency=CONCURRENCY))
+                )
+        # One offered rate for every host: half the slowest saturation, so latencies compare.
+        half = max(1.0, min(host.best.tps for host in hosts) / 2)
         for _ in range(ROUNDS):
-            paced.append(asyncio.run(run_load(port=port, duration=SECONDS, tps=half)))
+            for host in hosts:
+                host.paced.append(asyncio.run(run_load(port=host.port, duration=SECONDS, tps=half)))
     finally:
-        for proc in (echo, serve):
-            proc.terminate()
-            proc.wait(30)
-        log.close()
+        echo.terminate()
+        echo.wait(30)
+        for host in hosts:
+            host.stop()
         tmp.cleanup()
 
     echo_tps = max(echoes)
-    ratio = best.tps / echo_tps if echo_tps else 0.0
-    calm = min(paced, key=lambda r: r.percentile(99))
-    rounds = f"best of {ROUNDS} x {SECONDS:g} s"
     print(
-        f"bare asyncio echo          {echo_tps:9,.0f} rt/s  "
-        f"({CONCURRENCY} in flight, 2 processes, {rounds})"
+        f"bare asyncio echo              {echo_tps:9,.0f} rt/s  ({CONCURRENCY} in flight, "
+        f"2 processes, best of {ROUNDS} x {SECONDS:g} s; rounds: "
+        + ", ".join(f"{e:,.0f}" for e in echoes)
+        + ")"
     )
-    print(_line(f"isopace saturation (c={CONCURRENCY})", best))
-    print(
-        f"ratio {ratio:.3f}x of the bare echo (target >= 0.25x)",
-        "ok" if ratio >= 0.25 else "MISSED",
-    )
-    print(_line(f"isopace at 50% ({half:,.0f} tps)", calm))
-    p99s = ", ".join(f"{r.percentile(99) * 1000:.1f}" for r in paced)
-    p99 = calm.percentile(99) * 1000
-    print(
-        f"p99 at 50% of saturation: {p99:.2f} ms (target < 20 ms; rounds: {p99s} ms)",
-        "ok" if p99 < 20 else "MISSED",
-    )
+    for host in hosts:
+        label = names[host.name]
+        ratio = host.best.tps / echo_tps if echo_tps else 0.0
+        print(f"--- {label}")
+        for i, r in enumerate(host.saturated, 1):
+            print(_line(f"saturation round {i} (c={CONCURRENCY})", r))
+        print(
+            f"best {host.best.tps:,.0f} tps: ratio {ratio:.3f}x of the bare echo (target >= 0.25x)",
+            "ok" if ratio >= 0.25 else "MISSED",
+        )
+        for i, r in enumerate(host.paced, 1):
+            print(_line(f"at {half:,.0f} tps round {i}", r))
+        calm = min(host.paced, key=lambda r: r.percentile(99))
+        p99 = calm.percentile(99) * 1000
+        print(
+            f"best p99 at {half:,.0f} tps: {p99:.2f} ms (target < 20 ms)",
+            "ok" if p99 < 20 else "MISSED",
+        )
+    if len(hosts) == 2:
+        this, other = hosts
+        per_round = ", ".join(
+            f"{a.tps / b.tps:.2f}" for a, b in zip(this.saturated, other.saturated, strict=True)
+        )
+        print(
+            f"this tree / BENCH_COMPARE saturation: {this.best.tps / other.best.tps:.2f}x best "
+            f"(per round: {per_round})"
+        )
 
 
 if __name__ == "__main__":
