@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from iso8583.specs import default, default_ascii
 
 import iso8583
-from isopace.iso8583 import ISO87_BINARY, ISO87_EBCDIC, FieldDef, Message, Spec
+from isopace.iso8583 import (
+    ISO87_ASCII_BINARY_BITMAP,
+    ISO87_BINARY,
+    ISO87_EBCDIC,
+    FieldDef,
+    Message,
+    Spec,
+)
 
 from .conftest import field_numbers, with_tertiary
 
@@ -60,6 +67,17 @@ SPECS: dict[str, dict[str, Any]] = {
     "iso87_ebcdic": ISO87_EBCDIC.to_pyiso8583(),
 }
 OURS = {name: Spec.from_pyiso8583(d) for name, d in SPECS.items()}
+# The built-in ``ascii-binary-bitmap`` spec itself (composites and all), with pyiso8583's
+# ``default`` as the oracle; its tertiary elements (129..192) are ours, pyiso8583 stops at 128.
+SPECS["ascii-binary-bitmap"] = {
+    **default,
+    **{
+        k: v
+        for k, v in ISO87_ASCII_BINARY_BITMAP.to_pyiso8583().items()
+        if k.isdigit() and int(k) > 128
+    },
+}
+OURS["ascii-binary-bitmap"] = ISO87_ASCII_BINARY_BITMAP
 ASCII_TEXT = string.ascii_letters + string.digits + " .,:;-_/=+*#@!?()"
 
 
@@ -157,6 +175,20 @@ def test_changed_fields_encode_like_pyiso8583(name: str, data: st.DataObject) ->
     theirs, _ = iso8583.encode(to_pyiso(changed), pspec)
     assert ours == bytes(theirs)
     assert spec.decode(ours) == changed
+
+
+WIRE_KEYS = ("data_enc", "len_enc", "len_type", "max_len", "len_count", "left_pad", "right_pad")
+
+
+def test_ascii_binary_bitmap_is_pyiso8583_default_on_the_wire() -> None:
+    """Every element pyiso8583's ``default`` defines is laid out the same by the built-in spec."""
+    ours = ISO87_ASCII_BINARY_BITMAP.to_pyiso8583()
+    for key, theirs in default.items():
+        if key == "h":
+            continue
+        assert {k: ours[key].get(k) for k in WIRE_KEYS} == {k: theirs.get(k) for k in WIRE_KEYS}, (
+            key
+        )
 
 
 def test_default_spec_loads_unchanged() -> None:

@@ -16,12 +16,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isopace.iso8583 import ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC, DecodeError, Message, Spec
+from isopace.iso8583 import (
+    ISO87_ASCII,
+    ISO87_ASCII_BINARY_BITMAP,
+    ISO87_BINARY,
+    ISO87_EBCDIC,
+    DecodeError,
+    Message,
+    Spec,
+)
 
 from .conftest import AUTH, ICC, PIN
 from .test_differential import _exotic
 
-SPECS = [ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC]
+SPECS = [ISO87_ASCII, ISO87_ASCII_BINARY_BITMAP, ISO87_BINARY, ISO87_EBCDIC]
 SAMPLES = [
     Message("0200", {**AUTH, 52: PIN, 55: ICC}),
     Message("0800", {7: "1129204455", 11: "000001", 70: "301"}),

@@ -10,7 +10,16 @@ from isopace.iso8583.fields import FieldDef
 from isopace.iso8583.masking import CARD_DATA_FIELDS, CARD_TLV_TAGS, luhn_ok, mask_pan, mask_value
 from isopace.iso8583.message import ECHO_FIELDS, Message, response_mti
 from isopace.iso8583.spec import Spec
-from isopace.iso8583.specs import ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC, iso87_ebcdic
+from isopace.iso8583.specs import (
+    ISO87_ASCII,
+    ISO87_ASCII_BINARY_BITMAP,
+    ISO87_BINARY,
+    ISO87_EBCDIC,
+    SPECS,
+    iso87_ebcdic,
+    load_spec_file,
+    spec_by_name,
+)
 from isopace.iso8583.tlv import TLV, TlvError, build_tlv, parse_tlv
 from isopace.iso8583.validation import Violation
 
@@ -19,8 +28,10 @@ __all__ = [
     "CARD_TLV_TAGS",
     "ECHO_FIELDS",
     "ISO87_ASCII",
+    "ISO87_ASCII_BINARY_BITMAP",
     "ISO87_BINARY",
     "ISO87_EBCDIC",
+    "SPECS",
     "TLV",
     "BitmapComposite",
     "DecodeError",
@@ -34,9 +45,11 @@ __all__ = [
     "Violation",
     "build_tlv",
     "iso87_ebcdic",
+    "load_spec_file",
     "luhn_ok",
     "mask_pan",
     "mask_value",
     "parse_tlv",
     "response_mti",
+    "spec_by_name",
 ]

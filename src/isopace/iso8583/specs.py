@@ -1,13 +1,19 @@
-"""Built-in specs: ISO 8583:1987 in ASCII, binary (BCD) and EBCDIC flavours.
+"""Built-in specs: ISO 8583:1987 in ASCII, binary (BCD) and EBCDIC flavours, each with a name.
 
-- ``ISO87_ASCII``: the wire format of pyiso8583's ``default_ascii``: ASCII MTI, hex-character
-  bitmaps, ASCII ``LL``/``LLL`` lengths. Binary elements (52, 55, 64, 96, 128) travel as upper-case
-  hex characters and read as ``bytes`` (their ``max_len`` counts hex characters).
-- ``ISO87_BINARY``: BCD MTI, binary bitmaps, numeric elements packed BCD (length in nibbles, BCD
-  length prefixes; odd fixed lengths left-padded with ``0``, odd variable ones right-padded with
-  ``F``), text elements ASCII with BCD length prefixes, binary elements raw.
-- ``ISO87_EBCDIC``: EBCDIC (cp500) text, MTI and lengths; binary bitmaps and binary elements.
-  ``iso87_ebcdic("cp1047")`` gives the same with code page 1047.
+The names are what every command that speaks to a host takes as ``--spec`` (:data:`SPECS`,
+:func:`spec_by_name`); :func:`load_spec_file` reads the alternative, ``--spec-file``.
+
+- ``ascii``, ``ISO87_ASCII``: the wire format of pyiso8583's ``default_ascii``: ASCII MTI,
+  hex-character bitmaps, ASCII ``LL``/``LLL`` lengths. Binary elements (52, 55, 64, 96, 128) travel
+  as upper-case hex characters and read as ``bytes`` (their ``max_len`` counts hex characters).
+- ``ascii-binary-bitmap``, ``ISO87_ASCII_BINARY_BITMAP``: the layout most ISO 8583 libraries and
+  simulators default to, byte for byte pyiso8583's ``default``: ASCII MTI, data and lengths, but
+  8-byte binary bitmaps and binary elements as raw bytes (``max_len`` in bytes).
+- ``bcd``, ``ISO87_BINARY``: BCD MTI, binary bitmaps, numeric elements packed BCD (length in
+  nibbles, BCD length prefixes; odd fixed lengths left-padded with ``0``, odd variable ones
+  right-padded with ``F``), text elements ASCII with BCD length prefixes, binary elements raw.
+- ``ebcdic``, ``ISO87_EBCDIC``: EBCDIC (cp500) text, MTI and lengths; binary bitmaps and binary
+  elements. ``iso87_ebcdic("cp1047")`` gives the same with code page 1047.
 
 Data elements 129..192 (tertiary bitmap) are defined as ``ans..999``. DE 43 has a positional
 composite (name 25, city 13, country 2); DE 127 a bitmapped one (127.2 .. 127.64, see ``_DE127``).
@@ -15,9 +21,12 @@ composite (name 25, city 13, country 2); DE 127 a bitmapped one (127.2 .. 127.64
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from isopace.iso8583.composite import BitmapComposite, Positional
+from isopace.iso8583.errors import Iso8583Error
 from isopace.iso8583.spec import Spec
 
 # (number, content class, max length, length-prefix digits (0: fixed), description)
@@ -191,6 +200,27 @@ def _ascii_fields() -> dict[str, dict[str, Any]]:
     return d
 
 
+def _binary_bitmap(desc: str) -> dict[str, Any]:
+    return {
+        "data_enc": "b",
+        "len_enc": "ascii",
+        "len_type": 0,
+        "max_len": 8,
+        "content": "b",
+        "desc": desc,
+    }
+
+
+def _ascii_binary_bitmap_fields() -> dict[str, dict[str, Any]]:
+    d = _ascii_fields()
+    d["p"] = _binary_bitmap("Bitmap, Primary")
+    d["1"] = _binary_bitmap("Bitmap, Secondary")
+    for n, c, ml, lt, desc in _ISO87:
+        if c == "b":
+            d[str(n)] = {**_text(c, ml, lt, desc, "ascii"), "data_enc": "b"}
+    return d
+
+
 def _binary_fields() -> dict[str, dict[str, Any]]:
     d: dict[str, dict[str, Any]] = {
         "h": _text("ans", 0, 0, "Message Header", "ascii"),
@@ -202,22 +232,8 @@ def _binary_fields() -> dict[str, dict[str, Any]]:
             "content": "n",
             "desc": "Message Type Indicator",
         },
-        "p": {
-            "data_enc": "b",
-            "len_enc": "ascii",
-            "len_type": 0,
-            "max_len": 8,
-            "content": "b",
-            "desc": "Bitmap, Primary",
-        },
-        "1": {
-            "data_enc": "b",
-            "len_enc": "ascii",
-            "len_type": 0,
-            "max_len": 8,
-            "content": "b",
-            "desc": "Bitmap, Secondary",
-        },
+        "p": _binary_bitmap("Bitmap, Primary"),
+        "1": _binary_bitmap("Bitmap, Secondary"),
     }
     for n, c, ml, lt, desc in _ISO87:
         plen = {0: 0, 2: 1, 3: 2}[lt]
@@ -304,6 +320,14 @@ def iso87_ascii() -> Spec:
     )
 
 
+def iso87_ascii_binary_bitmap() -> Spec:
+    return Spec.from_pyiso8583(
+        _ascii_binary_bitmap_fields(),
+        name="ISO87_ASCII_BINARY_BITMAP",
+        composites={43: DE43, 127: _de127("ascii", True)},
+    )
+
+
 def iso87_binary() -> Spec:
     return Spec.from_pyiso8583(_binary_fields(), name="ISO87_BINARY", composites={43: DE43})
 
@@ -315,5 +339,53 @@ def iso87_ebcdic(encoding: str = "cp500") -> Spec:
 
 
 ISO87_ASCII = iso87_ascii()
+ISO87_ASCII_BINARY_BITMAP = iso87_ascii_binary_bitmap()
 ISO87_BINARY = iso87_binary()
 ISO87_EBCDIC = iso87_ebcdic()
+
+SPECS: dict[str, Spec] = {
+    "ascii": ISO87_ASCII,
+    "ascii-binary-bitmap": ISO87_ASCII_BINARY_BITMAP,
+    "bcd": ISO87_BINARY,
+    "ebcdic": ISO87_EBCDIC,
+}
+"""The built-in specs by the name ``--spec`` takes."""
+
+
+def spec_by_name(name: str) -> Spec:
+    """The built-in spec called ``name``; an unknown name is an error that lists the known ones."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        known = ", ".join(SPECS)
+        raise Iso8583Error(f"spec {name!r} is not a built-in spec (known: {known})") from None
+
+
+def load_spec_file(path: str | Path) -> Spec:
+    """A spec from a JSON file: isopace's own format (``Spec.to_json``: an object with ``fields``)
+    or a pyiso8583 spec dict written as JSON (an object of field definitions keyed ``"t"``,
+    ``"p"``, ``"2"`` ...). The file's name becomes the spec's name when it has none."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise Iso8583Error(f"spec file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise Iso8583Error(
+            f"spec file {p}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise Iso8583Error(f"spec file {p}: invalid JSON: {e}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("fields"), dict):
+        return Spec.from_json(text)
+    if isinstance(doc, dict) and "t" in doc:
+        try:
+            return Spec.from_pyiso8583(doc, name=p.stem)
+        except Iso8583Error as e:
+            raise Iso8583Error(f"spec file {p}: {e}") from None
+    raise Iso8583Error(
+        f'spec file {p}: neither an isopace spec (an object with "fields") nor a pyiso8583 '
+        'spec (an object of field definitions with "t", the MTI)'
+    )
