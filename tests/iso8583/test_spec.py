@@ -181,6 +181,17 @@ def test_header() -> None:
         spec.decode(b"ISO")
 
 
+@pytest.mark.parametrize("decode", ["decode", "decode_partial"])
+def test_a_header_that_does_not_decode_is_named_header(decode: str) -> None:
+    fields = {**ISO87_ASCII.to_pyiso8583()}
+    fields["h"] = {"data_enc": "ascii", "len_enc": "ascii", "len_type": 0, "max_len": 4}
+    spec = Spec.from_pyiso8583(fields)
+    with pytest.raises(DecodeError) as caught:
+        getattr(spec, decode)(b"\xffISO0800" + b"0" * 16)
+    assert caught.value.field == "header"
+    assert str(caught.value) == "header: invalid ascii data at offset 0"
+
+
 def test_encode_errors() -> None:
     cases = [
         (Message("0200", {3: "1234567"}), 3),  # fixed length

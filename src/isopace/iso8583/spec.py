@@ -638,7 +638,10 @@ class Spec:
             raise DecodeError(
                 "header", c.plen, f"header needs {size} bytes, {len(data) - c.plen} left"
             )
-        return end, c.decode(data, c.plen, end)
+        try:
+            return end, c.decode(data, c.plen, end)
+        except DecodeError as e:  # the header is compiled as a field; its errors name it
+            raise DecodeError("header", e.offset, e.reason) from None
 
     def _bitmap_at(self, data: bytes, p: int, which: int) -> bytes:
         """The bitmap at ``p`` as 8 raw bytes (``which``: 1 primary, 2 secondary, 3 tertiary)."""
