@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from isopace.cli._output import Output
-from isopace.cli._send import FRAMINGS, SPECS, client_ssl, spec_by_name
+from isopace.cli._send import FRAMINGS, add_spec_flags, chosen_spec, client_ssl
 
 _OPEN_LOOP_TERMINALS = 64
 
@@ -256,7 +256,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--framing", choices=FRAMINGS, default="binary2", help="length header (default: binary2)"
     )
-    p.add_argument("--spec", choices=SPECS, default="ascii", help="message spec (default: ascii)")
+    add_spec_flags(p)
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--tls-ca", metavar="FILE", help="CA file to verify the host's certificate")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -311,7 +311,7 @@ async def _bench(args: argparse.Namespace, amount: int) -> int:
             pan=pan,
             amount=amount,
             timeout=args.timeout,
-            spec=spec_by_name(args.spec),
+            spec=chosen_spec(args),
             framing=Framing(header=LengthHeader(args.framing)),
             ssl=client_ssl(args),
             progress=progress_cb,

@@ -13,14 +13,39 @@ from typing import Any
 
 from isopace.cli._output import Output
 
-SPECS = ("ascii", "binary", "ebcdic")
 FRAMINGS = ("binary2", "binary4", "ascii2", "ascii4", "bcd2", "vmlh")
 
 
-def spec_by_name(name: str) -> Any:
-    from isopace.iso8583 import ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC
+def add_spec_flags(p: argparse.ArgumentParser) -> None:
+    """``--spec NAME`` or ``--spec-file PATH``: one choice for every command speaking ISO 8583."""
+    from isopace.iso8583 import SPECS
 
-    return {"ascii": ISO87_ASCII, "binary": ISO87_BINARY, "ebcdic": ISO87_EBCDIC}[name]
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--spec",
+        choices=list(SPECS),
+        default="ascii",
+        help="built-in wire format (default: ascii, hex-character bitmap; ascii-binary-bitmap is "
+        "pyiso8583's default layout)",
+    )
+    group.add_argument(
+        "--spec-file",
+        metavar="PATH",
+        help="a spec in isopace's JSON format or a pyiso8583 spec written as JSON",
+    )
+
+
+def chosen_spec(args: argparse.Namespace) -> Any:
+    """The spec ``add_spec_flags`` chose; a spec file that cannot be read is a one-line error."""
+    from isopace.host.errors import ConfigError
+    from isopace.iso8583 import Iso8583Error, load_spec_file, spec_by_name
+
+    if getattr(args, "spec_file", None):
+        try:
+            return load_spec_file(args.spec_file)
+        except Iso8583Error as exc:
+            raise ConfigError(f"--spec-file: {exc}") from exc
+    return spec_by_name(args.spec)
 
 
 def add_connection_flags(p: argparse.ArgumentParser) -> None:
@@ -29,7 +54,7 @@ def add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--framing", choices=FRAMINGS, default="binary2", help="length header (default: binary2)"
     )
-    p.add_argument("--spec", choices=SPECS, default="ascii", help="message spec (default: ascii)")
+    add_spec_flags(p)
     p.add_argument(
         "--tls", action="store_true", help="connect with TLS (system trust store, or --tls-ca)"
     )
@@ -57,7 +82,7 @@ def make_client(args: argparse.Namespace, **kw: Any) -> Any:
     from isopace.net import Client, Framing, LengthHeader
 
     return Client(
-        spec_by_name(args.spec),
+        chosen_spec(args),
         host=args.host,
         port=args.port,
         framing=Framing(header=LengthHeader(args.framing)),
@@ -218,7 +243,7 @@ def add_describe_parser(sub: Any) -> None:
     )
     p.add_argument("hex", nargs="?", help="the message as hex digits")
     p.add_argument("--file", help="read the message from FILE (hex text or raw bytes); - = stdin")
-    p.add_argument("--spec", choices=SPECS, default="ascii", help="message spec (default: ascii)")
+    add_spec_flags(p)
     p.add_argument(
         "--framed",
         choices=FRAMINGS,
@@ -273,7 +298,7 @@ def run_describe(args: argparse.Namespace) -> int:
             raise ConfigError("frame: incomplete (the length header asks for more bytes)")
         data = frames[0].payload
     try:
-        message = spec_by_name(args.spec).decode(data)
+        message = chosen_spec(args).decode(data)
         message.fields()  # decode every field now, so errors surface here
         text = message.describe()
     except Iso8583Error as exc:
