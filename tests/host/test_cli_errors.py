@@ -133,3 +133,36 @@ def test_files_of_the_earlier_three_file_layout_are_refused(tmp_path: Path) -> N
         one_line_error(proc, legacy, "earlier isopace", "isopace recover", "move these files")
         (tmp_path / legacy).unlink()
     assert not db.exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "expected"),
+    [
+        ("inf", "840", "--amount 'inf': not a finite amount"),
+        ("nan", "840", "--amount 'nan': not a finite amount"),
+        ("Infinity", "840", "--amount 'Infinity': not a finite amount"),
+        ("1.005", "840", "--amount '1.005': currency 840 has 2 decimals, the amount has more"),
+        ("100.5", "392", "--amount '100.5': currency 392 has 0 decimals, the amount has more"),
+        ("1.0005", "048", "--amount '1.0005': currency 048 has 3 decimals, the amount has more"),
+        ("1e12", "840", "--amount '1e12': out of range"),
+        ("-1", "840", "--amount '-1': out of range"),
+        ("ten", "840", "--amount 'ten': not a number"),
+    ],
+)
+def test_send_refuses_an_amount_it_cannot_send_exactly(
+    amount: str, currency: str, expected: str
+) -> None:
+    proc = cli(
+        "send", "--port", str(free_port()), "--pan", "4111111111111111",
+        "--amount", amount, "--currency", currency,
+    )  # fmt: skip
+    one_line_error(proc, expected)
+
+
+def test_send_amounts_in_the_currencys_minor_units() -> None:
+    from isopace.cli._send import _amount
+
+    assert _amount("25.00", "840") == "000000002500"
+    assert _amount("2500", "392") == "000000002500"
+    assert _amount("1.234", "048") == "000000001234"
+    assert _amount("1.5", "999") == "000000000150"  # a code the table does not know: 2 decimals

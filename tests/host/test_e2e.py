@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from isopace.iso8583 import ISO87_ASCII, Message
+from isopace.iso8583 import APPROVALS, ISO87_ASCII, Message, meaning
 from isopace.net import Client
 
 from .conftest import (
@@ -83,8 +83,13 @@ def host(e2e: E2E) -> tuple[HostProcess, list[str], int]:
 
 
 def send(port: int, *args: str) -> dict[str, str]:
-    out = cli_json("send", "--port", str(port), *args)
+    """``isopace send --json``: its exit status is 0 for an approval, 1 for a decline."""
+    proc = cli("send", "--port", str(port), *args, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
     response: dict[str, str] = out["response"]
+    assert proc.returncode == (0 if response.get("39") in APPROVALS else 1)
+    assert out["result"].startswith(f"{response.get('39')} {meaning(response.get('39', ''))}")
     return response
 
 

@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tps is not None and args.tps <= 0:
         raise ConfigError("--tps must be positive")
     try:
-        amount = int(_amount(args.amount))
+        amount = int(_amount(args.amount, "840"))  # the bench's requests are in DE 49 840
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return asyncio.run(_bench(args, amount))

@@ -140,15 +140,28 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run_send)
 
 
-def _amount(text: str) -> str:
+def _amount(text: str, currency: str) -> str:
+    """DE 4 for ``--amount`` in major units: exact, or an error (never rounded, never inf/nan).
+
+    The decimals allowed are the currency's (two for a currency the table does not know)."""
+    from isopace.iso8583 import minor_units
+
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise ValueError(f"--amount {text!r}: not a number") from None
-    minor = int((value * 100).to_integral_value())
+    if not value.is_finite():
+        raise ValueError(f"--amount {text!r}: not a finite amount")
+    exponent = minor_units(currency)
+    decimals = 2 if exponent is None else exponent
+    minor = value.scaleb(decimals)
+    if minor != minor.to_integral_value():
+        raise ValueError(
+            f"--amount {text!r}: currency {currency} has {decimals} decimals, the amount has more"
+        )
     if minor < 0 or minor >= 10**12:
-        raise ValueError(f"--amount {text!r}: out of range")
-    return f"{minor:012d}"
+        raise ValueError(f"--amount {text!r}: out of range (0 to 12 digits of minor units)")
+    return f"{int(minor):012d}"
 
 
 def build_message(args: argparse.Namespace) -> Any:
@@ -165,7 +178,7 @@ def build_message(args: argparse.Namespace) -> Any:
             fields[2] = args.pan
         fields[3] = args.processing_code
         if args.amount is not None:
-            fields[4] = _amount(args.amount)
+            fields[4] = _amount(args.amount, args.currency)
         fields[12] = now.strftime("%H%M%S")
         fields[13] = now.strftime("%m%d")
         fields[37] = args.rrn or (tx_time[4:] + stan)[-12:].rjust(12, "0")
@@ -199,6 +212,9 @@ def run_send(args: argparse.Namespace) -> int:
 
 
 async def _send(args: argparse.Namespace, message: Any) -> int:
+    """Sends ``--repeat`` times; exit status 0 when every answer approves, 1 when one declines
+    (any DE 39 outside the approval codes, or none), 2 for an error (raised to ``main``)."""
+    from isopace.iso8583 import is_approval
     from isopace.net import NetError
 
     out = Output()
@@ -209,6 +225,7 @@ async def _send(args: argparse.Namespace, message: Any) -> int:
         from isopace.host.errors import StartupError
 
         raise StartupError(f"cannot connect to {args.host}:{args.port}: {exc}") from exc
+    approved = True
     try:
         for _ in range(max(1, args.repeat)):
             try:
@@ -217,16 +234,31 @@ async def _send(args: argparse.Namespace, message: Any) -> int:
                 from isopace.host.errors import HostError
 
                 raise HostError(f"no response from {args.host}:{args.port}: {exc}") from exc
+            code = response.get(39)
+            verdict = _verdict(code)
+            approved = approved and is_approval(code)
             if args.json:
-                print(json.dumps({"request": _masked(message), "response": _masked(response)}))
+                doc = {"request": _masked(message), "response": _masked(response)}
+                print(json.dumps({**doc, "result": verdict}))
             else:
                 out.line("request:")
                 out.line(message.describe())
                 out.line("response:")
                 out.line(response.describe())
+                out.line(f"result: {verdict}")
     finally:
         await client.close()
-    return 0
+    return 0 if approved else 1
+
+
+def _verdict(code: str | None) -> str:
+    """``51 insufficient funds (declined)``: the answer's DE 39, what it means, and the verdict."""
+    from isopace.iso8583 import is_approval, meaning
+
+    if code is None:
+        return "no response code (DE 39 absent): declined"
+    kind = "approved" if is_approval(code) else "declined"
+    return f"{code} {meaning(code)} ({kind})"
 
 
 # -- describe ------------------------------------------------------------------------------------

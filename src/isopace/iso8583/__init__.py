@@ -4,11 +4,14 @@
 changed. See :mod:`isopace.iso8583.message` and :mod:`isopace.iso8583.spec` for the decisions.
 """
 
+from isopace.iso8583 import response_codes
 from isopace.iso8583.composite import BitmapComposite, Positional
+from isopace.iso8583.currencies import minor_units
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
 from isopace.iso8583.fields import FieldDef
 from isopace.iso8583.masking import CARD_DATA_FIELDS, CARD_TLV_TAGS, luhn_ok, mask_pan, mask_value
 from isopace.iso8583.message import ECHO_FIELDS, Message, response_mti
+from isopace.iso8583.response_codes import APPROVALS, is_approval, meaning
 from isopace.iso8583.spec import Spec
 from isopace.iso8583.specs import (
     ISO87_ASCII,
@@ -24,6 +27,7 @@ from isopace.iso8583.tlv import TLV, TlvError, build_tlv, parse_tlv
 from isopace.iso8583.validation import Violation
 
 __all__ = [
+    "APPROVALS",
     "CARD_DATA_FIELDS",
     "CARD_TLV_TAGS",
     "ECHO_FIELDS",
@@ -44,12 +48,16 @@ __all__ = [
     "TlvError",
     "Violation",
     "build_tlv",
+    "is_approval",
     "iso87_ebcdic",
     "load_spec_file",
     "luhn_ok",
     "mask_pan",
     "mask_value",
+    "meaning",
+    "minor_units",
     "parse_tlv",
+    "response_codes",
     "response_mti",
     "spec_by_name",
 ]
