@@ -27,7 +27,7 @@ from isopace.store.errors import (
     SchemaError,
     StoreError,
 )
-from isopace.store.protect import CardDataProtector, mask_pan, scrub_text
+from isopace.store.protect import CardDataProtector, mask_pan, scrub_text, stored_json
 from isopace.store.records import InDoubt, JournalRecord, RecoveryReport
 from isopace.store.recovery import RecoverableJournal, RecoveredAbortError, recover
 from isopace.store.sqlite_database import SqliteDatabase
@@ -61,6 +61,7 @@ __all__ = [
     "mask_pan",
     "recover",
     "scrub_text",
+    "stored_json",
 ]
 
 _LAZY = {

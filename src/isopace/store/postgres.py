@@ -56,7 +56,7 @@ from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
-from isopace.store.protect import CardDataProtector
+from isopace.store.protect import CardDataProtector, stored_json
 from isopace.store.records import (
     AT_US,
     KIND,
@@ -837,7 +837,7 @@ class PostgresIdempotencyStore(_PoolOwner):
         owner = self._held.get(key)
         try:
             (ok,) = await self._batched(
-                self._completes, "complete", key, (key, response.to_json(redact=True), owner)
+                self._completes, "complete", key, (key, stored_json(response), owner)
             )
         finally:
             if self._held.get(key) == owner:
