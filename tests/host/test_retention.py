@@ -73,15 +73,18 @@ def test_serve_prunes_ended_transactions(spawn: Any, backend: Backend) -> None:
     assert cli_json("ledger", *backend.store)["ok"]
 
 
-def test_journal_prune_before_keeps_what_is_in_doubt(spawn: Any, tmp_path: Path) -> None:
-    backend = Backend("sqlite", tmp_path)
+def test_journal_prune_before_keeps_what_is_in_doubt(spawn: Any, backend: Backend) -> None:
     host = spawn(*backend.serve, "--journal-retention", "0")  # 0: the host never prunes
     codes = asyncio.run(_send(host.port, [purchase(PAN_OK, 100, n, "TERMRET2") for n in (1, 2)]))
     assert codes == ["00", "00"]
     host.stop()
-    in_doubt = _leave_in_doubt(backend.db, "killed-node")
+    if backend.kind == "sqlite":
+        in_doubt = _leave_in_doubt(backend.db, "killed-node")
+    else:
+        _leave_other_node_in_doubt(backend.schema)
+        in_doubt = ["gone-1"]
     total = _records(backend)
-    assert total >= 6 + 2
+    assert total >= 6 + len(in_doubt)
 
     yesterday = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).date().isoformat()
     nothing = cli_json("journal", *backend.store, "--prune-before", yesterday)
@@ -90,7 +93,8 @@ def test_journal_prune_before_keeps_what_is_in_doubt(spawn: Any, tmp_path: Path)
     tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).date().isoformat()
     out = cli("journal", *backend.store, "--prune-before", tomorrow, check=True).stdout
     assert "journal record(s) of transactions ended before" in out, out
-    assert "expired idempotency answer(s)" in out, out
+    if backend.kind == "sqlite":  # with Redis, its answers expire by themselves
+        assert "expired idempotency answer(s)" in out, out
     left = backend.fetch("SELECT DISTINCT tx_id FROM journal")
     assert sorted(r[0] for r in left) == sorted(in_doubt)
     doubt = cli("journal", *backend.store, "--in-doubt", "--json", check=True).stdout
