@@ -157,8 +157,8 @@ def mask_text(text: str) -> str:
     dashes (whole groups are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit
     run (20 or more with no separator, e.g. inside a hex dump) are not a PAN candidate. Other text
     is returned unchanged."""
-    if not any("0" <= ch <= "9" for ch in text):
-        return text
+    if len(text) < 13 or not any("0" <= ch <= "9" for ch in text):
+        return text  # too short to hold a card number (13 digits at least), or no digit at all
     out = _DIGIT_GROUPS.sub(_mask_groups, text)
     if out == text:
         return text
