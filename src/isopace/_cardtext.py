@@ -13,6 +13,11 @@ that ``flow`` and ``store`` share it without importing ``iso8583`` at run time.
 - :func:`mask_text`: every 13-19 digit run (optionally grouped by single spaces or dashes) that
   passes Luhn is masked as a PAN, and the track data that follows such a PAN (``=...``,
   ``D...``, ``^NAME^...``: expiry, service code, discretionary data, name) becomes ``****``.
+- :func:`holds_card_number`: whether binary data carries a card number, read as packed BCD
+  digits (its hex, ``F``-padded or not) or, when it is ASCII, as text, by :func:`mask_text`'s
+  rule; such data cannot hold a masked value, so callers hide or drop it.
+- :func:`mask_json`: a JSON-like value (durable properties) with :func:`mask_text` applied to
+  every string and to every integer of 13 digits or more.
 - :func:`error_text`: an exception as text for a log line or a record, masked with
   :func:`mask_text`; with ``traceback=True`` the whole formatted traceback (chained causes,
   notes and exception group members included), formatted first and then masked. Loggers never
@@ -27,8 +32,10 @@ import traceback as _traceback
 __all__ = [
     "HIDDEN",
     "error_text",
+    "holds_card_number",
     "luhn_check_digit",
     "luhn_ok",
+    "mask_json",
     "mask_pan",
     "mask_text",
     "printable",
@@ -150,12 +157,44 @@ def mask_text(text: str) -> str:
     dashes (whole groups are combined: ``4761 7390 0101 0010``). Digits glued to a longer digit
     run (20 or more with no separator, e.g. inside a hex dump) are not a PAN candidate. Other text
     is returned unchanged."""
-    if not any("0" <= ch <= "9" for ch in text):
-        return text
+    if len(text) < 13 or not any("0" <= ch <= "9" for ch in text):
+        return text  # too short to hold a card number (13 digits at least), or no digit at all
     out = _DIGIT_GROUPS.sub(_mask_groups, text)
     if out == text:
         return text
     return _TRACK_TAIL.sub(_hide_tail, out)
+
+
+def holds_card_number(data: bytes) -> bool:
+    """True when :func:`mask_text` finds a card number in ``data`` read as packed BCD (its hex:
+    ``4761739001010010``, ``378282246310005F``) or, for ASCII data, read as text."""
+    packed = data.hex()
+    if mask_text(packed) != packed:
+        return True
+    if data.isascii():
+        text = data.decode("ascii")
+        return mask_text(text) != text
+    return False
+
+
+def mask_json(value: object) -> object:
+    """``value`` (str, int, list, dict... as JSON holds them) with every string masked by
+    :func:`mask_text`, and every integer long enough to be a card number masked as text."""
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        if -(10**12) < value < 10**12:
+            return value
+        text = str(value)
+        masked = mask_text(text)
+        return value if masked == text else masked
+    if isinstance(value, dict):
+        return {k: mask_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_json(v) for v in value]
+    return mask_text(str(value))
 
 
 def error_text(exc: BaseException, *, traceback: bool = False) -> str:

@@ -109,7 +109,8 @@ def add_journal_parser(sub: Any) -> None:
         help="query the transaction journal",
         description=(
             "Query the journal of a host: counts per event kind (the default), the records of one "
-            "transaction, the transactions in doubt, a time range, or one card's records."
+            "transaction, the transactions in doubt, a time range, or one card's records; or "
+            "prune the records of transactions ended before a date."
         ),
     )
     add_config_flags(p, only=_STORE_OPTIONS)
@@ -123,9 +124,65 @@ def add_journal_parser(sub: Any) -> None:
         "--since", metavar="MINUTES", type=float, help="records of the last MINUTES minutes"
     )
     q.add_argument("--pan", help="records of one card (needs the journal key)")
+    q.add_argument(
+        "--prune-before",
+        metavar="DATE",
+        type=_utc_date,
+        help=(
+            "delete the records of transactions ended (committed, aborted, replayed) before DATE "
+            "(ISO 8601, e.g. 2026-01-31 or 2026-01-31T12:00:00+00:00; UTC when no offset), and "
+            "the idempotency answers past their TTL; never a transaction in doubt. Safe while "
+            "the host runs (small batches); `isopace serve --journal-retention` does it by itself"
+        ),
+    )
     p.add_argument("--limit", type=int, default=100, help="most records to print (default: 100)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(func=_command(_journal, lambda cfg: cfg.db))
+
+
+def _utc_date(text: str) -> dt.datetime:
+    """``--prune-before``: an ISO 8601 date or date-time, UTC unless it has an offset."""
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date (YYYY-MM-DD, or YYYY-MM-DDTHH:MM:SS)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+async def _prune(args: argparse.Namespace, cfg: HostConfig, journal: Any) -> int:
+    """``--prune-before``: the journal's ended transactions, then the expired idempotency
+    answers of the store the host uses (Redis expires its own)."""
+    before: dt.datetime = args.prune_before
+    pruned = await journal.prune(before)
+    purged: int | None = None
+    store: Any = None
+    if cfg.postgres and not cfg.redis:
+        from isopace.store import PostgresIdempotencyStore
+
+        store = PostgresIdempotencyStore(cfg.postgres, schema=cfg.postgres_schema, min_size=1)
+        await store.open()
+    elif not cfg.postgres and not cfg.redis:
+        from isopace.store import SqliteIdempotencyStore
+
+        store = SqliteIdempotencyStore(cfg.db, synchronous=cfg.synchronous)
+    if store is not None:
+        try:
+            purged = await store.purge()
+        finally:
+            await store.close()
+    if args.json:
+        print(json.dumps({"before": before.isoformat(), "pruned": pruned, "purged": purged}))
+    else:
+        line = (
+            f"pruned {pruned} journal record(s) of transactions ended before "
+            f"{before.isoformat()} (none in doubt)"
+        )
+        if purged is not None:
+            line += f"; purged {purged} expired idempotency answer(s)"
+        Output().line(line)
+    return 0
 
 
 async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
@@ -137,6 +194,8 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
     except Exception as exc:
         raise HostError(f"journal: {one_line(exc)}") from exc
     try:
+        if args.prune_before is not None:
+            return await _prune(args, cfg, journal)
         if args.in_doubt:
             rows = await journal.in_doubt(all_nodes=True)
             if args.json:

@@ -15,8 +15,10 @@ CONFLICT``, a Redis ``SET NX PX``):
 The flow stores the response of a committed transaction and of a declined one (a stage set
 the response and called ``ex.abort()``); any other aborted run is released, so a retransmission
 is processed afresh. A durable store keeps
-``response.to_json(redact=True)``; on replay the flow fills each field named in
-``stored.redacted`` back from the duplicate's own request, which carries the same card data.
+the response without card data (``isopace.store.stored_json``: card fields dropped, a card
+number in another field masked, each named in ``redacted``); on replay the flow fills each
+field named in ``stored.redacted`` back from the duplicate's own request, which carries the
+same card data.
 
 ``MemoryStore`` is the single-process store: bounded (least recently used entries go first)
 with a TTL. Messages are immutable, so it stores and returns them as they are.

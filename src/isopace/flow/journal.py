@@ -22,9 +22,10 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from isopace._cardtext import error_text
+from isopace._cardtext import mask_json as _mask_json
 from isopace._cardtext import mask_text as mask_text
 from isopace.flow.exchange import Exchange
 
@@ -146,15 +147,3 @@ def masked_message(message: object) -> dict[str, str] | str | None:
     if isinstance(message, str):
         return mask_text(message)
     return f"<{type(message).__name__}>"
-
-
-def _mask_json(value: Any) -> Any:
-    if isinstance(value, str):
-        return mask_text(value)
-    if isinstance(value, list | tuple):
-        return [_mask_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _mask_json(v) for k, v in value.items()}
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
-        return mask_text(str(value))
-    return value

@@ -16,7 +16,8 @@ the TCP server and the metrics endpoint.
    below for whose transactions that is); with the SQLite
    idempotency store (which takes over the crashed run's claims at once: one process per node)
    the response of each transaction recovery commits is stored under its idempotency key;
-5. the ISO 8583 server, then the metrics endpoint.
+5. the ISO 8583 server, the journal's retention task (``journal_retention``), then the metrics
+   endpoint.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
 sharing a journal and across restarts); the idempotency
@@ -43,6 +44,7 @@ Nodes (whose transactions start-up recovery ends):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
@@ -50,6 +52,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from isopace.flow import Exchange, Flow, Outcome
@@ -253,6 +256,7 @@ class AuthorizationHost:
         else:
             await self._warn_other_nodes()
         await self._start_server(ssl_context)
+        self._start_pruning()
         if cfg.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
             try:
@@ -329,6 +333,40 @@ class AuthorizationHost:
                 self.node,
                 extra={"node": self.node, "in_doubt": count, "nodes": others},
             )
+
+    def _start_pruning(self) -> None:
+        """Retention (``journal_retention`` days, 0: off): a background task prunes the journal
+        every ``journal_prune_interval`` seconds, first at start-up. The journal deletes in
+        small batches and yields between them, so the transactions being served are never
+        held up for long; an expired idempotency answer is purged by its store's own task."""
+        if self.config.journal_retention <= 0:
+            return
+        task = asyncio.get_running_loop().create_task(self._prune_forever())
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._closers.append(stop)
+
+    async def _prune_forever(self) -> None:
+        cfg = self.config
+        while True:
+            before = datetime.now(UTC) - timedelta(days=cfg.journal_retention)
+            try:
+                pruned = await self.journal.prune(before)
+            except Exception as exc:  # the database is down: warn, try again next time
+                log.warning("journal: pruning failed: %s", one_line(exc))
+            else:
+                if pruned:
+                    log.info(
+                        "journal: pruned %d record(s) of transactions ended before %s",
+                        pruned,
+                        before.isoformat(timespec="seconds"),
+                        extra={"pruned": pruned},
+                    )
+            await asyncio.sleep(cfg.journal_prune_interval)
 
     async def _close_metrics(self) -> None:
         if self.metrics_server is not None:

@@ -109,6 +109,15 @@ class HostConfig:
         "(off: they go with the next batch; a crash that loses one leaves the transaction in "
         "doubt and recovery ends it the same way: BEGIN and COMMITTING are always awaited)",
     )
+    journal_retention: float = _opt(
+        400.0,
+        "days the journal keeps an ended transaction (committed, aborted, replayed) before the "
+        "host prunes it, in small batches in the background; never one in doubt (0: keep all)",
+        metavar="DAYS",
+    )
+    journal_prune_interval: float = _opt(
+        600.0, "seconds between two pruning runs of the journal", metavar="SECONDS"
+    )
     idempotency_key: list[int] = _opt(  # noqa: RUF009
         [41, 11, 7], "fields whose values (with the MTI class) identify a retransmission"
     )
@@ -158,6 +167,12 @@ class HostConfig:
             raise ConfigError(f"switch_interval {self.switch_interval}: between 0 and 1 second")
         if self.idempotency_lease <= 0 or self.idempotency_ttl <= 0:
             raise ConfigError("idempotency_lease and idempotency_ttl must be positive")
+        if self.journal_retention < 0:
+            raise ConfigError(f"journal_retention {self.journal_retention}: days, 0 or more")
+        if self.journal_prune_interval <= 0:
+            raise ConfigError(
+                f"journal_prune_interval must be positive, not {self.journal_prune_interval}"
+            )
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {self.timeout}")
         if self.max_in_flight < 1:

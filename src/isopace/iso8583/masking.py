@@ -20,13 +20,14 @@ What is masked, and how:
   the separator (``=``, ``D``, ``^``) is kept and everything after it (expiry, service code,
   discretionary data, track 1 name) becomes ``****``. Anything not shaped like a track becomes
   ``****`` entirely.
-- :func:`mask_value` renders any field value as printable text: card fields masked as above,
-  DE 55 parsed as TLV with card tags masked (``<55: N bytes, unparsed>`` when malformed, never the
-  content), other bytes as uppercase hex, other strings with non-printables escaped and passed
-  through :func:`mask_text`: a card number keyed into a text field (DE 43, DE 48 private data,
-  an account number in DE 102) is masked there too. The price is that a numeric 13-19 digit
-  value that happens to pass Luhn (one merchant id in ten) is masked as well: over-masking a
-  display is safe, a PAN in clear is not.
+- :func:`mask_value` renders any field value as printable text: card fields masked as above, DE 55
+  parsed as TLV with card tags masked (``<55: N bytes, unparsed>`` when malformed, never the
+  content), other bytes as uppercase hex (a card number in packed BCD masked in the hex, bytes that
+  are ASCII text holding one shown as ``****``), other strings with non-printables escaped and
+  passed through :func:`mask_text`: a card number keyed into a text field (DE 43, DE 48 private
+  data, an account number in DE 102) is masked there too. The price is that a numeric 13-19 digit
+  value that happens to pass Luhn (one merchant id in ten) is masked as well: over-masking a display
+  is safe, a PAN in clear is not.
 - :func:`mask_text` masks every run of 13-19 digits (optionally grouped by single spaces or
   dashes) that passes Luhn, and the track data following such a PAN: a last line of defence for
   error messages and log lines built from arbitrary text. It, :func:`mask_pan` and the Luhn
@@ -36,7 +37,14 @@ What is masked, and how:
 
 from __future__ import annotations
 
-from isopace._cardtext import HIDDEN, luhn_check_digit, luhn_ok, mask_pan, mask_text
+from isopace._cardtext import (
+    HIDDEN,
+    holds_card_number,
+    luhn_check_digit,
+    luhn_ok,
+    mask_pan,
+    mask_text,
+)
 from isopace._cardtext import printable as _printable
 from isopace.iso8583.tlv import TLV, TlvError, parse_tlv
 
@@ -123,10 +131,20 @@ def mask_value(field: int, value: str | bytes | TLV) -> str:
     if field == 55:
         return _mask_icc(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).hex().upper()
+        return _mask_binary(bytes(value))
     if isinstance(value, TLV):
         return mask_tlv(value)
     return mask_text(_printable(value if isinstance(value, str) else str(value)))
+
+
+def _mask_binary(data: bytes) -> str:
+    """Binary data as uppercase hex; a card number in it (packed BCD digits, masked as text in
+    the hex) or ASCII digits holding one (the hex would spell them out: ``****``) is hidden."""
+    text = data.hex().upper()
+    if not holds_card_number(data):
+        return text
+    masked = mask_text(text)
+    return masked if masked != text else HIDDEN
 
 
 def _mask_icc(value: object) -> str:

@@ -10,9 +10,12 @@
 - :func:`recover`: finish every transaction a crash left in doubt, through the stages'
   ``recover(ex, committing)`` hooks.
 - Card data in records is protected by :class:`CardDataProtector` (PAN first 6 / last 4 plus a
-  keyed HMAC-SHA256; track data, PIN block and EMV card tags removed).
+  keyed HMAC-SHA256; track data, PIN block and EMV card tags removed); every message a store
+  keeps (journal request and response, idempotency answer) is :func:`stored_json`, which also
+  masks a card number found in any other field (see :mod:`isopace.store.protect`).
 
-Journals answer operators' queries: ``by_id``, ``by_time``, ``by_pan``, ``in_doubt``, ``counts``.
+Journals answer operators' queries: ``by_id``, ``by_time``, ``by_pan``, ``in_doubt``, ``counts``,
+and ``prune(before)`` deletes the transactions that ended before a date (never one in doubt).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from isopace.store.errors import (
     SchemaError,
     StoreError,
 )
-from isopace.store.protect import CardDataProtector, mask_pan, scrub_text
+from isopace.store.protect import CardDataProtector, mask_pan, scrub_text, stored_json
 from isopace.store.records import InDoubt, JournalRecord, RecoveryReport
 from isopace.store.recovery import RecoverableJournal, RecoveredAbortError, recover
 from isopace.store.sqlite_database import SqliteDatabase
@@ -61,6 +64,7 @@ __all__ = [
     "mask_pan",
     "recover",
     "scrub_text",
+    "stored_json",
 ]
 
 _LAZY = {

@@ -33,6 +33,10 @@ store and re-check when their key is notified; a re-check also happens at the ho
 expiry and every ``recheck`` seconds as a safety net if the listening connection was lost (it
 reconnects by itself). Live claims' leases are renewed in the background; expired rows purged.
 
+Retention: ``PostgresJournal.prune(before)`` deletes the records of the transactions that ended
+before a date, ``PRUNE_BATCH`` transactions per statement, never one in doubt; the idempotency
+store purges expired keys ``PURGE_BATCH`` at a time.
+
 A dropped connection (server restart, ``pg_terminate_backend``) fails the operations running on
 it with :class:`JournalError` / :class:`IdempotencyError`; the pool replaces the connection and
 the next operations succeed.
@@ -56,7 +60,7 @@ from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
-from isopace.store.protect import CardDataProtector
+from isopace.store.protect import CardDataProtector, stored_json
 from isopace.store.records import (
     AT_US,
     KIND,
@@ -81,6 +85,9 @@ __all__ = ["PostgresIdempotencyStore", "PostgresJournal"]
 log = logging.getLogger("isopace.store")
 
 _NO_WAIT = frozenset({"COMMITTED", "ABORTED", "IDEMPOTENT_HIT"})
+#: Transactions one journal pruning statement deletes, expired keys one purge statement deletes.
+PRUNE_BATCH = 200
+PURGE_BATCH = 500
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 _JOURNAL_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
@@ -390,6 +397,11 @@ class PostgresJournal(_PoolOwner):
             )
             DELETE FROM {s}.inflight WHERE tx_id IN (SELECT t FROM fin)"""
         self._columns = self._COLUMNS.format(s=s)
+        self._sql_prune = f"""DELETE FROM {s}.journal WHERE tx_id IN (
+                SELECT f.tx_id FROM {s}.journal f
+                WHERE f.at < $1 AND f.kind IN ('COMMITTED', 'ABORTED', 'IDEMPOTENT_HIT')
+                  AND NOT EXISTS (SELECT 1 FROM {s}.inflight i WHERE i.tx_id = f.tx_id)
+                LIMIT $2)"""
 
     def _error(self, text: str) -> StoreError:
         return JournalError(f"postgres journal {self.schema}: {text}")
@@ -604,6 +616,29 @@ class PostgresJournal(_PoolOwner):
             )
             for r in rows
         ]
+
+    async def prune(self, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete the records of the transactions that ended (COMMITTED, ABORTED, or answered
+        from the idempotency store) before ``before``; return how many records went. Never a
+        transaction in doubt (in ``inflight``, or with no final record). One statement (its own
+        transaction) per ``batch`` transactions, so no lock is held for long; nodes pruning at
+        once only delete the same rows twice."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        await self.open()
+        total = 0
+        while True:
+            try:
+                status = await self.pool.execute(self._sql_prune, before, batch)
+            except Exception as exc:
+                raise JournalError(
+                    f"postgres journal {self.schema}: prune failed: {mask_text(str(exc))}"
+                ) from exc
+            deleted = int(str(status).rsplit(" ", 1)[-1])
+            total += deleted
+            if not deleted:
+                return total
+            await asyncio.sleep(0)
 
     async def counts(
         self, start: datetime | None = None, end: datetime | None = None
@@ -837,7 +872,7 @@ class PostgresIdempotencyStore(_PoolOwner):
         owner = self._held.get(key)
         try:
             (ok,) = await self._batched(
-                self._completes, "complete", key, (key, response.to_json(redact=True), owner)
+                self._completes, "complete", key, (key, stored_json(response), owner)
             )
         finally:
             if self._held.get(key) == owner:
@@ -884,16 +919,27 @@ class PostgresIdempotencyStore(_PoolOwner):
             await asyncio.sleep(min(self.lease / 3, self._purge_interval))
 
     async def purge(self) -> int:
-        """Delete expired responses and claims now; return how many rows went."""
-        status = await self._call(
-            "purge",
-            "*",
-            "execute",
-            f"""DELETE FROM {self.schema}.idempotency_keys
-                WHERE (state = 'done' AND expires <= clock_timestamp())
-                   OR (state = 'claimed' AND lease_until <= clock_timestamp())""",
-        )
-        return int(str(status).rsplit(" ", 1)[-1])
+        """Delete expired responses and claims now; return how many rows went. At most
+        ``PURGE_BATCH`` rows per statement (a day's keys expire together: one unbounded DELETE
+        would hold its row locks and the table's vacuum back for as long as it takes)."""
+        total = 0
+        while True:
+            status = await self._call(
+                "purge",
+                "*",
+                "execute",
+                f"""DELETE FROM {self.schema}.idempotency_keys WHERE key IN (
+                    SELECT key FROM {self.schema}.idempotency_keys
+                    WHERE (state = 'done' AND expires <= clock_timestamp())
+                       OR (state = 'claimed' AND lease_until <= clock_timestamp())
+                    LIMIT $1)""",
+                PURGE_BATCH,
+            )
+            purged = int(str(status).rsplit(" ", 1)[-1])
+            total += purged
+            if purged < PURGE_BATCH:
+                return total
+            await asyncio.sleep(0)
 
     async def close(self) -> None:
         if self._closed:

@@ -1,25 +1,42 @@
-"""Card data protection for journal records.
+"""Card data protection for everything a store writes: journal records, idempotency answers.
 
-Nothing a journal writes may hold card data in clear. :class:`CardDataProtector` turns a message
-into what a record may keep:
+Nothing a store writes may hold card data in clear. The rules, field by field (one masker for
+everything that leaves memory: the detection is ``isopace._cardtext.mask_text``'s, the one the
+log line and ``describe`` use):
 
-- the PAN (DE 2, or the PAN inside track 2 when DE 2 is absent) as first 6 / last 4 digits plus a
-  keyed HMAC-SHA256 fingerprint, so operators can still find every record of one card
-  (:meth:`CardDataProtector.fingerprint`) without the journal ever holding the number;
-- track 1 / track 2 / track 3 (DE 45, 35, 36) and the PIN block (DE 52) removed;
-- EMV card tags inside DE 55 removed: 5A (PAN), 57 (track 2 equivalent), 56 (track 1 equivalent),
-  9F6B (track 2 data), 9F1F / 9F20 (track discretionary data), 5F20 (cardholder name),
-  5F24 (expiry).
-  A DE 55 that does not parse as BER-TLV is dropped whole: what cannot be inspected is not kept.
+- **DE 2 (PAN)**: not stored in the message. A journal's request row keeps it as first 6 / last 4
+  digits (``pan_masked``) plus a keyed HMAC-SHA256 fingerprint (``pan_hmac``), so operators can
+  still find every record of one card (:meth:`CardDataProtector.fingerprint`); when DE 2 is
+  absent the PAN inside track 2 is used.
+- **DE 35, 36, 45 (tracks) and DE 52 (PIN block)**: dropped.
+- **DE 55 (ICC data)**: EMV card tags removed, wherever they sit: 5A (PAN), 57 (track 2
+  equivalent), 56 (track 1 equivalent), 9F6B (track 2 data), 9F1F / 9F20 (track discretionary
+  data), 5F20 (cardholder name), 5F24 (expiry); the other tags kept. A DE 55 that does not
+  parse as BER-TLV is dropped whole: what cannot be inspected is not kept.
+- **Every other text field** (n, an, ans, z: DE 34, 43, 44, 48, 54, 61, 62, 102-104, 120...):
+  kept, with each card number in it (a 13-19 digit run passing Luhn, digits grouped by spaces or
+  dashes too) masked in place to first 6 / last 4, and the track data after it to ``****``.
+  Amounts, STAN, terminal, RRN, dates (DE 4, 11, 41, 37, 7) are too short to be touched, so
+  recovery and the host's ``recover`` hooks, which read the MTI, the id and the durable
+  properties, get what they need. The price: a 13-19 digit value that merely passes Luhn (one
+  in ten) is stored masked, as the log shows it.
+- **Binary fields (b)** other than DE 52 / 55: kept as hex, unless the same detector finds a
+  card number in their packed-BCD reading (``4761739001010010``, F-padded ``...0005F``) or, for
+  bytes that are ASCII text, in that text; such a field is dropped (a masked value is not
+  binary). A card number glued inside a longer run of digits (a BCD block of 20 or more
+  digits) is not recognised, the same limit as in text.
+- **Header**: kept as it is (the built-in specs have none).
 
-The protected message is ``message.to_json(redact=True)`` of the message with DE 55 filtered, so
-``Message.from_json`` rebuilds it for recovery, with ``redacted`` naming the removed fields.
-
-Free text (abort causes) goes through :func:`scrub_text`, an alias of
-``isopace._cardtext.mask_text`` (the masker every layer shares, re-exported by
-``isopace.iso8583``): a 13-19 digit run passing Luhn keeps its first 6 / last 4 digits and the
-track data after it (``=2512...``, ``^NAME^2512...``) becomes ``****``. :func:`mask_pan` is that
-module's too (first 6 / last 4; shorter numbers show less).
+Each field masked or dropped (the card data fields included) is named in the stored message's
+``redacted`` list: ``Message.from_json`` rebuilds the message for recovery, and a replayed
+idempotency answer takes those fields back from the duplicate's own request (``refill``), so a
+retransmission gets its own values, never the masked ones. The journal's durable properties and
+error texts go through the same masker (:func:`~isopace._cardtext.mask_json`,
+:func:`scrub_text`, an alias of ``isopace._cardtext.mask_text``): a stage that needs a card for
+recovery keeps a reference to it (the ledger's ``pan_ref``), not the number. Idempotency keys
+are stored as computed: the host's default key (MTI class, DE 41, 11, 7) holds no card data; a
+key configured over a card field would. :func:`mask_pan` is ``isopace._cardtext``'s too (first
+6 / last 4; shorter numbers show less).
 
 Without an HMAC key no fingerprint is stored (searching by card is then unavailable): a key kept
 in the same database as the fingerprints would make them reversible by brute force over the six
@@ -29,12 +46,14 @@ hidden digits, so the key must come from the application's configuration, never 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from isopace._cardtext import holds_card_number, mask_text
 from isopace._cardtext import mask_pan as mask_pan
-from isopace._cardtext import mask_text
+from isopace.iso8583 import CARD_DATA_FIELDS
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Message
@@ -43,8 +62,10 @@ __all__ = [
     "EMV_CARD_TAGS",
     "CardDataProtector",
     "ProtectedMessage",
+    "card_text_fields",
     "mask_pan",
     "scrub_text",
+    "stored_json",
     "strip_emv_card_tags",
 ]
 
@@ -183,14 +204,7 @@ class CardDataProtector:
     ) -> tuple[str, str | None, str | None]:
         """``protect`` as a plain tuple ``(json, pan_masked, pan_hmac)`` (the journals' path);
         ``pan=False`` leaves the PAN columns out (None)."""
-        if 55 in message:
-            raw = message.get(55)
-            try:
-                data = raw if isinstance(raw, bytes) else bytes.fromhex(str(raw))
-                message = message.set(55, strip_emv_card_tags(data))
-            except ValueError:
-                message = message.remove(55)
-        text = message.to_json(redact=True)
+        text = stored_json(message)
         if not pan:
             return text, None, None
         number = message.get(2)
@@ -199,3 +213,60 @@ class CardDataProtector:
         if number is None:
             return text, None, None
         return text, mask_pan(number.strip()), self.fingerprint(number)
+
+
+# -- what a store keeps of a message ---------------------------------------------------------------
+
+
+def stored_json(message: Message) -> str:
+    """The JSON any store keeps of ``message`` (journal request and response, idempotency
+    answers): EMV card tags out of DE 55 (:func:`strip_emv_card_tags`; all of DE 55 when it is
+    not TLV), DE 2 / 35 / 36 / 45 / 52 dropped (``to_json(redact=True)``), and every other
+    field in which the shared masker finds a card number masked in place (text) or dropped
+    (binary), each listed in ``redacted`` (see the module docstring)."""
+    if 55 in message:
+        raw = message.get(55)
+        try:
+            data = raw if isinstance(raw, bytes) else bytes.fromhex(str(raw))
+            message = message.set(55, strip_emv_card_tags(data))
+        except ValueError:
+            message = message.remove(55)
+    text = message.to_json(redact=True)
+    found = card_text_fields(message)
+    if not found:
+        return text
+    doc = json.loads(text)
+    fields = doc["fields"]
+    for n, masked in found.items():
+        if masked is None:
+            fields.pop(str(n), None)
+        else:
+            fields[str(n)] = masked
+    doc["redacted"] = sorted(set(doc.get("redacted", ())) | found.keys())
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def card_text_fields(message: Message) -> dict[int, str | None]:
+    """The fields of ``message`` (other than the card data fields, DE 2, 35, 36, 45, 52, and
+    DE 55, which have rules of their own) in which :func:`~isopace._cardtext.mask_text` finds a
+    card number: field -> its masked text, or None for a binary field (packed BCD or ASCII
+    digits inside), which cannot hold a masked value and is dropped."""
+    found: dict[int, str | None] = {}
+    for n in message:  # field by field: cheaper than fields(), which copies them all
+        if n in _OWN_RULES:
+            continue
+        value = message[n]
+        if isinstance(value, str):
+            if len(value) >= _SHORTEST_PAN:  # a shorter value cannot hold one: skip the scan
+                masked = mask_text(value)
+                if masked != value:
+                    found[n] = masked
+        elif len(value) * 2 >= _SHORTEST_PAN and holds_card_number(value):
+            found[n] = None
+    return found
+
+
+#: Fields whose card data have rules of their own (dropped whole, or TLV-filtered).
+_OWN_RULES = CARD_DATA_FIELDS | {55}
+#: The fewest digits :func:`mask_text` takes for a card number.
+_SHORTEST_PAN = 13

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, Final
 
+from isopace._cardtext import mask_json
 from isopace.store.errors import JournalError
 from isopace.store.protect import CardDataProtector, scrub_text
 
@@ -110,12 +111,19 @@ if c_make_encoder is not None:
         None, None, encode_basestring, None, ":", ",", False, False, True
     )  # fmt: skip
 
-    def _encode(value: object) -> str:
+    def _encode_json(value: object) -> str:
         return "".join(_C_ENCODE(value, 0))
 else:  # pragma: no cover - CPython without the _json accelerator
 
-    def _encode(value: object) -> str:
+    def _encode_json(value: object) -> str:
         return _ENCODE(value)
+
+
+def _encode(props: dict[str, object]) -> str:
+    """Durable properties as stored: JSON, card numbers masked (:func:`mask_json`, the shared
+    masker). Recovery reads them back, so a stage that needs a card for recovery keeps a
+    reference to it (the ledger's ``pan_ref``), never the number."""
+    return _encode_json(mask_json(props))
 
 
 #: Event kind (a ``StrEnum`` value) -> the name journals store.

@@ -3,9 +3,10 @@
 ``redis`` is imported here only: install ``isopace[redis]``.
 
 One Redis key per idempotency key, ``<prefix>k:<key>``, holding either ``C<owner>`` (a claim, with
-the lease as its expiry) or ``R<response JSON>`` (the response, protected with
-``to_json(redact=True)``, with the TTL as its expiry). Redis expires both by itself: a crashed
-owner's claim disappears ``lease`` seconds after its last renewal; nothing needs purging.
+the lease as its expiry) or ``R<response JSON>`` (the response, protected by
+:func:`isopace.store.protect.stored_json`, with the TTL as its expiry). Redis expires both by
+itself: a crashed owner's claim disappears ``lease`` seconds after its last renewal; nothing needs
+purging.
 
 - ``claim``: ``SET k C<owner> NX PX lease`` -- atomic on the server, so exactly one node gets a
   free key. Otherwise ``GET k``: a response is replayed; a claim is waited for.
@@ -45,6 +46,7 @@ from isopace._cardtext import error_text
 from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store.errors import IdempotencyError, LeaseLostError
+from isopace.store.protect import stored_json
 from isopace.store.records import default_node
 
 if TYPE_CHECKING:
@@ -270,7 +272,7 @@ class RedisIdempotencyStore:
                 keys=[self._key(key)],
                 args=[
                     f"C{owner}" if owner else "",
-                    "R" + response.to_json(redact=True),
+                    "R" + stored_json(response),
                     int(self.ttl * 1000),
                     self._channel,
                     key,

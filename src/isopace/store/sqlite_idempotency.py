@@ -1,11 +1,11 @@
 """Idempotency claims in a SQLite file, atomic across every process that shares the file.
 
 Table ``idempotency_keys``: one row per key, either *claimed* (by an owner token, until
-``lease_until``) or *done* (the response, protected with ``to_json(redact=True)``, until
-``expires`` = completion + ``ttl``). Each claim is one ``BEGIN IMMEDIATE`` transaction: SQLite's
-write lock makes read-check-write atomic across processes. The common cases take one statement:
-a claim of a new key is an ``INSERT ... ON CONFLICT DO NOTHING`` (the row is read only when the
-key exists), a completion by the claim's owner an ``UPDATE`` guarded by the owner token.
+``lease_until``) or *done* (the response, protected by :func:`isopace.store.protect.stored_json`,
+until ``expires`` = completion + ``ttl``). Each claim is one ``BEGIN IMMEDIATE`` transaction:
+SQLite's write lock makes read-check-write atomic across processes. The common cases take one
+statement: a claim of a new key is an ``INSERT ... ON CONFLICT DO NOTHING`` (the row is read only
+when the key exists), a completion by the claim's owner an ``UPDATE`` guarded by the owner token.
 
 Operations from concurrent runs are batched: one thread owns the connection and runs every
 claim / complete / release queued meanwhile in ONE transaction (one fsync for all of them).
@@ -46,6 +46,7 @@ from isopace.store._owners import OwnerTokens
 from isopace.store._sqlite_open import open_wal
 from isopace.store._writer import BatchExecutor
 from isopace.store.errors import IdempotencyError, LeaseLostError, StoreError
+from isopace.store.protect import stored_json
 from isopace.store.records import default_node
 
 if TYPE_CHECKING:
@@ -326,7 +327,7 @@ class SqliteIdempotencyStore:
                 self._complete,
                 key,
                 owner,
-                response.to_json(redact=True),
+                stored_json(response),
                 durable=True,
             )
         finally:

@@ -38,6 +38,10 @@ opening a large version 2 file once takes the time of copying it).
 
 Several processes may share one file (SQLite serialises the writers); each journals its ``node``
 (default: the host name) and recovery only touches its own node's transactions.
+
+Retention: :meth:`SqliteJournal.prune` deletes the records of transactions that ended before a
+date, a few hundred rows per statement, never those of a transaction in doubt (its ``inflight``
+row protects it, and a transaction with no final record is never selected).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ if TYPE_CHECKING:
     from isopace.flow import Event, Exchange
     from isopace.store.sqlite_database import SqliteDatabase
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SqliteJournal"]
+__all__ = ["MIGRATIONS", "PRUNE_BATCH", "SCHEMA_VERSION", "SqliteJournal"]
 
 log = logging.getLogger("isopace.store")
 
@@ -212,6 +216,22 @@ def _insert_sql(n: int) -> str:
         one = "(" + ",".join("?" * _NCOLS) + ")"
         sql = _INSERTS[n] = f"INSERT INTO journal ({_ROW_COLUMNS}) VALUES " + ",".join([one] * n)
     return sql
+
+
+#: Transactions whose records one pruning statement deletes (at most; see ``prune``).
+PRUNE_BATCH = 200
+
+#: Up to ``?`` ended transactions (a final or IDEMPOTENT_HIT record before ``?``, nothing in
+#: doubt) whose records one statement deletes, oldest first (by the time index).
+_PRUNE = """DELETE FROM journal WHERE tx_id IN (
+    SELECT f.tx_id FROM journal f
+    WHERE f.at_us < ? AND f.kind IN ('COMMITTED', 'ABORTED', 'IDEMPOTENT_HIT')
+      AND NOT EXISTS (SELECT 1 FROM inflight i WHERE i.tx_id = f.tx_id)
+    LIMIT ?)"""
+
+
+def _prune(conn: sqlite3.Connection, before_us: int, batch: int) -> int:
+    return int(conn.execute(_PRUNE, (before_us, batch)).rowcount)
 
 
 #: Records whose durability ``record`` need not wait for (see ``wait_final``).
@@ -598,6 +618,44 @@ class SqliteJournal:
             )
             for r in await self._fetch(sql, params)
         ]
+
+    async def prune(self, before: datetime, *, batch: int = PRUNE_BATCH) -> int:
+        """Delete the records of the transactions that ended (COMMITTED, ABORTED, or answered
+        from the idempotency store) before ``before`` (aware datetime); return how many records
+        went. A transaction in doubt (BEGIN or COMMITTING with no final record) is never
+        touched, however old.
+
+        Small batches (``batch`` transactions, a few hundred rows, per statement), each its own
+        transaction: on the shared database each is one inline write followed by a yield to
+        the event loop (its commit comes with the next loop turn, beside the transactions
+        served meanwhile), on a file of its own each runs on a worker thread; either way the
+        write lock is never held for long."""
+        cut = _us(before)
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        total = 0
+        while True:
+            if self._database is not None:
+                try:
+                    deleted = self._database.write(_prune, cut, batch)
+                except StoreError as exc:
+                    cause = exc.__cause__ or exc
+                    raise JournalError(f"journal {self.path}: prune failed: {cause}") from cause
+            else:
+                deleted = await asyncio.to_thread(self._prune_own, cut, batch)
+            total += deleted
+            if not deleted:
+                return total
+            await asyncio.sleep(0)  # one batch per loop turn
+
+    def _prune_own(self, cut: int, batch: int) -> int:
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = _connect(self.path, synchronous=self._sync, timeout=self._timeout)
+            try:
+                return _prune(self._reader, cut, batch)
+            except sqlite3.Error as exc:
+                raise JournalError(f"journal {self.path}: prune failed: {exc}") from exc
 
     async def counts(
         self, start: datetime | None = None, end: datetime | None = None
