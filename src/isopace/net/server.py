@@ -511,7 +511,7 @@ class _Connection(FramedProtocol):
                 due = now + frame_timeout
             else:
                 # a frame completed since the bytes began arriving: the partial one began then
-                deadline = self._partial_since + frame_timeout
+                deadline = max(self._partial_since, self.last_frame) + frame_timeout
                 if now >= deadline:
                     self.drop(FRAME_TIMEOUT)
                     return
@@ -800,7 +800,7 @@ class Server:
         cap = self.max_buffered_bytes
         assert cap is not None
         while self._buffered > cap:
-            victim = min(self._connections, key=_held, default=None)
+            victim = max(self._connections, key=_held, default=None)
             if victim is None or not victim.held:
                 return
             victim.drop(BUFFER_CAP)
