@@ -307,6 +307,31 @@ async def test_a_stalled_tls_handshake_counts_and_times_out(tmp_path: Path) -> N
         other_w.close()
 
 
+def test_the_limits_on_uvloop() -> None:
+    """The listener and the timers use only what uvloop's loop has too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async with Server(
+            SPEC, reply_handler, idle_timeout=0.3, frame_timeout=0.2, max_connections=2
+        ) as server:
+            idle_r, idle_w = await asyncio.open_connection("127.0.0.1", server.port)
+            stall_r, stall_w = await asyncio.open_connection("127.0.0.1", server.port)
+            stall_w.write(_frame(1)[:10])
+            over_r, over_w = await asyncio.open_connection("127.0.0.1", server.port)
+            assert await _closed_within(over_r, 1.0)
+            assert await _closed_within(stall_r, 1.0)
+            assert await _closed_within(idle_r, 1.0)
+            assert server.stats.refused == 1
+            assert server.stats.closed == {"idle_timeout": 1, "frame_timeout": 1, "buffer_cap": 0}
+            async with Client(SPEC, port=server.port) as client:
+                assert (await client.request(make_request(2)))[39] == "00"
+            for w in (idle_w, stall_w, over_w):
+                w.close()
+
+    uvloop.run(main())
+
+
 @pytest.mark.parametrize(
     "option", ["idle_timeout", "frame_timeout", "max_connections", "max_buffered_bytes"]
 )

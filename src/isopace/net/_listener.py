@@ -7,8 +7,8 @@ after a fixed second that cannot be changed; and it builds the transport (and a 
 connection before anyone can refuse it. A loop-wide exception handler that recognised the
 message would match a private text, would see other servers' errors on the same loop, and would
 still leave the retry to asyncio. Owning the listening sockets instead (a non-blocking socket, a
-reader callback, ``connect_accepted_socket``; the same on asyncio's loop and uvloop) gives the
-port what it needs, in one place:
+reader callback, ``connect_accepted_socket``; the same on asyncio's selector loop and uvloop;
+Windows' proactor loop has no ``add_reader``) gives the port what it needs, in one place:
 
 - the server sees each socket straight after ``accept()`` and may close it there, before any
   transport, protocol or task exists: the cheapest refusal of a connection over the maximum;
