@@ -75,14 +75,18 @@ def _timed_purchase(port: int, stan: int) -> tuple[Message, float]:
 
 
 def _flood(port: int, count: int) -> list[socket.socket]:
-    """``count`` connections that send nothing (non-blocking connects: once the host's backlog
-    is full, the kernel leaves the rest waiting instead of blocking this test)."""
+    """``count`` connections that send nothing. Non-blocking connects: once the host's backlog
+    is full, the kernel leaves the rest waiting instead of blocking this test. In batches of 25:
+    a burst past the backlog (128) faster than the host accepts would have the kernel drop SYNs,
+    and those clients retry only seconds later."""
     socks = []
-    for _ in range(count):
+    for i in range(count):
         sock = socket.socket()
         sock.setblocking(False)
         sock.connect_ex(("127.0.0.1", port))
         socks.append(sock)
+        if i % 25 == 24:
+            time.sleep(0.02)
     return socks
 
 
@@ -112,7 +116,7 @@ def _metrics(port: int) -> dict[str, float]:
     return out
 
 
-def _wait(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+def _wait(condition: Callable[[], bool], seconds: float = 20.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"

@@ -19,7 +19,9 @@ plain Python counters (no third-party client):
 
 `MetricsServer` answers ``GET /metrics`` (text exposition format 0.0.4) on its own port with
 asyncio streams, and 404 to anything else. It is meant for a scraper on a trusted network: no TLS,
-no authentication, one request per connection.
+no authentication, one request per connection. It accepts through `isopace.net.Listener`, as the
+ISO port does, so a process out of descriptors pauses accepting there too and logs it
+rate-limited, instead of a traceback per scrape.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import socket
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Protocol
+
+from isopace.net import Listener
 
 if TYPE_CHECKING:
     from isopace.flow import Exchange, Outcome
@@ -233,23 +238,41 @@ class MetricsServer:
         self.metrics = metrics
         self.host = host
         self._port = port
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._listener is None:
             return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._listener.port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self._port)
+        listener = Listener(self._accepted)
+        await listener.open(self.host, self._port)
+        self._listener = listener
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=2)
+
+    def _accepted(self, sock: socket.socket, address: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError:
+            sock.close()
+            return
+        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

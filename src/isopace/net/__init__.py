@@ -43,6 +43,7 @@ from isopace.net.framing import (
     Tpdu,
 )
 from isopace.net.limits import ServerStats, default_max_connections, raise_open_file_limit
+from isopace.net.listener import Listener
 from isopace.net.matching import KeyFunc, Matcher, rrn_key, stan_terminal_key
 from isopace.net.pool import ClientPool
 from isopace.net.server import ECHO_FIELDS, Handler, Server, error_response, recover_mti
@@ -63,6 +64,7 @@ __all__ = [
     "IncompleteFrameError",
     "KeyFunc",
     "LengthHeader",
+    "Listener",
     "MatchKeyError",
     "Matcher",
     "NetError",

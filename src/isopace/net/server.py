@@ -65,7 +65,7 @@ Decisions:
   buffered for a peer that does not read would otherwise keep it open), is counted in
   :attr:`Server.stats`, and is logged rate-limited (one line at once, then one line with a count
   per ``log_interval``), never a line per connection; so are accept errors
-  (:mod:`isopace.net._listener`: why the server owns its listening sockets).
+  (:mod:`isopace.net.listener`: why the server owns its listening sockets).
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
 from isopace.iso8583 import Iso8583Error, Message
-from isopace.net._listener import Listener
 from isopace.net._tally import Tally
 from isopace.net._transport import (
     FramedProtocol,
@@ -102,6 +101,7 @@ from isopace.net.limits import (
     ServerStats,
     default_max_connections,
 )
+from isopace.net.listener import Listener
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Spec
@@ -666,11 +666,10 @@ class Server:
             self.max_connections = default_max_connections()
         self._tallies = self._make_tallies(loop)
         listener = Listener(
-            loop,
             self._accepted,
             backlog=self._backlog,
             stats=self.stats,
-            errors=self._tallies["accept"],
+            log_interval=self.log_interval,
         )
         await listener.open(self.host, self._requested_port)
         self._listener = listener
@@ -738,7 +737,6 @@ class Server:
                 "refused",
                 f"refused a connection: {self.max_connections} connections open, the maximum",
             ),
-            "accept": tally("accept_error", "cannot accept a connection"),
             "opening": tally(
                 "connection_setup", "a connection failed to set up", level=logging.INFO
             ),

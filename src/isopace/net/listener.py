@@ -1,4 +1,5 @@
-"""The listening sockets of :class:`~isopace.net.Server` and their accept loop. Private.
+"""Listening sockets and their accept loop, for :class:`~isopace.net.Server` (and any other
+server of the process that must survive running out of descriptors: the host's metrics).
 
 Why the server does not use ``loop.create_server``: asyncio's accept loop reports running out of
 descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) through the loop's exception handler,
@@ -47,22 +48,24 @@ socket, which it now owns)."""
 
 
 class Listener:
-    """Listening sockets that hand each accepted connection to ``on_accept``."""
+    """Listening sockets that hand each accepted connection to ``on_accept`` (see the module
+    notes). ``stats.accept_errors`` counts the failed accepts; ``log_interval``: seconds between
+    the summary lines of repeated errors."""
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         on_accept: Accepted,
         *,
-        backlog: int,
-        stats: ServerStats,
-        errors: Tally,
+        backlog: int = 128,
+        stats: ServerStats | None = None,
+        log_interval: float = 10.0,
     ) -> None:
-        self._loop = loop
         self._on_accept = on_accept
         self._backlog = backlog
-        self._stats = stats
-        self._errors = errors
+        self.stats = stats if stats is not None else ServerStats()
+        self._log_interval = log_interval
+        self._loop: asyncio.AbstractEventLoop  # set by open()
+        self._errors: Tally | None = None
         self._sockets: list[socket.socket] = []
         self._pause = PAUSE_MIN
         self._resume: asyncio.TimerHandle | None = None
@@ -80,6 +83,7 @@ class Listener:
     async def open(self, host: str | None, port: int) -> None:
         """Bind and listen on every address of ``host`` (None or "": all interfaces), then start
         accepting. Raises ``OSError`` (with its errno) if an address cannot be bound."""
+        self._loop = asyncio.get_running_loop()
         infos = await self._loop.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
@@ -107,6 +111,13 @@ class Listener:
         except BaseException:
             self.close()
             raise
+        where = address_text(self._sockets[0].getsockname())
+        self._errors = Tally(
+            self._loop,
+            "accept_error",
+            f"cannot accept a connection on {where}",
+            interval=self._log_interval,
+        )
         self._start_reading()
 
     def close(self) -> None:
@@ -118,6 +129,8 @@ class Listener:
         for sock in self._sockets:
             sock.close()
         self._sockets = []
+        if self._errors is not None:
+            self._errors.close()
 
     def _start_reading(self) -> None:
         if not self._reading:
@@ -139,13 +152,13 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._stats.accept_errors += 1
+                self.stats.accept_errors += 1
                 if exc.errno in RESOURCE_ERRORS:
                     self._pause_accepting(exc)
                     return
                 # ECONNABORTED (the peer reset it first), or a network error Linux reports on
                 # the next connection: that connection is gone, the others may be waiting
-                self._errors.note(error_text(exc))
+                self._note(error_text(exc))
                 continue
             self._pause = PAUSE_MIN
             conn.setblocking(False)
@@ -154,9 +167,13 @@ class Listener:
     def _pause_accepting(self, exc: OSError) -> None:
         delay = self._pause
         self._pause = min(PAUSE_MAX, delay * 2)
-        self._errors.note(f"{error_text(exc)}; accepting paused for {delay:g} s")
+        self._note(f"{error_text(exc)}; accepting paused for {delay:g} s")
         self._stop_reading()
         self._resume = self._loop.call_later(delay, self._resumed)
+
+    def _note(self, detail: str) -> None:
+        if self._errors is not None:
+            self._errors.note(detail)
 
     def _resumed(self) -> None:
         self._resume = None
