@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,18 +69,28 @@ def cli_json(*args: str, timeout: float = 60) -> Any:
 
 
 class HostProcess:
-    """One ``isopace serve`` child process."""
+    """One ``isopace serve`` child process; ``prefix``: a command that runs it (``prlimit ...``)."""
 
-    def __init__(self, port: int, args: list[str], log: Path) -> None:
+    def __init__(self, port: int, args: list[str], log: Path, prefix: Sequence[str] = ()) -> None:
         self.port = port
         self.args = args
         self.log = log
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> HostProcess:
         self._fh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "isopace", "serve", "--port", str(self.port), *self.args],
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "isopace",
+                "serve",
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
             stdout=self._fh,
             stderr=subprocess.STDOUT,
             env=_env(),
@@ -127,11 +137,13 @@ class HostProcess:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(*args, port=None)`` starts a host; every one is stopped at the end of the test."""
+    """``spawn(*args, port=None, prefix=())`` starts a host; every one is stopped at the end of
+    the test."""
     hosts: list[HostProcess] = []
 
-    def start(*args: str, port: int | None = None) -> HostProcess:
-        host = HostProcess(port or free_port(), list(args), tmp_path / f"serve-{len(hosts)}.log")
+    def start(*args: str, port: int | None = None, prefix: Sequence[str] = ()) -> HostProcess:
+        log = tmp_path / f"serve-{len(hosts)}.log"
+        host = HostProcess(port or free_port(), list(args), log, prefix)
         hosts.append(host)
         return host.start()
 

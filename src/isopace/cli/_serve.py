@@ -102,9 +102,13 @@ def _setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from isopace.net import raise_open_file_limit
+
     config = config_from_args(args)
     _setup_logging(config.log_level)
     sys.setswitchinterval(config.switch_interval)
+    # a server's descriptors: the default --max-connections is a share of this limit
+    raise_open_file_limit()
     if config.uvloop:
         try:
             import uvloop

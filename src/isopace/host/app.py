@@ -500,12 +500,18 @@ class AuthorizationHost:
             port=cfg.port,
             ssl=ssl_context,
             max_in_flight=cfg.max_in_flight,
+            # 0 in the configuration: no limit
+            idle_timeout=cfg.idle_timeout or None,
+            frame_timeout=cfg.frame_timeout or None,
+            max_connections=cfg.max_connections,
+            max_buffered_bytes=cfg.max_buffered_bytes or None,
         )
         try:
             await self.server.start()
         except OSError as exc:
             self.server = None
             raise StartupError(_bind_error("port", cfg.host, cfg.port, exc)) from exc
+        self.metrics.port = self.server
         self._closers.append(self._close_server)
 
     async def _close_server(self) -> None:

@@ -29,6 +29,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from isopace.host.errors import ConfigError
+from isopace.net.limits import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFERED_BYTES,
+    RESERVED_FILES,
+)
 
 __all__ = [
     "DEFAULT_BINS",
@@ -71,6 +77,31 @@ class HostConfig:
     )
     tls_key: str | None = _opt(None, "PEM private key of --tls-cert", metavar="FILE")
     max_in_flight: int = _opt(256, "requests processed at once per connection (back-pressure)")
+    idle_timeout: float = _opt(
+        DEFAULT_IDLE_TIMEOUT,
+        "close a connection that sends no complete frame (keep-alives count) for this long, "
+        "unless it waits for an answer; 0: never",
+        metavar="SECONDS",
+    )
+    frame_timeout: float = _opt(
+        DEFAULT_FRAME_TIMEOUT,
+        "close a connection that starts a frame and does not finish it within this time (also "
+        "the deadline of a TLS handshake); 0: never",
+        metavar="SECONDS",
+    )
+    max_connections: int | None = _opt(
+        None,
+        "most connections open at once on the port; more are closed as soon as accepted (one "
+        "WARNING with their count per 10 s); default: the open-file limit (raised to its hard "
+        f"limit at start) minus {RESERVED_FILES} for the database, logs and keys",
+        metavar="N",
+    )
+    max_buffered_bytes: int = _opt(
+        DEFAULT_MAX_BUFFERED_BYTES,
+        "most bytes of unfinished frames held across all connections; past it the connection "
+        "holding the most is closed; 0: no cap",
+        metavar="BYTES",
+    )
     timeout: float = _opt(5.0, "deadline of one transaction in seconds", metavar="SECONDS")
     db: str = _opt(
         "isopace-data/isopace.db",
@@ -177,6 +208,11 @@ class HostConfig:
             raise ConfigError(f"timeout must be positive, not {self.timeout}")
         if self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight must be at least 1, not {self.max_in_flight}")
+        for name in ("idle_timeout", "frame_timeout", "max_buffered_bytes"):
+            if (value := getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be 0 (no limit) or positive, not {value}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigError(f"max_connections must be at least 1, not {self.max_connections}")
         if not self.idempotency_key or any(not 1 <= f <= 128 for f in self.idempotency_key):
             raise ConfigError(f"idempotency_key {self.idempotency_key}: fields 1..128 expected")
         for prefix, group in self.bins.items():

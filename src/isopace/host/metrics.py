@@ -9,11 +9,19 @@ plain Python counters (no third-party client):
 - ``isopace_stage_seconds{stage,phase}``: histogram per stage method (prepare / commit / abort);
 - ``isopace_stage_errors_total{stage,phase}``: stage methods that raised;
 - ``isopace_in_flight``: transactions being processed now (the host brackets each run);
-- ``isopace_tps``: transactions finished per second over the last 10 seconds.
+- ``isopace_tps``: transactions finished per second over the last 10 seconds;
+- the ISO port's limits (read from the server's counters, `isopace.net.ServerStats`, when the
+  endpoint is scraped: nothing on the per-request path): ``isopace_connections_open``,
+  ``isopace_connections_refused_total`` (over ``max_connections``),
+  ``isopace_connections_closed_total{reason}`` (``idle_timeout``, ``frame_timeout``,
+  ``buffer_cap``), ``isopace_accept_errors_total`` and ``isopace_buffered_bytes`` (of unfinished
+  frames, across connections).
 
 `MetricsServer` answers ``GET /metrics`` (text exposition format 0.0.4) on its own port with
 asyncio streams, and 404 to anything else. It is meant for a scraper on a trusted network: no TLS,
-no authentication, one request per connection.
+no authentication, one request per connection. It accepts through `isopace.net.Listener`, as the
+ISO port does, so a process out of descriptors pauses accepting there too and logs it
+rate-limited, instead of a traceback per scrape.
 """
 
 from __future__ import annotations
@@ -22,12 +30,16 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import socket
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+from isopace.net import Listener
 
 if TYPE_CHECKING:
     from isopace.flow import Exchange, Outcome
+    from isopace.net import ServerStats
 
 __all__ = ["BUCKETS", "Histogram", "Metrics", "MetricsServer"]
 
@@ -86,8 +98,22 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class Port(Protocol):
+    """What the metrics read of the ISO port (`isopace.net.Server`)."""
+
+    @property
+    def connections(self) -> int: ...
+
+    @property
+    def buffered_bytes(self) -> int: ...
+
+    @property
+    def stats(self) -> ServerStats: ...
+
+
 class Metrics:
-    """The flow listener feeding the endpoint; cheap synchronous calls on the run's task."""
+    """The flow listener feeding the endpoint; cheap synchronous calls on the run's task.
+    ``port``: the ISO server whose limits are reported (set by the host once it listens)."""
 
     def __init__(self) -> None:
         self.transactions: dict[tuple[str, str], int] = defaultdict(int)
@@ -95,6 +121,7 @@ class Metrics:
         self.stage_errors: dict[tuple[str, str], int] = defaultdict(int)
         self.run_seconds = Histogram()
         self.in_flight = 0
+        self.port: Port | None = None
         self._keys: dict[tuple[str, object], tuple[str, str]] = {}
         self._second = [0] * _TPS_WINDOW
         self._stamp = [0] * _TPS_WINDOW
@@ -173,7 +200,35 @@ class Metrics:
             "# TYPE isopace_start_time_seconds gauge",
             f"isopace_start_time_seconds {self.started:.3f}",
         ]
+        if self.port is not None:
+            lines += self._port_lines(self.port)
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _port_lines(port: Port) -> list[str]:
+        stats = port.stats
+        lines = [
+            "# HELP isopace_connections_open ISO 8583 connections open.",
+            "# TYPE isopace_connections_open gauge",
+            f"isopace_connections_open {port.connections}",
+            "# HELP isopace_connections_refused_total Connections closed at accept: "
+            "max_connections were open.",
+            "# TYPE isopace_connections_refused_total counter",
+            f"isopace_connections_refused_total {stats.refused}",
+            "# HELP isopace_connections_closed_total Connections closed for a limit, by reason.",
+            "# TYPE isopace_connections_closed_total counter",
+        ]
+        for reason, n in sorted(stats.closed.items()):
+            lines.append(f'isopace_connections_closed_total{{reason="{_label(reason)}"}} {n}')
+        lines += [
+            "# HELP isopace_accept_errors_total accept() failures (out of descriptors or memory).",
+            "# TYPE isopace_accept_errors_total counter",
+            f"isopace_accept_errors_total {stats.accept_errors}",
+            "# HELP isopace_buffered_bytes Bytes of unfinished frames held across connections.",
+            "# TYPE isopace_buffered_bytes gauge",
+            f"isopace_buffered_bytes {port.buffered_bytes}",
+        ]
+        return lines
 
 
 class MetricsServer:
@@ -183,23 +238,41 @@ class MetricsServer:
         self.metrics = metrics
         self.host = host
         self._port = port
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._listener is None:
             return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        return self._listener.port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self._port)
+        listener = Listener(self._accepted)
+        await listener.open(self.host, self._port)
+        self._listener = listener
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=2)
+
+    def _accepted(self, sock: socket.socket, address: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError:
+            sock.close()
+            return
+        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -2,7 +2,8 @@
 
 A sans-IO core — :mod:`~isopace.net.framing` (length headers, TPDU, keep-alive, maximum frame size)
 and :mod:`~isopace.net.matching` (request/response matching by key) — and a thin asyncio shell:
-:class:`Server`, :class:`Client` and :class:`ClientPool`. Logger: ``isopace.net``. The decisions
+:class:`Server` (with the port's limits of :mod:`~isopace.net.limits`), :class:`Client` and
+:class:`ClientPool`. Logger: ``isopace.net``. The decisions
 are written down in each module's docstring.
 
 ::
@@ -41,6 +42,8 @@ from isopace.net.framing import (
     LengthHeader,
     Tpdu,
 )
+from isopace.net.limits import ServerStats, default_max_connections, raise_open_file_limit
+from isopace.net.listener import Listener
 from isopace.net.matching import KeyFunc, Matcher, rrn_key, stan_terminal_key
 from isopace.net.pool import ClientPool
 from isopace.net.server import ECHO_FIELDS, Handler, Server, error_response, recover_mti
@@ -61,17 +64,21 @@ __all__ = [
     "IncompleteFrameError",
     "KeyFunc",
     "LengthHeader",
+    "Listener",
     "MatchKeyError",
     "Matcher",
     "NetError",
     "NotConnectedError",
     "RequestTimeoutError",
     "Server",
+    "ServerStats",
     "SignOnHook",
     "Tpdu",
     "UnmatchedHandler",
+    "default_max_connections",
     "echo_test",
     "error_response",
+    "raise_open_file_limit",
     "recover_mti",
     "rrn_key",
     "stan_terminal_key",

@@ -14,10 +14,14 @@ logger = logging.getLogger("isopace.net")
 
 
 def peer_name(transport: asyncio.BaseTransport) -> str:
-    peer: Any = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+    return address_text(transport.get_extra_info("peername"))
+
+
+def address_text(address: Any) -> str:
+    """``host:port`` of a socket address (as ``getpeername`` gives it)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)
 
 
 def is_request_mti(mti: str) -> bool:

@@ -46,6 +46,26 @@ Decisions:
 - A peer that half-closes (sends EOF after its requests) still gets every answer; the server
   closes once nothing is in flight.
 - TLS: pass an ``ssl.SSLContext`` (server side).
+- Limits (why, and the defaults: :mod:`isopace.net.limits`): ``idle_timeout``, ``frame_timeout``,
+  ``max_connections``, ``max_buffered_bytes``. The timeouts cost the per-request path one clock
+  read per batch of frames and no timer work: each connection has one loop timer, armed at the
+  earliest deadline it may have (the idle deadline, or a frame's when one starts); when it fires
+  it compares the deadlines with the time of the last complete frame and either closes the
+  connection or re-arms for what is left. A connection with a request in flight is not idle
+  (the server owes it an answer; the transaction's own deadline bounds that), and a connection
+  whose reading is paused at the in-flight bound is not stalled mid-frame (the frames are whole,
+  the server is not reading them); a connection paused because its peer does not read the
+  answers is idle, and closed as such. Past ``max_buffered_bytes`` of unfinished frames across
+  all connections, the connection holding the most is closed, and the next, until the total
+  fits: the one that pushed the total over is often an honest client whose frame arrived in two
+  reads, while a client pinning memory holds the most (up to a whole frame for as long as the
+  frame timeout lets it); finding it scans the connections, but only when the cap is hit. A
+  connection over ``max_connections`` is closed straight after ``accept()``; connections still
+  in their TLS handshake count. Closing for a limit aborts the transport (an answer still
+  buffered for a peer that does not read would otherwise keep it open), is counted in
+  :attr:`Server.stats`, and is logged rate-limited (one line at once, then one line with a count
+  per ``log_interval``), never a line per connection; so are accept errors
+  (:mod:`isopace.net.listener`: why the server owns its listening sockets).
 """
 
 from __future__ import annotations
@@ -53,6 +73,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
+import socket
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from types import TracebackType
@@ -60,13 +82,26 @@ from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
 from isopace.iso8583 import Iso8583Error, Message
+from isopace.net._tally import Tally
 from isopace.net._transport import (
     FramedProtocol,
+    address_text,
     is_request_mti,
     response_mti,
 )
 from isopace.net.errors import FrameError, FrameTooLargeError, NetError
 from isopace.net.framing import Frame, Framing, Tpdu
+from isopace.net.limits import (
+    BUFFER_CAP,
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFERED_BYTES,
+    FRAME_TIMEOUT,
+    IDLE_TIMEOUT,
+    ServerStats,
+    default_max_connections,
+)
+from isopace.net.listener import Listener
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Spec
@@ -164,17 +199,34 @@ class _Connection(FramedProtocol):
         self._pumping = False
         self._tpdu = self.framing.tpdu
         self._blocked = False
+        # the port's limits (module notes: "Limits")
+        self.made = False
+        self.dropped: str | None = None  # why the server closed it for a limit
+        self.last_frame = 0.0  # loop time of the last complete frame (or of the connection)
+        self._partial_since = 0.0  # loop time the bytes held began to arrive
+        self.held = 0  # bytes of unfinished frames, as counted in the server's total
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.server._connections.add(self)
+        server = self.server
+        self.made = True
+        server._opening -= 1
+        server._connections.add(self)
+        self.last_frame = now = self._loop.time()
+        if server.idle_timeout is not None:
+            self._arm(now + server.idle_timeout)
         logger.debug("connection from %s", self.peer, extra={"peer": self.peer})
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.server._connections.discard(self)
+        self._release()
         pending = self.decoder.pending
-        if pending and not self.decoder_broken:
+        if self.dropped is not None:
+            pass  # counted and logged (rate-limited) by the server as it closed it
+        elif pending and not self.decoder_broken:
             logger.warning(
                 "connection from %s closed in the middle of a frame (%d bytes dropped)",
                 self.peer,
@@ -216,6 +268,8 @@ class _Connection(FramedProtocol):
             self._pump()
         finally:
             self._pumping = False
+        if self.decoder.pending != self.held:  # rare: frames mostly arrive whole in one read
+            self._held_changed()
 
     def _pump(self) -> None:
         limit = self.server.max_in_flight
@@ -238,6 +292,7 @@ class _Connection(FramedProtocol):
                 else:
                     self.resume()
                 return
+            self.last_frame = self._loop.time()
             for frame in frames:
                 if self.closed or self.stopping:
                     return
@@ -414,6 +469,88 @@ class _Connection(FramedProtocol):
         self.stopping = True
         self.pause()
 
+    # -- the port's limits (module notes: "Limits") ----------------------------------------------
+
+    def _held_changed(self) -> None:
+        """Count the bytes of unfinished frames in the server's total; start the frame timeout
+        when they begin; close connections if the total passes the cap."""
+        if self.dropped is not None or self.closed:
+            return
+        server = self.server
+        held = self.decoder.pending
+        if not self.held:
+            now = self._loop.time()
+            self._partial_since = now
+            if server.frame_timeout is not None:
+                self._arm(now + server.frame_timeout)
+        server._buffered += held - self.held
+        self.held = held
+        if server.max_buffered_bytes is not None and server._buffered > server.max_buffered_bytes:
+            server._shed()
+
+    def _arm(self, when: float) -> None:
+        """Make the timer fire at ``when`` at the latest."""
+        if when >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        if self.closed or self.stopping:
+            return
+        server = self.server
+        now = self._loop.time()
+        due = math.inf
+        frame_timeout = server.frame_timeout
+        if frame_timeout is not None and self.decoder.pending:
+            if self._blocked:  # whole frames the server has not read yet: look again later
+                due = now + frame_timeout
+            else:
+                # a frame completed since the bytes began arriving: the partial one began then
+                deadline = max(self._partial_since, self.last_frame) + frame_timeout
+                if now >= deadline:
+                    self.drop(FRAME_TIMEOUT)
+                    return
+                due = deadline
+        idle_timeout = server.idle_timeout
+        if idle_timeout is not None:
+            if self.in_flight:  # the server owes it an answer: not idle
+                due = min(due, now + min(idle_timeout, 1.0))
+            elif now >= self.last_frame + idle_timeout:
+                self.drop(IDLE_TIMEOUT)
+                return
+            else:
+                due = min(due, self.last_frame + idle_timeout)
+        if due < math.inf:
+            self._arm(due)
+
+    def drop(self, reason: str) -> None:
+        """Close this connection for a limit (``reason``: a key of `ServerStats.closed`): its
+        bytes leave the server's total now; counted and logged by the server."""
+        if self.dropped is not None or self.closed:
+            return
+        self.dropped = reason
+        self.stopping = True
+        self._release()
+        self.server._dropped(self, reason)
+        self.close_transport(abort=True)
+
+    def _release(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
+        self.server._buffered -= self.held
+        self.held = 0
+
+
+def _held(conn: _Connection) -> int:
+    return conn.held
+
 
 class Server:
     """An ISO 8583 server. ``await start()`` (or ``async with``), then ``port`` is the bound port.
@@ -423,7 +560,13 @@ class Server:
 
     ``max_in_flight`` bounds the concurrent requests per connection; ``keepalive_reply`` answers
     zero-length frames; ``validate`` runs ``spec.validate`` on each request before the handler;
-    ``eager`` starts handlers without a task until they first suspend (see the module notes)."""
+    ``eager`` starts handlers without a task until they first suspend (see the module notes).
+
+    The port's limits (module notes, and :mod:`isopace.net.limits` for why and the defaults):
+    ``idle_timeout`` (300 s) and ``frame_timeout`` (30 s) in seconds, None for none;
+    ``max_connections`` (None: :func:`~isopace.net.limits.default_max_connections`, read at
+    :meth:`start`); ``max_buffered_bytes`` (32 MiB) of unfinished frames across connections, None
+    for no cap; ``log_interval``: seconds between the summary lines of repeated events."""
 
     def __init__(
         self,
@@ -439,9 +582,23 @@ class Server:
         validate: bool = False,
         backlog: int = 128,
         eager: bool = False,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        frame_timeout: float | None = DEFAULT_FRAME_TIMEOUT,
+        max_connections: int | None = None,
+        max_buffered_bytes: int | None = DEFAULT_MAX_BUFFERED_BYTES,
+        log_interval: float = 10.0,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        for name, value in (
+            ("idle_timeout", idle_timeout),
+            ("frame_timeout", frame_timeout),
+            ("max_connections", max_connections),
+            ("max_buffered_bytes", max_buffered_bytes),
+            ("log_interval", log_interval),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive (or None: no limit), got {value}")
         self.spec = spec
         self.handler = handler
         self.framing = framing if framing is not None else Framing()
@@ -451,10 +608,22 @@ class Server:
         self.keepalive_reply = keepalive_reply
         self.validate = validate
         self.eager = eager
+        self.idle_timeout = idle_timeout
+        self.frame_timeout = frame_timeout
+        self.max_connections = max_connections
+        self.max_buffered_bytes = max_buffered_bytes
+        self.log_interval = log_interval
+        self.stats = ServerStats()
+        """What the limits did (for metrics)."""
         self._requested_port = port
         self._backlog = backlog
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start()
         self._connections: set[_Connection] = set()
+        self._opening = 0  # accepted, connection not made yet (TLS handshake)
+        self._opening_tasks: set[asyncio.Task[None]] = set()
+        self._buffered = 0  # bytes of unfinished frames across connections
+        self._tallies: dict[str, Tally] = {}
         self._connections_changed: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
         self._port: int | None = None
@@ -462,15 +631,24 @@ class Server:
     @property
     def port(self) -> int:
         """The bound port (after :meth:`start`)."""
-        if self._server is None or not self._server.sockets:
+        if self._listener is None or not self._listener.sockets:
             raise NetError("the server is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return self._listener.port
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets (after :meth:`start`)."""
+        return self._listener.sockets if self._listener is not None else []
 
     @property
     def connections(self) -> int:
-        """The number of open connections."""
-        return len(self._connections)
+        """The number of open connections (those in their TLS handshake included)."""
+        return len(self._connections) + self._opening
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of unfinished frames held across connections (``max_buffered_bytes`` caps it)."""
+        return self._buffered
 
     @property
     def in_flight(self) -> int:
@@ -478,18 +656,23 @@ class Server:
         return sum(c.in_flight for c in self._connections)
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self._listener is not None:
             raise NetError("the server is already started")
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._connections_changed = asyncio.Event()
         self._closed = asyncio.Event()
-        self._server = await loop.create_server(
-            lambda: _Connection(self),
-            self.host,
-            self._requested_port,
-            ssl=self.ssl,
+        if self.max_connections is None:
+            self.max_connections = default_max_connections()
+        self._tallies = self._make_tallies(loop)
+        listener = Listener(
+            self._accepted,
             backlog=self._backlog,
+            stats=self.stats,
+            log_interval=self.log_interval,
         )
+        await listener.open(self.host, self._requested_port)
+        self._listener = listener
         self._port = self.port
         logger.info(
             "listening on %s:%d%s",
@@ -501,7 +684,7 @@ class Server:
 
     async def serve_forever(self) -> None:
         """Start if needed, then wait until :meth:`close`."""
-        if self._server is None:
+        if self._listener is None:
             await self.start()
         assert self._closed is not None
         await self._closed.wait()
@@ -509,10 +692,12 @@ class Server:
     async def close(self, timeout: float = 5.0) -> None:
         """Graceful shutdown: stop accepting and reading, let running transactions finish within
         ``timeout`` seconds (then cancel them), close every connection."""
-        server = self._server
-        if server is None or self._closed is None or self._closed.is_set():
+        listener = self._listener
+        if listener is None or self._closed is None or self._closed.is_set():
             return
-        server.close()
+        listener.close()
+        for opening in list(self._opening_tasks):
+            opening.cancel()
         connections = list(self._connections)
         for conn in connections:
             conn.stop()
@@ -534,9 +719,89 @@ class Server:
         await self._wait_connections_closed(1.0)
         for conn in list(self._connections):
             conn.close_transport(abort=True)
-        await server.wait_closed()
+        if self._opening_tasks:
+            await asyncio.wait(list(self._opening_tasks), timeout=1.0)
+        for tally in self._tallies.values():
+            tally.close()
         self._closed.set()
         logger.info("server on port %s closed", self._port, extra={"port": self._port})
+
+    # -- the port's limits (module notes: "Limits") ----------------------------------------------
+
+    def _make_tallies(self, loop: asyncio.AbstractEventLoop) -> dict[str, Tally]:
+        def tally(event: str, text: str, level: int = logging.WARNING) -> Tally:
+            return Tally(loop, event, text, level=level, interval=self.log_interval)
+
+        return {
+            "refused": tally(
+                "refused",
+                f"refused a connection: {self.max_connections} connections open, the maximum",
+            ),
+            "opening": tally(
+                "connection_setup", "a connection failed to set up", level=logging.INFO
+            ),
+            IDLE_TIMEOUT: tally(
+                IDLE_TIMEOUT,
+                f"closed a connection that sent no frame for {self.idle_timeout} s",
+                level=logging.INFO,
+            ),
+            FRAME_TIMEOUT: tally(
+                FRAME_TIMEOUT,
+                f"closed a connection that did not finish a frame within {self.frame_timeout} s",
+            ),
+            BUFFER_CAP: tally(
+                BUFFER_CAP,
+                "closed the connection holding the most bytes of unfinished frames: across "
+                f"connections they passed the maximum of {self.max_buffered_bytes} bytes",
+            ),
+        }
+
+    def _accepted(self, sock: socket.socket, address: object) -> None:
+        """A connection just accepted: refused at once over ``max_connections``, else set up."""
+        assert self.max_connections is not None
+        if self.connections >= self.max_connections:
+            sock.close()
+            self.stats.refused += 1
+            self._tallies["refused"].note(f"from {address_text(address)}")
+            return
+        self._opening += 1
+        task = self._loop.create_task(self._open_connection(sock, address))
+        self._opening_tasks.add(task)
+        task.add_done_callback(self._opening_tasks.discard)
+
+    async def _open_connection(self, sock: socket.socket, address: object) -> None:
+        conn = _Connection(self)
+        try:
+            if self.ssl is None:
+                await self._loop.connect_accepted_socket(lambda: conn, sock)
+            else:
+                await self._loop.connect_accepted_socket(
+                    lambda: conn,
+                    sock,
+                    ssl=self.ssl,
+                    ssl_handshake_timeout=self.frame_timeout,  # None: asyncio's 60 s
+                )
+        except Exception as exc:  # a failed TLS handshake, a peer already gone
+            sock.close()
+            self._tallies["opening"].note(f"{address_text(address)}: {error_text(exc)}")
+        finally:
+            if not conn.made:
+                self._opening -= 1
+
+    def _dropped(self, conn: _Connection, reason: str) -> None:
+        self.stats.closed[reason] += 1
+        self._tallies[reason].note(conn.peer)
+
+    def _shed(self) -> None:
+        """Close connections, the one holding the most bytes first, until the bytes of
+        unfinished frames fit under ``max_buffered_bytes`` (module notes: why this one)."""
+        cap = self.max_buffered_bytes
+        assert cap is not None
+        while self._buffered > cap:
+            victim = max(self._connections, key=_held, default=None)
+            if victim is None or not victim.held:
+                return
+            victim.drop(BUFFER_CAP)
 
     async def _wait_connections_closed(self, timeout: float) -> None:
         assert self._connections_changed is not None
