@@ -12,7 +12,7 @@ from isopace.iso8583.message import ECHO_FIELDS, Message, response_mti
 from isopace.iso8583.spec import Spec
 from isopace.iso8583.specs import ISO87_ASCII, ISO87_BINARY, ISO87_EBCDIC, iso87_ebcdic
 from isopace.iso8583.tlv import TLV, TlvError, build_tlv, parse_tlv
-from isopace.iso8583.validation import Violation
+from isopace.iso8583.validation import Violation, date_time_problem, mti_problems
 
 __all__ = [
     "CARD_DATA_FIELDS",
@@ -33,10 +33,12 @@ __all__ = [
     "TlvError",
     "Violation",
     "build_tlv",
+    "date_time_problem",
     "iso87_ebcdic",
     "luhn_ok",
     "mask_pan",
     "mask_value",
+    "mti_problems",
     "parse_tlv",
     "response_mti",
 ]
