@@ -11,6 +11,10 @@ into what a record may keep:
   9F6B (track 2 data), 9F1F / 9F20 (track discretionary data), 5F20 (cardholder name),
   5F24 (expiry).
   A DE 55 that does not parse as BER-TLV is dropped whole: what cannot be inspected is not kept.
+- likewise any field of a decoded message whose value does not decode (decoding is lazy: a
+  request can be located, handed to the flow and journalled before a stage reads, say, a DE 55
+  of an odd number of hex characters): dropped, so the BEGIN of every request that decoded can
+  be recorded, and the transaction answered for it (30) has its journal record.
 
 The protected message is ``message.to_json(redact=True)`` of the message with DE 55 filtered, so
 ``Message.from_json`` rebuilds it for recovery, with ``redacted`` naming the removed fields.
@@ -110,6 +114,17 @@ def strip_emv_card_tags(data: bytes, tags: frozenset[str] = EMV_CARD_TAGS) -> by
     return bytes(out)
 
 
+def _decodable(message: Message) -> Message:
+    """``message`` without the fields whose values do not decode."""
+    bad = []
+    for n in message:
+        try:
+            message[n]
+        except ValueError:
+            bad.append(n)
+    return message.remove(*bad) if bad else message
+
+
 def _encode_length(n: int) -> bytes:
     if n < 0x80:
         return bytes([n])
@@ -183,9 +198,15 @@ class CardDataProtector:
     ) -> tuple[str, str | None, str | None]:
         """``protect`` as a plain tuple ``(json, pan_masked, pan_hmac)`` (the journals' path);
         ``pan=False`` leaves the PAN columns out (None)."""
+        try:
+            return self._protect_fields(message, pan)
+        except ValueError:  # a field that does not decode (an Iso8583Error): keep the others
+            return self._protect_fields(_decodable(message), pan)
+
+    def _protect_fields(self, message: Message, pan: bool) -> tuple[str, str | None, str | None]:
         if 55 in message:
-            raw = message.get(55)
             try:
+                raw = message.get(55)
                 data = raw if isinstance(raw, bytes) else bytes.fromhex(str(raw))
                 message = message.set(55, strip_emv_card_tags(data))
             except ValueError:
