@@ -11,6 +11,8 @@ every shape; frames of random bytes for every built-in spec.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,6 +199,29 @@ def test_fuzz_date_validation(field_layout: tuple[int, str], value: str) -> None
     )
     if problem is None:
         assert violations == []
+
+
+@settings(max_examples=5000, deadline=None)
+@given(
+    st.sampled_from(["MMDDhhmmss", "hhmmss", "MMDD", "YYMMDDhhmmss"]),
+    st.lists(st.integers(0, 99), min_size=6, max_size=6),
+)
+def test_fuzz_date_time_problem_agrees_with_the_calendar(layout: str, numbers: list[int]) -> None:
+    value = "".join(f"{n:02d}" for n in numbers)[: len(layout)]
+    units = dict(zip([layout[i : i + 2] for i in range(0, len(layout), 2)], numbers, strict=False))
+    try:
+        datetime(
+            2000 + units.get("YY", 0),
+            units.get("MM", 1),
+            units.get("DD", 1),
+            units.get("hh", 0),
+            units.get("mm", 0),
+            units.get("ss", 0),
+        )
+        real = True
+    except ValueError:
+        real = False
+    assert (date_time_problem(value, layout) is None) == real, value
 
 
 @settings(max_examples=3000, deadline=None)

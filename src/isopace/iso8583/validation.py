@@ -29,6 +29,7 @@ Rules (``Violation.rule``):
 from __future__ import annotations
 
 import calendar
+import re
 import string
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
@@ -65,29 +66,64 @@ _UNITS: Mapping[str, tuple[str, int, int]] = {
     "mm": ("minute", 0, 59),
     "ss": ("second", 0, 59),
 }
+#: Days of each month in a leap year (index 1..12): the highest DD without a year.
+_DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+#: A pattern per unit that only real values match (DD up to 28: the days every month has).
+_PATTERNS = {
+    "YY": r"\d\d",
+    "MM": r"0[1-9]|1[0-2]",
+    "DD": r"0[1-9]|1\d|2[0-8]",
+    "hh": r"[01]\d|2[0-3]",
+    "mm": r"[0-5]\d",
+    "ss": r"[0-5]\d",
+}
+_Units = tuple[tuple[int, str, int, int], ...]
+#: layout -> (its units as (offset, name, lowest, highest), a pattern of the values certainly
+#: real: one regular expression match is the check of nearly every value), built once.
+_LAYOUTS: dict[str, tuple[_Units, re.Pattern[str]]] = {}
+
+
+def _layout(layout: str) -> tuple[_Units, re.Pattern[str]]:
+    found = _LAYOUTS.get(layout)
+    if found is None:
+        units = []
+        for i in range(0, len(layout), 2):
+            unit = _UNITS.get(layout[i : i + 2])
+            if unit is None:
+                raise ValueError(f"layout {layout!r}: unknown unit {layout[i : i + 2]!r}")
+            units.append((i, *unit))
+        pattern = "".join(f"(?:{_PATTERNS[layout[i : i + 2]]})" for i, *_ in units)
+        found = _LAYOUTS[layout] = (tuple(units), re.compile(pattern, re.ASCII))
+    return found
 
 
 def date_time_problem(value: str, layout: str) -> str | None:
     """What makes ``value`` not a real date/time in ``layout`` (two-character units ``YY``,
     ``MM``, ``DD``, ``hh``, ``mm``, ``ss``, e.g. ``"MMDDhhmmss"``), or None when it is one.
 
-    Never raises for any ``value``: a value that is not ``len(layout)`` ASCII digits is reported
-    as such. Without ``YY`` the day is checked against a leap year (29 February is real)."""
+    Never raises for any ``value`` (a ``ValueError`` only for a layout with an unknown unit): a
+    value that is not ``len(layout)`` ASCII digits is reported as such. Without ``YY`` the day
+    is checked against a leap year (29 February is real)."""
+    units, certainly_real = _layout(layout)
+    if certainly_real.fullmatch(value):
+        return None
     if len(value) != len(layout) or not (value.isascii() and value.isdigit()):
         return f"not {len(layout)} digits ({layout})"
-    parts: dict[str, int] = {}
-    for i in range(0, len(layout), 2):
-        unit = _UNITS.get(layout[i : i + 2])
-        if unit is None:
-            raise ValueError(f"layout {layout!r}: unknown unit {layout[i : i + 2]!r}")
-        name, low, high = unit
+    year = month = -1
+    for i, name, low, high in units:
         number = int(value[i : i + 2])
-        if name == "day" and "month" in parts:
-            year = 2000 + parts.get("year", 0)
-            high = calendar.monthrange(year, parts["month"])[1]
+        if name == "day" and 1 <= month <= 12:
+            high = (
+                _DAYS[month]
+                if year < 0 or calendar.isleap(2000 + year)
+                else _DAYS[month] - (month == 2)
+            )
         if not low <= number <= high:
             return f"{name} {value[i : i + 2]} is not {low:02d}..{high:02d} ({layout})"
-        parts[name] = number
+        if name == "month":
+            month = number
+        elif name == "year":
+            year = number
     return None
 
 
