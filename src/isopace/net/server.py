@@ -91,9 +91,9 @@ ECHO_FIELDS = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
 """The fields an error response echoes from the request (those :meth:`Message.reply` copies)."""
 
 FORMAT_ERROR = "30"
+SYSTEM_MALFUNCTION = "96"
 DROP_LOG_INTERVAL = 60.0
 """Seconds between two warnings about unreadable frames dropped on one connection."""
-SYSTEM_MALFUNCTION = "96"
 
 logger = logging.getLogger("isopace.net")
 
@@ -320,7 +320,7 @@ class _Connection(FramedProtocol):
         in it, else dropped (see "what a frame is" in the module notes)."""
         spec = self.server.spec
         text = error_text(exc)
-        mti: str | None = None
+        mti: str | None
         try:
             mti = spec.decode_mti(frame.payload)
         except Exception:  # not even an MTI of this spec (or a spec without decode_mti)
