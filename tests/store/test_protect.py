@@ -47,6 +47,29 @@ def test_extra_emv_card_tags_and_malformed_de55() -> None:
     assert PAN not in p.json and '"55"' not in p.json
 
 
+def test_fields_of_a_decoded_message_that_do_not_decode_are_dropped() -> None:
+    from isopace.iso8583 import ISO87_ASCII
+
+    raw = ISO87_ASCII.encode(request().set(42, "MERCHANT0000001"))
+    i = raw.index(b"MERCHANT0000001")
+    decoded = ISO87_ASCII.decode(raw[:i] + b"\xff" * 15 + raw[i + 15 :])  # located, not ASCII
+    odd = raw.index(b"5A08")  # DE 55 (hex characters): one fewer, an odd count
+    prefix = int(raw[odd - 3 : odd])
+    odd_hex = ISO87_ASCII.decode(
+        raw[: odd - 3]
+        + f"{prefix - 1:03d}".encode()
+        + raw[odd : odd + prefix - 1]
+        + raw[odd + prefix :]
+    )
+    for message in (decoded, odd_hex):
+        p = CardDataProtector(b"k").protect(message)
+        back = Message.from_json(p.json)
+        assert back[11] == request()[11] and back[41] == request()[41]
+        assert PAN not in p.json and p.pan_masked == "476173******0010"
+    assert 42 not in Message.from_json(CardDataProtector(b"k").protect(decoded).json)
+    assert 55 not in Message.from_json(CardDataProtector(b"k").protect(odd_hex).json)
+
+
 def test_scrub_text_and_mask_pan() -> None:
     assert scrub_text(f"card {PAN} declined, stan 000001") == (
         "card 476173******0010 declined, stan 000001"

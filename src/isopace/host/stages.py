@@ -15,9 +15,11 @@ idempotency store keeps the decline for a retransmission. A transaction that fai
 response (a stage raised, the deadline passed) is answered 96 by the host and not stored for replay.
 
 Response codes used: 00 approved, 05 do not honour (blocked card), 09 request in progress (a
-retransmission whose original is still pending), 14 invalid card number (no such card, or no BIN
-route: configurable), 25 unable to locate the original (reversal), 30 format error, 51 insufficient
-funds, 61 exceeds amount limit, 65 exceeds frequency limit, 96 system malfunction.
+retransmission whose original is still pending), 13 invalid amount (zero on a purchase, cash or
+refund), 14 invalid card number (no such card, or no BIN route: configurable), 25 unable to locate
+the original (reversal), 30 format error (which includes a DE 55 that is not BER-TLV, a DE 7 / 12 /
+13 that is no real date or time, an MTI that is no request's), 51 insufficient funds, 61 exceeds
+amount limit, 65 exceeds frequency limit, 96 system malfunction.
 
 Stages that hold something for a transaction (``reserve``, ``reversal``) implement
 ``recover(ex, committing)``: crash recovery calls it with the exchange rebuilt from the journal
@@ -39,6 +41,8 @@ from typing import TYPE_CHECKING
 from isopace.flow import CONTINUE, SKIP, Result, route
 from isopace.host.errors import HostError
 from isopace.host.ledger import HoldState, Ledger, ReserveStatus
+from isopace.iso8583 import Iso8583Error
+from isopace.net import error_response
 
 if TYPE_CHECKING:
     from isopace.flow import Exchange
@@ -64,6 +68,12 @@ log = logging.getLogger("isopace.host")
 #: MTIs the host accepts.
 SUPPORTED_MTIS = frozenset({"0100", "0200", "0400", "0420", "0800"})
 
+#: Transaction types (DE 3, first two digits) that move money, so an amount of zero is declined
+#: 13: purchase (00), cash withdrawal (01), purchase with cash back (09), cash advance (17),
+#: refund (20). An 0100 of amount zero is one of them too: this host does no account
+#: verification, and a hold of nothing approved would only look like one.
+MONEY_TRANSACTIONS = frozenset({"00", "01", "09", "17", "20"})
+
 #: Fields each MTI must carry (beyond what the spec's own rules check).
 REQUIRED: Mapping[str, tuple[int, ...]] = {
     "0100": (2, 3, 4, 7, 11, 41),
@@ -83,34 +93,20 @@ class Declined(HostError):
         self.reason = reason
 
 
-def error_reply(request: Message, code: str) -> Message | None:
-    """The request's reply with DE 39 = ``code``; None if not even a reply MTI can be built."""
+def error_reply(request: Message, code: str) -> Message:
+    """The request's reply with DE 39 = ``code``: `Message.reply` when the request's echo fields
+    decode and its MTI is a request's, else the server's `isopace.net.error_response` (the echo
+    fields that decode; an MTI that is no request's, ``9999`` or ``ABCD``, answered as
+    received). One rule for both: the host's answers and the server's are built alike."""
     try:
         return request.reply().set(39, code)
-    except Exception:
-        pass
-    try:
-        mti = request.mti
-        if len(mti) == 4 and mti.isdigit():
-            from isopace.iso8583 import Message as _Message
-
-            reply_mti = mti[:2] + str((int(mti[2]) + 1) % 10) + mti[3]
-            echo = {
-                n: v
-                for n, v in request.fields().items()
-                if n in (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
-            }
-            return _Message(reply_mti, echo).set(39, code)
-    except Exception:
-        pass
-    return None
+    except Iso8583Error:
+        return error_response(request, code)
 
 
 def decline(ex: Exchange, code: str, reason: str) -> Result:
     """Answer ``code`` and roll back: sets ``ex.response``, aborts with `Declined`; returns SKIP."""
-    reply = error_reply(ex.request, code)
-    if reply is not None:
-        ex.response = reply
+    ex.response = error_reply(ex.request, code)
     ex.abort(Declined(code, reason))
     return SKIP
 
@@ -123,9 +119,11 @@ def _text(m: Message, n: int) -> str | None:
 
 
 class Parse:
-    """Checks the request: a supported MTI, the required fields, the spec's validation rules, a
-    readable amount. Anything wrong is declined 30 (format error) naming the fields. Votes SKIP
-    (it holds nothing)."""
+    """Checks the request: a supported MTI, the required fields, the spec's validation rules (DE
+    55 well-formed BER-TLV and real dates and times in DE 7, 12 and 13 among them), a readable
+    amount. Anything wrong is declined 30 (format error) naming the fields; an amount of zero on
+    an authorization or financial request that moves money (`MONEY_TRANSACTIONS`) is declined
+    13 (invalid amount). Votes SKIP (it holds nothing)."""
 
     name = "parse"
 
@@ -144,13 +142,15 @@ class Parse:
         if self.spec is not None:
             problems = self.spec.validate(m)
             if problems:
-                text = "; ".join(f"field {v.field}: {v.message}" for v in problems[:5])
+                text = "; ".join(v.message for v in problems[:5])  # each names its field
                 return decline(ex, "30", text)
         if 4 in m:
             try:
                 amount = m.amount(4)
-            except Exception:
+            except Iso8583Error:
                 return decline(ex, "30", "field 4: not an amount")
+            if amount == 0 and m.mti[1] in "12" and (_text(m, 3) or "")[:2] in MONEY_TRANSACTIONS:
+                return decline(ex, "13", "field 4: amount zero")
             ex.set("amount", amount)
         return SKIP
 

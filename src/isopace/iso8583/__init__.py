@@ -24,7 +24,7 @@ from isopace.iso8583.specs import (
     spec_by_name,
 )
 from isopace.iso8583.tlv import TLV, TlvError, build_tlv, parse_tlv
-from isopace.iso8583.validation import Violation
+from isopace.iso8583.validation import Violation, date_time_problem, mti_problems
 
 __all__ = [
     "APPROVALS",
@@ -48,6 +48,7 @@ __all__ = [
     "TlvError",
     "Violation",
     "build_tlv",
+    "date_time_problem",
     "is_approval",
     "iso87_ebcdic",
     "load_spec_file",
@@ -56,6 +57,7 @@ __all__ = [
     "mask_value",
     "meaning",
     "minor_units",
+    "mti_problems",
     "parse_tlv",
     "response_codes",
     "response_mti",

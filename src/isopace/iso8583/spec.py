@@ -609,6 +609,16 @@ class Spec:
                 continue
         return Message(mti, values, header=header)
 
+    def decode_mti(self, data: bytes | bytearray | memoryview) -> str:
+        """The MTI of ``data`` read as :meth:`decode` reads it (after the header, in the spec's
+        MTI encoding), whatever follows; :class:`DecodeError` when it cannot be read. For a
+        server that must tell a malformed request from bytes that are no message of this spec."""
+        data = bytes(data)
+        p = self._decode_header(data)[0] if self._header is not None else 0
+        ml = self._mti_len
+        mb = data[p : p + ml]
+        return self._mtis.get(mb) or self._decode_mti(mb, p)
+
     def _decode_mti(self, mb: bytes, p: int) -> str:
         if len(mb) != self._mti_len:
             raise DecodeError(0, p, f"MTI is {len(mb)} bytes, expecting {self._mti_len}")

@@ -12,6 +12,15 @@ Rules (``Violation.rule``):
   ``x+n`` ``C``/``D`` then digits, ``b`` (no rule: any bytes).
 - ``encoding``: a value the field's encoding cannot represent.
 - ``luhn``: DE 2 fails the Luhn check.
+- ``tlv``: DE 55 (ICC data) is not well-formed BER-TLV (a length that runs past the data, a
+  truncated tag...; see :mod:`isopace.iso8583.tlv`). The TLV parsed here is the message's own
+  (``m.tlv(55)``, parsed once), which masking and redaction then reuse.
+- ``date``: DE 7 (``MMDDhhmmss``), DE 12 (``hhmmss``) and DE 13 (``MMDD``) must be a real date
+  and time: month 01..12, a day the month has, hour 00..23, minute and second 00..59. These are
+  the ISO 8583:1987 layouts, so the rule applies to messages of MTI version 0 (1993 and 2003
+  give those fields other layouts), and only to a value of the layout's length made of digits
+  (any other value already breaks the ``length`` or ``content`` rule). Without a year, 29
+  February is a real date (the sender's year may be a leap year).
 - ``required``: a data element the MTI requires is missing. Defaults (overridable per spec):
   0100/0200: 3, 4, 11, 41 and (2 or 35); 0400: 3, 4, 11, 41, 90 and (2 or 35); 0800: 7, 11, 70.
   The rules of a request apply to its repeat (0101, 0201, 0401, 0801).
@@ -19,7 +28,10 @@ Rules (``Violation.rule``):
 
 from __future__ import annotations
 
+import calendar
+import re
 import string
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from isopace.iso8583.errors import EncodeError, Iso8583Error
@@ -42,6 +54,96 @@ _A = frozenset(string.ascii_letters + " ")
 _Z = frozenset(string.digits + "=D?;")
 _HEX = frozenset(string.hexdigits)
 
+#: The date/time data elements the ``date`` rule checks, with their ISO 8583:1987 layouts.
+DATE_TIME_FIELDS: Mapping[int, str] = {7: "MMDDhhmmss", 12: "hhmmss", 13: "MMDD"}
+
+#: Each two-character unit of a layout: (name, lowest, highest); DD's highest is the month's.
+_UNITS: Mapping[str, tuple[str, int, int]] = {
+    "YY": ("year", 0, 99),
+    "MM": ("month", 1, 12),
+    "DD": ("day", 1, 31),
+    "hh": ("hour", 0, 23),
+    "mm": ("minute", 0, 59),
+    "ss": ("second", 0, 59),
+}
+#: Days of each month in a leap year (index 1..12): the highest DD without a year.
+_DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+#: A pattern per unit that only real values match (DD up to 28: the days every month has).
+_PATTERNS = {
+    "YY": r"\d\d",
+    "MM": r"0[1-9]|1[0-2]",
+    "DD": r"0[1-9]|1\d|2[0-8]",
+    "hh": r"[01]\d|2[0-3]",
+    "mm": r"[0-5]\d",
+    "ss": r"[0-5]\d",
+}
+_Units = tuple[tuple[int, str, int, int], ...]
+#: layout -> (its units as (offset, name, lowest, highest), a pattern of the values certainly
+#: real: one regular expression match is the check of nearly every value), built once.
+_LAYOUTS: dict[str, tuple[_Units, re.Pattern[str]]] = {}
+
+
+def _layout(layout: str) -> tuple[_Units, re.Pattern[str]]:
+    found = _LAYOUTS.get(layout)
+    if found is None:
+        units = []
+        for i in range(0, len(layout), 2):
+            unit = _UNITS.get(layout[i : i + 2])
+            if unit is None:
+                raise ValueError(f"layout {layout!r}: unknown unit {layout[i : i + 2]!r}")
+            units.append((i, *unit))
+        pattern = "".join(f"(?:{_PATTERNS[layout[i : i + 2]]})" for i, *_ in units)
+        found = _LAYOUTS[layout] = (tuple(units), re.compile(pattern, re.ASCII))
+    return found
+
+
+def date_time_problem(value: str, layout: str) -> str | None:
+    """What makes ``value`` not a real date/time in ``layout`` (two-character units ``YY``,
+    ``MM``, ``DD``, ``hh``, ``mm``, ``ss``, e.g. ``"MMDDhhmmss"``), or None when it is one.
+
+    Never raises for any ``value`` (a ``ValueError`` only for a layout with an unknown unit): a
+    value that is not ``len(layout)`` ASCII digits is reported as such. Without ``YY`` the day
+    is checked against a leap year (29 February is real)."""
+    units, certainly_real = _layout(layout)
+    if certainly_real.fullmatch(value):
+        return None
+    if len(value) != len(layout) or not (value.isascii() and value.isdigit()):
+        return f"not {len(layout)} digits ({layout})"
+    year = month = -1
+    for i, name, low, high in units:
+        number = int(value[i : i + 2])
+        if name == "day" and 1 <= month <= 12:
+            high = (
+                _DAYS[month]
+                if year < 0 or calendar.isleap(2000 + year)
+                else _DAYS[month] - (month == 2)
+            )
+        if not low <= number <= high:
+            return f"{name} {value[i : i + 2]} is not {low:02d}..{high:02d} ({layout})"
+        if name == "month":
+            month = number
+        elif name == "year":
+            year = number
+    return None
+
+
+def mti_problems(mti: str) -> list[str]:
+    """What the ``mti`` rule finds wrong with an MTI (empty when nothing): four digits, version
+    0/1/2, class 1..9, function 0..5, origin 0..5. The server uses it too, to tell a request it
+    can answer from bytes that only look like one."""
+    if not (len(mti) == 4 and mti.isascii() and mti.isdigit()):
+        return ["MTI must be four digits"]
+    out = []
+    if mti[0] not in "012":
+        out.append(f"MTI version {mti[0]} is not 0, 1 or 2")
+    if mti[1] == "0":
+        out.append("MTI class 0 is reserved")
+    if mti[2] not in "012345":
+        out.append(f"MTI function {mti[2]} is not 0..5")
+    if mti[3] not in "012345":
+        out.append(f"MTI origin {mti[3]} is not 0..5")
+    return out
+
 
 def _content_ok(c: str | None, v: str | bytes) -> bool:
     if c is None or c in ("b", "hex") or isinstance(v, bytes):
@@ -60,19 +162,8 @@ def _content_ok(c: str | None, v: str | bytes) -> bool:
 
 
 def validate(spec: Spec, m: Message) -> list[Violation]:
-    out: list[Violation] = []
     mti = m.mti
-    if not (len(mti) == 4 and mti.isascii() and mti.isdigit()):
-        out.append(Violation(0, "mti", "MTI must be four digits"))
-    else:
-        if mti[0] not in "012":
-            out.append(Violation(0, "mti", f"MTI version {mti[0]} is not 0, 1 or 2"))
-        if mti[1] == "0":
-            out.append(Violation(0, "mti", "MTI class 0 is reserved"))
-        if mti[2] not in "012345":
-            out.append(Violation(0, "mti", f"MTI function {mti[2]} is not 0..5"))
-        if mti[3] not in "012345":
-            out.append(Violation(0, "mti", f"MTI origin {mti[3]} is not 0..5"))
+    out = [Violation(0, "mti", text) for text in mti_problems(mti)]
     codecs = spec._codecs
     try:
         fields = m.fields()
@@ -99,6 +190,19 @@ def validate(spec: Spec, m: Message) -> list[Violation]:
     pan = fields.get(2)
     if isinstance(pan, str) and pan.isdigit() and not luhn_ok(pan):
         out.append(Violation(2, "luhn", "field 2 fails the Luhn check"))
+    if 55 in fields:
+        try:
+            m.tlv(55)
+        except Iso8583Error as e:  # TlvError, or DE 55 not binary data
+            out.append(Violation(55, "tlv", f"{e} (not well-formed BER-TLV)"))
+    if mti[:1] == "0":
+        for n, layout in DATE_TIME_FIELDS.items():
+            value = fields.get(n)
+            # a value of another shape breaks the length or content rule already
+            if isinstance(value, str) and len(value) == len(layout) and value.isdigit():
+                problem = date_time_problem(value, layout)
+                if problem is not None:
+                    out.append(Violation(n, "date", f"field {n}: {problem}"))
     req_key = mti[:3] + "0" if len(mti) == 4 and mti[3] == "1" else mti
     for need in spec._required.get(req_key, spec._required.get(mti, ())):
         if isinstance(need, tuple):

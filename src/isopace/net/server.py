@@ -22,11 +22,20 @@ Decisions:
   that sends but does not read cannot make the server buffer responses without bound).
 - Keep-alive (zero-length) frames are answered with a keep-alive frame (``keepalive_reply``).
 - Bad input never kills the server, and the connection survives whatever leaves the stream in sync:
-  * a frame that cannot be decoded: if the MTI can be read (ASCII, EBCDIC or BCD digits at the start
-    of the message) and asks for an answer, the server answers with a format error — MTI function
-    digit + 1, DE 39 = ``"30"``, with the echo fields the spec's ``decode_partial`` can still
-    recover (often DE 11 and 41, so the client can match it; none if the bitmap is unreadable);
-    otherwise the frame is logged and dropped;
+  * what a frame is, read with the configured spec only (never by guessing another encoding,
+    which made framed HTTP text an "MTI 4755" under the ASCII spec):
+    - a frame the spec decodes (MTI, bitmaps and every field located) is a message: a response
+      MTI (function digit 1, 3 or 5) is dropped (below); anything else goes to the handler, an
+      MTI that is no valid request (``9999``, ``ABCD``) included: the host declines it 30 and
+      journals it, and the answer echoes that MTI as received (no response MTI derives from it);
+    - a frame the spec does not decode whose MTI (``spec.decode_mti``) is a valid request MTI
+      (``validate``'s ``mti`` rule: digits, version 0-2, class 1-9, origin 0-5; function 0, 2 or
+      4) is a malformed request: answered with a format error, MTI function digit + 1, DE 39 =
+      ``"30"``, with the echo fields the spec's ``decode_partial`` can still recover (often DE
+      11 and 41, so the client can match it; none if the bitmap is unreadable);
+    - any other frame (no MTI of this spec, or one no request has: ``GET `` under ASCII, ``4745``
+      under BCD) is not a message of this spec: dropped. The first drop on a connection logs one
+      WARNING; later ones are counted into the next, at most one every ``DROP_LOG_INTERVAL``;
   * a request whose fields fail to decode when the handler reads them (decoding is lazy), or that
     ``spec.validate`` rejects when ``validate=True``: format error echoing the fields that still
     decode (the :meth:`Message.reply` echo set);
@@ -35,8 +44,9 @@ Decisions:
     timeout;
   * a message that is itself a response (0210, 0810...) is logged and dropped;
   * a length header that cannot be read or declares more than ``framing.max_frame_size``: the
-    stream is out of sync, so the connection is closed with an error log line naming the peer and
-    the length; the declared size is never allocated.
+    stream is out of sync, so the connection is closed with a warning naming the peer and the
+    length; the declared size is never allocated. Nothing a peer sends logs an ERROR: that level
+    is for the server's own failures (a handler that raises, a response it cannot send).
   Logs show messages through their masked ``repr`` and never log raw bytes; exceptions (and
   their tracebacks) are logged as text masked by ``isopace._cardtext.error_text``, never through
   ``exc_info``, so a handler's error message cannot put card data in the log.
@@ -81,12 +91,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
-from isopace.iso8583 import Iso8583Error, Message
+from isopace.iso8583 import Iso8583Error, Message, mti_problems
 from isopace.net._tally import Tally
 from isopace.net._transport import (
     FramedProtocol,
     address_text,
     is_request_mti,
+    is_response_mti,
     response_mti,
 )
 from isopace.net.errors import FrameError, FrameTooLargeError, NetError
@@ -116,13 +127,17 @@ ECHO_FIELDS = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
 
 FORMAT_ERROR = "30"
 SYSTEM_MALFUNCTION = "96"
+DROP_LOG_INTERVAL = 60.0
+"""Seconds between two warnings about unreadable frames dropped on one connection."""
 
 logger = logging.getLogger("isopace.net")
 
 
 def recover_mti(payload: bytes) -> str | None:
     """The MTI at the start of an undecodable message, if it can be read: 4 ASCII digits, 4 EBCDIC
-    digits or 2 BCD bytes (tried in that order). None otherwise."""
+    digits or 2 BCD bytes (tried in that order). None otherwise.
+
+    A guess across encodings, for tools; the server reads the MTI with its spec only."""
     head = payload[:4]
     if len(head) == 4:
         if head.isdigit() and head.isascii():
@@ -138,7 +153,9 @@ def recover_mti(payload: bytes) -> str | None:
 
 def error_response(request: Message, code: str) -> Message:
     """An answer to ``request`` carrying response code ``code`` in DE 39 and the echo fields of
-    the request that can be decoded."""
+    the request that can be decoded. Its MTI is the request's with the function digit + 1; a
+    request whose MTI is not a request's (``9999``, ``ABCD``) gets its MTI back as received:
+    nothing else can be derived from it, and an invented MTI would mislead the peer."""
     fields: dict[int, str | bytes] = {}
     for n in ECHO_FIELDS:
         try:
@@ -148,7 +165,8 @@ def error_response(request: Message, code: str) -> Message:
         if value is not None:
             fields[n] = value
     fields[39] = code
-    return Message(response_mti(request.mti), fields)
+    mti = request.mti
+    return Message(response_mti(mti) if is_request_mti(mti) else mti, fields)
 
 
 class _Resume:
@@ -207,6 +225,8 @@ class _Connection(FramedProtocol):
         self.held = 0  # bytes of unfinished frames, as counted in the server's total
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._dropped = 0  # unreadable frames not yet reported (see `_undecodable`)
+        self._drop_logged_at = -DROP_LOG_INTERVAL
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -299,10 +319,12 @@ class _Connection(FramedProtocol):
                 self.dispatch(frame)
 
     def _fatal(self, exc: FrameError) -> None:
+        # a WARNING, not an ERROR: a peer's bytes caused it, and a peer must not be able to fill
+        # the log with errors
         text = error_text(exc)
         extra = {"peer": self.peer, "error": text}
         if isinstance(exc, FrameTooLargeError):
-            logger.error(
+            logger.warning(
                 "closing connection from %s: declared frame length %d exceeds the maximum %d",
                 self.peer,
                 exc.length,
@@ -310,7 +332,7 @@ class _Connection(FramedProtocol):
                 extra=extra,
             )
         else:
-            logger.error("closing connection from %s: %s", self.peer, text, extra=extra)
+            logger.warning("closing connection from %s: %s", self.peer, text, extra=extra)
         self.close_transport()
 
     def frame_received(self, frame: Frame) -> None:
@@ -325,7 +347,7 @@ class _Connection(FramedProtocol):
         except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
             self._undecodable(frame, exc)
             return
-        if not is_request_mti(mti):
+        if is_response_mti(mti):
             logger.warning(
                 "unexpected message %r from %s (not a request); dropped",
                 request,
@@ -349,10 +371,17 @@ class _Connection(FramedProtocol):
         self.tasks.add(task)  # `_handle` takes it out as it ends (cheaper than a done callback)
 
     def _undecodable(self, frame: Frame, exc: Exception) -> None:
-        mti = recover_mti(frame.payload)
+        """A frame ``spec.decode`` rejects: a format error if the spec reads a valid request MTI
+        in it, else dropped (see "what a frame is" in the module notes)."""
+        spec = self.server.spec
         text = error_text(exc)
+        mti: str | None
+        try:
+            mti = spec.decode_mti(frame.payload)
+        except Exception:  # not even an MTI of this spec (or a spec without decode_mti)
+            mti = None
         extra = {"peer": self.peer, "error": text, "length": len(frame.payload), "mti": mti}
-        if mti is not None and is_request_mti(mti):
+        if mti is not None and is_request_mti(mti) and not mti_problems(mti):
             logger.warning(
                 "malformed %s message from %s: %s; answering with a format error",
                 mti,
@@ -361,23 +390,28 @@ class _Connection(FramedProtocol):
                 extra=extra,
             )
             response = Message(response_mti(mti), {39: FORMAT_ERROR})
-            partial = getattr(self.server.spec, "decode_partial", None)
-            if partial is not None:  # echo the fields that can still be recovered (DE 11, 41)
-                try:
-                    found = partial(frame.payload)
-                    if found.mti == mti:
-                        response = error_response(found, FORMAT_ERROR)
-                except Exception:
-                    pass
+            try:  # echo the fields that can still be recovered (DE 11, 41)
+                found = spec.decode_partial(frame.payload)
+                if found.mti == mti:
+                    response = error_response(found, FORMAT_ERROR)
+            except Exception:  # a bitmap that cannot be read: nothing to echo
+                pass
             self._send(response, frame.tpdu)
-        else:
-            logger.warning(
-                "unparseable frame of %d bytes from %s: %s; dropped",
-                len(frame.payload),
-                self.peer,
-                text,
-                extra=extra,
-            )
+            return
+        self._dropped += 1
+        now = self._loop.time()
+        if now < self._drop_logged_at + DROP_LOG_INTERVAL:
+            return  # counted; said in the next warning
+        count, self._dropped = self._dropped, 0
+        self._drop_logged_at = now
+        logger.warning(
+            "unparseable frame of %d bytes from %s: %s; dropped%s",
+            len(frame.payload),
+            self.peer,
+            text,
+            f" ({count} dropped since the last warning)" if count > 1 else "",
+            extra={**extra, "dropped": count},
+        )
 
     async def _handle(self, request: Message, tpdu: Tpdu | None) -> None:
         server = self.server

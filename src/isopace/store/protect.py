@@ -26,6 +26,10 @@ log line and ``describe`` use):
   binary). A card number glued inside a longer run of digits (a BCD block of 20 or more
   digits) is not recognised, the same limit as in text.
 - **Header**: kept as it is (the built-in specs have none).
+- **A field of a decoded message whose value does not decode** (decoding is lazy: a request
+  can be located, handed to the flow and journalled before a stage reads, say, a DE 55 of an odd
+  number of hex characters): dropped, so the BEGIN of every request that decoded can be
+  recorded, and the transaction answered for it (30) has its journal record.
 
 Each field masked or dropped (the card data fields included) is named in the stored message's
 ``redacted`` list: ``Message.from_json`` rebuilds the message for recovery, and a replayed
@@ -131,6 +135,17 @@ def strip_emv_card_tags(data: bytes, tags: frozenset[str] = EMV_CARD_TAGS) -> by
     return bytes(out)
 
 
+def _decodable(message: Message) -> Message:
+    """``message`` without the fields whose values do not decode."""
+    bad = []
+    for n in message:
+        try:
+            message[n]
+        except ValueError:
+            bad.append(n)
+    return message.remove(*bad) if bad else message
+
+
 def _encode_length(n: int) -> bytes:
     if n < 0x80:
         return bytes([n])
@@ -204,6 +219,12 @@ class CardDataProtector:
     ) -> tuple[str, str | None, str | None]:
         """``protect`` as a plain tuple ``(json, pan_masked, pan_hmac)`` (the journals' path);
         ``pan=False`` leaves the PAN columns out (None)."""
+        try:
+            return self._protect_fields(message, pan)
+        except ValueError:  # a field that does not decode (an Iso8583Error): keep the others
+            return self._protect_fields(_decodable(message), pan)
+
+    def _protect_fields(self, message: Message, pan: bool) -> tuple[str, str | None, str | None]:
         text = stored_json(message)
         if not pan:
             return text, None, None
