@@ -677,3 +677,22 @@ def test_journal_pan_reports_records_under_a_key_it_does_not_have(tmp_path: Path
     assert f"under key(s) {lost} (" in stderr, stderr
     count = int(stderr.split("isopace: ")[1].split(" record")[0])
     assert count >= 2
+
+
+def test_a_card_key_replaced_on_purpose_keeps_the_host_starting(tmp_path: Path) -> None:
+    """--new-card-key on a ledger whose key is lost: the host starts (its old cards are no
+    longer found: declined 14), and later starts without the flag warn about the lost key."""
+    db = str(tmp_path / "data" / "host.db")
+    HostProcess(free_port(), ["--db", db], tmp_path / "s0.log").start().stop()
+    key_file = Path(db.replace(".db", ".card.key"))
+    lost = KeyRing.from_file(str(key_file)).current.id
+    key_file.unlink()
+    host = HostProcess(free_port(), ["--db", db, "--new-card-key"], tmp_path / "s1.log").start()
+    try:
+        assert pay(host.port, PAN_OK, 100, 1) == "14"  # the card was protected under the lost key
+    finally:
+        host.stop()
+    assert "new card key" in host.output
+    again = HostProcess(free_port(), ["--db", db], tmp_path / "s2.log").start()
+    again.stop()
+    assert f"does not hold key {lost}" in again.output, again.output

@@ -5,8 +5,13 @@ the TCP server and the metrics endpoint.
 `AuthorizationHost` owns the resources and their start-up order:
 
 1. the TLS context (bad files fail before anything is opened);
-2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty;
-3. the journal and the idempotency store (PostgreSQL and/or Redis when configured). With SQLite,
+2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty. With SQLite
+   the data directory is made 0700 and the database file 0600 before SQLite creates anything
+   (`isopace.host.datadir`); the card keys come from their key file or variable, never from the
+   database (`isopace.host.keys`: an earlier version's key is moved out of ``ledger_meta``, a
+   missing or world-readable key file refuses the start);
+3. the journal (with its keys, likewise) and the idempotency store (PostgreSQL and/or Redis when
+   configured). With SQLite,
    the ledger, the journal and the idempotency store share ONE file, one connection and one WAL
    (`isopace.store.SqliteDatabase`): their writes run inline on the event loop and commit in
    order, and a response leaves only once they are on disk, after one group fsync shared with
@@ -16,7 +21,9 @@ the TCP server and the metrics endpoint.
    below for whose transactions that is); with the SQLite
    idempotency store (which takes over the crashed run's claims at once: one process per node)
    the response of each transaction recovery commits is stored under its idempotency key;
-5. the ISO 8583 server, then the metrics endpoint.
+5. the ISO 8583 server, then the metrics endpoint. While it runs, the host re-reads its key
+   files every `KEY_RELOAD_INTERVAL` seconds, so ``isopace keys rotate`` takes effect without a
+   restart.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
 sharing a journal and across restarts); the idempotency
@@ -430,7 +437,7 @@ class AuthorizationHost:
             if changed and self.journal is not None and ring is not None:
                 self.journal.keys.refresh()
             self._key_problem = ""
-        except KeyFileError as exc:
+        except (KeyFileError, OSError) as exc:  # OSError: the file went away while read
             if str(exc) != self._key_problem:
                 self._key_problem = str(exc)
                 log.warning("keeping the keys in use: %s", exc)

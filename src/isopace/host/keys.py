@@ -22,8 +22,8 @@ When no key is found:
   nodes must share a key, never each make their own.
 
 A key file that group or others may read is refused (``chmod 600``); ``--new-*-key`` never
-replaces an existing file; a key ring that lacks the key the stored rows name is refused (the
-wrong file).
+replaces an existing file; a key ring that lacks the key a stored row names is warned about (the
+wrong file, or a key lost and replaced on purpose).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def journal_keys(
         and not os.path.exists(default_path(cfg, "journal"))
     ):
         ring = derived_journal_keys(card)
-        _check_holds(ring, sample, "the journal's records", refuse=False)
+        _check_holds(ring, sample, "the journal's records")
         return ring
     return _resolve(
         cfg,
@@ -141,7 +141,7 @@ def _resolve(
                 if new:
                     raise ConfigError(f"{new_flag}: the {kind} keys come from ${env}")
                 _check_legacy(from_env, legacy)
-                _check_holds(from_env, sample, what, refuse=kind == "card")
+                _check_holds(from_env, sample, what)
                 return from_env
         path = explicit or default_path(cfg, kind)
         if os.path.exists(path):
@@ -152,7 +152,7 @@ def _resolve(
                 )
             ring = KeyRing.from_file(path)
             _check_legacy(ring, legacy)
-            _check_holds(ring, sample, what, refuse=kind == "card")
+            _check_holds(ring, sample, what)
             return ring
         if legacy is not None and create:
             key = Key.of(legacy)
@@ -186,6 +186,8 @@ def _resolve(
         return _create(path, key, kind)
     except KeyFileError as exc:
         raise ConfigError(str(exc)) from exc
+    except OSError as exc:  # e.g. the file went away between the check and the read
+        raise ConfigError(f"{kind} key file: {exc.strerror or exc}: {exc.filename}") from exc
 
 
 def _create(path: str, key: Key, kind: str) -> KeyRing:
@@ -203,15 +205,17 @@ def _check_legacy(ring: KeyRing, legacy: bytes | None) -> None:
         )
 
 
-def _check_holds(ring: KeyRing, sample: str | None, what: str, *, refuse: bool) -> None:
-    """Refuse (card keys) or warn (journal keys: only searching needs them) when the ring
-    lacks the key a stored row names."""
+def _check_holds(ring: KeyRing, sample: str | None, what: str) -> None:
+    """Warn when the ring lacks the key a stored row names: the wrong file, or rows left under
+    a key lost and replaced on purpose (``--new-*-key``), which a refusal would make
+    unrecoverable for ever."""
     kid = split_fingerprint(sample)[0] if sample else None
     if kid is not None and ring.key(kid) is None:
-        text = (
-            f"{ring.source} does not hold key {kid}, under which {what} are protected "
-            f"(keys in it: {', '.join(ring.ids)}): the wrong key file?"
+        log.warning(
+            "%s does not hold key %s, under which %s are protected (keys in it: %s): those "
+            "cannot be found (the wrong key file?)",
+            ring.source,
+            kid,
+            what,
+            ", ".join(ring.ids),
         )
-        if refuse:
-            raise ConfigError(text)
-        log.warning("%s", text)

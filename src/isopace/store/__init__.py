@@ -10,7 +10,9 @@
 - :func:`recover`: finish every transaction a crash left in doubt, through the stages'
   ``recover(ex, committing)`` hooks.
 - Card data in records is protected by :class:`CardDataProtector` (PAN first 6 / last 4 plus a
-  keyed HMAC-SHA256; track data, PIN block and EMV card tags removed).
+  keyed HMAC-SHA256; track data, PIN block and EMV card tags removed); the keys live outside
+  every database, in key files or the environment, each fingerprint naming its key's id
+  (:mod:`isopace.store.keys`, which also re-keys fingerprints for a rotation).
 
 Journals answer operators' queries: ``by_id``, ``by_time``, ``by_pan``, ``in_doubt``, ``counts``.
 """
