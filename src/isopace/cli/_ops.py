@@ -523,8 +523,7 @@ async def _keys(args: argparse.Namespace, cfg: HostConfig) -> int:
                 )
                 if item["unknown"]:
                     out.line(f"  rows under keys not in {item['source']}: {item['unknown']}")
-        await journal.close()
-        return status
+        return status  # the host closes the journal and the ledger it opened
 
 
 def _drop_unused(out: Output, card: Any, jring: Any, usage: dict[str, Any]) -> int:

@@ -63,7 +63,7 @@ def prepare_data(db: str) -> None:
         for path in (db, db + "-wal", db + "-shm", lock_path(db)):
             tighten(path)
     except OSError as exc:
-        raise StartupError(f"data {directory}: {exc.strerror or exc}") from exc
+        raise StartupError(f"database {db}: cannot open: {exc.strerror or exc}") from exc
 
 
 def tighten(path: str) -> None:
