@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from isopace.iso8583 import Message
+from isopace.store.keys import Key, write_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -177,6 +178,14 @@ def pg_schema() -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_card_key(tmp_path: Path) -> str:
+    """A card key file for PostgreSQL hosts (the nodes share one; they never make one)."""
+    path = str(tmp_path / "shared.card.key")
+    write_key_file(path, [Key.generate()])
+    return path
+
+
+@pytest.fixture
 def redis_prefix() -> Iterator[str]:
     prefix = f"t-host-{uuid.uuid4().hex[:10]}:"
     yield prefix
@@ -206,7 +215,17 @@ class Backend:
         else:
             self.schema = f"t_host_{tag}"
             self.prefix = f"t-host-{tag}:"
-            self.store = ["--postgres", PG_DSN, "--postgres-schema", self.schema]
+            # the nodes share one card key file (PostgreSQL hosts never make one themselves)
+            self.card_key = str(tmp / f"{tag}.card.key")
+            write_key_file(self.card_key, [Key.generate()])
+            self.store = [
+                "--postgres",
+                PG_DSN,
+                "--postgres-schema",
+                self.schema,
+                "--card-key-file",
+                self.card_key,
+            ]
             self.serve = [*self.store, "--redis", REDIS_URL, "--redis-prefix", self.prefix]
 
     def fetch(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -17,10 +17,12 @@ from typing import Any
 
 from isopace.flow import Exchange
 from isopace.host.app import build_flow
-from isopace.host.config import HostConfig, journal_hmac_key
+from isopace.host.config import HostConfig
+from isopace.host.keys import default_path
 from isopace.host.ledger import SqliteLedger
 from isopace.iso8583 import ISO87_ASCII, Message
 from isopace.store import SqliteDatabase, SqliteJournal
+from isopace.store.keys import KeyRing
 
 PAN = "4000056655665556"
 
@@ -35,9 +37,12 @@ def purchase(stan: int) -> Message:
 
 async def main(db: str, node: str) -> None:
     database = SqliteDatabase(db)
-    ledger = SqliteLedger.on(database)
+    config = HostConfig(db=db)  # the host's key files, as `isopace serve` made them
+    ledger = SqliteLedger.on(database, keys=KeyRing.from_file(default_path(config, "card")))
     await ledger.open()
-    journal = SqliteJournal.on(database, hmac_key=journal_hmac_key(HostConfig(db=db)), node=node)
+    journal = SqliteJournal.on(
+        database, hmac_key=KeyRing.from_file(default_path(config, "journal")), node=node
+    )
     flow = build_flow(ledger, spec=ISO87_ASCII, journal=journal)
     stalled = asyncio.Event()
 

@@ -16,7 +16,7 @@ import pytest
 
 from .conftest import cli, free_port
 
-COMMANDS = ["serve", "send", "bench", "describe", "journal", "recover", "ledger"]
+COMMANDS = ["serve", "send", "bench", "describe", "journal", "recover", "ledger", "keys"]
 
 
 def one_line_error(proc: object, *needles: str) -> None:

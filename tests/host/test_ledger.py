@@ -30,6 +30,7 @@ from isopace.host import (
     load_config,
 )
 from isopace.host.ledger import ReserveStatus
+from isopace.store.keys import KeyRing
 
 from .conftest import PG_DSN
 
@@ -41,9 +42,9 @@ async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     schema = f"t_ledger_{uuid.uuid4().hex[:10]}"
     book: Ledger
     if request.param == "sqlite":
-        book = SqliteLedger(tmp_path / "ledger.db")
+        book = SqliteLedger(tmp_path / "ledger.db", keys=KeyRing.generate())
     else:
-        book = PostgresLedger(PG_DSN, schema=schema, max_size=20)
+        book = PostgresLedger(PG_DSN, schema=schema, max_size=20, keys=KeyRing.generate())
     await book.open()
     await book.seed([CARD])
     try:
@@ -220,7 +221,7 @@ async def test_flow_without_stored_answer_is_not_debited_twice(tmp_path: Path) -
     from isopace.host import build_flow
     from isopace.iso8583 import ISO87_ASCII, Message
 
-    book = SqliteLedger(tmp_path / "l.db")
+    book = SqliteLedger(tmp_path / "l.db", keys=KeyRing.generate())
     await book.open()
     try:
         await book.seed([CARD])
@@ -275,6 +276,6 @@ async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
-        assert version.fetchone() == ("3",)
+        assert version.fetchone() == ("4",)
     finally:
         conn.close()

@@ -36,8 +36,10 @@ async def ask(port: int, messages: list[Message]) -> list[Message]:
         return list(await asyncio.gather(*(client.request(m, timeout=15) for m in messages)))
 
 
-def test_two_hosts_share_postgres_and_redis(spawn, pg_schema: str, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
-    store = ["--postgres", PG_DSN, "--postgres-schema", pg_schema]
+def test_two_hosts_share_postgres_and_redis(
+    spawn, pg_schema: str, pg_card_key: str, redis_prefix: str
+) -> None:  # type: ignore[no-untyped-def]
+    store = ["--postgres", PG_DSN, "--postgres-schema", pg_schema, "--card-key-file", pg_card_key]
     shared = [
         *store,
         "--redis",

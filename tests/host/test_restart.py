@@ -99,9 +99,9 @@ def test_sqlite_restart_on_another_port_recovers(tmp_path: Path) -> None:
 
 
 def test_postgres_restart_on_another_port_warns_and_recover_all_nodes_ends_them(
-    tmp_path: Path, pg_schema: str, redis_prefix: str
+    tmp_path: Path, pg_schema: str, pg_card_key: str, redis_prefix: str
 ) -> None:
-    store = ["--postgres", PG_DSN, "--postgres-schema", pg_schema]
+    store = ["--postgres", PG_DSN, "--postgres-schema", pg_schema, "--card-key-file", pg_card_key]
     args = [*store, "--redis", REDIS_URL, "--redis-prefix", redis_prefix,
             "--log-level", "WARNING", "--timeout", "1", "--idempotency-lease", "1"]  # fmt: skip
     first = HostProcess(free_port(), args, tmp_path / "serve-0.log").start()

@@ -2,7 +2,8 @@
 
 Commands: ``serve`` (the authorization host), ``send`` (one request), ``bench`` (load),
 ``describe`` (decode a message), ``journal`` (query the journal), ``recover`` (offline crash
-recovery) and ``ledger`` (accounts, balance check, block / unblock a card). ``isopace <command>
+recovery), ``ledger`` (accounts, balance check, block / unblock a card) and ``keys`` (show, rotate
+and re-key the card and journal keys). ``isopace <command>
 --help`` explains each option.
 
 Errors the user can fix (port in use, database unreachable, bad config key, bad TLS files, bad
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ops.add_journal_parser(sub)
     _ops.add_recover_parser(sub)
     _ops.add_ledger_parser(sub)
+    _ops.add_keys_parser(sub)
     return parser
 
 

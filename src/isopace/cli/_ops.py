@@ -1,4 +1,5 @@
-"""Operator commands on a host's stores: ``isopace journal``, ``recover`` and ``ledger``.
+"""Operator commands on a host's stores: ``isopace journal``, ``recover``, ``ledger`` and
+``keys``.
 
 They open the same databases ``isopace serve`` would (same ``--config`` / ``--db`` /
 ``--postgres`` options) and work while the host is stopped; ``journal`` and ``ledger`` are safe
@@ -12,13 +13,15 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from isopace.cli._output import Output, money
 from isopace.cli._serve import add_config_flags, config_from_args
-from isopace.host.config import HostConfig, journal_hmac_key
-from isopace.host.errors import one_line
+from isopace.host.config import HostConfig
+from isopace.host.errors import ConfigError, one_line
+from isopace.host.keys import card_keys, journal_keys
 
 if TYPE_CHECKING:
     from isopace.host.app import AuthorizationHost
@@ -28,7 +31,8 @@ _STORE_OPTIONS = {
     "db",
     "postgres",
     "postgres_schema",
-    "journal_key",
+    "card_key_file",
+    "journal_key_file",
     "node",
     "port",
     "synchronous",
@@ -39,28 +43,31 @@ _STORE_OPTIONS = {
 }
 
 
-async def _open_journal(cfg: HostConfig, node: str) -> Any:
+async def _open_journal(cfg: HostConfig, node: str, *, keys_needed: bool = False) -> Any:
+    """The journal ``isopace serve`` would open, with its keys (never made here); without them
+    when they cannot be found, unless ``keys_needed`` (searching by card)."""
+    journal: Any
     if cfg.postgres:
         from isopace.store import PostgresJournal
 
-        key = cfg.journal_key
-        if key is None:  # as the host does: derived from the ledger's key
-            from isopace.host.ledger import PostgresLedger
-
-            ledger = PostgresLedger(cfg.postgres, schema=cfg.postgres_schema, min_size=1)
-            await ledger.open()
-            try:
-                key = ledger.derived_key("journal")
-            finally:
-                await ledger.close()
-        journal: Any = PostgresJournal(
-            cfg.postgres, schema=cfg.postgres_schema, hmac_key=key, node=node
-        )
+        journal = PostgresJournal(cfg.postgres, schema=cfg.postgres_schema, node=node)
         await journal.open()
-        return journal
-    from isopace.store import SqliteJournal
+    else:
+        from isopace.store import SqliteJournal
 
-    return SqliteJournal(cfg.db, hmac_key=journal_hmac_key(cfg, create=False), node=node)
+        journal = SqliteJournal(cfg.db, node=node)
+    try:
+        card = None
+        if cfg.postgres:  # the journal keys may be derived from the card keys
+            with contextlib.suppress(ConfigError):
+                card = card_keys(cfg, sample=None, create=False)
+        sample = await journal.sample_fingerprint()
+        journal.keys.use(journal_keys(cfg, card, sample=sample, create=False))
+    except ConfigError:
+        if keys_needed:
+            await journal.close()
+            raise
+    return journal
 
 
 @contextlib.asynccontextmanager
@@ -190,7 +197,9 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
 
     out = Output()
     try:
-        journal = await _open_journal(cfg, cfg.node_name)
+        journal = await _open_journal(cfg, cfg.node_name, keys_needed=bool(args.pan))
+    except HostError:
+        raise
     except Exception as exc:
         raise HostError(f"journal: {one_line(exc)}") from exc
     try:
@@ -237,6 +246,8 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
                 start = end - dt.timedelta(minutes=args.since)
                 records = await journal.by_time(start, end, limit=args.limit)
             _print_records(out, records[: args.limit], args.json)
+            if args.pan:
+                _report_unknown_keys(journal, await journal.key_usage())
             return 0
         counts = await journal.counts()
         if args.json:
@@ -246,6 +257,21 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
         return 0
     finally:
         await journal.close()
+
+
+def _report_unknown_keys(journal: Any, usage: Any) -> None:
+    """Say (on stderr, so ``--json`` output stays records only) how many records were made
+    under keys the journal does not have: a search cannot find them, and silence would read as
+    "no such card"."""
+    ring = journal.keys.ring
+    unknown = usage.unknown(ring) if ring is not None else {}
+    if unknown:
+        ids = ", ".join(f"{k} ({n})" for k, n in unknown.items())
+        print(
+            f"isopace: {sum(unknown.values())} record(s) were made under key(s) {ids} that "
+            f"{ring.source} does not have: they cannot be searched by card",
+            file=sys.stderr,
+        )
 
 
 def _code(record: Any) -> str:
@@ -393,7 +419,7 @@ def add_ledger_parser(sub: Any) -> None:
             "block or unblock a card. Exit status 1 when the ledger does not balance."
         ),
     )
-    add_config_flags(p, only={"db", "postgres", "postgres_schema", "synchronous"})
+    add_config_flags(p, only={"db", "postgres", "postgres_schema", "synchronous", "card_key_file"})
     p.add_argument("--block", metavar="PAN", help="block this card (declined 05 from now on)")
     p.add_argument("--unblock", metavar="PAN", help="unblock this card")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -453,3 +479,141 @@ async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
             for problem in check.problems:
                 out.line(f"  {problem}")
         return 0 if check.ok else 1
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def add_keys_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "keys",
+        help="show, rotate and re-key the card and journal keys",
+        description=(
+            "The keys of the card fingerprints (ledger) and of the journal's, which live in key "
+            "files (or $ISOPACE_CARD_KEY / $ISOPACE_JOURNAL_KEY), never in the database. "
+            "status: each key's id and the rows under it. rotate: a new key goes first in each "
+            "key file (the old ones stay readable), running hosts take it within a second, "
+            "every fingerprint is re-keyed in small transactions (the host keeps serving), and "
+            "an old key is dropped from the file once no row references it. rekey: the re-keying "
+            "and dropping again, to finish a rotation. With several PostgreSQL nodes, copy the "
+            "new key file to every node before the re-keying ends (--wait)."
+        ),
+    )
+    add_config_flags(p, only=_STORE_OPTIONS)
+    p.add_argument("action", choices=["status", "rotate", "rekey"], help="what to do")
+    p.add_argument(
+        "--only",
+        choices=["card", "journal"],
+        help="rotate only these keys (default: both; journal keys derived from the card keys "
+        "follow them)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="after writing a new key, wait this long for running hosts to take it before "
+        "re-keying (default: 3; hosts check their key files every second)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_command(_keys, lambda cfg: cfg.db))
+
+
+async def _keys(args: argparse.Namespace, cfg: HostConfig) -> int:
+    from isopace.host.keys import derived_journal_keys
+    from isopace.store.keys import Key
+
+    out = Output()
+    async with _host_ledger(cfg) as (host, ledger):
+        journal = await host._open_journal()
+        card, jring = host.card_keys, host.journal_keys
+        assert card is not None and jring is not None
+        status = 0
+        if args.action == "rotate":
+            rings = [("card", card), ("journal", jring)]
+            if args.only:
+                rings = [r for r in rings if r[0] == args.only]
+            if args.only == "journal" and jring.parent is not None:
+                raise ConfigError(
+                    f"the journal keys are derived from the card keys ({card.source}): rotate "
+                    "those (or give the journal a key file of its own: --journal-key-file)"
+                )
+            for kind, ring in rings:
+                if ring.parent is not None:
+                    continue  # follows its parent
+                if ring.path is None:
+                    raise ConfigError(
+                        f"{kind} keys from {ring.source} cannot be rotated here: put a new key "
+                        f"first in it on every node, restart them, then run isopace keys rekey"
+                    )
+                new = Key.generate()
+                ring.save([new, *ring.keys])
+                out.line(f"{kind} keys: new key {new.id} in {ring.path}")
+            if jring.parent is not None:
+                jring.replace(derived_journal_keys(card).keys)
+            ledger.use_keys(card)
+            journal.keys.refresh()
+            await asyncio.sleep(max(0.0, args.wait))
+        if args.action in ("rotate", "rekey"):
+            done = await ledger.rekey()
+            moved = await journal.rekey()
+            out.line(f"re-keyed: {done.cards} card(s), {done.holds} hold(s), {moved} record(s)")
+        usage = {"card": await ledger.key_usage(), "journal": await journal.key_usage()}
+        if args.action in ("rotate", "rekey"):
+            status = _drop_unused(out, card, jring, usage)
+        report = {
+            kind: {
+                "source": ring.source,
+                "keys": list(ring.ids),
+                "current": ring.current.id,
+                "rows": {str(k or "none"): n for k, n in usage[kind].items()},
+                "unknown": usage[kind].unknown(ring),
+            }
+            for kind, ring in (("card", card), ("journal", jring))
+        }
+        if args.json:
+            print(json.dumps(report))
+        else:
+            for kind, item in report.items():
+                out.line(
+                    f"{kind} keys ({item['source']}): current {item['current']}, kept "
+                    f"{', '.join(item['keys'][1:]) or 'none'}; rows per key: "
+                    f"{usage[kind].describe()}"
+                )
+                if item["unknown"]:
+                    out.line(f"  rows under keys not in {item['source']}: {item['unknown']}")
+        return status  # the host closes the journal and the ledger it opened
+
+
+def _drop_unused(out: Output, card: Any, jring: Any, usage: dict[str, Any]) -> int:
+    """Drop from their files the old keys no row references; 1 when some had to be kept."""
+    from isopace.store.keys import Key
+
+    kept_any = 0
+    for kind, ring in (("card", card), ("journal", jring)):
+        if ring.parent is not None:
+            continue
+        rows = usage[kind]
+        derived: dict[str, Key] = {}
+        if kind == "card" and jring.parent is ring:  # its derived keys protect journal rows
+            derived = {k.id: k.derive("journal") for k in ring.keys}
+        kept = []
+        for key in ring.keys[1:]:
+            n = rows.get(key.id, 0) + rows.get(None, 0)
+            if key.id in derived:
+                jrows = usage["journal"]
+                n += jrows.get(derived[key.id].id, 0) + jrows.get(None, 0)
+            if n:
+                kept.append((key, n))
+        if len(ring.keys) > 1 + len(kept):
+            dropped = [k.id for k in ring.keys[1:] if k not in {c[0] for c in kept}]
+            ring.save([ring.current, *(c[0] for c in kept)])
+            out.line(f"{kind} keys: dropped {', '.join(dropped)} from {ring.path} (no row uses it)")
+        for key, n in kept:
+            kept_any = 1
+            out.line(
+                f"{kind} keys: kept {key.id}: {n} row(s) still under it or from before key ids "
+                "(a number too long to recover, or written meanwhile by a node without the new "
+                "key): run isopace keys rekey again"
+            )
+    return kept_any

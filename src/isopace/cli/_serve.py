@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -87,7 +88,11 @@ def add_parser(sub: Any) -> None:
             "PostgreSQL with --postgres), a durable journal with crash recovery at start-up, "
             "idempotent replay of retransmissions (SQLite, PostgreSQL or --redis), Prometheus "
             "metrics with --metrics-port. Every option can also be set in the --config TOML file "
-            "under the same name (dashes or underscores)."
+            "under the same name (dashes or underscores). Keys: the card and journal "
+            "fingerprints' keys live in key files (<name>.card.key, <name>.journal.key next to "
+            "--db, mode 0600, or --card-key-file / --journal-key-file) or in $ISOPACE_CARD_KEY / "
+            "$ISOPACE_JOURNAL_KEY (hex), never in the database; the data directory is 0700 and "
+            "its files 0600 (isopace keys shows and rotates the keys)."
         ),
     )
     add_config_flags(p)
@@ -105,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     from isopace.net import raise_open_file_limit
 
     config = config_from_args(args)
+    # whatever the caller's umask, what the host creates is its user's alone (the host also
+    # creates its files 0600 explicitly: isopace.host.datadir)
+    os.umask(0o077)
     _setup_logging(config.log_level)
     sys.setswitchinterval(config.switch_interval)
     # a server's descriptors: the default --max-connections is a share of this limit

@@ -5,8 +5,13 @@ the TCP server and the metrics endpoint.
 `AuthorizationHost` owns the resources and their start-up order:
 
 1. the TLS context (bad files fail before anything is opened);
-2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty;
-3. the journal and the idempotency store (PostgreSQL and/or Redis when configured). With SQLite,
+2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty. With SQLite
+   the data directory is made 0700 and the database file 0600 before SQLite creates anything
+   (`isopace.host.datadir`); the card keys come from their key file or variable, never from the
+   database (`isopace.host.keys`: an earlier version's key is moved out of ``ledger_meta``, a
+   missing or world-readable key file refuses the start);
+3. the journal (with its keys, likewise) and the idempotency store (PostgreSQL and/or Redis when
+   configured). With SQLite,
    the ledger, the journal and the idempotency store share ONE file, one connection and one WAL
    (`isopace.store.SqliteDatabase`): their writes run inline on the event loop and commit in
    order, and a response leaves only once they are on disk, after one group fsync shared with
@@ -17,7 +22,8 @@ the TCP server and the metrics endpoint.
    idempotency store (which takes over the crashed run's claims at once: one process per node)
    the response of each transaction recovery commits is stored under its idempotency key;
 5. the ISO 8583 server, the journal's retention task (``journal_retention``), then the metrics
-   endpoint.
+   endpoint. While it runs, the host re-reads its key files every `KEY_RELOAD_INTERVAL` seconds,
+   so ``isopace keys rotate`` takes effect without a restart.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
 sharing a journal and across restarts); the idempotency
@@ -57,11 +63,14 @@ from typing import TYPE_CHECKING, Any
 
 from isopace.flow import Exchange, Flow, Outcome
 from isopace.host import stages
-from isopace.host.config import HostConfig, journal_hmac_key
+from isopace.host.config import HostConfig
+from isopace.host.datadir import lock_path, prepare_data
 from isopace.host.errors import HostError, StartupError, one_line
+from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
 from isopace.store import SqliteDatabase, SqliteIdempotencyStore
+from isopace.store.keys import KeyFileError, KeyRing
 
 if TYPE_CHECKING:
     from isopace.flow import FlowListener, IdempotencyStore, Journal
@@ -79,6 +88,8 @@ DEMO_CARDS: tuple[SeedCard, ...] = (
     SeedCard("4012888888881881", "ACC-1004", 50_000, status="blocked", label="visa, blocked"),
     SeedCard("4000056655665556", "ACC-9000", 1_000_000_000, label="visa, for isopace bench"),
 )
+#: Seconds between two checks of the key files for a rotation (`AuthorizationHost.reload_keys`).
+KEY_RELOAD_INTERVAL = 1.0
 #: The card `isopace bench` uses by default.
 BENCH_PAN = "4000056655665556"
 
@@ -170,6 +181,9 @@ class AuthorizationHost:
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
         self._sync_before_reply: SqliteDatabase | None = None
+        self.card_keys: KeyRing | None = None
+        self.journal_keys: KeyRing | None = None
+        self._key_problem = ""
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -257,6 +271,7 @@ class AuthorizationHost:
             await self._warn_other_nodes()
         await self._start_server(ssl_context)
         self._start_pruning()
+        await self._start_key_watch()
         if cfg.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
             try:
@@ -274,9 +289,10 @@ class AuthorizationHost:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX: no lock
             return
-        path = os.path.splitext(db)[0] + ".lock"
+        path = lock_path(db)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.fchmod(fd, 0o600)  # whatever the umask (see isopace.host.datadir)
         except OSError as exc:
             raise StartupError(f"lock {path}: {exc.strerror or exc}") from exc
         try:
@@ -383,6 +399,7 @@ class AuthorizationHost:
                 f"them apart from {cfg.db}; finish its transactions with that version "
                 "(isopace recover), then move these files away"
             )
+        prepare_data(cfg.db)  # 0700 / 0600 before SQLite creates anything
         try:
             database = await asyncio.to_thread(SqliteDatabase, cfg.db, synchronous=cfg.synchronous)
         except Exception as exc:  # a StoreError names the database
@@ -408,7 +425,80 @@ class AuthorizationHost:
         except Exception as exc:
             raise StartupError(f"ledger: {one_line(exc)}") from exc
         self._closers.append(ledger.close)
+        await self._ledger_keys(ledger)
         return ledger
+
+    async def _ledger_keys(self, ledger: Ledger) -> None:
+        """The card keys (`isopace.host.keys`), and an earlier version's key moved out of the
+        database once it is safe in its key file."""
+        try:
+            legacy = await ledger.legacy_card_key()
+            sample = await ledger.sample_pan_ref()
+        except Exception as exc:
+            raise StartupError(f"ledger: {one_line(exc)}") from exc
+        self.card_keys = card_keys(self.config, sample=sample, legacy=legacy)
+        ledger.use_keys(self.card_keys)
+        if legacy is not None:
+            try:
+                await ledger.drop_legacy_card_key()
+            except Exception as exc:
+                raise StartupError(f"ledger: {one_line(exc)}") from exc
+
+    async def _journal_keys(self, journal: Any) -> None:
+        """The journal keys (`isopace.host.keys`), given to the open journal."""
+        try:
+            sample = await journal.sample_fingerprint()
+        except Exception as exc:
+            raise StartupError(f"journal: {one_line(exc)}") from exc
+        self.journal_keys = journal_keys(self.config, self.card_keys, sample=sample)
+        journal.keys.use(self.journal_keys)
+
+    def reload_keys(self) -> bool:
+        """Re-read the key files if they changed (``isopace keys rotate``); True when a ring
+        changed. A file that cannot be read keeps the keys in use, with one WARNING per
+        problem (not one per check)."""
+        changed = False
+        try:
+            if self.card_keys is not None and self.card_keys.reload_if_changed():
+                changed = True
+                if self.ledger is not None:
+                    self.ledger.use_keys(self.card_keys)
+            ring = self.journal_keys
+            if ring is not None and ring.parent is not None:
+                before = ring.ids
+                ring.replace(derived_journal_keys(ring.parent).keys)
+                changed = changed or ring.ids != before
+            elif ring is not None and ring.reload_if_changed():
+                changed = True
+            if changed and self.journal is not None and ring is not None:
+                self.journal.keys.refresh()
+            self._key_problem = ""
+        except (KeyFileError, OSError) as exc:  # OSError: the file went away while read
+            if str(exc) != self._key_problem:
+                self._key_problem = str(exc)
+                log.warning("keeping the keys in use: %s", exc)
+        if changed:
+            log.info(
+                "keys reloaded: card %s, journal %s",
+                ",".join(self.card_keys.ids) if self.card_keys else "-",
+                ",".join(self.journal_keys.ids) if self.journal_keys else "-",
+            )
+        return changed
+
+    async def _watch_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_RELOAD_INTERVAL)
+            self.reload_keys()
+
+    async def _start_key_watch(self) -> None:
+        task = asyncio.create_task(self._watch_keys(), name="isopace-keys")
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._closers.append(stop)
 
     async def _open_journal(self) -> Any:
         cfg = self.config
@@ -416,14 +506,9 @@ class AuthorizationHost:
             if cfg.postgres:
                 from isopace.store import PostgresJournal
 
-                key = cfg.journal_key
-                if key is None and self.ledger is not None:
-                    # the nodes sharing the database derive the same key from the ledger's
-                    key = self.ledger.derived_key("journal")
                 journal: Any = PostgresJournal(
                     cfg.postgres,
                     schema=cfg.postgres_schema,
-                    hmac_key=key,
                     node=self.node,
                     wait_final=cfg.journal_wait_final,
                 )
@@ -433,13 +518,13 @@ class AuthorizationHost:
 
                 journal = SqliteJournal.on(
                     await self._shared_database(),
-                    hmac_key=journal_hmac_key(cfg),  # generated on first start if not configured
                     node=self.node,
                     wait_final=cfg.journal_wait_final,
                 )
         except Exception as exc:
             raise StartupError(f"journal: {one_line(exc)}") from exc
         self._closers.append(journal.close)
+        await self._journal_keys(journal)
         return journal
 
     async def _open_idempotency(self) -> Any:

@@ -19,7 +19,6 @@ key and the file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
@@ -39,7 +38,6 @@ from isopace.net.limits import (
 __all__ = [
     "DEFAULT_BINS",
     "HostConfig",
-    "journal_hmac_key",
     "load_config",
     "option_help",
     "parse_bins",
@@ -126,13 +124,31 @@ class HostConfig:
         "per SQLite database; start-up recovery ends every node's transactions in it), "
         "hostname:port with PostgreSQL (start-up recovery ends this node's own)",
     )
-    journal_key: str | None = _opt(
+    card_key_file: str | None = _opt(
         None,
-        "secret for the journal's PAN HMAC (search by card, `isopace journal --pan`); default "
-        "with SQLite: a random key generated on first start into <name>.journal.key next to "
-        "the database (mode 0600); with PostgreSQL: derived from the ledger's card key (the "
-        "same on every node sharing it)",
-        metavar="SECRET",
+        "key file of the ledger's card fingerprints (cards.pan_ref, holds.pan_ref; never in the "
+        "database): one '<id> <hex key>' a line, current first, mode 0600. Default: "
+        "$ISOPACE_CARD_KEY (hex keys, comma-separated, current first), else <name>.card.key "
+        "next to --db (made on the first SQLite start; PostgreSQL nodes share one file or "
+        "variable and never make one themselves)",
+        metavar="FILE",
+    )
+    journal_key_file: str | None = _opt(
+        None,
+        "key file of the journal's PAN fingerprints (isopace journal --pan), same format. "
+        "Default: $ISOPACE_JOURNAL_KEY, else <name>.journal.key next to --db (made on the first "
+        "SQLite start); with PostgreSQL, derived from the card keys when neither exists",
+        metavar="FILE",
+    )
+    new_card_key: bool = _opt(
+        False,
+        "create a new card key file when it is missing, on purpose (cards protected under a "
+        "lost key can no longer be found); never replaces an existing file",
+    )
+    new_journal_key: bool = _opt(
+        False,
+        "create a new journal key file when it is missing, on purpose (records protected under "
+        "a lost key can no longer be searched by card); never replaces an existing file",
     )
     journal_wait_final: bool = _opt(
         False,
@@ -258,67 +274,10 @@ class HostConfig:
         them rather than leave their transactions behind."""
         return _sibling(self.db, "journal"), _sibling(self.db, "idem")
 
-    @property
-    def journal_key_path(self) -> str:
-        """The generated journal key of a SQLite host: ``<name>.journal.key`` next to the ledger."""
-        return os.path.splitext(self.db)[0] + ".journal.key"
-
 
 def _sibling(path: str, kind: str) -> str:
     root, ext = os.path.splitext(path)
     return f"{root}.{kind}{ext or '.db'}"
-
-
-def journal_hmac_key(config: HostConfig, *, create: bool = True) -> str | None:
-    """The secret of the journal's PAN fingerprints (what makes ``isopace journal --pan`` work).
-
-    ``journal_key`` when configured. Otherwise, with SQLite, the key in `journal_key_path`: made
-    on first start (``create``) from 32 random bytes (hex), written to a temporary file of mode
-    0600 and linked into place, so hosts starting at once agree on one key and no reader sees a
-    partial file. None with PostgreSQL (the host then derives the key from the ledger's card key,
-    `Ledger.derived_key`, the same on every node), or when the file does not exist and ``create``
-    is False. A `ConfigError` if it cannot be read
-    or written."""
-    if config.journal_key is not None or config.postgres:
-        return config.journal_key
-    path = config.journal_key_path
-    try:
-        with open(path, encoding="ascii") as fh:
-            return _valid_key(path, fh.read())
-    except FileNotFoundError:
-        if not create:
-            return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"journal key {path}: cannot read: {exc}") from exc
-    import secrets
-
-    key = secrets.token_hex(32)
-    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(key + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # atomic; fails if another process made the key first
-        except FileExistsError:
-            with open(path, encoding="ascii") as fh:
-                return _valid_key(path, fh.read())
-    except OSError as exc:
-        raise ConfigError(f"journal key {path}: cannot create: {exc.strerror or exc}") from exc
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return key
-
-
-def _valid_key(path: str, text: str) -> str:
-    key = text.strip()
-    if not key:
-        raise ConfigError(f"journal key {path}: empty file")
-    return key
 
 
 def option_help() -> dict[str, tuple[Any, str, str | None]]:

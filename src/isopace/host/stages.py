@@ -319,7 +319,9 @@ class Reserve:
                 rrn=_text(request, 37),
                 idem_key=idem_key,
                 approval_code=code,
-                pan_ref=card.pan_ref,
+                # under the current key, not the card row's (a card not re-keyed yet after a
+                # rotation): a hold made after the hosts took a new key is never left behind
+                pan_ref=self.ledger.pan_ref(_text(request, 2) or ""),
             )
         except BaseException:
             # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
@@ -424,7 +426,7 @@ class Reversal:
             stan=stan,
             tx_time=tx_time,
             rrn=rrn,
-            pan_ref=self.ledger.pan_ref(_text(request, 2) or ""),
+            pan_ref=self.ledger.pan_refs(_text(request, 2) or ""),
             amount=ex.get("amount", 0),
         )
         if original is None:

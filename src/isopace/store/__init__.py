@@ -12,7 +12,9 @@
 - Card data in records is protected by :class:`CardDataProtector` (PAN first 6 / last 4 plus a
   keyed HMAC-SHA256; track data, PIN block and EMV card tags removed); every message a store
   keeps (journal request and response, idempotency answer) is :func:`stored_json`, which also
-  masks a card number found in any other field (see :mod:`isopace.store.protect`).
+  masks a card number found in any other field (see :mod:`isopace.store.protect`). The keys live
+  outside every database, in key files or the environment, each fingerprint naming its key's id
+  (:mod:`isopace.store.keys`, which also re-keys fingerprints for a rotation).
 
 Journals answer operators' queries: ``by_id``, ``by_time``, ``by_pan``, ``in_doubt``, ``counts``,
 and ``prune(before)`` deletes the transactions that ended before a date (never one in doubt).

@@ -60,6 +60,7 @@ from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store._writer import Batch
 from isopace.store.errors import IdempotencyError, JournalError, LeaseLostError, StoreError
+from isopace.store.keys import REKEY_BATCH, KeyRing, KeyUsage, StoreKeys, key_id_sql, rekey_value
 from isopace.store.protect import CardDataProtector, stored_json
 from isopace.store.records import (
     AT_US,
@@ -338,7 +339,7 @@ class PostgresJournal(_PoolOwner):
         dsn_or_pool: str | asyncpg.Pool,
         *,
         schema: str = "isopace",
-        hmac_key: bytes | str | None = None,
+        hmac_key: KeyRing | bytes | str | None = None,
         node: str | None = None,
         group_commit: bool = True,
         max_batch: int = 1024,
@@ -350,7 +351,9 @@ class PostgresJournal(_PoolOwner):
         super().__init__(dsn_or_pool, schema=schema, min_size=min_size, max_size=max_size)
         self._wait_final = wait_final
         self.node = node if node is not None else default_node()
-        self._protector = CardDataProtector(hmac_key)
+        self._protector = CardDataProtector()
+        self.keys = StoreKeys(self._protector)
+        self.keys.use(hmac_key)
         self._rows = RowBuilder(self._protector, self.node)
         self._group_commit = group_commit
         self._max_batch = max_batch if group_commit else 1
@@ -575,19 +578,66 @@ class PostgresJournal(_PoolOwner):
         return [self._record(r) for r in rows]
 
     async def by_pan(self, pan: str, *, limit: int = 10_000) -> list[JournalRecord]:
-        """Records of the transactions of one card, by its keyed fingerprint (needs
-        ``hmac_key``; the fingerprint is on the records that carry the request)."""
-        fingerprint = self._protector.fingerprint(pan)
-        if fingerprint is None:
-            raise StoreError(f"postgres journal {self.schema}: searching by PAN needs an hmac_key")
+        """Records of the transactions of one card, by its keyed fingerprint under any of the
+        keys (needs ``hmac_key``; the fingerprint is on the records that carry the request;
+        `key_usage` tells what was made under keys this journal does not have)."""
+        forms = self.keys.forms(pan, f"postgres journal {self.schema}")
         rows = await self._fetch(
             f"""SELECT {self._columns} FROM {self.schema}.journal j WHERE j.tx_id IN
-                (SELECT p.tx_id FROM {self.schema}.journal p WHERE p.pan_hmac = $1)
+                (SELECT p.tx_id FROM {self.schema}.journal p WHERE p.pan_hmac = ANY($1))
                 ORDER BY j.seq LIMIT $2""",
-            fingerprint,
+            forms,
             limit,
         )
         return [self._record(r) for r in rows]
+
+    # -- keys (isopace.store.keys) -------------------------------------------------------------
+
+    async def sample_fingerprint(self) -> str | None:
+        """One stored fingerprint (None: the journal protects no card yet)."""
+        rows = await self._fetch(
+            f"SELECT pan_hmac FROM {self.schema}.journal WHERE pan_hmac IS NOT NULL LIMIT 1"
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def key_usage(self) -> KeyUsage:
+        """Records with a fingerprint per key id (None: made before key ids)."""
+        rows = await self._fetch(
+            f"SELECT {key_id_sql('pan_hmac')}, count(*) FROM {self.schema}.journal "
+            "WHERE pan_hmac IS NOT NULL GROUP BY 1"
+        )
+        return KeyUsage({r[0]: int(r[1]) for r in rows})
+
+    async def rekey(self, batch: int = REKEY_BATCH) -> int:
+        """Move every fingerprint to the current key, ``batch`` rows per transaction (other
+        nodes may be writing meanwhile); returns the rows re-keyed."""
+        ring = self.keys.require_ring(f"postgres journal {self.schema}")
+        moved, after = 0, ""
+        while stale := await self._fetch(
+            f"""SELECT pan_hmac, min(pan_masked) FROM {self.schema}.journal
+                WHERE pan_hmac IS NOT NULL AND {key_id_sql("pan_hmac")} IS DISTINCT FROM $1
+                AND pan_hmac > $2 GROUP BY pan_hmac ORDER BY pan_hmac LIMIT $3""",
+            ring.current.id,
+            after,
+            batch,
+        ):
+            for old, masked in stale:
+                new = rekey_value(ring, old, masked)
+                while new is not None:
+                    result = await self.pool.execute(
+                        f"""UPDATE {self.schema}.journal SET pan_hmac = $1 WHERE seq IN
+                            (SELECT seq FROM {self.schema}.journal WHERE pan_hmac = $2
+                             LIMIT $3)""",
+                        new,
+                        old,
+                        batch,
+                    )
+                    n = int(result.split()[-1])
+                    moved += n
+                    if n < batch:
+                        break
+            after = stale[-1][0]
+        return moved
 
     async def in_doubt(
         self, *, all_nodes: bool = False, older_than: float | None = None

@@ -44,7 +44,8 @@ key configured over a card field would. :func:`mask_pan` is ``isopace._cardtext`
 
 Without an HMAC key no fingerprint is stored (searching by card is then unavailable): a key kept
 in the same database as the fingerprints would make them reversible by brute force over the six
-hidden digits, so the key must come from the application's configuration, never from the store.
+hidden digits, so the key must come from the application's configuration, never from the store
+(key files and their ids: :mod:`isopace.store.keys`).
 """
 
 from __future__ import annotations
@@ -165,36 +166,54 @@ class ProtectedMessage:
 class CardDataProtector:
     """Protects messages for storage; ``hmac_key`` (bytes or str) keys the PAN fingerprints."""
 
-    __slots__ = ("_inner", "_key", "_outer")
+    __slots__ = ("_inner", "_key", "_key_id", "_outer")
 
-    def __init__(self, hmac_key: bytes | str | None = None) -> None:
+    def __init__(self, hmac_key: bytes | str | None = None, *, key_id: str | None = None) -> None:
+        self._key: bytes | None = None
+        self._key_id: str | None = None
+        self._inner: Any = None
+        self._outer: Any = None
+        self.use_key(hmac_key, key_id=key_id)
+
+    def use_key(self, hmac_key: bytes | str | None, *, key_id: str | None = None) -> None:
+        """Fingerprint with ``hmac_key`` from now on (a rotated key, see
+        :mod:`isopace.store.keys`). With ``key_id`` a fingerprint is ``<key_id>:<hmac>``, so the
+        stored value names the key that made it."""
         if isinstance(hmac_key, str):
             hmac_key = hmac_key.encode()
         if hmac_key is not None and not hmac_key:
             raise ValueError("hmac_key must not be empty")
-        self._key = hmac_key
-        self._inner: Any = None
-        self._outer: Any = None
+        inner: Any = None
+        outer: Any = None
         if hmac_key is not None:
             # HMAC-SHA256 (RFC 2104) with the keyed inner and outer states computed once: each
             # fingerprint then costs two SHA-256 state copies instead of a new HMAC object
             block = hashlib.sha256(hmac_key).digest() if len(hmac_key) > 64 else hmac_key
             block = block.ljust(64, b"\0")
-            self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-            self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+            inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+            outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+        self._key, self._key_id, self._inner, self._outer = hmac_key, key_id, inner, outer
+
+    @property
+    def key_id(self) -> str | None:
+        """The id written before each fingerprint (None: bare fingerprints)."""
+        return self._key_id
 
     @property
     def has_key(self) -> bool:
         return self._key is not None
 
     def fingerprint(self, pan: str) -> str | None:
-        """The keyed HMAC-SHA256 (hex) of a PAN, or None without a key."""
+        """The keyed HMAC-SHA256 (hex) of a PAN, ``<key_id>:`` first when the key has an id;
+        None without a key."""
         if self._inner is None:
             return None
         inner = self._inner.copy()
         inner.update(pan.strip().encode())
         outer = self._outer.copy()
         outer.update(inner.digest())
+        if self._key_id is not None:
+            return f"{self._key_id}:{outer.hexdigest()}"
         return str(outer.hexdigest())
 
     @staticmethod

@@ -62,6 +62,14 @@ from typing import TYPE_CHECKING, Any, Self
 from isopace.store._sqlite_open import open_wal
 from isopace.store._writer import GroupWriter
 from isopace.store.errors import JournalError, SchemaError, StoreError
+from isopace.store.keys import (
+    REKEY_BATCH,
+    KeyRing,
+    KeyUsage,
+    StoreKeys,
+    key_id_sql,
+    rekey_value,
+)
 from isopace.store.protect import CardDataProtector
 from isopace.store.records import (
     InDoubt,
@@ -382,7 +390,7 @@ class SqliteJournal:
         cls,
         database: SqliteDatabase,
         *,
-        hmac_key: bytes | str | None = None,
+        hmac_key: KeyRing | bytes | str | None = None,
         node: str | None = None,
         wait_final: bool = True,
     ) -> SqliteJournal:
@@ -400,7 +408,7 @@ class SqliteJournal:
         self,
         path: str | os.PathLike[str],
         *,
-        hmac_key: bytes | str | None = None,
+        hmac_key: KeyRing | bytes | str | None = None,
         node: str | None = None,
         group_commit: bool = True,
         max_batch: int = 1024,
@@ -414,7 +422,9 @@ class SqliteJournal:
             raise ValueError(f"synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         self.path = str(Path(path))
         self.node = node if node is not None else default_node()
-        self._protector = CardDataProtector(hmac_key)
+        self._protector = CardDataProtector()
+        self.keys = StoreKeys(self._protector)
+        self.keys.use(hmac_key)
         self._rows = RowBuilder(self._protector, self.node)
         self._sync = synchronous.upper()
         self._timeout = timeout
@@ -566,17 +576,69 @@ class SqliteJournal:
         return [record_from_row(r) for r in await self._fetch(sql, params)]
 
     async def by_pan(self, pan: str, *, limit: int = 10_000) -> list[JournalRecord]:
-        """Records of the transactions of one card, found by its keyed fingerprint (needs
-        ``hmac_key``; the fingerprint is on the records that carry the request)."""
-        fingerprint = self._protector.fingerprint(pan)
-        if fingerprint is None:
-            raise StoreError(f"journal {self.path}: searching by PAN needs an hmac_key")
+        """Records of the transactions of one card, found by its keyed fingerprint under any of
+        the keys (needs ``hmac_key``; the fingerprint is on the records that carry the request;
+        `key_usage` tells what was made under keys this journal does not have)."""
+        forms = self.keys.forms(pan, f"journal {self.path}")
         rows = await self._fetch(
             f"""SELECT {_COLUMNS} FROM journal j WHERE j.tx_id IN
-                (SELECT p.tx_id FROM journal p WHERE p.pan_hmac = ?) ORDER BY j.seq LIMIT ?""",
-            (fingerprint, limit),
+                (SELECT p.tx_id FROM journal p WHERE p.pan_hmac IN
+                 ({",".join("?" * len(forms))})) ORDER BY j.seq LIMIT ?""",
+            (*forms, limit),
         )
         return [record_from_row(r) for r in rows]
+
+    # -- keys (isopace.store.keys) -------------------------------------------------------------
+
+    async def sample_fingerprint(self) -> str | None:
+        """One stored fingerprint (None: the journal protects no card yet)."""
+        rows = await self._fetch("SELECT pan_hmac FROM journal WHERE pan_hmac IS NOT NULL LIMIT 1")
+        return str(rows[0][0]) if rows else None
+
+    async def key_usage(self) -> KeyUsage:
+        """Records with a fingerprint per key id (None: made before key ids)."""
+        rows = await self._fetch(
+            f"SELECT {key_id_sql('pan_hmac')}, count(*) FROM journal "
+            "WHERE pan_hmac IS NOT NULL GROUP BY 1"
+        )
+        return KeyUsage({r[0]: int(r[1]) for r in rows})
+
+    async def rekey(self, batch: int = REKEY_BATCH) -> int:
+        """Move every fingerprint to the current key, ``batch`` rows per transaction, on a
+        connection of its own (a host may be writing the file); returns the rows re-keyed."""
+        ring = self.keys.require_ring(f"journal {self.path}")
+        stale_sql = (
+            "SELECT pan_hmac, min(pan_masked) FROM journal WHERE pan_hmac IS NOT NULL "
+            f"AND {key_id_sql('pan_hmac')} IS NOT ? AND pan_hmac > ? "
+            "GROUP BY pan_hmac ORDER BY pan_hmac LIMIT ?"
+        )
+        move_sql = (
+            "UPDATE journal SET pan_hmac = ? WHERE seq IN "
+            "(SELECT seq FROM journal WHERE pan_hmac = ? LIMIT ?)"
+        )
+
+        def run() -> int:
+            conn = _connect(self.path, synchronous=self._sync, timeout=self._timeout)
+            try:
+                moved, after = 0, ""
+                while stale := conn.execute(stale_sql, (ring.current.id, after, batch)).fetchall():
+                    for old, masked in stale:
+                        new = rekey_value(ring, old, masked)
+                        while new is not None:
+                            n = conn.execute(move_sql, (new, old, batch)).rowcount
+                            moved += n
+                            if n < batch:
+                                break
+                    after = stale[-1][0]
+                return moved
+            finally:
+                conn.close()
+
+        await self.flush()
+        try:
+            return await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: re-keying failed: {exc}") from exc
 
     async def in_doubt(
         self, *, all_nodes: bool = False, older_than: float | None = None

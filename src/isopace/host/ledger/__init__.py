@@ -26,9 +26,10 @@ transitions (``UPDATE holds ... WHERE txn_id = ? AND state IN (...)``); running 
 recovery may, changes nothing the second time. ``reserve`` of a transaction id that already has a
 hold returns the existing outcome instead of holding twice.
 
-Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under a key
-kept in the ``ledger_meta`` table (generated on first start; a production issuer keeps it in an
-HSM or KMS), with the masked PAN (first 6 / last 4) for display.
+Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under the
+card key, ``<key id>:<hmac>``, with the masked PAN (first 6 / last 4) for display. The key is
+never in the database (a key file or an environment variable, `isopace.store.keys`; a production
+issuer keeps it in an HSM or KMS): beside the masked PAN it would give every card number back.
 
 The SQLite backend runs every operation on one writer thread that batches whatever is queued into
 one SQLite transaction (group commit, ``synchronous=FULL`` by default); when an operation fails,

@@ -6,18 +6,20 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
-import hashlib
-import hmac
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from isopace.host.errors import LedgerError
+from isopace.store.keys import REKEY_BATCH, KeyRing, KeyUsage, key_id_sql, rekey_value
 
 #: Version 1: accounts, cards, holds, captures. Version 2: holds.idem_key and
 #: holds.approval_code, with a unique index on the live holds' keys. Version 3: holds.pan_ref,
-#: the card's keyed hash, which a reversal must match (upgrades are applied on open).
-SCHEMA_VERSION = 3
+#: the card's keyed hash, which a reversal must match. Version 4: the card key leaves
+#: ``ledger_meta`` for a key file, and new ``pan_ref`` values carry their key's id
+#: (``<id>:<hmac>``, see `isopace.store.keys`); upgrades are applied on open, the key is moved
+#: by the host (`legacy_card_key`, `drop_legacy_card_key`).
+SCHEMA_VERSION = 4
 
 
 class HoldState(enum.StrEnum):
@@ -137,24 +139,44 @@ def mask_pan(pan: str) -> str:
     return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
 
 
-class Ledger(abc.ABC):
-    """The operations the host's stages need; every method is a coroutine (see the package doc)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class RekeyReport:
+    """What `Ledger.rekey` did: cards and holds moved to the current key, and the fingerprints
+    left under another key (its key missing, or a number too long to recover)."""
 
-    _pan_key: bytes = b""
+    cards: int
+    holds: int
+    left: int
+
+
+class Ledger(abc.ABC):
+    """The operations the host's stages need; every method is a coroutine (see the package doc).
+
+    Card numbers are found by their fingerprint under the card keys (`use_keys`, a
+    `isopace.store.keys.KeyRing` that never comes from the database): ``pan_ref`` under the
+    current key, and a lookup tries every key of the ring, so cards not yet re-keyed after a
+    rotation are still found."""
+
+    _keys: KeyRing | None = None
+
+    def use_keys(self, keys: KeyRing) -> None:
+        """The card keys (current first); the card cache is dropped (a rotated key)."""
+        self._keys = keys
+        self.__dict__.pop("_card_cache", None)
+
+    @property
+    def keys(self) -> KeyRing:
+        if self._keys is None:
+            raise LedgerError("ledger: no card key (give the ledger a key ring: keys=...)")
+        return self._keys
 
     def pan_ref(self, pan: str) -> str:
-        """The keyed hash that identifies a card without storing its number."""
-        return hmac.new(self._pan_key, pan.encode(), hashlib.sha256).hexdigest()
+        """The keyed hash that identifies a card without storing its number (current key)."""
+        return self.keys.fingerprint(pan)
 
-    def derived_key(self, purpose: str) -> str:
-        """A secret for another use (``"journal"``: the journal's PAN fingerprints on PostgreSQL),
-        derived from the ledger's card key with HMAC-SHA256 under a per-purpose label, so every
-        host sharing the ledger derives the same one and no second secret has to be distributed.
-        The ledger must be open."""
-        if not self._pan_key:
-            raise LedgerError("ledger: not open")
-        label = b"isopace derived key: " + purpose.encode()
-        return hmac.new(self._pan_key, label, hashlib.sha256).hexdigest()
+    def pan_refs(self, pan: str) -> list[str]:
+        """Every form a card's ``pan_ref`` may have under the ring's keys (current first)."""
+        return self.keys.candidates(pan)
 
     async def __aenter__(self) -> Ledger:
         await self.open()
@@ -182,15 +204,16 @@ class Ledger(abc.ABC):
 
     async def card(self, pan: str) -> Card | None:
         """The card with this PAN, or None (cached for `card_cache_ttl` seconds)."""
-        ref = self.pan_ref(pan)
+        refs = self.pan_refs(pan)
+        ref = refs[0]
         if self.card_cache_ttl <= 0:
-            return await self._fetch_card(ref)
+            return await self._fetch_card(refs)
         cache: dict[str, tuple[float, Card | None]] = self.__dict__.setdefault("_card_cache", {})
         now = time.monotonic()
         hit = cache.get(ref)
         if hit is not None and hit[0] > now:
             return hit[1]
-        card = await self._fetch_card(ref)
+        card = await self._fetch_card(refs)
         if len(cache) >= 100_000:
             cache.clear()
         cache[ref] = (now + self.card_cache_ttl, card)
@@ -200,8 +223,59 @@ class Ledger(abc.ABC):
         self.__dict__.get("_card_cache", {}).pop(self.pan_ref(pan), None)
 
     @abc.abstractmethod
-    async def _fetch_card(self, pan_ref: str) -> Card | None:
-        """The card with this keyed PAN hash, from the database."""
+    async def _fetch_card(self, pan_refs: Sequence[str]) -> Card | None:
+        """The card with one of these keyed PAN hashes (`pan_refs`), from the database."""
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def legacy_card_key(self) -> bytes | None:
+        """The card key an earlier version kept in ``ledger_meta`` (None once moved out)."""
+
+    @abc.abstractmethod
+    async def drop_legacy_card_key(self) -> None:
+        """Delete the card key from ``ledger_meta`` (once it is safe in its key file), leaving no
+        copy in the database's files."""
+
+    @abc.abstractmethod
+    async def sample_pan_ref(self) -> str | None:
+        """One card's ``pan_ref`` (None: no card yet, nothing protected)."""
+
+    @abc.abstractmethod
+    async def key_usage(self) -> KeyUsage:
+        """Fingerprints in cards and holds per key id (None: made before key ids)."""
+
+    @abc.abstractmethod
+    async def _stale_cards(self, current: str, after: str, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` cards ``(pan_ref, masked_pan)`` not under key id ``current``, with
+        ``pan_ref > after``, by ``pan_ref``."""
+
+    @abc.abstractmethod
+    async def _move_ref(self, old: str, new: str | None, batch: int) -> tuple[int, int]:
+        """Re-key one card: its holds ``old`` -> ``new`` in transactions of ``batch`` rows, then
+        the card itself (``new`` None: nothing moves). Returns (cards, holds) updated."""
+
+    async def rekey(self, batch: int = REKEY_BATCH) -> RekeyReport:
+        """Move every card and hold fingerprint to the current key, a card (and up to ``batch``
+        of its holds) per database transaction, while the host may run: a card's number is
+        recovered from its masked form under its old key (`isopace.store.keys.rekey_value`).
+        Holds are re-keyed before their card, so a lookup finds the card under either key
+        meanwhile (a lookup tries every key)."""
+        ring = self.keys
+        cards = holds = 0
+        after = ""
+        while stale := await self._stale_cards(ring.current.id, after, batch):
+            for old, masked in stale:
+                new = rekey_value(ring, old, masked)
+                if new is not None:
+                    c, h = await self._move_ref(old, new, batch)
+                    cards += c
+                    holds += h
+            after = stale[-1][0]
+        self.__dict__.pop("_card_cache", None)
+        usage = await self.key_usage()
+        left = sum(n for kid, n in usage.items() if kid != ring.current.id)
+        return RekeyReport(cards, holds, left)
 
     @abc.abstractmethod
     async def set_card_status(self, pan: str, status: str) -> bool:
@@ -267,12 +341,14 @@ class Ledger(abc.ABC):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
-        pan_ref: str | None = None,
+        pan_ref: str | Sequence[str] | None = None,
         amount: int | None = None,
     ) -> Hold | None:
         """The most recent hold of this terminal with this STAN (+ transmission time) or RRN.
 
-        With ``pan_ref`` (the card's `pan_ref`) and ``amount``, only a hold of that card and that
+        With ``pan_ref`` (the card's `pan_ref`, or all its forms, `pan_refs`: a hold made before
+        a key rotation finished carries the old one) and ``amount``, only a hold of that card and
+        that
         amount matches (a hold made before schema version 3, without a card reference, matches
         when the card belongs to the hold's account), so a reversal cannot reach another card's
         transaction."""
@@ -322,6 +398,26 @@ SELECT COUNT(*) FROM holds h
 WHERE (h.state IN ('captured', 'refunded'))
       <> EXISTS (SELECT 1 FROM captures c WHERE c.txn_id = h.txn_id)
 """
+
+
+def refs_of(pan_ref: str | Sequence[str]) -> list[str]:
+    """``find_original``'s ``pan_ref`` as a list of forms."""
+    return [pan_ref] if isinstance(pan_ref, str) else list(pan_ref)
+
+
+#: Fingerprints per key id in cards and holds: rows of (key id, count).
+KEY_USAGE_SQL = f"""
+SELECT k, COUNT(*) FROM (
+    SELECT {key_id_sql("pan_ref")} AS k FROM cards
+    UNION ALL
+    SELECT {key_id_sql("pan_ref")} AS k FROM holds WHERE pan_ref IS NOT NULL
+) AS refs GROUP BY k
+"""
+
+
+def usage_of(rows: Iterable[Sequence[Any]]) -> KeyUsage:
+    """``{key id: count}`` from rows of (key id, count) (key id None: made before key ids)."""
+    return KeyUsage({row[0]: int(row[1]) for row in rows})
 
 
 def check_rows(

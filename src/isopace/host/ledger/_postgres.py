@@ -3,8 +3,7 @@ one database."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from isopace.host.errors import LedgerError
@@ -13,6 +12,7 @@ from isopace.host.ledger._common import (
     CHECK_SQL,
     HOLD_COLUMNS,
     KEY_INDEX,
+    KEY_USAGE_SQL,
     SCHEMA_VERSION,
     Account,
     Card,
@@ -25,10 +25,15 @@ from isopace.host.ledger._common import (
     SeedCard,
     check_rows,
     mask_pan,
+    refs_of,
+    usage_of,
 )
+from isopace.store.keys import KeyUsage, key_id_sql
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
+
+    from isopace.store.keys import KeyRing
 
 
 _PG_SCHEMA = """
@@ -131,8 +136,16 @@ class PostgresLedger(Ledger):
     """
 
     def __init__(
-        self, dsn: str, *, schema: str = "public", min_size: int = 2, max_size: int = 10
+        self,
+        dsn: str,
+        *,
+        schema: str = "public",
+        min_size: int = 2,
+        max_size: int = 10,
+        keys: KeyRing | None = None,
     ) -> None:
+        if keys is not None:
+            self.use_keys(keys)
         if not schema.replace("_", "").isalnum():
             raise ValueError(f"schema must be letters, digits and _: {schema!r}")
         self.dsn = dsn
@@ -181,21 +194,14 @@ class PostgresLedger(Ledger):
                 )
                 await conn.execute(KEY_INDEX)
                 await conn.execute(
-                    "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1), "
-                    "('pan_key', $2) ON CONFLICT (key) DO NOTHING",
-                    str(SCHEMA_VERSION),
-                    secrets.token_hex(32),
-                )
-                await conn.execute(
-                    "UPDATE ledger_meta SET value = $1 WHERE key = 'schema_version'",
+                    "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     str(SCHEMA_VERSION),
                 )
-                key = await conn.fetchval("SELECT value FROM ledger_meta WHERE key = 'pan_key'")
         except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger: cannot create the schema {self.schema}: {exc}") from exc
         finally:
             await conn.close()
-        self._pan_key = bytes.fromhex(key)
         self._pool = await asyncpg.create_pool(
             self.dsn,
             min_size=self._min_size,
@@ -212,6 +218,9 @@ class PostgresLedger(Ledger):
         created = []
         async with self.pool.acquire() as conn, conn.transaction():
             for c in cards:
+                refs = self.pan_refs(c.pan)
+                if await conn.fetchval("SELECT 1 FROM cards WHERE pan_ref = ANY($1)", refs):
+                    continue  # already there, under an older key
                 await conn.execute(
                     "INSERT INTO accounts (id, currency, opening, balance, held) "
                     "VALUES ($1, $2, $3, $3, 0) ON CONFLICT (id) DO NOTHING",
@@ -222,7 +231,7 @@ class PostgresLedger(Ledger):
                 ref = await conn.fetchval(
                     "INSERT INTO cards (pan_ref, masked_pan, account_id, status) "
                     "VALUES ($1, $2, $3, $4) ON CONFLICT (pan_ref) DO NOTHING RETURNING pan_ref",
-                    self.pan_ref(c.pan),
+                    refs[0],
                     mask_pan(c.pan),
                     c.account_id,
                     c.status,
@@ -231,18 +240,71 @@ class PostgresLedger(Ledger):
                     created.append(c)
         return created
 
-    async def _fetch_card(self, ref: str) -> Card | None:
+    async def _fetch_card(self, refs: Sequence[str]) -> Card | None:
         row = await self.pool.fetchrow(
-            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = $1", ref
+            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = ANY($1) "
+            "LIMIT 1",
+            list(refs),
         )
         return Card(*row) if row else None
 
     async def set_card_status(self, pan: str, status: str) -> bool:
         self._forget_card(pan)
         result = await self.pool.execute(
-            "UPDATE cards SET status = $1 WHERE pan_ref = $2", status, self.pan_ref(pan)
+            "UPDATE cards SET status = $1 WHERE pan_ref = ANY($2)", status, self.pan_refs(pan)
         )
         return bool(result == "UPDATE 1")
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    async def legacy_card_key(self) -> bytes | None:
+        value = await self.pool.fetchval("SELECT value FROM ledger_meta WHERE key = 'pan_key'")
+        return bytes.fromhex(value) if value else None
+
+    async def drop_legacy_card_key(self) -> None:
+        await self.pool.execute("DELETE FROM ledger_meta WHERE key = 'pan_key'")
+        # the deleted row stays in the table's file until vacuumed; VACUUM FULL rewrites the
+        # (tiny) table into a new file and removes the old one
+        await self.pool.execute("VACUUM FULL ledger_meta")
+
+    async def sample_pan_ref(self) -> str | None:
+        value = await self.pool.fetchval("SELECT pan_ref FROM cards LIMIT 1")
+        return str(value) if value is not None else None
+
+    async def key_usage(self) -> KeyUsage:
+        return usage_of(await self.pool.fetch(KEY_USAGE_SQL))
+
+    async def _stale_cards(self, current: str, after: str, limit: int) -> list[tuple[str, str]]:
+        rows = await self.pool.fetch(
+            "SELECT pan_ref, masked_pan FROM cards WHERE "
+            f"{key_id_sql('pan_ref')} IS DISTINCT FROM $1 AND pan_ref > $2 "
+            "ORDER BY pan_ref LIMIT $3",
+            current,
+            after,
+            limit,
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def _move_ref(self, old: str, new: str | None, batch: int) -> tuple[int, int]:
+        if new is None:
+            return 0, 0
+        holds = 0
+        while True:
+            result = await self.pool.execute(
+                "UPDATE holds SET pan_ref = $1 WHERE txn_id IN "
+                "(SELECT txn_id FROM holds WHERE pan_ref = $2 LIMIT $3)",
+                new,
+                old,
+                batch,
+            )
+            n = int(result.split()[-1])
+            holds += n
+            if n < batch:
+                break
+        result = await self.pool.execute(
+            "UPDATE cards SET pan_ref = $1 WHERE pan_ref = $2", new, old
+        )
+        return int(result.split()[-1]), holds
 
     async def account(self, account_id: str) -> Account | None:
         row = await self.pool.fetchrow(
@@ -351,13 +413,16 @@ class PostgresLedger(Ledger):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
-        pan_ref: str | None = None,
+        pan_ref: str | Sequence[str] | None = None,
         amount: int | None = None,
     ) -> Hold | None:
-        def match(n: int) -> str:  # the card ($n) and the amount ($n+1), when given
+        refs = None if pan_ref is None else refs_of(pan_ref)
+
+        def match(n: int) -> str:  # the card's forms ($n) and the amount ($n+1), when given
             return (
-                f" AND (${n}::text IS NULL OR pan_ref = ${n} OR (pan_ref IS NULL AND account_id"
-                f" = (SELECT c.account_id FROM cards c WHERE c.pan_ref = ${n})))"
+                f" AND (${n}::text[] IS NULL OR pan_ref = ANY(${n}) OR (pan_ref IS NULL AND "
+                f"account_id = (SELECT c.account_id FROM cards c WHERE c.pan_ref = ANY(${n}) "
+                "LIMIT 1)))"
                 f" AND (${n + 1}::bigint IS NULL OR amount = ${n + 1})"
             )
 
@@ -370,7 +435,7 @@ class PostgresLedger(Ledger):
                 terminal,
                 stan,
                 tx_time,
-                pan_ref,
+                refs,
                 amount,
             )
         if row is None and rrn is not None:
@@ -379,7 +444,7 @@ class PostgresLedger(Ledger):
                 "ORDER BY created_at DESC LIMIT 1",
                 terminal,
                 rrn,
-                pan_ref,
+                refs,
                 amount,
             )
         return Hold(*row) if row else None

@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import os
-import secrets
 import sqlite3
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from isopace.host.errors import LedgerError
 from isopace.host.ledger._common import (
@@ -26,6 +25,7 @@ from isopace.host.ledger._common import (
     CHECK_SQL,
     HOLD_COLUMNS,
     KEY_INDEX,
+    KEY_USAGE_SQL,
     OPEN_STATES,
     SCHEMA_VERSION,
     Account,
@@ -39,9 +39,15 @@ from isopace.host.ledger._common import (
     SeedCard,
     check_rows,
     mask_pan,
+    refs_of,
+    usage_of,
 )
 from isopace.store.errors import StoreError
+from isopace.store.keys import KeyUsage, key_id_sql
 from isopace.store.sqlite_database import SqliteDatabase
+
+if TYPE_CHECKING:
+    from isopace.store.keys import KeyRing
 
 T = TypeVar("T")
 
@@ -100,9 +106,9 @@ class SqliteLedger(Ledger):
     """The embedded ledger: standard library ``sqlite3``, WAL, on a `SqliteDatabase`."""
 
     @classmethod
-    def on(cls, database: SqliteDatabase) -> SqliteLedger:
+    def on(cls, database: SqliteDatabase, *, keys: KeyRing | None = None) -> SqliteLedger:
         """A ledger in the shared ``database`` (see the module docstring)."""
-        return cls(database.path, database=database)
+        return cls(database.path, database=database, keys=keys)
 
     def __init__(
         self,
@@ -110,7 +116,10 @@ class SqliteLedger(Ledger):
         *,
         synchronous: str = "FULL",
         database: SqliteDatabase | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
+        if keys is not None:
+            self.use_keys(keys)
         if synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
             raise ValueError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = os.fspath(path)
@@ -154,12 +163,6 @@ class SqliteLedger(Ledger):
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (str(SCHEMA_VERSION),),
         )
-        conn.execute(
-            "INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('pan_key', ?)",
-            (secrets.token_hex(32),),
-        )
-        (key,) = conn.execute("SELECT value FROM ledger_meta WHERE key = 'pan_key'").fetchone()
-        self._pan_key = bytes.fromhex(key)
 
     async def open(self) -> None:
         if self._opened:
@@ -187,11 +190,15 @@ class SqliteLedger(Ledger):
                 self._db = None
 
     async def seed(self, cards: Iterable[SeedCard]) -> list[SeedCard]:
-        todo = [(c, self.pan_ref(c.pan)) for c in cards]
+        todo = [(c, self.pan_refs(c.pan)) for c in cards]
 
         def op(conn: sqlite3.Connection) -> list[SeedCard]:
             created = []
-            for c, ref in todo:
+            for c, refs in todo:
+                ref = refs[0]
+                marks = ",".join("?" * len(refs))
+                if conn.execute(f"SELECT 1 FROM cards WHERE pan_ref IN ({marks})", refs).fetchone():
+                    continue  # already there, under an older key
                 conn.execute(
                     "INSERT OR IGNORE INTO accounts (id, currency, opening, balance, held) "
                     "VALUES (?, ?, ?, ?, 0)",
@@ -208,28 +215,93 @@ class SqliteLedger(Ledger):
 
         return await self._write(op, durable=True)
 
-    async def _fetch_card(self, ref: str) -> Card | None:
+    async def _fetch_card(self, refs: Sequence[str]) -> Card | None:
+        sql = (
+            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref IN "
+            f"({','.join('?' * len(refs))}) LIMIT 1"
+        )
+
         def op(conn: sqlite3.Connection) -> Card | None:
-            row = conn.execute(
-                "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = ?",
-                (ref,),
-            ).fetchone()
+            row = conn.execute(sql, tuple(refs)).fetchone()
             return Card(*row) if row else None
 
         return await self._read(op)
 
     async def set_card_status(self, pan: str, status: str) -> bool:
-        ref = self.pan_ref(pan)
+        refs = self.pan_refs(pan)
         self._forget_card(pan)
+        sql = f"UPDATE cards SET status = ? WHERE pan_ref IN ({','.join('?' * len(refs))})"
         return await self._write(
+            lambda conn: conn.execute(sql, (status, *refs)).rowcount == 1, durable=True
+        )
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    async def legacy_card_key(self) -> bytes | None:
+        row = await self._read(
+            lambda conn: conn.execute(
+                "SELECT value FROM ledger_meta WHERE key = 'pan_key'"
+            ).fetchone()
+        )
+        return bytes.fromhex(row[0]) if row else None
+
+    async def drop_legacy_card_key(self) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            # secure_delete overwrites the deleted row's bytes in its page, so no copy of the
+            # key is left in the file's free space
+            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                conn.execute("DELETE FROM ledger_meta WHERE key = 'pan_key'")
+            finally:
+                conn.execute("PRAGMA secure_delete = OFF")
+
+        await self._write(op, durable=True)
+        # the pages that held the key may still be in the WAL: copy the WAL into the database
+        # (over the old pages) and empty it
+        self._database().setup(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+
+    async def sample_pan_ref(self) -> str | None:
+        row = await self._read(
+            lambda conn: conn.execute("SELECT pan_ref FROM cards LIMIT 1").fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def key_usage(self) -> KeyUsage:
+        return usage_of(await self._read(lambda conn: conn.execute(KEY_USAGE_SQL).fetchall()))
+
+    async def _stale_cards(self, current: str, after: str, limit: int) -> list[tuple[str, str]]:
+        sql = (
+            "SELECT pan_ref, masked_pan FROM cards WHERE "
+            f"{key_id_sql('pan_ref')} IS NOT ? AND pan_ref > ? ORDER BY pan_ref LIMIT ?"
+        )
+        rows = await self._read(lambda conn: conn.execute(sql, (current, after, limit)).fetchall())
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def _move_ref(self, old: str, new: str | None, batch: int) -> tuple[int, int]:
+        if new is None:
+            return 0, 0
+        holds = 0
+        while True:
+            n = await self._write(
+                lambda conn: (
+                    conn.execute(
+                        "UPDATE holds SET pan_ref = ? WHERE rowid IN "
+                        "(SELECT rowid FROM holds WHERE pan_ref = ? LIMIT ?)",
+                        (new, old, batch),
+                    ).rowcount
+                ),
+                durable=True,
+            )
+            holds += n
+            if n < batch:
+                break
+        cards = await self._write(
             lambda conn: (
-                conn.execute(
-                    "UPDATE cards SET status = ? WHERE pan_ref = ?", (status, ref)
-                ).rowcount
-                == 1
+                conn.execute("UPDATE cards SET pan_ref = ? WHERE pan_ref = ?", (new, old)).rowcount
             ),
             durable=True,
         )
+        return cards, holds
 
     async def account(self, account_id: str) -> Account | None:
         def op(conn: sqlite3.Connection) -> Account | None:
@@ -411,17 +483,19 @@ class SqliteLedger(Ledger):
         stan: str | None = None,
         tx_time: str | None = None,
         rrn: str | None = None,
-        pan_ref: str | None = None,
+        pan_ref: str | Sequence[str] | None = None,
         amount: int | None = None,
     ) -> Hold | None:
         match = ""  # the card and the amount, when given
         match_args: tuple[Any, ...] = ()
         if pan_ref is not None:
+            refs = refs_of(pan_ref)
+            marks = ",".join("?" * len(refs))
             match += (
-                " AND (pan_ref = ? OR (pan_ref IS NULL AND account_id = "
-                "(SELECT c.account_id FROM cards c WHERE c.pan_ref = ?)))"
+                f" AND (pan_ref IN ({marks}) OR (pan_ref IS NULL AND account_id = "
+                f"(SELECT c.account_id FROM cards c WHERE c.pan_ref IN ({marks}))))"
             )
-            match_args += (pan_ref, pan_ref)
+            match_args += (*refs, *refs)
         if amount is not None:
             match += " AND amount = ?"
             match_args += (amount,)
