@@ -61,7 +61,7 @@ from isopace._cardtext import mask_pan as mask_pan
 from isopace.iso8583 import CARD_DATA_FIELDS
 
 if TYPE_CHECKING:
-    from isopace.iso8583 import Message
+    from isopace.iso8583 import Message, Spec
 
 __all__ = [
     "EMV_CARD_TAGS",
@@ -292,8 +292,9 @@ def card_text_fields(message: Message) -> dict[int, str | None]:
     card number: field -> its masked text, or None for a binary field (packed BCD or ASCII
     digits inside), which cannot hold a masked value and is dropped."""
     found: dict[int, str | None] = {}
+    skip = _too_short(message.spec)
     for n in message:  # field by field: cheaper than fields(), which copies them all
-        if n in _OWN_RULES:
+        if n in skip:
             continue
         value = message[n]
         if isinstance(value, str):
@@ -308,5 +309,32 @@ def card_text_fields(message: Message) -> dict[int, str | None]:
 
 #: Fields whose card data have rules of their own (dropped whole, or TLV-filtered).
 _OWN_RULES = CARD_DATA_FIELDS | {55}
+_SKIP: dict[int, tuple[Spec, frozenset[int]]] = {}
+
+
+def _too_short(spec: Spec | None) -> frozenset[int]:
+    """The fields ``card_text_fields`` need not read under ``spec``: those with rules of their
+    own, and those too short to hold 13 digits (text or BCD digits: under 13; bytes: under 7),
+    which are most of a request (DE 3, 4, 7, 11, 12, 13, 37, 41, 49), so they are not decoded
+    for nothing. Cached per spec (a host has one or two)."""
+    if spec is None:
+        return _OWN_RULES
+    cached = _SKIP.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    short = set(_OWN_RULES)
+    for n in range(1, 193):
+        fd = spec.field(n)
+        if fd is None:
+            continue
+        digits = fd.kind == "text" or fd.len_count == "nibbles"
+        if fd.max_len < (_SHORTEST_PAN if digits else (_SHORTEST_PAN + 1) // 2):
+            short.add(n)
+    skip = frozenset(short)
+    if len(_SKIP) < 64:
+        _SKIP[id(spec)] = (spec, skip)
+    return skip
+
+
 #: The fewest digits :func:`mask_text` takes for a card number.
 _SHORTEST_PAN = 13
