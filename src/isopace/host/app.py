@@ -69,6 +69,7 @@ from isopace.host.errors import HostError, StartupError, one_line
 from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
+from isopace.iso8583 import response_codes as rc
 from isopace.store import SqliteDatabase, SqliteIdempotencyStore
 from isopace.store.keys import KeyFileError, KeyRing
 
@@ -640,11 +641,11 @@ class AuthorizationHost:
             metrics.in_flight -= 1
         response = ex.response
         if response is None or (outcome is Outcome.ABORTED and response.get(39) == "00"):
-            response = stages.error_reply(request, "96")
+            response = stages.error_reply(request, rc.SYSTEM_MALFUNCTION)
         elif self.database is not None and self.database.failed:
             # the flow logs a failed idempotency `complete` and goes on; with the SQLite
             # database that failure means the transaction may not be on disk: no approval
-            response = stages.error_reply(request, "96")
+            response = stages.error_reply(request, rc.SYSTEM_MALFUNCTION)
         if self.config.log_transactions and log.isEnabledFor(logging.INFO):
             self._log(ex, outcome, response)
         return response

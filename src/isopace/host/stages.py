@@ -42,6 +42,7 @@ from isopace.flow import CONTINUE, SKIP, Result, route
 from isopace.host.errors import HostError
 from isopace.host.ledger import HoldState, Ledger, ReserveStatus
 from isopace.iso8583 import Iso8583Error
+from isopace.iso8583 import response_codes as rc
 from isopace.net import error_response
 
 if TYPE_CHECKING:
@@ -133,24 +134,24 @@ class Parse:
     def prepare(self, ex: Exchange) -> Result:
         m = ex.request
         if m.mti not in SUPPORTED_MTIS:
-            return decline(ex, "30", f"MTI {m.mti} not supported")
+            return decline(ex, rc.FORMAT_ERROR, f"MTI {m.mti} not supported")
         missing = [n for n in REQUIRED[m.mti] if n not in m]
         if m.mti in ("0400", "0420") and 37 not in m and 90 not in m:
             missing.append(90)
         if missing:
-            return decline(ex, "30", "missing field(s) " + ", ".join(map(str, missing)))
+            return decline(ex, rc.FORMAT_ERROR, "missing field(s) " + ", ".join(map(str, missing)))
         if self.spec is not None:
             problems = self.spec.validate(m)
             if problems:
                 text = "; ".join(v.message for v in problems[:5])  # each names its field
-                return decline(ex, "30", text)
+                return decline(ex, rc.FORMAT_ERROR, text)
         if 4 in m:
             try:
                 amount = m.amount(4)
             except Iso8583Error:
-                return decline(ex, "30", "field 4: not an amount")
+                return decline(ex, rc.FORMAT_ERROR, "field 4: not an amount")
             if amount == 0 and m.mti[1] in "12" and (_text(m, 3) or "")[:2] in MONEY_TRANSACTIONS:
-                return decline(ex, "13", "field 4: amount zero")
+                return decline(ex, rc.INVALID_AMOUNT, "field 4: amount zero")
             ex.set("amount", amount)
         return SKIP
 
@@ -235,7 +236,7 @@ class Risk:
             return SKIP
         ex.set("card", card)
         if card.blocked:
-            return decline(ex, "05", f"card {card.masked_pan} {card.status}")
+            return decline(ex, rc.DO_NOT_HONOUR, f"card {card.masked_pan} {card.status}")
         if self.velocity is not None and self.velocity.enabled:
             code = self.velocity.check(card.pan_ref, ex.get("amount", 0))
             if code is not None:
@@ -249,7 +250,7 @@ class BinRoute:
 
     name = "bin-route"
 
-    def __init__(self, bins: Mapping[str, str], unknown_code: str = "14") -> None:
+    def __init__(self, bins: Mapping[str, str], unknown_code: str = rc.INVALID_CARD_NUMBER) -> None:
         self.bins = dict(bins)
         self._prefixes = sorted(self.bins, key=len, reverse=True)
         self.unknown_code = unknown_code
@@ -303,7 +304,7 @@ class Reserve:
         if card is None:
             card = await self.ledger.card(_text(request, 2) or "")
             if card is None:
-                return decline(ex, "14", "no such card")
+                return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
         amount = ex.get("amount", 0)
         idem_key = self.key(ex) if self.key is not None else None
         code = _approval_code()
@@ -343,9 +344,9 @@ class Reserve:
             ex.set("duplicate_of", original.txn_id)
             return SKIP
         if result.status is ReserveStatus.NO_ACCOUNT:
-            return decline(ex, "14", f"card {card.masked_pan}: no account")
+            return decline(ex, rc.INVALID_CARD_NUMBER, f"card {card.masked_pan}: no account")
         if result.status is ReserveStatus.INSUFFICIENT_FUNDS:
-            return decline(ex, "51", f"card {card.masked_pan}: insufficient funds")
+            return decline(ex, rc.INSUFFICIENT_FUNDS, f"card {card.masked_pan}: insufficient funds")
         ex.set("hold", ex.id, durable=True)
         ex.set("capture", request.mti.startswith("02"), durable=True)
         ex.set("approval_code", code)

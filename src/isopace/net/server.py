@@ -92,6 +92,7 @@ from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
 from isopace.iso8583 import Iso8583Error, Message, mti_problems
+from isopace.iso8583 import response_codes as rc
 from isopace.net._tally import Tally
 from isopace.net._transport import (
     FramedProtocol,
@@ -125,8 +126,6 @@ Handler = Callable[[Message], Awaitable[Message | None]]
 ECHO_FIELDS = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
 """The fields an error response echoes from the request (those :meth:`Message.reply` copies)."""
 
-FORMAT_ERROR = "30"
-SYSTEM_MALFUNCTION = "96"
 DROP_LOG_INTERVAL = 60.0
 """Seconds between two warnings about unreadable frames dropped on one connection."""
 
@@ -389,11 +388,11 @@ class _Connection(FramedProtocol):
                 text,
                 extra=extra,
             )
-            response = Message(response_mti(mti), {39: FORMAT_ERROR})
+            response = Message(response_mti(mti), {39: rc.FORMAT_ERROR})
             try:  # echo the fields that can still be recovered (DE 11, 41)
                 found = spec.decode_partial(frame.payload)
                 if found.mti == mti:
-                    response = error_response(found, FORMAT_ERROR)
+                    response = error_response(found, rc.FORMAT_ERROR)
             except Exception:  # a bitmap that cannot be read: nothing to echo
                 pass
             self._send(response, frame.tpdu)
@@ -425,7 +424,7 @@ class _Connection(FramedProtocol):
                         "; ".join(v.message for v in violations),
                         extra={"peer": self.peer, "mti": request.mti},
                     )
-                    response: Message | None = error_response(request, FORMAT_ERROR)
+                    response: Message | None = error_response(request, rc.FORMAT_ERROR)
                 else:
                     response = await server.handler(request)
             except Iso8583Error as exc:
@@ -437,7 +436,7 @@ class _Connection(FramedProtocol):
                     text,
                     extra={"peer": self.peer, "mti": request.mti, "error": text},
                 )
-                response = error_response(request, FORMAT_ERROR)
+                response = error_response(request, rc.FORMAT_ERROR)
             except Exception as exc:
                 # never exc_info: the formatter would print the exception unmasked
                 logger.error(
@@ -448,7 +447,7 @@ class _Connection(FramedProtocol):
                     error_text(exc, traceback=True),
                     extra={"peer": self.peer, "mti": request.mti, "error": error_text(exc)},
                 )
-                response = error_response(request, SYSTEM_MALFUNCTION)
+                response = error_response(request, rc.SYSTEM_MALFUNCTION)
             if response is not None:
                 self._send(response, tpdu, request)
         finally:
@@ -486,11 +485,11 @@ class _Connection(FramedProtocol):
                 extra={"peer": self.peer, "error": text},
             )
         if request is None:
-            fallbacks = [Message(response.mti, {39: SYSTEM_MALFUNCTION})]
+            fallbacks = [Message(response.mti, {39: rc.SYSTEM_MALFUNCTION})]
         else:
             fallbacks = [
-                error_response(request, SYSTEM_MALFUNCTION),
-                Message(response_mti(request.mti), {39: SYSTEM_MALFUNCTION}),
+                error_response(request, rc.SYSTEM_MALFUNCTION),
+                Message(response_mti(request.mti), {39: rc.SYSTEM_MALFUNCTION}),
             ]
         for fallback in fallbacks:
             try:
