@@ -247,6 +247,39 @@ def test_reversal_of_another_card_or_amount_is_25(host: tuple[HostProcess, list[
     assert accounts(store)["ACC-1001"]["balance"] == before["ACC-1001"]["balance"] + 2000
 
 
+def test_reversal_by_rrn_alone_refunds_the_purchase(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """A reversal with no DE 90 finds its original by DE 37 (the spec's rule for 0400 is DE 90
+    or DE 37), and refunds it once."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]["balance"]
+    terminal = ["--terminal", "TERMREV4", "--rrn", "633412345678"]
+    assert send(proc.port, "--pan", PAN_OK, "--amount", "12.34", *terminal,
+                "--stan", "555001")["39"] == "00"  # fmt: skip
+    assert accounts(store)["ACC-1001"]["balance"] == before - 1234
+    reversal = ["--mti", "0400", "--pan", PAN_OK, "--amount", "12.34", *terminal,
+                "--stan", "555002"]  # fmt: skip
+    response = send(proc.port, *reversal)
+    assert (response["mti"], response["39"], response["37"]) == ("0410", "00", "633412345678")
+    assert accounts(store)["ACC-1001"]["balance"] == before
+    assert send(proc.port, *reversal[:-1], "555003")["39"] == "00"  # again: changes nothing
+    assert accounts(store)["ACC-1001"]["balance"] == before
+
+
+def test_a_swiped_card_with_track_2_only_is_charged(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """DE 35 without DE 2 (the spec's rule is one of the two): the card number is the one
+    track 2 holds, and that card's account is debited."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]["balance"]
+    track2 = ["--field", "2=", "--field", f"35={PAN_OK}=2812201123456"]
+    response = send(proc.port, "--pan", PAN_OK, "--amount", "3.21", *track2, "--stan", "555101")
+    assert response["39"] == "00" and "2" not in response
+    assert accounts(store)["ACC-1001"]["balance"] == before - 321
+
+
 def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, list[str], int]) -> None:
     proc, _, _ = host
     response = send(

@@ -166,19 +166,25 @@ async def test_field_failing_lazily_gets_format_error_with_echo_fields() -> None
     assert 42 not in response
 
 
-async def test_undecodable_frame_format_error_echoes_recovered_fields(server: Server) -> None:
+async def test_undecodable_frame_format_error_echoes_nothing_read_past_the_fault(
+    server: Server,
+) -> None:
+    """A frame whose bytes do not add up to its fields (a length prefix unreadable, the last
+    field cut short, one digit missing from the fixed DE 4) is answered 30 with no field read
+    after the fault: under the old rule the short DE 4 made DE 11 come back as "000061"."""
     track2 = "4761739001010119=28122011234567890"
     wire = SPEC.encode(make_request(15).set(35, track2))
     at = wire.index(b"34" + track2.encode())
     bad_prefix = wire[:at] + b"X4" + wire[at + 2 :]  # DE 35's length prefix unreadable
     truncated = SPEC.encode(make_request(16))[:-2]  # DE 49 cut short
+    wire = SPEC.encode(make_request(100006))
+    at = wire.index(b"000000002500")  # DE 4
+    short_amount = wire[:at] + wire[at + 1 :]
     framing = Framing()
-    frames = framing.encode_frame(bad_prefix) + framing.encode_frame(truncated)
-    first, second = (SPEC.decode(r) for r in await raw_exchange(server.port, frames, count=2))
-    assert first.mti == "0210" and first[39] == "30"
-    assert first[11] == "000015" and first[41] == "TERM0001"  # matchable by the client
-    assert 35 not in first
-    assert second[39] == "30" and second[11] == "000016" and 49 not in second
+    frames = b"".join(framing.encode_frame(f) for f in (bad_prefix, truncated, short_amount))
+    answers = [SPEC.decode(r) for r in await raw_exchange(server.port, frames, count=3)]
+    for answer in answers:
+        assert answer.mti == "0210" and answer.fields() == {39: "30"}
 
 
 @pytest.mark.parametrize("spec", [ISO87_BINARY, ISO87_EBCDIC], ids=["binary", "ebcdic"])

@@ -69,6 +69,7 @@ from isopace.host.errors import HostError, StartupError, one_line
 from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
+from isopace.iso8583 import Iso8583Error, card_number, error_reply, is_approval, response_code_for
 from isopace.iso8583 import response_codes as rc
 from isopace.store import SqliteDatabase, SqliteIdempotencyStore
 from isopace.store.keys import KeyFileError, KeyRing
@@ -126,7 +127,10 @@ def build_flow(
     listener: FlowListener | None = None,
     profiler: bool = True,
 ) -> Flow:
-    """The reference authorization flow (see `isopace.host.stages` for the picture)."""
+    """The reference authorization flow (see `isopace.host.stages` for the picture); ``spec``
+    (default ISO87_ASCII, the host's) is the one whose rules the parse stage checks."""
+    from isopace.iso8583 import ISO87_ASCII
+
     config = config or HostConfig()
     velocity = stages.Velocity(
         config.velocity_window, config.velocity_max_count, config.velocity_max_amount
@@ -141,7 +145,8 @@ def build_flow(
         profiler=profiler,
         listener=listener,
     )
-    flow.group("main", stages.Parse(spec), stages.Dispatch())
+    parse = stages.Parse(spec if spec is not None else ISO87_ASCII, config.idempotency_key)
+    flow.group("main", parse, stages.Dispatch())
     flow.group("netmgmt", stages.NetworkManagement())
     flow.group(
         "authorize",
@@ -640,12 +645,16 @@ class AuthorizationHost:
         finally:
             metrics.in_flight -= 1
         response = ex.response
-        if response is None or (outcome is Outcome.ABORTED and response.get(39) == "00"):
-            response = stages.error_reply(request, rc.SYSTEM_MALFUNCTION)
+        if response is None or (outcome is Outcome.ABORTED and is_approval(response.get(39))):
+            # no answer (a stage raised, the deadline passed): the error's own code, 30 for a
+            # request field that does not decode, 96 for the rest
+            error = ex.error
+            code = response_code_for(error) if error is not None else rc.SYSTEM_MALFUNCTION
+            response = error_reply(request, code)
         elif self.database is not None and self.database.failed:
             # the flow logs a failed idempotency `complete` and goes on; with the SQLite
             # database that failure means the transaction may not be on disk: no approval
-            response = stages.error_reply(request, rc.SYSTEM_MALFUNCTION)
+            response = error_reply(request, rc.SYSTEM_MALFUNCTION)
         if self.config.log_transactions and log.isEnabledFor(logging.INFO):
             self._log(ex, outcome, response)
         return response
@@ -654,10 +663,16 @@ class AuthorizationHost:
         from isopace.iso8583 import mask_pan
 
         request = ex.request
-        pan = request.get(2)
-        masked = mask_pan(pan) if isinstance(pan, str) else "-"
+        try:  # a field that does not decode was answered 30; it is logged as "-"
+            pan = card_number(request)
+        except Iso8583Error:
+            pan = None
+        masked = mask_pan(pan) if pan is not None else "-"
         code = response.get(39) if response is not None else None
-        raw = request.get(4)
+        try:
+            raw = request.get(4)
+        except Iso8583Error:
+            raw = None
         amount = f"{int(raw) / 100:.2f}" if isinstance(raw, str) and raw.isdigit() else "-"
         cause = ""
         if ex.error is not None and outcome is Outcome.ABORTED:

@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING
 from isopace.flow import CONTINUE, SKIP, Result, route
 from isopace.host.errors import HostError
 from isopace.host.ledger import HoldState, Ledger, ReserveStatus
-from isopace.iso8583 import Iso8583Error
+from isopace.iso8583 import Iso8583Error, card_number, error_reply
 from isopace.iso8583 import response_codes as rc
-from isopace.net import error_response
 
 if TYPE_CHECKING:
     from isopace.flow import Exchange
@@ -61,7 +60,6 @@ __all__ = [
     "Risk",
     "Velocity",
     "decline",
-    "error_reply",
 ]
 
 log = logging.getLogger("isopace.host")
@@ -75,15 +73,6 @@ SUPPORTED_MTIS = frozenset({"0100", "0200", "0400", "0420", "0800"})
 #: verification, and a hold of nothing approved would only look like one.
 MONEY_TRANSACTIONS = frozenset({"00", "01", "09", "17", "20"})
 
-#: Fields each MTI must carry (beyond what the spec's own rules check).
-REQUIRED: Mapping[str, tuple[int, ...]] = {
-    "0100": (2, 3, 4, 7, 11, 41),
-    "0200": (2, 3, 4, 7, 11, 41),
-    "0400": (2, 4, 7, 11, 41),
-    "0420": (2, 4, 7, 11, 41),
-    "0800": (7, 11, 70),
-}
-
 
 class Declined(HostError):
     """Why a transaction was declined: the response code and a reason for the log."""
@@ -94,19 +83,9 @@ class Declined(HostError):
         self.reason = reason
 
 
-def error_reply(request: Message, code: str) -> Message:
-    """The request's reply with DE 39 = ``code``: `Message.reply` when the request's echo fields
-    decode and its MTI is a request's, else the server's `isopace.net.error_response` (the echo
-    fields that decode; an MTI that is no request's, ``9999`` or ``ABCD``, answered as
-    received). One rule for both: the host's answers and the server's are built alike."""
-    try:
-        return request.reply().set(39, code)
-    except Iso8583Error:
-        return error_response(request, code)
-
-
 def decline(ex: Exchange, code: str, reason: str) -> Result:
-    """Answer ``code`` and roll back: sets ``ex.response``, aborts with `Declined`; returns SKIP."""
+    """Answer ``code`` and roll back: sets ``ex.response`` (`isopace.iso8583.error_reply`, the
+    answer every layer builds alike), aborts with `Declined`; returns SKIP."""
     ex.response = error_reply(ex.request, code)
     ex.abort(Declined(code, reason))
     return SKIP
@@ -120,31 +99,32 @@ def _text(m: Message, n: int) -> str | None:
 
 
 class Parse:
-    """Checks the request: a supported MTI, the required fields, the spec's validation rules (DE
-    55 well-formed BER-TLV and real dates and times in DE 7, 12 and 13 among them), a readable
-    amount. Anything wrong is declined 30 (format error) naming the fields; an amount of zero on
-    an authorization or financial request that moves money (`MONEY_TRANSACTIONS`) is declined
-    13 (invalid amount). Votes SKIP (it holds nothing)."""
+    """Checks the request: a supported MTI (`SUPPORTED_MTIS`, the host's own policy), the spec's
+    rules (its table of required fields, DE 55 well-formed BER-TLV, real dates and times in DE
+    7, 12 and 13 among them), the fields of the idempotency key (``key_fields``: without them a
+    retransmission could not be told from a new transaction, so a repeat would be debited
+    again), a readable amount. Anything wrong is declined 30 (format error) naming the fields;
+    an amount of zero on an authorization or financial request that moves money
+    (`MONEY_TRANSACTIONS`) is declined 13 (invalid amount). Votes SKIP (it holds nothing)."""
 
     name = "parse"
 
-    def __init__(self, spec: Spec | None = None) -> None:
+    def __init__(self, spec: Spec, key_fields: Sequence[int] = ()) -> None:
         self.spec = spec
+        self.key_fields = tuple(key_fields)
 
     def prepare(self, ex: Exchange) -> Result:
         m = ex.request
         if m.mti not in SUPPORTED_MTIS:
             return decline(ex, rc.FORMAT_ERROR, f"MTI {m.mti} not supported")
-        missing = [n for n in REQUIRED[m.mti] if n not in m]
-        if m.mti in ("0400", "0420") and 37 not in m and 90 not in m:
-            missing.append(90)
-        if missing:
-            return decline(ex, rc.FORMAT_ERROR, "missing field(s) " + ", ".join(map(str, missing)))
-        if self.spec is not None:
-            problems = self.spec.validate(m)
-            if problems:
-                text = "; ".join(v.message for v in problems[:5])  # each names its field
-                return decline(ex, rc.FORMAT_ERROR, text)
+        problems = [v.message for v in self.spec.validate(m)]
+        if not m.mti.startswith("08"):  # network management is not idempotent (no key)
+            missing = [n for n in self.key_fields if n not in m]
+            if missing:
+                names = ", ".join(map(str, missing))
+                problems.append(f"field(s) {names} missing (the idempotency key)")
+        if problems:
+            return decline(ex, rc.FORMAT_ERROR, "; ".join(problems[:5]))  # each names its field
         if 4 in m:
             try:
                 amount = m.amount(4)
@@ -179,7 +159,7 @@ class NetworkManagement:
 
     def prepare(self, ex: Exchange) -> Result:
         request = ex.request
-        reply = request.reply().set(39, "00")
+        reply = request.reply().set(39, rc.APPROVED)
         info = request.get(70)
         if info is not None:
             reply = reply.set(70, info)
@@ -209,9 +189,9 @@ class Velocity:
         while seen and seen[0][0] <= now - self.window:
             seen.popleft()
         if self.max_count and len(seen) >= self.max_count:
-            return "65"
+            return rc.EXCEEDS_FREQUENCY_LIMIT
         if self.max_amount and sum(a for _, a in seen) + amount > self.max_amount:
-            return "61"
+            return rc.EXCEEDS_AMOUNT_LIMIT
         seen.append((now, amount))
         if len(self._seen) > 100_000:  # bounded: forget idle cards
             for ref in [r for r, d in self._seen.items() if not d][:50_000]:
@@ -230,7 +210,7 @@ class Risk:
         self.velocity = velocity
 
     async def prepare(self, ex: Exchange) -> Result:
-        pan = _text(ex.request, 2) or ""
+        pan = card_number(ex.request) or ""
         card = await self.ledger.card(pan)
         if card is None:
             return SKIP
@@ -262,7 +242,7 @@ class BinRoute:
         return None
 
     def prepare(self, ex: Exchange) -> Result:
-        group = self.group_for(_text(ex.request, 2) or "")
+        group = self.group_for(card_number(ex.request) or "")
         if group is None:
             return decline(ex, self.unknown_code, "no route for the BIN")
         ex.set("network", group)
@@ -302,7 +282,7 @@ class Reserve:
         request = ex.request
         card = ex.get("card")
         if card is None:
-            card = await self.ledger.card(_text(request, 2) or "")
+            card = await self.ledger.card(card_number(request) or "")
             if card is None:
                 return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
         amount = ex.get("amount", 0)
@@ -322,7 +302,7 @@ class Reserve:
                 approval_code=code,
                 # under the current key, not the card row's (a card not re-keyed yet after a
                 # rotation): a hold made after the hosts took a new key is never left behind
-                pan_ref=self.ledger.pan_ref(_text(request, 2) or ""),
+                pan_ref=self.ledger.pan_ref(card_number(request) or ""),
             )
         except BaseException:
             # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
@@ -332,7 +312,8 @@ class Reserve:
         if result.status is ReserveStatus.DUPLICATE and result.original is not None:
             original = result.original
             if original.state == HoldState.PENDING:
-                return decline(ex, "09", f"the original {original.txn_id} is still in progress")
+                reason = f"the original {original.txn_id} is still in progress"
+                return decline(ex, rc.REQUEST_IN_PROGRESS, reason)
             log.info(
                 "reserve: %s repeats %s (%s); answered with its approval, not debited again",
                 ex.id,
@@ -427,11 +408,11 @@ class Reversal:
             stan=stan,
             tx_time=tx_time,
             rrn=rrn,
-            pan_ref=self.ledger.pan_refs(_text(request, 2) or ""),
+            pan_ref=self.ledger.pan_refs(card_number(request) or ""),
             amount=ex.get("amount", 0),
         )
         if original is None:
-            return decline(ex, "25", "original transaction not found")
+            return decline(ex, rc.UNABLE_TO_LOCATE_RECORD, "original transaction not found")
         ex.set("original_state", original.state)
         if original.state in (HoldState.RELEASED, HoldState.REFUNDED):
             return SKIP  # already reversed (or never approved): answer 00, change nothing
@@ -459,7 +440,7 @@ class Respond:
 
     def prepare(self, ex: Exchange) -> Result:
         request = ex.request
-        reply = request.reply().set(39, "00")
+        reply = request.reply().set(39, rc.APPROVED)
         code = ex.get("approval_code")
         if code is not None:
             reply = reply.set(38, code)

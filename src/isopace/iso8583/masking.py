@@ -37,6 +37,9 @@ What is masked, and how:
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
 from isopace._cardtext import (
     HIDDEN,
     holds_card_number,
@@ -48,9 +51,13 @@ from isopace._cardtext import (
 from isopace._cardtext import printable as _printable
 from isopace.iso8583.tlv import TLV, TlvError, parse_tlv
 
+if TYPE_CHECKING:
+    from isopace.iso8583.message import Message
+
 __all__ = [
     "CARD_DATA_FIELDS",
     "CARD_TLV_TAGS",
+    "card_number",
     "luhn_check_digit",
     "luhn_ok",
     "mask_pan",
@@ -69,6 +76,25 @@ _TLV_HIDDEN_TAGS = frozenset({"5F20", "9F1F", "9F20", "99"})
 
 CARD_TLV_TAGS = _TLV_PAN_TAGS | _TLV_TRACK_TAGS | _TLV_HIDDEN_TAGS
 """EMV tags (inside DE 55) holding card data: 5A, 56, 57, 5F20, 99, 9F1F, 9F20, 9F6B."""
+
+#: the PAN at the start of a track 2 (DE 35): an optional start sentinel, 12-19 digits, "=" or "D"
+_TRACK2_PAN = re.compile(r";?(\d{12,19})[=D]")
+
+
+def card_number(message: Message) -> str | None:
+    """The card number a message carries: DE 2, else the PAN part of track 2 (DE 35), which a
+    swiped card's request carries instead (the spec's rules require one of the two). None when
+    neither holds one. A field that does not decode raises, as reading it would."""
+    pan = message.get(2)
+    if isinstance(pan, str) and pan:
+        return pan
+    track2 = message.get(35)
+    if isinstance(track2, str):
+        found = _TRACK2_PAN.match(track2)
+        if found:
+            return found.group(1)
+    return None
+
 
 _TRACK_PREFIXES = frozenset({"", ";", "%", "B", "b", "%B", "%b"})
 _TRACK_SEPARATORS = frozenset("=Dd^")

@@ -39,7 +39,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from isopace.iso8583.answers import ECHO_FIELDS
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
+from isopace.iso8583.mti import response_mti
 
 if TYPE_CHECKING:
     from isopace.iso8583.spec import Layout, Spec
@@ -48,7 +50,6 @@ if TYPE_CHECKING:
 Value = str | bytes
 _bytes = bytes
 
-ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
 REDACTED_FIELDS = frozenset({2, 35, 36, 45, 52})
 _REDACTED_TAGS = ("5A", "57")
 _EMPTY: frozenset[int] = frozenset()
@@ -462,14 +463,15 @@ class Message:
         return m
 
     def reply(self, mti: str | None = None, copy: Iterable[int] = ECHO_FIELDS) -> Message:
-        """A response: the echo fields that are present copied, MTI ``0200`` -> ``0210`` (third
-        digit + 1) unless ``mti`` is given.
+        """A response: the echo fields that are present copied, the MTI
+        :func:`~isopace.iso8583.mti.response_mti` derives (``0200`` -> ``0210``) unless ``mti``
+        is given.
 
         The reply of a decoded message shares its wire bytes: the echoed fields are carried over
         as spans of the request (not decoded, only checked to decode as :meth:`__getitem__`
         would), so encoding the reply with the same spec copies them as slices."""
         if mti is None:
-            mti = _RESPONSES.get(self._mti) or response_mti(self._mti)
+            mti = response_mti(self._mti)
         lay = self._lay
         if lay is not None:
             return self._reply_decoded(mti, copy, lay)
@@ -705,16 +707,3 @@ def _has_tags(t: TLV, tags: frozenset[str]) -> bool:
         if tag in tags or (child is not None and _has_tags(child, tags)):
             return True
     return False
-
-
-_RESPONSES: dict[str, str] = {}
-
-
-def response_mti(mti: str) -> str:
-    """The response MTI of a request: third digit + 1 (0200 -> 0210, 0420 -> 0430)."""
-    if len(mti) == 4 and mti.isdigit() and int(mti[2]) % 2 == 0:
-        out = mti[:2] + str(int(mti[2]) + 1) + mti[3]
-        if len(_RESPONSES) < 1024:
-            _RESPONSES[mti] = out
-        return out
-    raise Iso8583Error(f"MTI {mti!r} is not a request MTI")

@@ -527,17 +527,20 @@ class Spec:
         return m
 
     def decode_partial(self, data: bytes | bytearray | memoryview) -> Message:
-        """Best-effort recovery of the fields of a message :meth:`decode` rejects, for an error
-        response that echoes what it can (DE 11, 41...).
+        """The fields of a message :meth:`decode` rejects that can be trusted, for an error
+        answer that echoes what it reliably can (:func:`isopace.iso8583.answers.error_reply`).
 
         The header, MTI and bitmaps must be readable (else :class:`DecodeError`, as from
-        ``decode``). The fields are then located from the start up to the first one whose length
-        prefix or size is wrong; when that problem leaves the message's size in doubt (a
-        length prefix that cannot be read or exceeds the maximum, a field not in the spec),
-        the fixed-length fields at the end are also located backwards from the last byte, down
-        to the field in error. Each field found is decoded on its own; values that do not
-        decode are left out. For data that ``decode`` accepts, the fields are those of
-        ``decode(data)``. The result is a message built in code (it carries no wire bytes).
+        ``decode``). Then every field the bitmap announces is located from the start. Only when
+        that accounts for the bytes exactly (each length prefix readable and within its maximum,
+        each field in the spec, the last one ending at the last byte) are the positions certain:
+        each field is then decoded on its own and a value that does not decode is left out.
+        When it does not (a field runs past the end, bytes are left over, a prefix is not a
+        length), the fault lies somewhere before the point it shows (one digit missing from the
+        fixed-length DE 4 is seen only when the last field runs short, every field between read
+        one byte off), so no field is trusted and the result has none. For data that ``decode``
+        accepts, the fields are those of ``decode(data)``. The result is a message built in code
+        (it carries no wire bytes).
         """
         from isopace.iso8583.message import Message
 
@@ -561,51 +564,32 @@ class Spec:
         p += lay.width
         codecs = self._codecs
         end = len(data)
-        spans: dict[int, tuple[int, int]] = {}
-        fields = lay.fields
-        bad = len(fields)  # index of the first field that cannot be located
-        from_end = False  # the size is still trusted: try the fixed fields back from the end
-        for i, n in enumerate(fields):
+        spans: list[tuple[int, int, int]] = []
+        for n in lay.fields:
             c = codecs[n]
             if c is None:
-                bad, from_end = i, True
-                break
+                return Message(mti, header=header)
             start = p + c.plen
             if c.plen:
-                if start > end:
-                    bad = i
-                    break
                 try:
-                    count = c.read_len(data, p)
+                    count = c.read_len(data, p) if start <= end else -1
                 except (KeyError, IndexError, ValueError):
-                    bad, from_end = i, True
-                    break
-                if count > c.fd.max_len:
-                    bad, from_end = i, True
-                    break
+                    count = -1
+                if not 0 <= count <= c.fd.max_len:
+                    return Message(mti, header=header)
                 size = (count + 1) // 2 if c.nibbles else count
             else:
                 size = c.fixed_size
-            if start + size > end:
-                bad = i
-                break
-            spans[n] = (start, start + size)
             p = start + size
-        if from_end:
-            q = end
-            for n in reversed(fields[bad + 1 :]):
-                c = codecs[n]
-                if c is None or c.plen or q - c.fixed_size < p:
-                    break
-                spans[n] = (q - c.fixed_size, q)
-                q -= c.fixed_size
+            spans.append((n, start, p))
+        if p != end:
+            return Message(mti, header=header)
         values: dict[int, str | bytes] = {}
         decs = self._decs
-        for n in sorted(spans):
-            s, e = spans[n]
+        for n, s, e in spans:
             try:
                 values[n] = decs[n](data, s, e)  # type: ignore[misc]
-            except Exception:  # best effort: a value that does not decode is left out
+            except Exception:  # a value that does not decode is left out
                 continue
         return Message(mti, values, header=header)
 
@@ -965,13 +949,19 @@ def _sort_key(k: str) -> tuple[int, int]:
         return (2, 0)
 
 
-_PAN = (2, 35)
+_PAN = (2, 35)  # the card number, or the track 2 that holds it
+_ORIGINAL = (90, 37)  # what a reversal reverses: original data elements, else the RRN
 DEFAULT_REQUIRED: dict[str, tuple[int | tuple[int, ...], ...]] = {
     "0100": (3, 4, 11, 41, _PAN),
     "0200": (3, 4, 11, 41, _PAN),
-    "0400": (3, 4, 11, 41, 90, _PAN),
+    "0400": (3, 4, 11, 41, _ORIGINAL, _PAN),
+    "0420": (3, 4, 11, 41, _ORIGINAL, _PAN),
     "0800": (7, 11, 70),
 }
+"""The fields each request MTI must carry (a tuple: one of them), the one table of required
+fields: ``validate``'s ``required`` rule applies it, to a repeat as to its original. A spec can
+replace it (``Spec(required=...)``); a host adds only its own policy on top (which MTIs it
+accepts, the fields its idempotency key reads)."""
 
 
 _EMPTY: frozenset[int] = frozenset()

@@ -21,9 +21,10 @@ Rules (``Violation.rule``):
   give those fields other layouts), and only to a value of the layout's length made of digits
   (any other value already breaks the ``length`` or ``content`` rule). Without a year, 29
   February is a real date (the sender's year may be a leap year).
-- ``required``: a data element the MTI requires is missing. Defaults (overridable per spec):
-  0100/0200: 3, 4, 11, 41 and (2 or 35); 0400: 3, 4, 11, 41, 90 and (2 or 35); 0800: 7, 11, 70.
-  The rules of a request apply to its repeat (0101, 0201, 0401, 0801).
+- ``required``: a data element the MTI requires is missing (the spec's table, by default
+  :data:`isopace.iso8583.spec.DEFAULT_REQUIRED`: 0100/0200: 3, 4, 11, 41 and (2 or 35);
+  0400/0420: 3, 4, 11, 41, (90 or 37) and (2 or 35); 0800: 7, 11, 70). The rules of a request
+  apply to its repeat (0101, 0201, 0421: :func:`isopace.iso8583.mti.original_mti`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from isopace.iso8583.errors import EncodeError, Iso8583Error
 from isopace.iso8583.masking import luhn_ok
+from isopace.iso8583.mti import mti_problems, original_mti
 
 if TYPE_CHECKING:
     from isopace.iso8583.message import Message
@@ -127,24 +129,6 @@ def date_time_problem(value: str, layout: str) -> str | None:
     return None
 
 
-def mti_problems(mti: str) -> list[str]:
-    """What the ``mti`` rule finds wrong with an MTI (empty when nothing): four digits, version
-    0/1/2, class 1..9, function 0..5, origin 0..5. The server uses it too, to tell a request it
-    can answer from bytes that only look like one."""
-    if not (len(mti) == 4 and mti.isascii() and mti.isdigit()):
-        return ["MTI must be four digits"]
-    out = []
-    if mti[0] not in "012":
-        out.append(f"MTI version {mti[0]} is not 0, 1 or 2")
-    if mti[1] == "0":
-        out.append("MTI class 0 is reserved")
-    if mti[2] not in "012345":
-        out.append(f"MTI function {mti[2]} is not 0..5")
-    if mti[3] not in "012345":
-        out.append(f"MTI origin {mti[3]} is not 0..5")
-    return out
-
-
 def _content_ok(c: str | None, v: str | bytes) -> bool:
     if c is None or c in ("b", "hex") or isinstance(v, bytes):
         return True
@@ -203,8 +187,8 @@ def validate(spec: Spec, m: Message) -> list[Violation]:
                 problem = date_time_problem(value, layout)
                 if problem is not None:
                     out.append(Violation(n, "date", f"field {n}: {problem}"))
-    req_key = mti[:3] + "0" if len(mti) == 4 and mti[3] == "1" else mti
-    for need in spec._required.get(req_key, spec._required.get(mti, ())):
+    required = spec._required
+    for need in required.get(mti) or required.get(original_mti(mti), ()):
         if isinstance(need, tuple):
             if not any(k in fields for k in need):
                 names = " or ".join(str(k) for k in need)

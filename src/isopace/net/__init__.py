@@ -46,11 +46,10 @@ from isopace.net.limits import ServerStats, default_max_connections, raise_open_
 from isopace.net.listener import Listener
 from isopace.net.matching import KeyFunc, Matcher, rrn_key, stan_terminal_key
 from isopace.net.pool import ClientPool
-from isopace.net.server import ECHO_FIELDS, Handler, Server, error_response, recover_mti
+from isopace.net.server import Handler, Server, recover_mti
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
-    "ECHO_FIELDS",
     "Client",
     "ClientPool",
     "ConnectionLostError",
@@ -77,7 +76,6 @@ __all__ = [
     "UnmatchedHandler",
     "default_max_connections",
     "echo_test",
-    "error_response",
     "raise_open_file_limit",
     "recover_mti",
     "rrn_key",

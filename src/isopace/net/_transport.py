@@ -24,21 +24,6 @@ def address_text(address: Any) -> str:
     return str(address)
 
 
-def is_request_mti(mti: str) -> bool:
-    """True for an MTI whose function digit asks for an answer (request, advice, notification)."""
-    return len(mti) == 4 and mti.isdigit() and mti[2] in "024"
-
-
-def is_response_mti(mti: str) -> bool:
-    """True for an MTI whose function digit marks an answer (to a request, advice, notification)."""
-    return len(mti) == 4 and mti.isdigit() and mti[2] in "135"
-
-
-def response_mti(mti: str) -> str:
-    """The answer's MTI: function digit + 1 (0200 -> 0210, 0420 -> 0430)."""
-    return f"{mti[:2]}{int(mti[2]) + 1}{mti[3]}"
-
-
 class FramedProtocol(asyncio.Protocol):
     """Frames in (``frame_received``), frames out (``write_frame``, batched once per loop turn)."""
 

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING
 
 from isopace._cardtext import error_text
 from isopace.iso8583 import Message
-from isopace.net._transport import FramedProtocol, is_request_mti, is_response_mti
+from isopace.iso8583.mti import is_request, is_response
+from isopace.net._transport import FramedProtocol
 from isopace.net.errors import (
     ConnectionLostError,
     DuplicateKeyError,
@@ -78,9 +79,6 @@ logger = logging.getLogger("isopace.net")
 _signing_on: contextvars.ContextVar[Client | None] = contextvars.ContextVar(
     "isopace_net_signing_on", default=None
 )
-
-
-_RESPONSE_DIGITS = frozenset("135")
 
 
 class _Expired(Exception):
@@ -166,7 +164,7 @@ class _Connection(FramedProtocol):
                 extra={"peer": self.peer, "error": text},
             )
             return
-        if mti[2:3] in _RESPONSE_DIGITS and is_response_mti(mti):
+        if is_response(mti):
             try:
                 fut = self.matcher.match(message)
             except Exception:  # a key field that does not decode: unmatched
@@ -175,7 +173,7 @@ class _Connection(FramedProtocol):
                 if not fut.done():
                     fut.set_result(message)
                 return
-        elif client.answer_echo and mti[:2] == "08" and is_request_mti(mti):
+        elif client.answer_echo and mti[:2] == "08" and is_request(mti):
             self._answer_network(message, frame.tpdu)
             return
         client._unmatched(message)

@@ -30,15 +30,19 @@ Decisions:
       journals it, and the answer echoes that MTI as received (no response MTI derives from it);
     - a frame the spec does not decode whose MTI (``spec.decode_mti``) is a valid request MTI
       (``validate``'s ``mti`` rule: digits, version 0-2, class 1-9, origin 0-5; function 0, 2 or
-      4) is a malformed request: answered with a format error, MTI function digit + 1, DE 39 =
-      ``"30"``, with the echo fields the spec's ``decode_partial`` can still recover (often DE
-      11 and 41, so the client can match it; none if the bitmap is unreadable);
+      4) is a malformed request: answered with a format error (DE 39 = ``"30"``) by
+      :func:`isopace.iso8583.error_reply`, echoing what the spec's ``decode_partial`` can trust:
+      the fields that decode when the frame's bytes add up to its fields, none when they do not
+      (a misread DE 11 could pair the answer with another transaction) or the bitmap is
+      unreadable;
     - any other frame (no MTI of this spec, or one no request has: ``GET `` under ASCII, ``4745``
       under BCD) is not a message of this spec: dropped. The first drop on a connection logs one
       WARNING; later ones are counted into the next, at most one every ``DROP_LOG_INTERVAL``;
   * a request whose fields fail to decode when the handler reads them (decoding is lazy), or that
     ``spec.validate`` rejects when ``validate=True``: format error echoing the fields that still
-    decode (the :meth:`Message.reply` echo set);
+    decode (``error_reply``). Which code an exception is answered with is the exception's
+    (:func:`isopace.iso8583.response_code_for`): 30 for the request's bad input, 96 for
+    anything else;
   * a handler that raises anything else, or returns a response that cannot be encoded: logged,
     answered with DE 39 = ``"96"`` (system malfunction) so the acquirer does not wait for its
     timeout;
@@ -91,16 +95,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
-from isopace.iso8583 import Iso8583Error, Message, mti_problems
+from isopace.iso8583 import Message, error_reply, response_code_for
 from isopace.iso8583 import response_codes as rc
+from isopace.iso8583.mti import answer_mti, is_request, is_response, mti_problems
 from isopace.net._tally import Tally
-from isopace.net._transport import (
-    FramedProtocol,
-    address_text,
-    is_request_mti,
-    is_response_mti,
-    response_mti,
-)
+from isopace.net._transport import FramedProtocol, address_text
 from isopace.net.errors import FrameError, FrameTooLargeError, NetError
 from isopace.net.framing import Frame, Framing, Tpdu
 from isopace.net.limits import (
@@ -118,13 +117,10 @@ from isopace.net.listener import Listener
 if TYPE_CHECKING:
     from isopace.iso8583 import Spec
 
-__all__ = ["ECHO_FIELDS", "Handler", "Server", "error_response", "recover_mti"]
+__all__ = ["Handler", "Server", "recover_mti"]
 
 Handler = Callable[[Message], Awaitable[Message | None]]
 """``async (request) -> response | None`` (None: no answer, e.g. for a notification)."""
-
-ECHO_FIELDS = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
-"""The fields an error response echoes from the request (those :meth:`Message.reply` copies)."""
 
 DROP_LOG_INTERVAL = 60.0
 """Seconds between two warnings about unreadable frames dropped on one connection."""
@@ -148,24 +144,6 @@ def recover_mti(payload: bytes) -> str | None:
         if digits.isdigit():
             return digits
     return None
-
-
-def error_response(request: Message, code: str) -> Message:
-    """An answer to ``request`` carrying response code ``code`` in DE 39 and the echo fields of
-    the request that can be decoded. Its MTI is the request's with the function digit + 1; a
-    request whose MTI is not a request's (``9999``, ``ABCD``) gets its MTI back as received:
-    nothing else can be derived from it, and an invented MTI would mislead the peer."""
-    fields: dict[int, str | bytes] = {}
-    for n in ECHO_FIELDS:
-        try:
-            value = request.get(n)
-        except Iso8583Error:
-            continue
-        if value is not None:
-            fields[n] = value
-    fields[39] = code
-    mti = request.mti
-    return Message(response_mti(mti) if is_request_mti(mti) else mti, fields)
 
 
 class _Resume:
@@ -346,7 +324,7 @@ class _Connection(FramedProtocol):
         except Exception as exc:  # the codec's DecodeError, or anything a custom spec raises
             self._undecodable(frame, exc)
             return
-        if is_response_mti(mti):
+        if is_response(mti):
             logger.warning(
                 "unexpected message %r from %s (not a request); dropped",
                 request,
@@ -380,7 +358,7 @@ class _Connection(FramedProtocol):
         except Exception:  # not even an MTI of this spec (or a spec without decode_mti)
             mti = None
         extra = {"peer": self.peer, "error": text, "length": len(frame.payload), "mti": mti}
-        if mti is not None and is_request_mti(mti) and not mti_problems(mti):
+        if mti is not None and is_request(mti) and not mti_problems(mti):
             logger.warning(
                 "malformed %s message from %s: %s; answering with a format error",
                 mti,
@@ -388,14 +366,13 @@ class _Connection(FramedProtocol):
                 text,
                 extra=extra,
             )
-            response = Message(response_mti(mti), {39: rc.FORMAT_ERROR})
-            try:  # echo the fields that can still be recovered (DE 11, 41)
+            try:  # the fields that can be trusted (none if the frame's bytes do not add up)
                 found = spec.decode_partial(frame.payload)
-                if found.mti == mti:
-                    response = error_response(found, rc.FORMAT_ERROR)
             except Exception:  # a bitmap that cannot be read: nothing to echo
-                pass
-            self._send(response, frame.tpdu)
+                found = Message(mti)
+            if found.mti != mti:  # a custom spec's decode_partial reading another MTI
+                found = Message(mti)
+            self._send(error_reply(found, response_code_for(exc)), frame.tpdu)
             return
         self._dropped += 1
         now = self._loop.time()
@@ -424,30 +401,32 @@ class _Connection(FramedProtocol):
                         "; ".join(v.message for v in violations),
                         extra={"peer": self.peer, "mti": request.mti},
                     )
-                    response: Message | None = error_response(request, rc.FORMAT_ERROR)
+                    response: Message | None = error_reply(request, rc.FORMAT_ERROR)
                 else:
                     response = await server.handler(request)
-            except Iso8583Error as exc:
-                text = error_text(exc)
-                logger.warning(
-                    "malformed request %r from %s: %s; answering with a format error",
-                    request,
-                    self.peer,
-                    text,
-                    extra={"peer": self.peer, "mti": request.mti, "error": text},
-                )
-                response = error_response(request, rc.FORMAT_ERROR)
             except Exception as exc:
-                # never exc_info: the formatter would print the exception unmasked
-                logger.error(
-                    "handler failed for %r from %s: %s; answering with DE 39 = 96\n%s",
-                    request,
-                    self.peer,
-                    error_text(exc),
-                    error_text(exc, traceback=True),
-                    extra={"peer": self.peer, "mti": request.mti, "error": error_text(exc)},
-                )
-                response = error_response(request, rc.SYSTEM_MALFUNCTION)
+                code = response_code_for(exc)
+                text = error_text(exc)
+                extra = {"peer": self.peer, "mti": request.mti, "error": text}
+                if code == rc.FORMAT_ERROR:  # the request's fault: a field that does not decode
+                    logger.warning(
+                        "malformed request %r from %s: %s; answering with a format error",
+                        request,
+                        self.peer,
+                        text,
+                        extra=extra,
+                    )
+                else:  # never exc_info: the formatter would print the exception unmasked
+                    logger.error(
+                        "handler failed for %r from %s: %s; answering with DE 39 = %s\n%s",
+                        request,
+                        self.peer,
+                        text,
+                        code,
+                        error_text(exc, traceback=True),
+                        extra=extra,
+                    )
+                response = error_reply(request, code)
             if response is not None:
                 self._send(response, tpdu, request)
         finally:
@@ -488,8 +467,8 @@ class _Connection(FramedProtocol):
             fallbacks = [Message(response.mti, {39: rc.SYSTEM_MALFUNCTION})]
         else:
             fallbacks = [
-                error_response(request, rc.SYSTEM_MALFUNCTION),
-                Message(response_mti(request.mti), {39: rc.SYSTEM_MALFUNCTION}),
+                error_reply(request, rc.SYSTEM_MALFUNCTION),
+                Message(answer_mti(request.mti), {39: rc.SYSTEM_MALFUNCTION}),
             ]
         for fallback in fallbacks:
             try:

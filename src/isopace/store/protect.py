@@ -52,13 +52,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import holds_card_number, mask_text
 from isopace._cardtext import mask_pan as mask_pan
-from isopace.iso8583 import CARD_DATA_FIELDS
+from isopace.iso8583 import CARD_DATA_FIELDS, card_number
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Message, Spec
@@ -79,8 +78,6 @@ scrub_text = mask_text
 
 #: EMV tags removed from DE 55 before a message is journalled.
 EMV_CARD_TAGS = frozenset({"5A", "57", "56", "9F6B", "9F1F", "9F20", "5F20", "5F24"})
-
-_TRACK2_PAN = re.compile(r"^;?(\d{12,19})[=D]")
 
 
 def _read_tag(data: bytes, i: int) -> tuple[bytes, int]:
@@ -216,19 +213,6 @@ class CardDataProtector:
             return f"{self._key_id}:{outer.hexdigest()}"
         return str(outer.hexdigest())
 
-    @staticmethod
-    def pan_of(message: Message) -> str | None:
-        """The PAN of a message: DE 2, else the PAN part of track 2 (DE 35)."""
-        pan = message.get(2)
-        if isinstance(pan, str) and pan:
-            return pan
-        track2 = message.get(35)
-        if isinstance(track2, str):
-            m = _TRACK2_PAN.match(track2)
-            if m:
-                return m.group(1)
-        return None
-
     def protect(self, message: Message) -> ProtectedMessage:
         """Protect ``message`` for storage (see the module docstring)."""
         return ProtectedMessage(*self.protect_fields(message))
@@ -249,7 +233,7 @@ class CardDataProtector:
             return text, None, None
         number = message.get(2)
         if not (isinstance(number, str) and number):
-            number = self.pan_of(message)
+            number = card_number(message)
         if number is None:
             return text, None, None
         return text, mask_pan(number.strip()), self.fingerprint(number)

@@ -48,7 +48,6 @@ from isopace.host.ledger._common import (
     ReserveResult,
     ReserveStatus,
     SeedCard,
-    mask_pan,
 )
 from isopace.host.ledger._postgres import PostgresLedger
 from isopace.host.ledger._sqlite import SqliteLedger
@@ -65,5 +64,4 @@ __all__ = [
     "ReserveStatus",
     "SeedCard",
     "SqliteLedger",
-    "mask_pan",
 ]

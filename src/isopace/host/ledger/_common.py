@@ -132,13 +132,6 @@ class LedgerCheck:
         return not self.problems
 
 
-def mask_pan(pan: str) -> str:
-    """First 6 and last 4 digits, the rest replaced by ``*`` (short numbers are fully masked)."""
-    if len(pan) < 13:
-        return "*" * len(pan)
-    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class RekeyReport:
     """What `Ledger.rekey` did: cards and holds moved to the current key, and the fingerprints

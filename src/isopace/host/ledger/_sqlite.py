@@ -38,10 +38,10 @@ from isopace.host.ledger._common import (
     ReserveStatus,
     SeedCard,
     check_rows,
-    mask_pan,
     refs_of,
     usage_of,
 )
+from isopace.iso8583 import mask_pan
 from isopace.store.errors import StoreError
 from isopace.store.keys import KeyUsage, key_id_sql
 from isopace.store.sqlite_database import SqliteDatabase
