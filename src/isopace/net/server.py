@@ -95,9 +95,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
-from isopace.iso8583 import Message, error_reply, response_code_for
+from isopace.iso8583 import Message, error_reply, mti_problems, response_code_for
 from isopace.iso8583 import response_codes as rc
-from isopace.iso8583.mti import answer_mti, is_request, is_response, mti_problems
+from isopace.iso8583.mti import answer_mti, is_request, is_response
 from isopace.net._tally import Tally
 from isopace.net._transport import FramedProtocol, address_text
 from isopace.net.errors import FrameError, FrameTooLargeError, NetError
