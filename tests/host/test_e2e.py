@@ -280,13 +280,118 @@ def test_a_swiped_card_with_track_2_only_is_charged(
     assert accounts(store)["ACC-1001"]["balance"] == before - 321
 
 
-def test_reversal_of_unknown_transaction_is_25(host: tuple[HostProcess, list[str], int]) -> None:
-    proc, _, _ = host
-    response = send(
-        proc.port, "--mti", "0400", "--pan", PAN_OK, "--amount", "1.00",
-        "--original-stan", "999999", "--original-time", "0101000000",
-    )  # fmt: skip
-    assert response["39"] == "25"
+def test_a_reversal_that_overtakes_its_original_voids_it(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """The original timed out at the acquirer, which reversed it; the reversal arrives first:
+    answered 00 (DE 90 echoed) and remembered, and the late original is declined 12 without
+    any hold. Its retransmission and the reversal's are replayed."""
+    proc, store, _ = host
+    before = accounts(store)
+    original = ["--pan", PAN_OK, "--amount", "77.00", "--terminal", "TERMREV5",
+                "--stan", "444001", "--time", "1206101010"]  # fmt: skip
+    reversal = ["--mti", "0400", "--pan", PAN_OK, "--amount", "77.00", "--terminal", "TERMREV5",
+                "--stan", "444002", "--original-stan", "444001",
+                "--original-time", "1206101010"]  # fmt: skip
+    answer = send(proc.port, *reversal)
+    assert (answer["mti"], answer["39"]) == ("0410", "00")
+    assert answer["90"].startswith("0200444001" + "1206101010")
+    late = send(proc.port, *original)
+    assert (late["mti"], late["39"]) == ("0210", "12") and "38" not in late
+    assert send(proc.port, *original)["39"] == "12"
+    assert send(proc.port, *reversal)["39"] == "00"
+    assert accounts(store) == before  # nothing held, nothing posted
+    # another transaction of the card on that terminal is served as usual
+    other = [*original[:-4], "--stan", "444003", "--time", "1206101011"]
+    assert send(proc.port, *other)["39"] == "00"
+    assert accounts(store)["ACC-1001"]["balance"] == before["ACC-1001"]["balance"] - 7700
+
+
+def test_partial_reversals_leave_the_actual_amount_standing(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """DE 95's actual amount: a purchase of 50.00 partially reversed to 30.00 gives 20.00
+    back, once; a full reversal afterwards gives back the rest. An authorization partially
+    reversed holds less. An actual amount not lower than the original's is declined 13."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]
+    buy = ["--pan", PAN_OK, "--amount", "50.00", "--terminal", "TERMREV6",
+           "--stan", "444101", "--time", "1206111111"]  # fmt: skip
+    assert send(proc.port, *buy)["39"] == "00"
+    assert accounts(store)["ACC-1001"]["balance"] == before["balance"] - 5000
+
+    def reversal(stan: str, actual: int | None, amount: str = "50.00") -> list[str]:
+        out = ["--mti", "0400", "--pan", PAN_OK, "--amount", amount, "--terminal", "TERMREV6",
+               "--stan", stan, "--original-stan", "444101",
+               "--original-time", "1206111111"]  # fmt: skip
+        if actual is not None:
+            out += ["--field", f"95={actual:012d}" + "0" * 30]
+        return out
+
+    answer = send(proc.port, *reversal("444102", 3000))
+    assert (answer["39"], answer["95"][:12]) == ("00", "000000003000")
+    assert accounts(store)["ACC-1001"]["balance"] == before["balance"] - 3000
+    assert send(proc.port, *reversal("444103", 3000))["39"] == "00"  # again: changes nothing
+    assert accounts(store)["ACC-1001"]["balance"] == before["balance"] - 3000
+    assert send(proc.port, *reversal("444104", 5000))["39"] == "13"  # not lower: refused
+    assert send(proc.port, *reversal("444105", 9000))["39"] == "13"
+    assert accounts(store)["ACC-1001"]["balance"] == before["balance"] - 3000
+    assert send(proc.port, *reversal("444106", None))["39"] == "00"  # full: the rest back
+    assert accounts(store)["ACC-1001"] == before
+
+    auth = ["--mti", "0100", "--pan", PAN_OK, "--amount", "40.00", "--terminal", "TERMREV7",
+            "--stan", "444201", "--time", "1206121212"]  # fmt: skip
+    assert send(proc.port, *auth)["39"] == "00"
+    partial = ["--mti", "0400", "--pan", PAN_OK, "--amount", "40.00", "--terminal", "TERMREV7",
+               "--stan", "444202", "--original-stan", "444201", "--original-time", "1206121212",
+               "--original-mti", "0100", "--field", "95=" + "000000001000" + "0" * 30]  # fmt: skip
+    assert send(proc.port, *partial)["39"] == "00"
+    held = accounts(store)["ACC-1001"]
+    assert (held["balance"], held["held"]) == (before["balance"], before["held"] + 1000)
+
+
+def test_repeats_are_their_original_never_twice(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """An 0201 whose original never arrived is processed as the original (answered 0210) and
+    debited once; the original arriving late, and the repeat again, are replayed. An 0421
+    whose original reversal was not seen is acknowledged 0430."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]["balance"]
+    common = ["--pan", PAN_OK, "--amount", "6.66", "--terminal", "TERMRPT1",
+              "--stan", "444301", "--time", "1206131313"]  # fmt: skip
+    repeat = send(proc.port, "--mti", "0201", *common)
+    assert (repeat["mti"], repeat["39"]) == ("0210", "00") and repeat["38"]
+    assert accounts(store)["ACC-1001"]["balance"] == before - 666
+    late = send(proc.port, *common)
+    assert (late["mti"], late["39"], late["38"]) == ("0210", "00", repeat["38"])
+    assert send(proc.port, "--mti", "0201", *common)["38"] == repeat["38"]
+    assert accounts(store)["ACC-1001"]["balance"] == before - 666
+    advice = ["--mti", "0421", "--pan", PAN_OK, "--amount", "6.66", "--terminal", "TERMRPT1",
+              "--stan", "444302", "--original-stan", "444301",
+              "--original-time", "1206131313"]  # fmt: skip
+    answer = send(proc.port, *advice)
+    assert (answer["mti"], answer["39"]) == ("0430", "00")
+    assert accounts(store)["ACC-1001"]["balance"] == before  # the repeat of an 0420 reversed it
+
+
+def test_a_reversal_advice_that_reverses_nothing_is_acknowledged(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """0420 naming another amount's transaction: acknowledged 0430 / 00 (an advice is never
+    refused), nothing changes, and the host logs it for review."""
+    proc, store, _ = host
+    buy = ["--pan", PAN_OK, "--amount", "9.99", "--terminal", "TERMREV8",
+           "--stan", "444401", "--time", "1206141414"]  # fmt: skip
+    assert send(proc.port, *buy)["39"] == "00"
+    before = accounts(store)
+    advice = ["--mti", "0420", "--pan", PAN_OK, "--amount", "1.00", "--terminal", "TERMREV8",
+              "--stan", "444402", "--original-stan", "444401",
+              "--original-time", "1206141414"]  # fmt: skip
+    answer = send(proc.port, *advice)
+    assert (answer["mti"], answer["39"]) == ("0430", "00")
+    assert accounts(store) == before
+    assert "reverses nothing" in proc.output
 
 
 def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, list[str], int]) -> None:

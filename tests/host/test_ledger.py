@@ -271,11 +271,83 @@ async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
         assert (await book.reserve("a", "ACC-T", 10, idem_key="k", approval_code="C1")).approved
         dup = await book.reserve("b", "ACC-T", 10, idem_key="k")
         assert dup.status is ReserveStatus.DUPLICATE
+        assert await book.reduce("a", 4)  # version 5's original_amount column
+        assert await book.remember_reversal(
+            "r", terminal="T", stan="1", tx_time=None, rrn=None, pan_ref="p", amount=1,
+            expires_in=60,
+        )  # fmt: skip
+        assert (await book.check()).ok
     finally:
         await book.close()
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
-        assert version.fetchone() == ("4",)
+        assert version.fetchone() == ("5",)
     finally:
         conn.close()
+
+
+async def test_partial_reversals_lower_what_stands(ledger: Ledger) -> None:
+    ref = ledger.pan_ref(CARD.pan)
+    keys = {"terminal": "T3", "stan": "000010", "tx_time": "1206000000"}
+    assert (await ledger.reserve("auth", "ACC-T", 1_000, **keys, pan_ref=ref)).approved
+    assert await ledger.authorize("auth")
+    assert await ledger.reduce("auth", 400)  # the authorization now holds 4.00
+    assert not await ledger.reduce("auth", 400)  # the same partial reversal: nothing more
+    assert not await ledger.reduce("auth", 900)  # not lower than what stands
+    account = await ledger.account("ACC-T")
+    assert account is not None and (account.balance, account.held) == (3_700, 400)
+    hold = await ledger.hold("auth")
+    assert hold is not None and (hold.amount, hold.first_amount) == (400, 1_000)
+    # the full reversal still finds it by the amount it was made for, and undoes what stands
+    found = await ledger.find_original(**keys, pan_ref=ref, amount=1_000)
+    assert found is not None and found.txn_id == "auth"
+    assert await ledger.reverse("auth") == "released"
+    account = await ledger.account("ACC-T")
+    assert account is not None and (account.balance, account.held) == (3_700, 0)
+    # a captured purchase gets the difference back, and its capture row matches
+    assert (await ledger.reserve("buy", "ACC-T", 2_000, pan_ref=ref)).approved
+    assert await ledger.capture("buy")
+    assert await ledger.reduce("buy", 1_500)
+    account = await ledger.account("ACC-T")
+    assert account is not None and (account.balance, account.held) == (3_700 - 1_500, 0)
+    check = await ledger.check()
+    assert check.ok, check.problems
+    assert await ledger.reverse("buy") == "refunded"
+    account = await ledger.account("ACC-T")
+    assert account is not None and account.balance == 3_700
+    assert (await ledger.check()).ok
+    assert not await ledger.reduce("buy", 0)  # refunded: nothing stands
+    with pytest.raises(ValueError, match="negative"):
+        await ledger.reduce("buy", -1)
+
+
+async def test_a_remembered_reversal_voids_its_late_original(ledger: Ledger) -> None:
+    ref = ledger.pan_ref(CARD.pan)
+    keys = {"terminal": "T4", "stan": "000011", "tx_time": "1206000000", "rrn": None}
+    assert await ledger.remember_reversal("rev", **keys, pan_ref=ref, amount=700, expires_in=60)
+    assert not await ledger.remember_reversal("rev", **keys, pan_ref=ref, amount=700, expires_in=60)
+    late = await ledger.reserve("late", "ACC-T", 700, **keys, pan_ref=ref)
+    assert late.status is ReserveStatus.REVERSED
+    assert await ledger.hold("late") is None  # nothing held
+    # another amount, another card, another STAN: not the reversed transaction
+    other_ref = ledger.pan_ref("5555555555554444")
+    assert (await ledger.reserve("a", "ACC-T", 701, **keys, pan_ref=ref)).approved
+    assert (await ledger.reserve("b", "ACC-T", 700, **keys, pan_ref=other_ref)).approved
+    other_stan = {**keys, "stan": "000012"}
+    assert (await ledger.reserve("c", "ACC-T", 700, **other_stan, pan_ref=ref)).approved
+    # by RRN too
+    by_rrn = {"terminal": "T4", "stan": None, "tx_time": None, "rrn": "633400000011"}
+    assert await ledger.remember_reversal("rev2", **by_rrn, pan_ref=ref, amount=50, expires_in=60)
+    rrn_late = await ledger.reserve("d", "ACC-T", 50, **{**by_rrn, "stan": "000099"}, pan_ref=ref)
+    assert rrn_late.status is ReserveStatus.REVERSED
+    # forgotten (the reversal aborted) or expired: the original is served again
+    assert await ledger.forget_reversal("rev")
+    assert (await ledger.reserve("late", "ACC-T", 700, **keys, pan_ref=ref)).approved
+    keys5 = {**keys, "stan": "000013"}
+    assert await ledger.remember_reversal("rev3", **keys5, pan_ref=ref, amount=5, expires_in=0.01)
+    await asyncio.sleep(0.05)
+    assert (await ledger.reserve("e", "ACC-T", 5, **keys5, pan_ref=ref)).approved
+    account = await ledger.account("ACC-T")
+    assert account is not None and account.held == 701 + 700 + 700 + 700 + 5
+    assert (await ledger.check()).ok

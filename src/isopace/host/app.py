@@ -155,7 +155,7 @@ def build_flow(
     )
     for network in sorted(set(config.bins.values())):
         flow.group(network, reserve)
-    flow.group("reversal", stages.Reversal(ledger))
+    flow.group("reversal", stages.Reversal(ledger, config.early_reversal_window))
     flow.group("respond", stages.Respond())
     return flow
 

@@ -176,6 +176,12 @@ class HostConfig:
         "how long a claim of a crashed host blocks its retransmissions before it expires",
         metavar="SECONDS",
     )
+    early_reversal_window: float = _opt(
+        86400.0,
+        "how long a reversal whose original was not seen is remembered, so the late original "
+        "is declined (12) and holds nothing",
+        metavar="SECONDS",
+    )
     bins: dict[str, str] = _opt(  # noqa: RUF009
         dict(DEFAULT_BINS), "BIN prefix -> network group (longest prefix wins)", metavar="BIN=NET"
     )

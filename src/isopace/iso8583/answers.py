@@ -6,7 +6,8 @@ transaction that failed) answer through it, so every answer a peer gets is built
 Decisions:
 
 - :data:`ECHO_FIELDS` are the request's fields an answer carries back (those the acquirer matches
-  the answer by, DE 11 and 41 among them, and those it checks: DE 2, 3, 4, 49...).
+  the answer by, DE 11 and 41 among them, and those it checks: DE 2, 3, 4, 49, a reversal's
+  DE 90 and 95...).
   :meth:`Message.reply` copies them; :func:`error_reply` too.
 - An error answer echoes only what was located reliably. A decoded message's fields were all
   located by the spec (every length read, the frame's bytes accounted for), so each echo field
@@ -37,9 +38,11 @@ if TYPE_CHECKING:
 
 __all__ = ["ECHO_FIELDS", "error_reply", "response_code_for"]
 
-ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49)
+ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49, 90, 95)
 """The request's fields an answer echoes (when present): PAN, processing code, amount,
-transmission date-time, STAN, local time and date, acquirer, RRN, terminal, merchant, currency."""
+transmission date-time, STAN, local time and date, acquirer, RRN, terminal, merchant, currency,
+and a reversal's original data elements and replacement amounts (the acquirer matches an 0410
+to the reversal by them)."""
 
 
 def response_code_for(exc: BaseException) -> str:

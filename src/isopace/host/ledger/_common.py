@@ -18,8 +18,10 @@ from isopace.store.keys import REKEY_BATCH, KeyRing, KeyUsage, key_id_sql, rekey
 #: the card's keyed hash, which a reversal must match. Version 4: the card key leaves
 #: ``ledger_meta`` for a key file, and new ``pan_ref`` values carry their key's id
 #: (``<id>:<hmac>``, see `isopace.store.keys`); upgrades are applied on open, the key is moved
-#: by the host (`legacy_card_key`, `drop_legacy_card_key`).
-SCHEMA_VERSION = 4
+#: by the host (`legacy_card_key`, `drop_legacy_card_key`). Version 5: holds.original_amount
+#: (the amount first held, once a partial reversal has lowered ``amount``) and the
+#: ``early_reversals`` table (reversals that arrived before their original).
+SCHEMA_VERSION = 5
 
 
 class HoldState(enum.StrEnum):
@@ -43,6 +45,9 @@ class ReserveStatus(enum.Enum):
     NO_ACCOUNT = "no_account"
     DUPLICATE = "duplicate"
     """A live hold already carries this idempotency key: ``ReserveResult.original``."""
+    REVERSED = "reversed"
+    """A reversal of this very transaction (same terminal, STAN + transmission time or RRN,
+    card and amount) arrived before it (`Ledger.remember_reversal`): nothing is held."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,6 +109,13 @@ class Hold:
     approval_code: str | None = None
     pan_ref: str | None = None
     """The card's keyed hash (None on holds made before schema version 3)."""
+    original_amount: int | None = None
+    """The amount first held, once a partial reversal lowered ``amount`` (None: never)."""
+
+    @property
+    def first_amount(self) -> int:
+        """The amount of the original transaction, whatever partial reversals left of it."""
+        return self.amount if self.original_amount is None else self.original_amount
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -323,6 +335,37 @@ class Ledger(abc.ABC):
         """captured -> refunded: give the posted amount back. Idempotent."""
 
     @abc.abstractmethod
+    async def reduce(self, txn_id: str, amount: int) -> bool:
+        """A partial reversal: the transaction now stands at ``amount`` (lower than it stands):
+        an open hold holds less, a capture gives the difference back to the balance (and its
+        capture row is lowered to match). The amount first held is kept in ``original_amount``.
+        False (nothing changed) when the hold is gone, released or refunded, or already at or
+        below ``amount``, so a repeated partial reversal changes nothing."""
+
+    @abc.abstractmethod
+    async def remember_reversal(
+        self,
+        txn_id: str,
+        *,
+        terminal: str,
+        stan: str | None,
+        tx_time: str | None,
+        rrn: str | None,
+        pan_ref: str,
+        amount: int,
+        expires_in: float,
+    ) -> bool:
+        """Remember, for ``expires_in`` seconds, a reversal (transaction ``txn_id``) whose
+        original has not been seen: the original's terminal, STAN + transmission time (DE 90)
+        or RRN, card (``pan_ref``, current key) and amount. A `reserve` that matches it answers
+        REVERSED and holds nothing. False when ``txn_id`` is remembered already. Also drops a
+        few expired entries (the table holds only reversals that overtook their original)."""
+
+    @abc.abstractmethod
+    async def forget_reversal(self, txn_id: str) -> bool:
+        """Undo `remember_reversal` (the reversal's transaction aborted)."""
+
+    @abc.abstractmethod
     async def hold(self, txn_id: str) -> Hold | None:
         """The hold made by this transaction, if any."""
 
@@ -339,7 +382,9 @@ class Ledger(abc.ABC):
     ) -> Hold | None:
         """The most recent hold of this terminal with this STAN (+ transmission time) or RRN.
 
-        With ``pan_ref`` (the card's `pan_ref`, or all its forms, `pan_refs`: a hold made before
+        ``amount`` is matched against the amount the transaction was made for
+        (`Hold.first_amount`), so a full reversal after a partial one still finds it. With
+        ``pan_ref`` (the card's `pan_ref`, or all its forms, `pan_refs`: a hold made before
         a key rotation finished carries the old one) and ``amount``, only a hold of that card and
         that
         amount matches (a hold made before schema version 3, without a card reference, matches
@@ -374,8 +419,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
 
 HOLD_COLUMNS = (
     "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn, idem_key, approval_code,"
-    " pan_ref"
+    " pan_ref, original_amount"
 )
+
+#: Partial reversals: the condition a hold must meet to be lowered to a new amount.
+REDUCIBLE_STATES = ("pending", "authorized", "captured")
 
 CHECK_SQL = """
 SELECT a.id, a.opening, a.balance, a.held,

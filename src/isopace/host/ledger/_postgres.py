@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS holds (
     idem_key TEXT,
     approval_code TEXT,
     pan_ref TEXT,
+    original_amount BIGINT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
@@ -79,16 +80,62 @@ CREATE TABLE IF NOT EXISTS captures (
     captured_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     refunded_at TIMESTAMPTZ
 );
+CREATE TABLE IF NOT EXISTS early_reversals (
+    txn_id TEXT PRIMARY KEY,
+    terminal TEXT NOT NULL,
+    stan TEXT,
+    tx_time TEXT,
+    rrn TEXT,
+    pan_ref TEXT NOT NULL,
+    amount BIGINT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS early_reversals_by_card ON early_reversals (terminal, pan_ref);
 """
+
+
+def _pg_early(terminal: int, pan_ref: int, amount: int, stan: int, tx_time: int, rrn: int) -> str:
+    """A remembered reversal of the transaction whose terminal, card, amount, STAN,
+    transmission time and RRN are the query parameters of these numbers."""
+    return (
+        "SELECT 1 FROM early_reversals "
+        f"WHERE terminal = ${terminal} AND pan_ref = ${pan_ref} AND amount = ${amount} "
+        f"AND expires_at > now() AND ((stan = ${stan} AND (tx_time IS NULL OR tx_time = "
+        f"${tx_time})) OR rrn = ${rrn})"
+    )
+
 
 _PG_RESERVE = f"""
 WITH acc AS (
     UPDATE accounts SET held = held + $3 WHERE id = $2 AND balance - held >= $3
+        AND NOT EXISTS ({_pg_early(5, 11, 3, 6, 7, 8)})
     RETURNING id, balance - held AS available
 )
 INSERT INTO holds ({HOLD_COLUMNS})
-SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11 FROM acc
+SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, NULL FROM acc
 RETURNING (SELECT available FROM acc)
+"""
+
+_PG_REDUCE = """
+WITH old AS (
+    SELECT txn_id, account_id, amount, state FROM holds
+    WHERE txn_id = $1 AND amount > $2 AND state IN ('pending', 'authorized', 'captured')
+    FOR UPDATE
+), h AS (
+    UPDATE holds SET original_amount = COALESCE(holds.original_amount, holds.amount),
+        amount = $2, updated_at = now()
+    FROM old WHERE holds.txn_id = old.txn_id
+    RETURNING old.account_id, old.amount - $2 AS less, old.state
+), c AS (
+    UPDATE captures SET amount = $2 FROM h WHERE captures.txn_id = $1 AND h.state = 'captured'
+    RETURNING captures.txn_id
+)
+UPDATE accounts SET
+    balance = balance + CASE WHEN h.state = 'captured' THEN h.less ELSE 0 END,
+    held = held - CASE WHEN h.state = 'captured' THEN 0 ELSE h.less END
+FROM h WHERE accounts.id = h.account_id
+RETURNING accounts.id
 """
 
 _PG_CAPTURE = """
@@ -190,7 +237,8 @@ class PostgresLedger(Ledger):
                 await conn.execute(
                     "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
                     "ADD COLUMN IF NOT EXISTS approval_code TEXT, "
-                    "ADD COLUMN IF NOT EXISTS pan_ref TEXT"
+                    "ADD COLUMN IF NOT EXISTS pan_ref TEXT, "
+                    "ADD COLUMN IF NOT EXISTS original_amount BIGINT"
                 )
                 await conn.execute(KEY_INDEX)
                 await conn.execute(
@@ -376,6 +424,11 @@ class PostgresLedger(Ledger):
                 return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
             if row is not None:
                 return ReserveResult(ReserveStatus.APPROVED, row[0])
+            reversed_early = await conn.fetchval(
+                _pg_early(1, 2, 3, 4, 5, 6), terminal, pan_ref, amount, stan, tx_time, rrn
+            )
+            if reversed_early:
+                return ReserveResult(ReserveStatus.REVERSED)
             available = await conn.fetchval(
                 "SELECT balance - held FROM accounts WHERE id = $1", account_id
             )
@@ -400,6 +453,48 @@ class PostgresLedger(Ledger):
     async def refund(self, txn_id: str) -> bool:
         return await self.pool.fetchval(_PG_REFUND, txn_id) is not None
 
+    async def reduce(self, txn_id: str, amount: int) -> bool:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+        return await self.pool.fetchval(_PG_REDUCE, txn_id, amount) is not None
+
+    async def remember_reversal(
+        self,
+        txn_id: str,
+        *,
+        terminal: str,
+        stan: str | None,
+        tx_time: str | None,
+        rrn: str | None,
+        pan_ref: str,
+        amount: int,
+        expires_in: float,
+    ) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM early_reversals WHERE txn_id IN (SELECT txn_id FROM early_reversals "
+                "WHERE expires_at <= now() LIMIT 100)"
+            )
+            done = await conn.fetchval(
+                "INSERT INTO early_reversals (txn_id, terminal, stan, tx_time, rrn, pan_ref, "
+                "amount, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, "
+                "now() + make_interval(secs => $8)) ON CONFLICT (txn_id) DO NOTHING "
+                "RETURNING txn_id",
+                txn_id,
+                terminal,
+                stan,
+                tx_time,
+                rrn,
+                pan_ref,
+                amount,
+                float(expires_in),
+            )
+        return done is not None
+
+    async def forget_reversal(self, txn_id: str) -> bool:
+        result = await self.pool.execute("DELETE FROM early_reversals WHERE txn_id = $1", txn_id)
+        return bool(result == "DELETE 1")
+
     async def hold(self, txn_id: str) -> Hold | None:
         row = await self.pool.fetchrow(
             f"SELECT {HOLD_COLUMNS} FROM holds WHERE txn_id = $1", txn_id
@@ -423,7 +518,7 @@ class PostgresLedger(Ledger):
                 f" AND (${n}::text[] IS NULL OR pan_ref = ANY(${n}) OR (pan_ref IS NULL AND "
                 f"account_id = (SELECT c.account_id FROM cards c WHERE c.pan_ref = ANY(${n}) "
                 "LIMIT 1)))"
-                f" AND (${n + 1}::bigint IS NULL OR amount = ${n + 1})"
+                f" AND (${n + 1}::bigint IS NULL OR COALESCE(original_amount, amount) = ${n + 1})"
             )
 
         row = None

@@ -27,6 +27,7 @@ from isopace.host.ledger._common import (
     KEY_INDEX,
     KEY_USAGE_SQL,
     OPEN_STATES,
+    REDUCIBLE_STATES,
     SCHEMA_VERSION,
     Account,
     Card,
@@ -86,6 +87,7 @@ CREATE TABLE IF NOT EXISTS holds (
     idem_key TEXT,
     approval_code TEXT,
     pan_ref TEXT,
+    original_amount INTEGER,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
@@ -99,6 +101,27 @@ CREATE TABLE IF NOT EXISTS captures (
     captured_at TEXT NOT NULL,
     refunded_at TEXT
 );
+CREATE TABLE IF NOT EXISTS early_reversals (
+    txn_id TEXT PRIMARY KEY,
+    terminal TEXT NOT NULL,
+    stan TEXT,
+    tx_time TEXT,
+    rrn TEXT,
+    pan_ref TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS early_reversals_by_card ON early_reversals (terminal, pan_ref);
+"""
+
+#: A remembered reversal of the transaction being reserved: ``(terminal, pan_ref, amount, now,
+#: stan, tx_time, rrn)``.
+_EARLY_REVERSAL = """
+SELECT txn_id FROM early_reversals
+WHERE terminal = ? AND pan_ref = ? AND amount = ? AND expires_at > ?
+  AND ((stan = ? AND (tx_time IS NULL OR tx_time = ?)) OR rrn = ?)
+LIMIT 1
 """
 
 
@@ -154,9 +177,14 @@ class SqliteLedger(Ledger):
             )
         # Upgrade a version 1 file (no-op on a new one, whose tables already have the columns).
         columns = {r[1] for r in conn.execute("PRAGMA table_info(holds)")}
-        for column in ("idem_key", "approval_code", "pan_ref"):
+        for column, kind in (
+            ("idem_key", "TEXT"),
+            ("approval_code", "TEXT"),
+            ("pan_ref", "TEXT"),
+            ("original_amount", "INTEGER"),
+        ):
             if column not in columns:
-                conn.execute(f"ALTER TABLE holds ADD COLUMN {column} TEXT")
+                conn.execute(f"ALTER TABLE holds ADD COLUMN {column} {kind}")
         conn.execute(KEY_INDEX)
         conn.execute(
             "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', ?) "
@@ -362,6 +390,12 @@ class SqliteLedger(Ledger):
                 dup = row
             if dup is not None:
                 return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
+            if terminal is not None and pan_ref is not None:
+                early = conn.execute(
+                    _EARLY_REVERSAL, (terminal, pan_ref, amount, _now(), stan, tx_time, rrn)
+                ).fetchone()
+                if early is not None:
+                    return ReserveResult(ReserveStatus.REVERSED)
             held = conn.execute(
                 "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ? "
                 "RETURNING balance - held",
@@ -377,7 +411,7 @@ class SqliteLedger(Ledger):
             now = _now()
             conn.execute(
                 f"INSERT INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (
                     txn_id,
                     account_id,
@@ -467,6 +501,76 @@ class SqliteLedger(Ledger):
             )
         )
 
+    async def reduce(self, txn_id: str, amount: int) -> bool:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+
+        def op(conn: sqlite3.Connection) -> bool:
+            marks = ", ".join("?" * len(REDUCIBLE_STATES))
+            row = conn.execute(
+                f"SELECT account_id, amount, state FROM holds WHERE txn_id = ? AND amount > ? "
+                f"AND state IN ({marks})",
+                (txn_id, amount, *REDUCIBLE_STATES),
+            ).fetchone()
+            if row is None:
+                return False
+            account_id, standing, state = row
+            less = standing - amount
+            conn.execute(
+                "UPDATE holds SET original_amount = COALESCE(original_amount, amount), "
+                "amount = ?, updated_at = ? WHERE txn_id = ?",
+                (amount, _now(), txn_id),
+            )
+            if state == HoldState.CAPTURED:
+                conn.execute("UPDATE captures SET amount = ? WHERE txn_id = ?", (amount, txn_id))
+                conn.execute(
+                    "UPDATE accounts SET balance = balance + ? WHERE id = ?", (less, account_id)
+                )
+            else:
+                conn.execute("UPDATE accounts SET held = held - ? WHERE id = ?", (less, account_id))
+            return True
+
+        return await self._write(op)
+
+    async def remember_reversal(
+        self,
+        txn_id: str,
+        *,
+        terminal: str,
+        stan: str | None,
+        tx_time: str | None,
+        rrn: str | None,
+        pan_ref: str,
+        amount: int,
+        expires_in: float,
+    ) -> bool:
+        now = _dt.datetime.now(_dt.UTC)
+        created = now.isoformat(timespec="microseconds")
+        expires = (now + _dt.timedelta(seconds=expires_in)).isoformat(timespec="microseconds")
+
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                "DELETE FROM early_reversals WHERE rowid IN "
+                "(SELECT rowid FROM early_reversals WHERE expires_at <= ? LIMIT 100)",
+                (created,),
+            )
+            done = conn.execute(
+                "INSERT INTO early_reversals (txn_id, terminal, stan, tx_time, rrn, pan_ref, "
+                "amount, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (txn_id) DO NOTHING",
+                (txn_id, terminal, stan, tx_time, rrn, pan_ref, amount, created, expires),
+            )
+            return bool(done.rowcount)
+
+        return await self._write(op)
+
+    async def forget_reversal(self, txn_id: str) -> bool:
+        return await self._write(
+            lambda conn: bool(
+                conn.execute("DELETE FROM early_reversals WHERE txn_id = ?", (txn_id,)).rowcount
+            )
+        )
+
     async def hold(self, txn_id: str) -> Hold | None:
         def op(conn: sqlite3.Connection) -> Hold | None:
             row = conn.execute(
@@ -497,7 +601,7 @@ class SqliteLedger(Ledger):
             )
             match_args += (*refs, *refs)
         if amount is not None:
-            match += " AND amount = ?"
+            match += " AND COALESCE(original_amount, amount) = ?"
             match_args += (amount,)
 
         def op(conn: sqlite3.Connection) -> Hold | None:
