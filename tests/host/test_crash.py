@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import random
 import sqlite3
 import subprocess
@@ -31,13 +32,37 @@ from .conftest import (
 )
 
 ROUNDS = 3
+#: What a partial reversal of a 1.00 purchase of the mix leaves standing (DE 95).
+STANDING = 40
+
+
+def partial_reversal(original: Message, stan: int) -> Message:
+    """An 0400 of ``original`` (DE 90: its MTI, STAN, DE 7) leaving ``STANDING`` (DE 95)."""
+    return purchase(PAN_BENCH, 100, stan, original[41], original[7], mti="0400").set_many(
+        {
+            90: f"0200{original[11]}{original[7]}" + "0" * 22,
+            95: f"{STANDING:012d}" + "0" * 30,
+        }
+    )
+
+
+@dataclasses.dataclass
+class Mix:
+    """What the clients of the crash test saw: approvals, partial reversals answered 00, and
+    the requests of each kind left without an answer by a kill."""
+
+    approved: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
+    reversed: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
+    unanswered: list[Message] = dataclasses.field(default_factory=list)
+    unanswered_reversals: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
 
 
 async def load_then_kill(
-    host: HostProcess, round_no: int, kill_after: float, unanswered: list[Message] | None = None
+    host: HostProcess, round_no: int, kill_after: float, mix: Mix | None = None
 ) -> list[tuple[Message, Message]]:
-    """Eight client workers send purchases; the host is killed while they are in flight.
-    Returns the approvals received; the requests left without an answer go to ``unanswered``."""
+    """Eight client workers send purchases (two of them as repeats, 0201, whose original never
+    came; two partially reverse each purchase approved); the host is killed while they are in
+    flight. Returns the approvals received; the rest goes to ``mix``."""
     approved: list[tuple[Message, Message]] = []
     stop = False
 
@@ -46,15 +71,28 @@ async def load_then_kill(
         while not stop:
             stan += 1
             terminal, tx_time = f"K{round_no:01d}{w:06d}", f"11290{round_no}0000"
-            message = purchase(PAN_BENCH, 100, stan, terminal, tx_time)
+            mti = "0201" if w % 4 == 0 else "0200"
+            message = purchase(PAN_BENCH, 100, stan, terminal, tx_time, mti=mti)
             try:
                 response = await client.request(message, timeout=5)
             except Exception:
-                if unanswered is not None:
-                    unanswered.append(message)
+                if mix is not None:
+                    mix.unanswered.append(message)
                 return
-            if response[39] == "00":
-                approved.append((message, response))
+            if response[39] != "00":
+                continue
+            approved.append((message, response))
+            if w % 4 != 1 or mix is None:
+                continue
+            stan += 1
+            reversal = partial_reversal(message, stan)
+            try:
+                answer = await client.request(reversal, timeout=5)
+            except Exception:
+                mix.unanswered_reversals.append((message, reversal))
+                return
+            assert answer[39] == "00", answer
+            mix.reversed.append((message, reversal))
 
     async with Client(ISO87_ASCII, port=host.port, reconnect=False) as client:
         tasks = [asyncio.create_task(worker(w, client)) for w in range(8)]
@@ -73,7 +111,8 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
     rng = random.Random(8583)
     bench = None
     approved: list[tuple[Message, Message]] = []
-    unanswered: list[Message] = []
+    mix = Mix()
+    unanswered = mix.unanswered
     logs = []
     try:
         for round_no in range(ROUNDS):
@@ -85,7 +124,7 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
                      "--concurrency", "16", "--duration", "60", "--timeout", "5", "--json"],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
                 )  # fmt: skip
-            got = asyncio.run(load_then_kill(host, round_no, rng.uniform(0.8, 1.6), unanswered))
+            got = asyncio.run(load_then_kill(host, round_no, rng.uniform(0.8, 1.6), mix))
             assert got, f"round {round_no}: no approval before the kill\n{host.output}"
             approved += got
         assert bench is not None
@@ -109,7 +148,12 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
         again = asyncio.run(resend([m for m, _ in approved]))
         assert [r[38] for r in again] == [r[38] for _, r in approved]
         assert cli_json("ledger", *store)["accounts"] == before["accounts"]
+        again = asyncio.run(resend([r for _, r in mix.reversed]))
+        assert {r[39] for r in again} <= {"00"}  # replayed: nothing reversed twice
+        assert cli_json("ledger", *store)["accounts"] == before["accounts"]
         retried = asyncio.run(resend(unanswered))
+        assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
+        retried = asyncio.run(resend([r for _, r in mix.unanswered_reversals]))
         assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
         assert final.stop() == 0, final.output
     finally:
@@ -131,13 +175,21 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
     assert ledger["pending"] == 0
     # Nothing lost: every approval a client saw is captured in the ledger.
     holds = collections.defaultdict(list)
-    for terminal, stan, tx_time, state in backend.fetch(
-        "SELECT terminal, stan, tx_time, state FROM holds"
+    amounts = {}
+    for terminal, stan, tx_time, state, amount in backend.fetch(
+        "SELECT terminal, stan, tx_time, state, amount FROM holds"
     ):
         holds[terminal, stan, tx_time].append(state)
+        amounts[terminal, stan, tx_time] = amount
     for message, _ in approved:
         states = holds[message[41], message[11], message[7]]
         assert states == ["captured"], (message[41], message[11], states)
+    # every partial reversal answered (before the kills, or retried after) applied once
+    for message, _ in mix.reversed + mix.unanswered_reversals:
+        assert amounts[message[41], message[11], message[7]] == STANDING, message[11]
+    repeats = sum(1 for m, _ in approved if m.mti == "0201")
+    print(f"{repeats} repeats approved, {len(mix.reversed)} partial reversals")
+    assert repeats and mix.reversed
     doubled = backend.fetch(
         "SELECT terminal, stan, tx_time, COUNT(*) FROM holds WHERE state = 'captured' "
         "GROUP BY terminal, stan, tx_time HAVING COUNT(*) > 1"
@@ -177,8 +229,9 @@ def test_retransmissions_after_a_crash_do_not_wait_for_the_lease(tmp_path: Path)
     port = free_port()
     args = ["--db", db, "--log-level", "WARNING", "--idempotency-lease", "60"]
     host = HostProcess(port, args, tmp_path / "serve-0.log").start()
-    unanswered: list[Message] = []
-    approved = asyncio.run(load_then_kill(host, 5, 1.0, unanswered))
+    mix = Mix()
+    approved = asyncio.run(load_then_kill(host, 5, 1.0, mix))
+    unanswered = mix.unanswered
     assert approved
     final = HostProcess(port, args, tmp_path / "serve-1.log").start()
     try:
