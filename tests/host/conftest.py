@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from isopace.iso8583 import Message
+from isopace.iso8583 import APPROVALS, Message, meaning
 from isopace.store.keys import Key, write_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -310,3 +311,61 @@ def purchase(
             49: "840",
         },
     )
+
+
+# -- one host (SQLite) or two sharing PostgreSQL + Redis, per test module ------------------------
+
+
+@dataclasses.dataclass
+class E2E:
+    proc: HostProcess
+    peer: HostProcess  # the second host sharing PostgreSQL + Redis (SQLite: ``proc`` itself)
+    backend: Backend
+    metrics: int
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def e2e(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2E]:
+    tmp = tmp_path_factory.mktemp(f"e2e-{request.param}")
+    backend = Backend(request.param, tmp)
+    metrics = free_port()
+    hosts: list[HostProcess] = []
+    try:
+        proc = HostProcess(
+            free_port(), [*backend.serve, "--metrics-port", str(metrics)], tmp / "serve.log"
+        )
+        hosts.append(proc.start())
+        peer = proc
+        if request.param == "postgres":
+            peer = HostProcess(free_port(), backend.serve, tmp / "peer.log")
+            hosts.append(peer.start())
+        yield E2E(proc, peer, backend, metrics)
+        for h in hosts:
+            assert h.stop() == 0, h.output
+    finally:
+        for h in hosts:
+            h.stop()
+        backend.drop()
+
+
+@pytest.fixture(scope="module")
+def host(e2e: E2E) -> tuple[HostProcess, list[str], int]:
+    """(the host, the flags of ``isopace ledger`` for its data, its metrics port)."""
+    return e2e.proc, e2e.backend.store, e2e.metrics
+
+
+def send(port: int, *args: str) -> dict[str, str]:
+    """``isopace send --json``: its exit status is 0 for an approval, 1 for a decline."""
+    proc = cli("send", "--port", str(port), *args, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    response: dict[str, str] = out["response"]
+    assert proc.returncode == (0 if response.get("39") in APPROVALS else 1)
+    assert out["result"].startswith(f"{response.get('39')} {meaning(response.get('39', ''))}")
+    return response
+
+
+def accounts(store: list[str]) -> dict[str, dict[str, Any]]:
+    data = cli_json("ledger", *store)
+    assert data["ok"], data["problems"]
+    return {a["id"]: a for a in data["accounts"]}

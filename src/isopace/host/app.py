@@ -136,7 +136,7 @@ def build_flow(
         config.velocity_window, config.velocity_max_count, config.velocity_max_amount
     )
     key = idempotency_key(config.idempotency_key)
-    reserve = stages.Reserve(ledger, key=key)
+    reserve = stages.Reserve(ledger, key=key, cash_limit=config.cash_daily_limit)
     flow = Flow(
         entry="main",
         journal=journal,
@@ -151,8 +151,11 @@ def build_flow(
     flow.group(
         "authorize",
         stages.Risk(ledger, velocity),
-        stages.BinRoute(config.bins, config.unknown_bin_code),
+        stages.TransactionType(),
     )
+    flow.group("purchase", stages.BinRoute(config.bins, config.unknown_bin_code))
+    flow.group("refund", stages.Refund(ledger))
+    flow.group("inquiry", stages.BalanceInquiry(ledger))
     for network in sorted(set(config.bins.values())):
         flow.group(network, reserve)
     flow.group("reversal", stages.Reversal(ledger, config.early_reversal_window))

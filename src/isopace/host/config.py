@@ -176,6 +176,12 @@ class HostConfig:
         "how long a claim of a crashed host blocks its retransmissions before it expires",
         metavar="SECONDS",
     )
+    cash_daily_limit: int = _opt(
+        50_000,
+        "most cash per card per UTC day in minor units (withdrawals, DE 3 = 01, and the cash "
+        "part of a purchase with cashback, 09), else 61 (0: no limit)",
+        metavar="AMOUNT",
+    )
     early_reversal_window: float = _opt(
         86400.0,
         "how long a reversal whose original was not seen is remembered, so the late original "

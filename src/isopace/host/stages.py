@@ -4,8 +4,12 @@ The flow `isopace.host.build_flow` assembles (groups in brackets)::
 
     [main]       parse, dispatch
                    0800      -> [netmgmt]    netmgmt
-                   0100/0200 -> [authorize]  risk, bin-route
-                                  by BIN     -> [visa] or [mastercard]  reserve -> [respond]
+                   0100/0200 -> [authorize]  risk, txn-type
+                                  DE 3 00/01/09 -> [purchase]  bin-route
+                                                     by BIN -> [visa] or [mastercard]  reserve
+                                                                 -> [respond]
+                                  DE 3 20       -> [refund]    refund -> [respond]
+                                  DE 3 30/31    -> [inquiry]   inquiry -> [respond]
                    0400/0420 -> [reversal]   reversal -> [respond]
     [respond]    respond
 
@@ -15,16 +19,22 @@ idempotency store keeps the decline for a retransmission. A transaction that fai
 response (a stage raised, the deadline passed) is answered 96 by the host and not stored for replay.
 
 Response codes used: 00 approved, 05 do not honour (blocked card), 09 request in progress (a
-retransmission whose original is still pending), 13 invalid amount (zero on a purchase, cash or
-refund), 14 invalid card number (no such card, or no BIN route: configurable), 25 unable to locate
-the original (reversal), 30 format error (which includes a DE 55 that is not BER-TLV, a DE 7 / 12 /
-13 that is no real date or time, an MTI that is no request's), 51 insufficient funds, 61 exceeds
-amount limit, 65 exceeds frequency limit, 96 system malfunction.
+retransmission whose original is still pending), 12 invalid transaction (a transaction type
+this host does not handle, a refund as an authorization, a reversal of a refund, an original
+its reversal overtook), 13 invalid amount (zero on a purchase, cash or refund; cashback above
+DE 4; a partial reversal not lower), 14 invalid card number (no such card, or no BIN route:
+configurable), 25 unable to locate the original (reversal), 40 function not supported
+(transfers), 57 transaction not permitted (a currency other than the account's), 30 format
+error (which includes a DE 55 that is not BER-TLV, a DE 7 / 12 / 13 that is no real date or
+time, an MTI that is no request's, a currency no table knows), 51 insufficient funds, 61
+exceeds amount limit (velocity, and the daily cash limit), 65 exceeds frequency limit, 96
+system malfunction.
 
-Stages that hold something for a transaction (``reserve``, ``reversal``) implement
-``recover(ex, committing)``: crash recovery calls it with the exchange rebuilt from the journal
-(the id, the protected request, the durable properties) to finish or undo it. Holds are keyed by the
-transaction id, so recovery finds them even if the process died in the middle of the prepare pass.
+Stages that hold or post something for a transaction (``reserve``, ``refund``, ``reversal``)
+implement ``recover(ex, committing)``: crash recovery calls it with the exchange rebuilt from
+the journal (the id, the protected request, the durable properties) to finish or undo it. Holds
+are keyed by the transaction id, so recovery finds them even if the process died in the middle
+of the prepare pass.
 """
 
 from __future__ import annotations
@@ -40,8 +50,8 @@ from typing import TYPE_CHECKING
 
 from isopace.flow import CONTINUE, SKIP, Result, route
 from isopace.host.errors import HostError
-from isopace.host.ledger import HoldState, Ledger, ReserveStatus
-from isopace.iso8583 import Iso8583Error, card_number, error_reply
+from isopace.host.ledger import HoldState, Kind, Ledger, ReserveStatus
+from isopace.iso8583 import Iso8583Error, card_number, error_reply, minor_units
 from isopace.iso8583 import response_codes as rc
 from isopace.iso8583.mti import is_advice
 
@@ -50,16 +60,21 @@ if TYPE_CHECKING:
     from isopace.iso8583 import Message, Spec
 
 __all__ = [
+    "BalanceInquiry",
     "BinRoute",
     "Declined",
     "Dispatch",
     "NetworkManagement",
     "Parse",
+    "Refund",
     "Reserve",
     "Respond",
     "Reversal",
     "Risk",
+    "TransactionType",
     "Velocity",
+    "additional_amount",
+    "additional_amounts",
     "decline",
 ]
 
@@ -74,10 +89,13 @@ log = logging.getLogger("isopace.host")
 SUPPORTED_MTIS = frozenset({"0100", "0101", "0200", "0201", "0400", "0401", "0420", "0421", "0800"})
 
 #: Transaction types (DE 3, first two digits) that move money, so an amount of zero is declined
-#: 13: purchase (00), cash withdrawal (01), purchase with cash back (09), cash advance (17),
-#: refund (20). An 0100 of amount zero is one of them too: this host does no account
-#: verification, and a hold of nothing approved would only look like one.
-MONEY_TRANSACTIONS = frozenset({"00", "01", "09", "17", "20"})
+#: 13: purchase (00), cash withdrawal (01), purchase with cash back (09), refund (20). An 0100
+#: of amount zero is one of them too: this host does no account verification, and a hold of
+#: nothing approved would only look like one.
+MONEY_TRANSACTIONS = frozenset({"00", "01", "09", "20"})
+
+#: DE 54 amount types (ISO 8583:1987 additional amounts).
+LEDGER_BALANCE, AVAILABLE_BALANCE, CASHBACK = "01", "02", "40"
 
 
 class Declined(HostError):
@@ -230,6 +248,92 @@ class Risk:
         return SKIP
 
 
+def additional_amount(account_type: str, amount_type: str, currency: str, amount: int) -> str:
+    """One 20-character DE 54 entry (ISO 8583:1987): account type (2), amount type (2),
+    currency (3), ``C`` (credit, zero or more) or ``D`` (debit), the amount in minor units (12)."""
+    sign = "C" if amount >= 0 else "D"
+    return f"{account_type:0>2.2}{amount_type}{currency:0>3.3}{sign}{abs(amount):012d}"
+
+
+def additional_amounts(value: str) -> dict[str, int]:
+    """DE 54's entries by amount type (signed, minor units). `Iso8583Error` naming DE 54 when
+    it is not a run of 20-character entries."""
+    if len(value) % 20 or not value:
+        raise Iso8583Error(f"field 54: {len(value)} characters, not 20-character entries")
+    out = {}
+    for i in range(0, len(value), 20):
+        entry = value[i : i + 20]
+        sign, digits = entry[7], entry[8:]
+        if sign not in "CD" or not (digits.isascii() and digits.isdigit()):
+            raise Iso8583Error(
+                f"field 54: entry {i // 20 + 1} is not <type><currency><C|D><12 digits>"
+            )
+        out[entry[2:4]] = int(digits) if sign == "C" else -int(digits)
+    return out
+
+
+class TransactionType:
+    """Reads the transaction type (DE 3 positions 1-2) and the currency (DE 49), as an issuer
+    processor does, and sends the request where that type is handled:
+
+    - 00 purchase, 01 cash withdrawal, 09 purchase with cashback: to ``purchase`` (the BIN
+      route, then the network's reserve). The cash part (a withdrawal's whole amount; a
+      cashback's DE 54 entry of amount type 40, which must not exceed DE 4) counts against the
+      card's daily cash limit there.
+    - 20 refund (in an 0200; as an authorization it is declined 12): to ``refund``, which
+      credits the account.
+    - 30, 31 balance inquiry: to ``inquiry``, which moves no money and answers the ledger and
+      available balances in DE 54.
+    - 40 transfer: declined 40 (requested function not supported by this host).
+    - anything else: declined 12 (invalid transaction).
+
+    The account-type digits (positions 3-6) are not checked: this ledger keeps one account per
+    card, and a request for the default (00), savings (10), checking (20) or credit (30)
+    account posts to it. DE 49 must be a currency this host knows (else 30) and the card's
+    account currency (else 57, transaction not permitted: no conversion table is configured).
+    Routes (it is the last stage of ``authorize``)."""
+
+    name = "txn-type"
+
+    def prepare(self, ex: Exchange) -> Result:
+        m = ex.request
+        code = (_text(m, 3) or "")[:2]
+        currency = _text(m, 49)
+        card = ex.get("card")
+        if currency is not None and code not in ("30", "31"):
+            if minor_units(currency) is None:
+                return decline(ex, rc.FORMAT_ERROR, f"field 49: {currency!r} is no known currency")
+            if card is not None and card.currency and currency != card.currency:
+                reason = f"field 49: {currency}, the account is in {card.currency}"
+                return decline(ex, rc.TRANSACTION_NOT_PERMITTED, reason)
+        if code in ("30", "31"):
+            return route("inquiry", "respond")
+        if code == "20":
+            if m.mti[1] != "2":
+                return decline(ex, rc.INVALID_TRANSACTION, "a refund is a financial request")
+            return route("refund", "respond")
+        if code == "40":
+            return decline(ex, rc.FUNCTION_NOT_SUPPORTED, "transfers are not supported")
+        amount = ex.get("amount", 0)
+        if code == "00":
+            ex.set("kind", Kind.PURCHASE)
+        elif code == "01":
+            ex.set("kind", Kind.CASH)
+            ex.set("cash", amount)
+        elif code == "09":
+            try:
+                cash = additional_amounts(_text(m, 54) or "").get(CASHBACK)
+            except Iso8583Error as exc:
+                return decline(ex, rc.FORMAT_ERROR, str(exc))
+            if cash is None or not 0 < cash <= amount:
+                return decline(ex, rc.INVALID_AMOUNT, "field 54: no cashback within DE 4")
+            ex.set("kind", Kind.CASHBACK)
+            ex.set("cash", cash)
+        else:
+            return decline(ex, rc.INVALID_TRANSACTION, f"field 3: transaction type {code!r}")
+        return route("purchase")
+
+
 class BinRoute:
     """Routes by the PAN's BIN (longest matching prefix of the table) to the network's group,
     then ``respond``; a PAN no prefix matches is declined (14 by default)."""
@@ -279,9 +383,15 @@ class Reserve:
 
     name = "reserve"
 
-    def __init__(self, ledger: Ledger, key: Callable[[Exchange], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        key: Callable[[Exchange], str | None] | None = None,
+        cash_limit: int = 0,
+    ) -> None:
         self.ledger = ledger
         self.key = key
+        self.cash_limit = cash_limit
         self._background: set[asyncio.Task[None]] = set()
 
     async def prepare(self, ex: Exchange) -> Result:
@@ -309,6 +419,9 @@ class Reserve:
                 # under the current key, not the card row's (a card not re-keyed yet after a
                 # rotation): a hold made after the hosts took a new key is never left behind
                 pan_ref=self.ledger.pan_ref(card_number(request) or ""),
+                kind=ex.get("kind", Kind.PURCHASE),
+                cash=ex.get("cash", 0),
+                cash_limit=self.cash_limit,
             )
         except BaseException:
             # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
@@ -330,6 +443,9 @@ class Reserve:
             ex.set("approval_code", original.approval_code)
             ex.set("duplicate_of", original.txn_id)
             return SKIP
+        if result.status is ReserveStatus.OVER_CASH_LIMIT:
+            reason = f"card {card.masked_pan}: over its daily cash limit"
+            return decline(ex, rc.EXCEEDS_AMOUNT_LIMIT, reason)
         if result.status is ReserveStatus.REVERSED:
             # the acquirer reversed it before it arrived (it timed out there): it is void
             return decline(ex, rc.INVALID_TRANSACTION, "reversed before it arrived; nothing held")
@@ -379,6 +495,84 @@ class Reserve:
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class Refund:
+    """A refund (DE 3 = 20): credits the card's account with DE 4, in commit (nothing is held:
+    a credit cannot overdraw), answered 00 with an approval code. Declines 14 for an unknown
+    card. Durable properties (for recovery): ``credit_to`` (the account). A reversal of a refund
+    is not supported (the credited money may be spent): declined 12 by the reversal stage."""
+
+    name = "refund"
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def prepare(self, ex: Exchange) -> Result:
+        card = ex.get("card")
+        if card is None:
+            card = await self.ledger.card(card_number(ex.request) or "")
+            if card is None:
+                return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
+        ex.set("credit_to", card.account_id, durable=True)
+        ex.set("approval_code", _approval_code())
+        return CONTINUE
+
+    async def commit(self, ex: Exchange) -> None:
+        request = ex.request
+        try:  # in recovery the journal's request holds no card number: no fingerprint then
+            pan = card_number(request)
+        except Iso8583Error:
+            pan = None
+        await self.ledger.credit(
+            ex.id,
+            ex.get("credit_to"),
+            request.amount(4),
+            mti=request.mti,
+            terminal=_text(request, 41),
+            stan=_text(request, 11),
+            tx_time=_text(request, 7),
+            rrn=_text(request, 37),
+            idem_key=None,
+            pan_ref=self.ledger.pan_ref(pan) if pan else None,
+        )
+
+    async def recover(self, ex: Exchange, committing: bool) -> None:
+        if committing:
+            await self.commit(ex)
+
+
+class BalanceInquiry:
+    """A balance inquiry (DE 3 = 30 or 31): no money moves; answered 00 with the account's
+    ledger balance (amount type 01) and available balance (02) in DE 54, in its currency, for
+    the account type the request named (DE 3 positions 3-4). Declines 14 for an unknown card.
+    Votes SKIP."""
+
+    name = "inquiry"
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    async def prepare(self, ex: Exchange) -> Result:
+        card = ex.get("card")
+        if card is None:
+            card = await self.ledger.card(card_number(ex.request) or "")
+        account = await self.ledger.account(card.account_id) if card is not None else None
+        if account is None:
+            return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
+        account_type = (_text(ex.request, 3) or "000000")[2:4]
+        ex.set(
+            "answer_fields",
+            {
+                54: additional_amount(
+                    account_type, LEDGER_BALANCE, account.currency, account.balance
+                )
+                + additional_amount(
+                    account_type, AVAILABLE_BALANCE, account.currency, account.available
+                )
+            },
+        )
+        return SKIP
 
 
 def _original_keys(m: Message) -> tuple[str | None, str | None, str | None]:
@@ -481,6 +675,9 @@ class Reversal:
             ex.set("early", True, durable=True)
             return CONTINUE
         ex.set("original_state", original.state)
+        if original.state == HoldState.CREDITED:
+            reason = "a refund cannot be reversed here (the money it credited may be spent)"
+            return self._reverses_nothing(ex, advice, rc.INVALID_TRANSACTION, reason)
         if original.state in (HoldState.RELEASED, HoldState.REFUNDED):
             return SKIP  # already reversed (or never approved): answer 00, change nothing
         if standing is not None:
@@ -545,5 +742,8 @@ class Respond:
             value = request.get(n)
             if value is not None:
                 reply = reply.set(n, value)
+        answer_fields = ex.get("answer_fields")
+        if answer_fields:
+            reply = reply.set_many(answer_fields)
         ex.response = reply
         return SKIP

@@ -23,6 +23,7 @@ __all__ = [
     "EXCEEDS_FREQUENCY_LIMIT",
     "EXPIRED_CARD",
     "FORMAT_ERROR",
+    "FUNCTION_NOT_SUPPORTED",
     "INSUFFICIENT_FUNDS",
     "INVALID_AMOUNT",
     "INVALID_CARD_NUMBER",
@@ -47,6 +48,7 @@ INVALID_CARD_NUMBER: Final = "14"
 NO_SUCH_ISSUER: Final = "15"
 UNABLE_TO_LOCATE_RECORD: Final = "25"
 FORMAT_ERROR: Final = "30"
+FUNCTION_NOT_SUPPORTED: Final = "40"
 INSUFFICIENT_FUNDS: Final = "51"
 EXPIRED_CARD: Final = "54"
 TRANSACTION_NOT_PERMITTED: Final = "57"
@@ -83,6 +85,7 @@ MEANINGS: Final[dict[str, str]] = {
     "33": "expired card, pick up",
     "34": "suspected fraud, pick up",
     "39": "no credit account",
+    "40": "requested function not supported",
     "41": "lost card, pick up",
     "43": "stolen card, pick up",
     "51": "insufficient funds",

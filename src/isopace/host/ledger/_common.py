@@ -20,8 +20,11 @@ from isopace.store.keys import REKEY_BATCH, KeyRing, KeyUsage, key_id_sql, rekey
 #: (``<id>:<hmac>``, see `isopace.store.keys`); upgrades are applied on open, the key is moved
 #: by the host (`legacy_card_key`, `drop_legacy_card_key`). Version 5: holds.original_amount
 #: (the amount first held, once a partial reversal has lowered ``amount``) and the
-#: ``early_reversals`` table (reversals that arrived before their original).
-SCHEMA_VERSION = 5
+#: ``early_reversals`` table (reversals that arrived before their original). Version 6:
+#: holds.kind (the transaction type of DE 3: purchase, cash, cashback, refund) and holds.cash
+#: (the cash part, counted against the card's daily cash limit); a refund's credit is a hold in
+#: state ``credited`` with a negative capture.
+SCHEMA_VERSION = 6
 
 
 class HoldState(enum.StrEnum):
@@ -32,9 +35,20 @@ class HoldState(enum.StrEnum):
     CAPTURED = "captured"
     RELEASED = "released"
     REFUNDED = "refunded"
+    CREDITED = "credited"
+    """A refund (DE 3 = 20) posted to the account: its capture row is negative."""
 
 
 OPEN_STATES = (HoldState.PENDING.value, HoldState.AUTHORIZED.value)
+
+
+class Kind(enum.StrEnum):
+    """What a hold was made for: the transaction type of the request's DE 3."""
+
+    PURCHASE = "purchase"
+    CASH = "cash"
+    CASHBACK = "cashback"
+    REFUND = "refund"
 
 
 class ReserveStatus(enum.Enum):
@@ -45,6 +59,8 @@ class ReserveStatus(enum.Enum):
     NO_ACCOUNT = "no_account"
     DUPLICATE = "duplicate"
     """A live hold already carries this idempotency key: ``ReserveResult.original``."""
+    OVER_CASH_LIMIT = "over_cash_limit"
+    """The cash part would take the card over its daily cash limit: nothing is held."""
     REVERSED = "reversed"
     """A reversal of this very transaction (same terminal, STAN + transmission time or RRN,
     card and amount) arrived before it (`Ledger.remember_reversal`): nothing is held."""
@@ -71,6 +87,8 @@ class Card:
     masked_pan: str
     account_id: str
     status: str
+    currency: str = ""
+    """Its account's currency (ISO 4217 numeric): requests in another are declined."""
 
     @property
     def blocked(self) -> bool:
@@ -111,6 +129,10 @@ class Hold:
     """The card's keyed hash (None on holds made before schema version 3)."""
     original_amount: int | None = None
     """The amount first held, once a partial reversal lowered ``amount`` (None: never)."""
+    kind: str | None = None
+    """The transaction type (`Kind`; None on holds made before schema version 6)."""
+    cash: int = 0
+    """The cash part of the amount (a withdrawal's whole amount, a cashback's DE 54 part)."""
 
     @property
     def first_amount(self) -> int:
@@ -309,8 +331,17 @@ class Ledger(abc.ABC):
         idem_key: str | None = None,
         approval_code: str | None = None,
         pan_ref: str | None = None,
+        kind: Kind = Kind.PURCHASE,
+        cash: int = 0,
+        cash_limit: int = 0,
     ) -> ReserveResult:
         """Hold ``amount`` on the account for this transaction, if the available funds allow.
+
+        ``cash`` (the cash part of a withdrawal or cashback) counts against the card's daily
+        cash limit ``cash_limit`` (0: none): the cash of the card's live holds (pending,
+        authorized, captured) made since midnight UTC plus ``cash`` must not exceed it, else
+        OVER_CASH_LIMIT. The check and the hold are one atomic step per card, so concurrent
+        withdrawals cannot pass the limit together.
 
         ``idem_key`` (the request's idempotency key) makes the ledger refuse a second live hold
         for the same request: it answers DUPLICATE with the original hold (and its
@@ -333,6 +364,26 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def refund(self, txn_id: str) -> bool:
         """captured -> refunded: give the posted amount back. Idempotent."""
+
+    @abc.abstractmethod
+    async def credit(
+        self,
+        txn_id: str,
+        account_id: str,
+        amount: int,
+        *,
+        mti: str | None = None,
+        terminal: str | None = None,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        idem_key: str | None = None,
+        pan_ref: str | None = None,
+    ) -> bool:
+        """Post a refund: ``amount`` added to the account's balance, recorded as a hold in state
+        ``credited`` (for reversals and the journal) with a negative capture (so the balance
+        still equals the opening balance minus the captures). Idempotent: False when this
+        transaction has credited already (crash recovery may run it again)."""
 
     @abc.abstractmethod
     async def reduce(self, txn_id: str, amount: int) -> bool:
@@ -419,8 +470,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
 
 HOLD_COLUMNS = (
     "txn_id, account_id, amount, state, mti, terminal, stan, tx_time, rrn, idem_key, approval_code,"
-    " pan_ref, original_amount"
+    " pan_ref, original_amount, kind, cash"
 )
+
+#: The live holds' cash of a card since a time: what its daily cash limit counts.
+CASH_STATES = ("pending", "authorized", "captured")
 
 #: Partial reversals: the condition a hold must meet to be lowered to a new amount.
 REDUCIBLE_STATES = ("pending", "authorized", "captured")
@@ -436,7 +490,7 @@ FROM accounts a ORDER BY a.id
 
 CAPTURE_MISMATCH_SQL = """
 SELECT COUNT(*) FROM holds h
-WHERE (h.state IN ('captured', 'refunded'))
+WHERE (h.state IN ('captured', 'refunded', 'credited'))
       <> EXISTS (SELECT 1 FROM captures c WHERE c.txn_id = h.txn_id)
 """
 

@@ -4,11 +4,12 @@ one database."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from isopace.host.errors import LedgerError
 from isopace.host.ledger._common import (
     CAPTURE_MISMATCH_SQL,
+    CASH_STATES,
     CHECK_SQL,
     HOLD_COLUMNS,
     KEY_INDEX,
@@ -18,6 +19,7 @@ from isopace.host.ledger._common import (
     Card,
     Hold,
     HoldState,
+    Kind,
     Ledger,
     LedgerCheck,
     ReserveResult,
@@ -67,6 +69,8 @@ CREATE TABLE IF NOT EXISTS holds (
     approval_code TEXT,
     pan_ref TEXT,
     original_amount BIGINT,
+    kind TEXT,
+    cash BIGINT NOT NULL DEFAULT 0,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
@@ -113,8 +117,28 @@ WITH acc AS (
     RETURNING id, balance - held AS available
 )
 INSERT INTO holds ({HOLD_COLUMNS})
-SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, NULL FROM acc
+SELECT $1, id, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13 FROM acc
 RETURNING (SELECT available FROM acc)
+"""
+
+_PG_CASH_USED = f"""
+SELECT COALESCE(SUM(cash), 0) FROM holds
+WHERE pan_ref = $1 AND cash > 0 AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC')
+    AT TIME ZONE 'UTC' AND state IN ({", ".join(repr(state) for state in CASH_STATES)})
+"""
+
+_PG_CREDIT = f"""
+WITH h AS (
+    INSERT INTO holds ({HOLD_COLUMNS})
+    VALUES ($1, $2, $3, 'credited', $4, $5, $6, $7, $8, $9, NULL, $10, NULL, 'refund', 0)
+    ON CONFLICT (txn_id) DO NOTHING
+    RETURNING txn_id, account_id, amount
+), c AS (
+    INSERT INTO captures (txn_id, account_id, amount) SELECT txn_id, account_id, -amount FROM h
+    RETURNING txn_id
+)
+UPDATE accounts SET balance = balance + h.amount FROM h WHERE accounts.id = h.account_id
+RETURNING accounts.id
 """
 
 _PG_REDUCE = """
@@ -124,7 +148,7 @@ WITH old AS (
     FOR UPDATE
 ), h AS (
     UPDATE holds SET original_amount = COALESCE(holds.original_amount, holds.amount),
-        amount = $2, updated_at = now()
+        amount = $2, cash = LEAST(holds.cash, $2), updated_at = now()
     FROM old WHERE holds.txn_id = old.txn_id
     RETURNING old.account_id, old.amount - $2 AS less, old.state
 ), c AS (
@@ -238,9 +262,15 @@ class PostgresLedger(Ledger):
                     "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
                     "ADD COLUMN IF NOT EXISTS approval_code TEXT, "
                     "ADD COLUMN IF NOT EXISTS pan_ref TEXT, "
-                    "ADD COLUMN IF NOT EXISTS original_amount BIGINT"
+                    "ADD COLUMN IF NOT EXISTS original_amount BIGINT, "
+                    "ADD COLUMN IF NOT EXISTS kind TEXT, "
+                    "ADD COLUMN IF NOT EXISTS cash BIGINT NOT NULL DEFAULT 0"
                 )
                 await conn.execute(KEY_INDEX)
+                await conn.execute(
+                    "CREATE INDEX IF NOT EXISTS holds_cash ON holds (pan_ref, created_at) "
+                    "WHERE cash > 0"
+                )
                 await conn.execute(
                     "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) "
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -290,8 +320,8 @@ class PostgresLedger(Ledger):
 
     async def _fetch_card(self, refs: Sequence[str]) -> Card | None:
         row = await self.pool.fetchrow(
-            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref = ANY($1) "
-            "LIMIT 1",
+            "SELECT c.pan_ref, c.masked_pan, c.account_id, c.status, a.currency FROM cards c "
+            "JOIN accounts a ON a.id = c.account_id WHERE c.pan_ref = ANY($1) LIMIT 1",
             list(refs),
         )
         return Card(*row) if row else None
@@ -380,58 +410,69 @@ class PostgresLedger(Ledger):
         idem_key: str | None = None,
         approval_code: str | None = None,
         pan_ref: str | None = None,
+        kind: Kind = Kind.PURCHASE,
+        cash: int = 0,
+        cash_limit: int = 0,
     ) -> ReserveResult:
+        if amount < 0 or cash < 0:
+            raise ValueError(f"amounts must not be negative: {amount}, {cash}")
+        args = (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
+                approval_code, pan_ref, kind.value, cash)  # fmt: skip
+        async with self.pool.acquire() as conn:
+            if not (cash and cash_limit and pan_ref is not None):
+                return await self._reserve(conn, args)
+            async with conn.transaction():
+                # one card's cash reserves in turn: the sum read is the one the limit allows
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", pan_ref)
+                used = await conn.fetchval(_PG_CASH_USED, pan_ref)
+                if used + cash > cash_limit:
+                    return ReserveResult(ReserveStatus.OVER_CASH_LIMIT)
+                return await self._reserve(conn, args)
+
+    async def _reserve(self, conn: Any, args: tuple[Any, ...]) -> ReserveResult:
+        """The reservation of `reserve`'s ``args`` (in `_PG_RESERVE`'s order) on ``conn``."""
         import asyncpg
 
-        if amount < 0:
-            raise ValueError(f"amount must not be negative: {amount}")
-        async with self.pool.acquire() as conn:
-            if idem_key is not None:
-                dup = await conn.fetchrow(
-                    f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
-                    idem_key,
-                )
-                if dup is not None and dup["txn_id"] != txn_id:
-                    return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
-            try:
-                row = await conn.fetchrow(
-                    _PG_RESERVE,
-                    txn_id,
-                    account_id,
-                    amount,
-                    mti,
-                    terminal,
-                    stan,
-                    tx_time,
-                    rrn,
-                    idem_key,
-                    approval_code,
-                    pan_ref,
-                )
-            except asyncpg.UniqueViolationError:
-                state = await conn.fetchval("SELECT state FROM holds WHERE txn_id = $1", txn_id)
-                if state is not None:
-                    ok = state != HoldState.RELEASED
-                    return ReserveResult(
-                        ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
-                    )
-                dup = await conn.fetchrow(
-                    f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
-                    idem_key,
-                )
-                if dup is None:  # released meanwhile: let the caller try again
-                    raise
+        txn_id, account_id, amount, _, terminal, stan, tx_time, rrn, idem_key, _, pan_ref = args[
+            :11
+        ]
+        if idem_key is not None:
+            dup = await conn.fetchrow(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
+                idem_key,
+            )
+            if dup is not None and dup["txn_id"] != txn_id:
                 return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
-            if row is not None:
-                return ReserveResult(ReserveStatus.APPROVED, row[0])
-            reversed_early = await conn.fetchval(
-                _pg_early(1, 2, 3, 4, 5, 6), terminal, pan_ref, amount, stan, tx_time, rrn
+        try:
+            if conn.is_in_transaction():  # a savepoint: the handler below still reads
+                async with conn.transaction():
+                    row = await conn.fetchrow(_PG_RESERVE, *args)
+            else:
+                row = await conn.fetchrow(_PG_RESERVE, *args)
+        except asyncpg.UniqueViolationError:
+            state = await conn.fetchval("SELECT state FROM holds WHERE txn_id = $1", txn_id)
+            if state is not None:
+                ok = state != HoldState.RELEASED
+                return ReserveResult(
+                    ReserveStatus.APPROVED if ok else ReserveStatus.INSUFFICIENT_FUNDS
+                )
+            dup = await conn.fetchrow(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
+                idem_key,
             )
-            if reversed_early:
-                return ReserveResult(ReserveStatus.REVERSED)
-            available = await conn.fetchval(
-                "SELECT balance - held FROM accounts WHERE id = $1", account_id
-            )
+            if dup is None:  # released meanwhile: let the caller try again
+                raise
+            return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
+        if row is not None:
+            return ReserveResult(ReserveStatus.APPROVED, row[0])
+        reversed_early = await conn.fetchval(
+            _pg_early(1, 2, 3, 4, 5, 6), terminal, pan_ref, amount, stan, tx_time, rrn
+        )
+        if reversed_early:
+            return ReserveResult(ReserveStatus.REVERSED)
+        available = await conn.fetchval(
+            "SELECT balance - held FROM accounts WHERE id = $1", account_id
+        )
         if available is None:
             return ReserveResult(ReserveStatus.NO_ACCOUNT)
         return ReserveResult(ReserveStatus.INSUFFICIENT_FUNDS, available)
@@ -452,6 +493,28 @@ class PostgresLedger(Ledger):
 
     async def refund(self, txn_id: str) -> bool:
         return await self.pool.fetchval(_PG_REFUND, txn_id) is not None
+
+    async def credit(
+        self,
+        txn_id: str,
+        account_id: str,
+        amount: int,
+        *,
+        mti: str | None = None,
+        terminal: str | None = None,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        idem_key: str | None = None,
+        pan_ref: str | None = None,
+    ) -> bool:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+        done = await self.pool.fetchval(
+            _PG_CREDIT, txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
+            pan_ref,
+        )  # fmt: skip
+        return done is not None
 
     async def reduce(self, txn_id: str, amount: int) -> bool:
         if amount < 0:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from isopace.host.errors import LedgerError
 from isopace.host.ledger._common import (
     CAPTURE_MISMATCH_SQL,
+    CASH_STATES,
     CHECK_SQL,
     HOLD_COLUMNS,
     KEY_INDEX,
@@ -33,6 +34,7 @@ from isopace.host.ledger._common import (
     Card,
     Hold,
     HoldState,
+    Kind,
     Ledger,
     LedgerCheck,
     ReserveResult,
@@ -55,6 +57,19 @@ T = TypeVar("T")
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds")
+
+
+def _midnight() -> str:
+    """Today's start (UTC) in the format of ``created_at``: where a daily cash limit counts from."""
+    today = _dt.datetime.now(_dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today.isoformat(timespec="microseconds")
+
+
+CASH_INDEX = "CREATE INDEX IF NOT EXISTS holds_cash ON holds (pan_ref, created_at) WHERE cash > 0"
+CASH_USED_SQL = (
+    "SELECT COALESCE(SUM(cash), 0) FROM holds WHERE pan_ref = ? AND created_at >= ? AND cash > 0 "
+    f"AND state IN ({', '.join(repr(state) for state in CASH_STATES)})"
+)
 
 
 _SQLITE_SCHEMA = """
@@ -88,6 +103,8 @@ CREATE TABLE IF NOT EXISTS holds (
     approval_code TEXT,
     pan_ref TEXT,
     original_amount INTEGER,
+    kind TEXT,
+    cash INTEGER NOT NULL DEFAULT 0,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
@@ -182,10 +199,13 @@ class SqliteLedger(Ledger):
             ("approval_code", "TEXT"),
             ("pan_ref", "TEXT"),
             ("original_amount", "INTEGER"),
+            ("kind", "TEXT"),
+            ("cash", "INTEGER NOT NULL DEFAULT 0"),
         ):
             if column not in columns:
                 conn.execute(f"ALTER TABLE holds ADD COLUMN {column} {kind}")
         conn.execute(KEY_INDEX)
+        conn.execute(CASH_INDEX)
         conn.execute(
             "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -245,8 +265,9 @@ class SqliteLedger(Ledger):
 
     async def _fetch_card(self, refs: Sequence[str]) -> Card | None:
         sql = (
-            "SELECT pan_ref, masked_pan, account_id, status FROM cards WHERE pan_ref IN "
-            f"({','.join('?' * len(refs))}) LIMIT 1"
+            "SELECT c.pan_ref, c.masked_pan, c.account_id, c.status, a.currency FROM cards c "
+            "JOIN accounts a ON a.id = c.account_id "
+            f"WHERE c.pan_ref IN ({','.join('?' * len(refs))}) LIMIT 1"
         )
 
         def op(conn: sqlite3.Connection) -> Card | None:
@@ -364,9 +385,12 @@ class SqliteLedger(Ledger):
         idem_key: str | None = None,
         approval_code: str | None = None,
         pan_ref: str | None = None,
+        kind: Kind = Kind.PURCHASE,
+        cash: int = 0,
+        cash_limit: int = 0,
     ) -> ReserveResult:
-        if amount < 0:
-            raise ValueError(f"amount must not be negative: {amount}")
+        if amount < 0 or cash < 0:
+            raise ValueError(f"amounts must not be negative: {amount}, {cash}")
 
         def op(conn: sqlite3.Connection) -> ReserveResult:
             # this transaction's hold, and a live hold of the same idempotency key, in one query
@@ -396,6 +420,10 @@ class SqliteLedger(Ledger):
                 ).fetchone()
                 if early is not None:
                     return ReserveResult(ReserveStatus.REVERSED)
+            if cash and cash_limit and pan_ref is not None:
+                (used,) = conn.execute(CASH_USED_SQL, (pan_ref, _midnight())).fetchone()
+                if used + cash > cash_limit:
+                    return ReserveResult(ReserveStatus.OVER_CASH_LIMIT)
             held = conn.execute(
                 "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ? "
                 "RETURNING balance - held",
@@ -411,7 +439,7 @@ class SqliteLedger(Ledger):
             now = _now()
             conn.execute(
                 f"INSERT INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
                 (
                     txn_id,
                     account_id,
@@ -424,6 +452,8 @@ class SqliteLedger(Ledger):
                     idem_key,
                     approval_code,
                     pan_ref,
+                    kind.value,
+                    cash,
                     now,
                     now,
                 ),
@@ -501,6 +531,46 @@ class SqliteLedger(Ledger):
             )
         )
 
+    async def credit(
+        self,
+        txn_id: str,
+        account_id: str,
+        amount: int,
+        *,
+        mti: str | None = None,
+        terminal: str | None = None,
+        stan: str | None = None,
+        tx_time: str | None = None,
+        rrn: str | None = None,
+        idem_key: str | None = None,
+        pan_ref: str | None = None,
+    ) -> bool:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+
+        def op(conn: sqlite3.Connection) -> bool:
+            now = _now()
+            done = conn.execute(
+                f"INSERT INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'credited', ?, ?, ?, ?, ?, ?, NULL, ?, NULL, 'refund', 0, ?, ?) "
+                "ON CONFLICT (txn_id) DO NOTHING",
+                (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key, pan_ref,
+                 now, now),
+            )  # fmt: skip
+            if not done.rowcount:
+                return False
+            conn.execute(
+                "INSERT INTO captures (txn_id, account_id, amount, captured_at) "
+                "VALUES (?, ?, ?, ?)",
+                (txn_id, account_id, -amount, now),
+            )
+            conn.execute(
+                "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account_id)
+            )
+            return True
+
+        return await self._write(op)
+
     async def reduce(self, txn_id: str, amount: int) -> bool:
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
@@ -518,8 +588,8 @@ class SqliteLedger(Ledger):
             less = standing - amount
             conn.execute(
                 "UPDATE holds SET original_amount = COALESCE(original_amount, amount), "
-                "amount = ?, updated_at = ? WHERE txn_id = ?",
-                (amount, _now(), txn_id),
+                "amount = ?, cash = MIN(cash, ?), updated_at = ? WHERE txn_id = ?",
+                (amount, amount, _now(), txn_id),
             )
             if state == HoldState.CAPTURED:
                 conn.execute("UPDATE captures SET amount = ? WHERE txn_id = ?", (amount, txn_id))
