@@ -6,8 +6,8 @@ ascii``), its ``default`` (ASCII data, binary bitmap: ``--spec ascii-binary-bitm
 network's variant of ``default`` with binary length prefixes, written as JSON (``--spec-file``),
 each over a plain socket with the host's framing (a 2-byte big-endian length). Each purchase is
 checked against the ledger: debited by exactly its amount, once for a retransmission, and given
-back by its reversal. ``bcd`` and ``ebcdic`` go through ``isopace send`` and ``bench --spec``, the
-metrics, the journal, and recovery after a crash.
+back by its reversal. ``bcd`` and ``ebcdic`` go through ``isopace send`` (purchase, replay, echo,
+decline) and ``bench --spec``, the metrics, the journal, and recovery after a crash.
 
 Inputs tried: a purchase, its retransmission and its reversal in each layout; frames of
 pyiso8583's ``default`` at a host expecting ``ascii`` and the reverse, several on one connection;
@@ -34,7 +34,7 @@ from isopace.cli import build_parser
 from isopace.host.config import HostConfig, load_config, option_help, option_name
 from isopace.host.errors import ConfigError
 
-from .conftest import PAN_BENCH, PAN_OK, cli, cli_json, free_port
+from .conftest import PAN_BENCH, PAN_LOW, PAN_OK, cli, cli_json, free_port
 from .test_restart import _leave_in_doubt
 
 TERMINAL = "TERMPY01"
@@ -197,6 +197,11 @@ def test_bcd_and_ebcdic_hosts_with_send_bench_metrics_and_journal(
     again = json.loads(cli("send", *common, *fixed, check=True).stdout.splitlines()[-1])
     assert again["response"]["38"] == response["38"]  # replayed
     assert _balance(db) == before - 1234
+    echo = cli("send", "--port", port, "--spec", name, "--mti", "0800", "--json", check=True)
+    assert '"mti": "0810"' in echo.stdout and '"39": "00"' in echo.stdout
+    low = cli("send", "--port", port, "--spec", name, "--pan", PAN_LOW, "--amount", "500.00")
+    assert low.returncode == 1 and "51 insufficient funds" in low.stdout, low.stdout
+    assert _balance(db, "ACC-1003") == 1_000  # the seeded 10.00, untouched
 
     bench_before = _balance(db, "ACC-9000")
     bench = cli_json("bench", "--port", port, "--spec", name, "-c", "2", "-d", "1", "--no-progress")
