@@ -53,7 +53,29 @@ def test_a_bad_spec_file_or_name_is_a_one_line_error(tmp_path: Path) -> None:
         "invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
     )
     assert run.stderr.count("\n") == 1
+    known = "(known: ascii, ascii-binary-bitmap, bcd, ebcdic)"
     run = cli("describe", "00", "--spec", "binary")
-    assert run.returncode == 2 and "invalid choice: 'binary'" in run.stderr
+    assert run.returncode == 2
+    assert run.stderr == f"isopace: error: spec 'binary' is not a built-in spec {known}\n"
     run = cli("describe", "00", "--spec", "ascii", "--spec-file", str(path))
     assert run.returncode == 2 and "not allowed with argument" in run.stderr
+
+
+def test_serve_refuses_a_bad_spec_name_or_file_in_one_line(tmp_path: Path) -> None:
+    """``serve`` takes the same flags and TOML keys; it stops before opening anything."""
+    db = tmp_path / "data" / "host.db"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{nope")
+    config = tmp_path / "host.toml"
+    cases: list[tuple[list[str], str]] = [
+        (["--spec", "binary"], "spec 'binary' is not a built-in spec (known: ascii, "),
+        (["--spec-file", str(broken)], f"spec file {broken}: invalid JSON: "),
+        (["--spec-file", str(tmp_path / "none.json")], "none.json: No such file or directory"),
+        (["--config", str(config)], f"config {config}: spec and spec_file: give one of them"),
+    ]
+    config.write_text(f'spec = "bcd"\nspec-file = "{broken}"\n')
+    for flags, text in cases:
+        run = cli("serve", "--port", "0", "--db", str(db), *flags)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.count("\n") == 1 and text in run.stderr, run.stderr
+    assert not db.exists()

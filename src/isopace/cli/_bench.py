@@ -30,7 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from isopace.cli._output import Output
-from isopace.cli._send import FRAMINGS, add_spec_flags, chosen_spec, client_ssl
+from isopace.cli._send import FRAMINGS, client_ssl
+from isopace.cli._spec import add_spec_flags, chosen_spec
 
 _OPEN_LOOP_TERMINALS = 64
 

@@ -344,7 +344,8 @@ def add_recover_parser(sub: Any) -> None:
             "database: refused while a host serves it)."
         ),
     )
-    add_config_flags(p, only=_STORE_OPTIONS)
+    # the host's flow, which checks requests under the host's wire format
+    add_config_flags(p, only=_STORE_OPTIONS | {"spec", "spec_file"})
     p.add_argument(
         "--all-nodes", action="store_true", help="also take over other nodes' transactions"
     )

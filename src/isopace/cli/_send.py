@@ -12,40 +12,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from isopace.cli._output import Output
+from isopace.cli._spec import add_spec_flags, chosen_spec
 
 FRAMINGS = ("binary2", "binary4", "ascii2", "ascii4", "bcd2", "vmlh")
-
-
-def add_spec_flags(p: argparse.ArgumentParser) -> None:
-    """``--spec NAME`` or ``--spec-file PATH``: one choice for every command speaking ISO 8583."""
-    from isopace.iso8583 import SPECS
-
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--spec",
-        choices=list(SPECS),
-        default="ascii",
-        help="built-in wire format (default: ascii, hex-character bitmap; ascii-binary-bitmap is "
-        "pyiso8583's default layout)",
-    )
-    group.add_argument(
-        "--spec-file",
-        metavar="PATH",
-        help="a spec in isopace's JSON format or a pyiso8583 spec written as JSON",
-    )
-
-
-def chosen_spec(args: argparse.Namespace) -> Any:
-    """The spec ``add_spec_flags`` chose; a spec file that cannot be read is a one-line error."""
-    from isopace.host.errors import ConfigError
-    from isopace.iso8583 import Iso8583Error, load_spec_file, spec_by_name
-
-    if getattr(args, "spec_file", None):
-        try:
-            return load_spec_file(args.spec_file)
-        except Iso8583Error as exc:
-            raise ConfigError(f"--spec-file: {exc}") from exc
-    return spec_by_name(args.spec)
 
 
 def add_connection_flags(p: argparse.ArgumentParser) -> None:

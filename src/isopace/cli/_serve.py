@@ -13,10 +13,8 @@ import sys
 from typing import Any
 
 from isopace.cli._output import Output, money
-from isopace.host.config import HostConfig, load_config, option_help, parse_bins
-
-# Options whose flag is spelled differently from the key, or is handled by hand.
-_SPECIAL = {"bins", "idempotency_key"}
+from isopace.cli._spec import add_spec_flags
+from isopace.host.config import HostConfig, load_config, option_help, option_name, parse_bins
 
 
 def _int_list(text: str) -> list[int]:
@@ -27,19 +25,24 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
-    """Add ``--config`` and one flag per `HostConfig` option (or just those in ``only``)."""
+    """Add ``--config`` and one flag per `HostConfig` option (or just those in ``only``), named
+    as the option (`option_name`: the TOML key too), its value stored under the attribute."""
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with any of these options (flags win)"
     )
     for name, (default, text, metavar) in option_help().items():
         if only is not None and name not in only:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + option_name(name).replace("_", "-")
         shown = f" (default: {default})" if default not in (None, "") else ""
-        if name == "bins":
+        if name == "spec":
+            add_spec_flags(parser, default=None)  # and --spec-file: one choice, as the clients'
+        elif name == "spec_file":
+            continue
+        elif name == "bins":
             parser.add_argument(
-                "--bin",
-                dest="bins",
+                flag,
+                dest=name,
                 action="append",
                 metavar="BIN=GROUP",
                 help=f"{text}; repeat for each entry (default: 4=visa 5=mastercard)",
@@ -53,7 +56,11 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             )
         elif isinstance(default, bool):
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=text + shown
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text + shown,
             )
         else:
             kind = HostConfig.__dataclass_fields__[name].type
@@ -64,7 +71,7 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
                 conv = float
             if metavar is None:
                 metavar = {int: "N", float: "N"}.get(conv, "TEXT")
-            parser.add_argument(flag, type=conv, metavar=metavar, help=text + shown)
+            parser.add_argument(flag, dest=name, type=conv, metavar=metavar, help=text + shown)
 
 
 def config_from_args(args: argparse.Namespace) -> HostConfig:
@@ -87,7 +94,10 @@ def add_parser(sub: Any) -> None:
             "Run the reference authorization host: ISO 8583 over TCP, a ledger (SQLite by default, "
             "PostgreSQL with --postgres), a durable journal with crash recovery at start-up, "
             "idempotent replay of retransmissions (SQLite, PostgreSQL or --redis), Prometheus "
-            "metrics with --metrics-port. Every option can also be set in the --config TOML file "
+            "metrics with --metrics-port. It speaks ISO 8583 in the wire format of --spec (default "
+            "ascii: ASCII data, ASCII-hex bitmap) or --spec-file, each message behind the length "
+            "header of --framing (default binary2), on --host / --port (default 127.0.0.1:8583). "
+            "Every option can also be set in the --config TOML file "
             "under the same name (dashes or underscores). Keys: the card and journal "
             "fingerprints' keys live in key files (<name>.card.key, <name>.journal.key next to "
             "--db, mode 0600, or --card-key-file / --journal-key-file) or in $ISOPACE_CARD_KEY / "
@@ -157,9 +167,11 @@ async def _serve(config: HostConfig) -> int:
             out.line(str(host.recovery))
         where = f"PostgreSQL schema {config.postgres_schema}" if config.postgres else config.db
         idem = "Redis" if config.redis else ("PostgreSQL" if config.postgres else "SQLite")
+        wire = config.spec_file or config.spec
         out.line(
             f"isopace host listening on {config.host}:{host.port} "
-            f"(ledger and journal: {where}; idempotency: {idem}; node {host.node})"
+            f"(spec {wire}, framing {config.framing}; ledger and journal: {where}; "
+            f"idempotency: {idem}; node {host.node})"
         )
         if host.metrics_port is not None:
             out.line(f"metrics on http://{config.metrics_host}:{host.metrics_port}/metrics")

@@ -168,10 +168,11 @@ class AuthorizationHost:
     (or ``async with``). ``host.handle(message)`` is the server's handler, usable directly."""
 
     def __init__(self, config: HostConfig, *, spec: Spec | None = None) -> None:
-        from isopace.iso8583 import ISO87_ASCII
-
         self.config = config
-        self.spec: Spec = spec if spec is not None else ISO87_ASCII
+        # the wire format (``spec`` / ``spec_file``): the server decodes requests and encodes
+        # answers with it, and the flow's checks read its rules; what the stores keep is the
+        # fields' values, not bytes, so nothing stored is decoded with another spec later
+        self.spec: Spec = spec if spec is not None else config.wire_spec()
         # see "Nodes" in the module docstring
         self.node = config.node_name
         self.metrics = Metrics()

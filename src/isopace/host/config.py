@@ -5,16 +5,24 @@ builds its ``isopace serve`` flags from that list (``db`` -> ``--db``, ``metrics
 ``--metrics-port``), so the file and the flags cannot drift apart. Precedence: flag, then file,
 then default.
 
-The file uses the same names, at the top level (no sections), e.g.::
+The file uses the flags' names (dashes or underscores), at the top level (no sections), e.g.::
 
     port = 8583
+    spec = "ascii-binary-bitmap"
     db = "isopace-data/isopace.db"
     metrics_port = 9100
     idempotency_key = [41, 11, 7]
-    bins = { "4" = "visa", "5" = "mastercard" }
+    bin = { "4" = "visa", "5" = "mastercard" }   # or ["4=visa", "5=mastercard"], as --bin
 
-Unknown keys and values of the wrong type are rejected with a one-line `ConfigError` naming the
-key and the file.
+An option's name is its attribute's unless its metadata says otherwise (``bins`` is ``bin``, as
+its flag ``--bin``, one entry each); a name an earlier version used stays accepted as an alias
+(``bins``). Unknown keys and values of the wrong type are rejected with a one-line `ConfigError`
+naming the key and the file.
+
+The wire format is ``spec`` (a built-in spec by name) or ``spec_file``: one replaces the other,
+so a ``--spec`` flag overrides a ``spec_file`` in the file and the reverse; both in one file is
+an error. `wire_spec` loads it, for ``isopace serve`` and the commands that speak to a host
+alike, with the same one-line errors.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from isopace.host.errors import ConfigError
+from isopace.iso8583 import SPECS, Iso8583Error, Spec, load_spec_file, spec_by_name
 from isopace.net.limits import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -40,23 +49,46 @@ __all__ = [
     "HostConfig",
     "load_config",
     "option_help",
+    "option_name",
     "parse_bins",
+    "wire_spec",
 ]
 
 DEFAULT_BINS: dict[str, str] = {"4": "visa", "5": "mastercard"}
 
 
-def _opt(default: Any, help: str, *, metavar: str | None = None) -> Any:
+DEFAULT_SPEC = "ascii"
+
+SPEC_HELP = (
+    "wire format, a built-in spec: ascii (ASCII data, ASCII-hex bitmap: pyiso8583's "
+    "default_ascii), ascii-binary-bitmap (ASCII data, 8-byte binary bitmap: pyiso8583's "
+    "default), bcd (numbers packed BCD, binary bitmap) or ebcdic"
+)
+SPEC_FILE_HELP = (
+    "wire format from a file instead of --spec: isopace's JSON spec format, or a pyiso8583 spec "
+    "dict written as JSON"
+)
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    metavar: str | None = None,
+    name: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """One option: ``name`` is its flag's and TOML key's name when not the attribute's;
+    ``aliases`` are older TOML keys still accepted."""
+    meta = {"help": help, "metavar": metavar, "name": name, "aliases": aliases}
     if isinstance(default, list | dict):
         frozen = default
 
         def factory() -> Any:
             return type(frozen)(frozen)
 
-        return dataclasses.field(
-            default_factory=factory, metadata={"help": help, "metavar": metavar}
-        )
-    return dataclasses.field(default=default, metadata={"help": help, "metavar": metavar})
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(slots=True)
@@ -70,6 +102,8 @@ class HostConfig:
         "length header: binary2 (2-byte big-endian), binary4, ascii2, ascii4, bcd2 or vmlh",
         metavar="KIND",
     )
+    spec: str = _opt(DEFAULT_SPEC, SPEC_HELP, metavar="NAME")
+    spec_file: str | None = _opt(None, SPEC_FILE_HELP, metavar="PATH")
     tls_cert: str | None = _opt(
         None, "PEM certificate chain: serve TLS (needs --tls-key)", metavar="FILE"
     )
@@ -189,7 +223,11 @@ class HostConfig:
         metavar="SECONDS",
     )
     bins: dict[str, str] = _opt(  # noqa: RUF009
-        dict(DEFAULT_BINS), "BIN prefix -> network group (longest prefix wins)", metavar="BIN=NET"
+        dict(DEFAULT_BINS),
+        "BIN prefix -> network group (longest prefix wins)",
+        metavar="BIN=NET",
+        name="bin",
+        aliases=("bins",),
     )
     unknown_bin_code: str = _opt("14", "response code for a PAN no BIN routes", metavar="CODE")
     velocity_window: float = _opt(60.0, "window of the per-card velocity limits", metavar="SECONDS")
@@ -218,6 +256,8 @@ class HostConfig:
             raise ConfigError(f"port {self.port} out of range 0..65535")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port {self.metrics_port} out of range 0..65535")
+        if self.spec not in SPECS:
+            wire_spec(self.spec)  # raises, naming the known specs
         if self.framing not in {"binary2", "binary4", "ascii2", "ascii4", "bcd2", "vmlh"}:
             raise ConfigError(f"framing {self.framing!r}: not one of binary2, binary4, ascii2, ...")
         if self.synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
@@ -245,7 +285,7 @@ class HostConfig:
             raise ConfigError(f"idempotency_key {self.idempotency_key}: fields 1..128 expected")
         for prefix, group in self.bins.items():
             if not prefix.isdigit() or not group:
-                raise ConfigError(f"bins: {prefix!r} = {group!r}: digits = group name expected")
+                raise ConfigError(f"bin: {prefix!r} = {group!r}: digits = group name expected")
         if not (len(self.unknown_bin_code) == 2 and self.unknown_bin_code.isalnum()):
             raise ConfigError(f"unknown_bin_code {self.unknown_bin_code!r}: two characters")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -253,6 +293,10 @@ class HostConfig:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"log_level {self.log_level!r}: DEBUG, INFO, WARNING or ERROR")
         return self
+
+    def wire_spec(self) -> Spec:
+        """The spec the host decodes requests and encodes answers with (`wire_spec`)."""
+        return wire_spec(self.spec, self.spec_file)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server's TLS context, or None; bad files raise a one-line `ConfigError`."""
@@ -287,13 +331,23 @@ class HostConfig:
         return _sibling(self.db, "journal"), _sibling(self.db, "idem")
 
 
+def wire_spec(name: str, path: str | None = None) -> Spec:
+    """The spec file at ``path`` if given, else the built-in spec ``name``; one-line
+    `ConfigError` naming the file (or listing the known names) when it cannot be had."""
+    try:
+        return load_spec_file(path) if path else spec_by_name(name)
+    except Iso8583Error as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _sibling(path: str, kind: str) -> str:
     root, ext = os.path.splitext(path)
     return f"{root}.{kind}{ext or '.db'}"
 
 
 def option_help() -> dict[str, tuple[Any, str, str | None]]:
-    """Each option's default, help text and metavar, in declaration order (for the CLI)."""
+    """Each option's default, help text and metavar by attribute, in declaration order (for the
+    CLI; `option_name` gives the flag's name)."""
     out: dict[str, tuple[Any, str, str | None]] = {}
     for f in dataclasses.fields(HostConfig):
         factory: Any = f.default_factory
@@ -302,7 +356,23 @@ def option_help() -> dict[str, tuple[Any, str, str | None]]:
     return out
 
 
+def option_name(attribute: str) -> str:
+    """The name of an option's flag and TOML key (``bins`` -> ``bin``), underscores for dashes."""
+    return _NAMES[attribute]
+
+
 _TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(HostConfig)}
+_NAMES: dict[str, str] = {
+    f.name: f.metadata["name"] or f.name for f in dataclasses.fields(HostConfig)
+}
+#: TOML key (dashes read as underscores) -> attribute: each option's name and its aliases.
+_KEYS: dict[str, str] = {
+    key: f.name
+    for f in dataclasses.fields(HostConfig)
+    for key in (_NAMES[f.name], *f.metadata["aliases"])
+}
+#: Options that replace each other: the one given in a later layer (flags over the file) wins.
+_EXCLUSIVE: dict[str, str] = {"spec": "spec_file", "spec_file": "spec"}
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -311,9 +381,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     base = kind.replace(" | None", "")
     if value is None and optional:
         return None
-    bad = ConfigError(
-        f"{where}: {name} = {value!r}: expected {base.replace('list[int]', 'list of integers')}"
-    )
+    expected = base.replace("list[int]", "list of integers")
+    if base == "dict[str, str]":
+        expected = "a table of strings, or a list of 'KEY=VALUE' strings"
+    bad = ConfigError(f"{where}: {option_name(name)} = {value!r}: expected {expected}")
     if base == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -337,6 +408,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             raise bad
         return list(value)
     if base == "dict[str, str]":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return parse_bins(value, option_name(name))
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
@@ -345,13 +418,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     raise bad  # pragma: no cover - every declared type is handled above
 
 
-def parse_bins(items: list[str]) -> dict[str, str]:
+def parse_bins(items: list[str], what: str = "--bin") -> dict[str, str]:
     """``["4=visa", "5=mastercard"]`` -> ``{"4": "visa", "5": "mastercard"}``."""
     out: dict[str, str] = {}
     for item in items:
         prefix, sep, group = item.partition("=")
         if not sep:
-            raise ConfigError(f"--bin {item!r}: expected BIN=GROUP, e.g. 4=visa")
+            raise ConfigError(f"{what} {item!r}: expected BIN=GROUP, e.g. 4=visa")
         out[prefix.strip()] = group.strip()
     return out
 
@@ -370,14 +443,20 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path}: not valid TOML: {exc}") from exc
         for key, value in data.items():
-            name = key.replace("-", "_")
-            if name not in _TYPES:
+            name = _KEYS.get(key.replace("-", "_"))
+            if name is None:
                 raise ConfigError(f"config {path}: unknown key {key!r}")
+            if name in values:
+                raise ConfigError(f"config {path}: {key!r} repeats an earlier key (an alias)")
             values[name] = _coerce(name, value, f"config {path}")
+        for name, other in _EXCLUSIVE.items():
+            if name in values and other in values:
+                raise ConfigError(f"config {path}: {name} and {other}: give one of them")
     for name, value in (overrides or {}).items():
         if value is None:
             continue
         if name not in _TYPES:
             raise ConfigError(f"unknown option {name!r}")
+        values.pop(_EXCLUSIVE.get(name, ""), None)
         values[name] = _coerce(name, value, "option")
     return HostConfig(**values).validate()

@@ -38,6 +38,13 @@ Decisions:
     - any other frame (no MTI of this spec, or one no request has: ``GET `` under ASCII, ``4745``
       under BCD) is not a message of this spec: dropped. The first drop on a connection logs one
       WARNING; later ones are counted into the next, at most one every ``DROP_LOG_INTERVAL``;
+    - a frame the spec does not decode but another built-in spec (``isopace.iso8583.SPECS``)
+      decodes whole, into a valid request MTI, is a peer speaking another wire format (most
+      often pyiso8583's ``default``, a binary bitmap, at a host expecting a hex one): dropped
+      like the above, the WARNING naming both specs and the ``--spec`` that would read it. Not
+      answered: the answer would be in a layout the peer cannot read, and what it would echo was
+      read through the wrong layout. The other specs are tried only on this failure path, so a
+      frame that decodes costs nothing more;
   * a request whose fields fail to decode when the handler reads them (decoding is lazy), or that
     ``spec.validate`` rejects when ``validate=True``: format error echoing the fields that still
     decode (``error_reply``). Which code an exception is answered with is the exception's
@@ -95,7 +102,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
-from isopace.iso8583 import Message, error_reply, mti_problems, response_code_for
+from isopace.iso8583 import SPECS, Message, error_reply, mti_problems, response_code_for
 from isopace.iso8583 import response_codes as rc
 from isopace.iso8583.mti import answer_mti, is_request, is_response
 from isopace.net._tally import Tally
@@ -143,6 +150,31 @@ def recover_mti(payload: bytes) -> str | None:
         digits = payload[:2].hex()
         if digits.isdigit():
             return digits
+    return None
+
+
+def _spec_name(spec: Spec) -> str:
+    """``spec``'s built-in name (``--spec``), else its own name."""
+    for name, known in SPECS.items():
+        if known is spec:
+            return name
+    return repr(getattr(spec, "name", None) or "custom")
+
+
+def _other_layout(spec: Spec, payload: bytes) -> str | None:
+    """The name of a built-in spec other than ``spec`` that decodes ``payload`` whole (every
+    field) into a valid request MTI, or None. Only for frames ``spec`` failed to decode."""
+    for name, other in SPECS.items():
+        if other is spec:
+            continue
+        try:
+            message = other.decode(payload)
+            message.fields()
+            mti = message.mti
+        except Exception:
+            continue
+        if is_request(mti) and not mti_problems(mti):
+            return name
     return None
 
 
@@ -349,16 +381,28 @@ class _Connection(FramedProtocol):
 
     def _undecodable(self, frame: Frame, exc: Exception) -> None:
         """A frame ``spec.decode`` rejects: a format error if the spec reads a valid request MTI
-        in it, else dropped (see "what a frame is" in the module notes)."""
+        in it and no other built-in spec reads the frame, else dropped (see "what a frame is" in
+        the module notes)."""
         spec = self.server.spec
+        payload = frame.payload
         text = error_text(exc)
         mti: str | None
         try:
-            mti = spec.decode_mti(frame.payload)
+            mti = spec.decode_mti(payload)
         except Exception:  # not even an MTI of this spec (or a spec without decode_mti)
             mti = None
-        extra = {"peer": self.peer, "error": text, "length": len(frame.payload), "mti": mti}
-        if mti is not None and is_request(mti) and not mti_problems(mti):
+        extra: dict[str, object] = {
+            "peer": self.peer,
+            "error": text,
+            "length": len(payload),
+            "mti": mti,
+        }
+        request = mti is not None and is_request(mti) and not mti_problems(mti)
+        # another wire format? Asked here only when it decides the answer; for a frame dropped
+        # anyway, only when the warning is written (below)
+        layout = _other_layout(spec, payload) if request else None
+        if request and layout is None:
+            assert mti is not None
             logger.warning(
                 "malformed %s message from %s: %s; answering with a format error",
                 mti,
@@ -367,7 +411,7 @@ class _Connection(FramedProtocol):
                 extra=extra,
             )
             try:  # the fields that can be trusted (none if the frame's bytes do not add up)
-                found = spec.decode_partial(frame.payload)
+                found = spec.decode_partial(payload)
             except Exception:  # a bitmap that cannot be read: nothing to echo
                 found = Message(mti)
             if found.mti != mti:  # a custom spec's decode_partial reading another MTI
@@ -380,11 +424,19 @@ class _Connection(FramedProtocol):
             return  # counted; said in the next warning
         count, self._dropped = self._dropped, 0
         self._drop_logged_at = now
+        if not request:
+            layout = _other_layout(spec, payload)
+        hint = ""
+        if layout is not None:
+            hint = f"; the bytes decode as {layout}: start the host with --spec {layout}"
+            extra["decodes_as"] = layout
         logger.warning(
-            "unparseable frame of %d bytes from %s: %s; dropped%s",
-            len(frame.payload),
+            "unparseable frame of %d bytes from %s under the spec %s: %s%s; dropped%s",
+            len(payload),
             self.peer,
+            _spec_name(spec),
             text,
+            hint,
             f" ({count} dropped since the last warning)" if count > 1 else "",
             extra={**extra, "dropped": count},
         )
