@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 from isopace.flow import CONTINUE, SKIP, Result, route
 from isopace.host.errors import HostError
-from isopace.host.ledger import HoldState, Kind, Ledger, ReserveStatus
+from isopace.host.ledger import Card, HoldState, Kind, Ledger, ReserveStatus
 from isopace.iso8583 import Iso8583Error, card_number, error_reply, minor_units
 from isopace.iso8583 import response_codes as rc
 from isopace.iso8583.mti import is_advice
@@ -113,6 +113,14 @@ def decline(ex: Exchange, code: str, reason: str) -> Result:
     ex.response = error_reply(ex.request, code)
     ex.abort(Declined(code, reason))
     return SKIP
+
+
+async def _card_of(ledger: Ledger, ex: Exchange) -> Card | None:
+    """The request's card: the one the risk stage found, else looked up (a flow without it)."""
+    card: Card | None = ex.get("card")
+    if card is None:
+        card = await ledger.card(card_number(ex.request) or "")
+    return card
 
 
 def _text(m: Message, n: int) -> str | None:
@@ -396,11 +404,9 @@ class Reserve:
 
     async def prepare(self, ex: Exchange) -> Result:
         request = ex.request
-        card = ex.get("card")
+        card = await _card_of(self.ledger, ex)
         if card is None:
-            card = await self.ledger.card(card_number(request) or "")
-            if card is None:
-                return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
+            return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
         amount = ex.get("amount", 0)
         idem_key = self.key(ex) if self.key is not None else None
         code = _approval_code()
@@ -509,11 +515,9 @@ class Refund:
         self.ledger = ledger
 
     async def prepare(self, ex: Exchange) -> Result:
-        card = ex.get("card")
+        card = await _card_of(self.ledger, ex)
         if card is None:
-            card = await self.ledger.card(card_number(ex.request) or "")
-            if card is None:
-                return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
+            return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
         ex.set("credit_to", card.account_id, durable=True)
         ex.set("approval_code", _approval_code())
         return CONTINUE
@@ -554,9 +558,7 @@ class BalanceInquiry:
         self.ledger = ledger
 
     async def prepare(self, ex: Exchange) -> Result:
-        card = ex.get("card")
-        if card is None:
-            card = await self.ledger.card(card_number(ex.request) or "")
+        card = await _card_of(self.ledger, ex)
         account = await self.ledger.account(card.account_id) if card is not None else None
         if account is None:
             return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
