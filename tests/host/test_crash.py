@@ -32,6 +32,7 @@ from .conftest import (
 )
 
 ROUNDS = 3
+REFUND = "200000"
 #: What a partial reversal of a 1.00 purchase of the mix leaves standing (DE 95).
 STANDING = 40
 
@@ -61,8 +62,9 @@ async def load_then_kill(
     host: HostProcess, round_no: int, kill_after: float, mix: Mix | None = None
 ) -> list[tuple[Message, Message]]:
     """Eight client workers send purchases (two of them as repeats, 0201, whose original never
-    came; two partially reverse each purchase approved); the host is killed while they are in
-    flight. Returns the approvals received; the rest goes to ``mix``."""
+    came; two send refunds, DE 3 = 20, instead; two partially reverse each purchase approved);
+    the host is killed while they are in flight. Returns the approvals received; the rest goes
+    to ``mix``."""
     approved: list[tuple[Message, Message]] = []
     stop = False
 
@@ -73,6 +75,8 @@ async def load_then_kill(
             terminal, tx_time = f"K{round_no:01d}{w:06d}", f"11290{round_no}0000"
             mti = "0201" if w % 4 == 0 else "0200"
             message = purchase(PAN_BENCH, 100, stan, terminal, tx_time, mti=mti)
+            if w % 4 == 2:
+                message = message.set(3, REFUND)
             try:
                 response = await client.request(message, timeout=5)
             except Exception:
@@ -183,18 +187,21 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
         amounts[terminal, stan, tx_time] = amount
     for message, _ in approved:
         states = holds[message[41], message[11], message[7]]
-        assert states == ["captured"], (message[41], message[11], states)
+        expected = "credited" if message[3] == REFUND else "captured"
+        assert states == [expected], (message[41], message[11], states)
     # every partial reversal answered (before the kills, or retried after) applied once
     for message, _ in mix.reversed + mix.unanswered_reversals:
         assert amounts[message[41], message[11], message[7]] == STANDING, message[11]
     repeats = sum(1 for m, _ in approved if m.mti == "0201")
-    print(f"{repeats} repeats approved, {len(mix.reversed)} partial reversals")
-    assert repeats and mix.reversed
+    refunds = sum(1 for m, _ in approved if m[3] == REFUND)
+    print(f"{repeats} repeats, {refunds} refunds approved, {len(mix.reversed)} partial reversals")
+    assert repeats and refunds and mix.reversed
     doubled = backend.fetch(
-        "SELECT terminal, stan, tx_time, COUNT(*) FROM holds WHERE state = 'captured' "
+        "SELECT terminal, stan, tx_time, COUNT(*) FROM holds "
+        "WHERE state IN ('captured', 'credited') "
         "GROUP BY terminal, stan, tx_time HAVING COUNT(*) > 1"
     )
-    assert doubled == []  # nothing captured twice for one request
+    assert doubled == []  # nothing captured or credited twice for one request
     retry_states = collections.Counter(tuple(sorted(holds[m[41], m[11], m[7]])) for m in unanswered)
     print("requests in flight at the kills, hold states after the retry:", dict(retry_states))
     ((captured,),) = backend.fetch(

@@ -282,7 +282,7 @@ async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         version = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
-        assert version.fetchone() == ("5",)
+        assert version.fetchone() == ("6",)
     finally:
         conn.close()
 

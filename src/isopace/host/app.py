@@ -154,7 +154,7 @@ def build_flow(
         stages.TransactionType(),
     )
     flow.group("purchase", stages.BinRoute(config.bins, config.unknown_bin_code))
-    flow.group("refund", stages.Refund(ledger))
+    flow.group("refund", stages.Refund(ledger, key=key))
     flow.group("inquiry", stages.BalanceInquiry(ledger))
     for network in sorted(set(config.bins.values())):
         flow.group(network, reserve)

@@ -506,20 +506,37 @@ class Reserve:
 class Refund:
     """A refund (DE 3 = 20): credits the card's account with DE 4, in commit (nothing is held:
     a credit cannot overdraw), answered 00 with an approval code. Declines 14 for an unknown
-    card. Durable properties (for recovery): ``credit_to`` (the account). A reversal of a refund
-    is not supported (the credited money may be spent): declined 12 by the reversal stage."""
+    card. A reversal of a refund is not supported (the credited money may be spent): declined
+    12 by the reversal stage.
+
+    With ``key`` (the flow's idempotency key function) the credit carries the request's key, as
+    a reserve's hold does: a retransmission whose stored answer was lost (the original was
+    finished by crash recovery) finds the credit made, is answered with its approval code and
+    credits nothing; and the ledger refuses a second credit of one key however the two race.
+
+    Durable properties (for recovery): ``credit_to`` (the account), ``credit_key`` (the
+    idempotency key), ``approval_code``."""
 
     name = "refund"
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, key: Callable[[Exchange], str | None] | None = None) -> None:
         self.ledger = ledger
+        self.key = key
 
     async def prepare(self, ex: Exchange) -> Result:
         card = await _card_of(self.ledger, ex)
         if card is None:
             return decline(ex, rc.INVALID_CARD_NUMBER, "no such card")
+        idem_key = self.key(ex) if self.key is not None else None
+        if idem_key is not None:
+            done = await self.ledger.hold_by_key(idem_key)
+            if done is not None and done.txn_id != ex.id:
+                ex.set("approval_code", done.approval_code)
+                ex.set("duplicate_of", done.txn_id)
+                return SKIP  # credited already: its answer again, nothing more
+            ex.set("credit_key", idem_key, durable=True)
         ex.set("credit_to", card.account_id, durable=True)
-        ex.set("approval_code", _approval_code())
+        ex.set("approval_code", _approval_code(), durable=True)
         return CONTINUE
 
     async def commit(self, ex: Exchange) -> None:
@@ -537,7 +554,8 @@ class Refund:
             stan=_text(request, 11),
             tx_time=_text(request, 7),
             rrn=_text(request, 37),
-            idem_key=None,
+            idem_key=ex.get("credit_key"),
+            approval_code=ex.get("approval_code"),
             pan_ref=self.ledger.pan_ref(pan) if pan else None,
         )
 

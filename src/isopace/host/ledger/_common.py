@@ -378,12 +378,18 @@ class Ledger(abc.ABC):
         tx_time: str | None = None,
         rrn: str | None = None,
         idem_key: str | None = None,
+        approval_code: str | None = None,
         pan_ref: str | None = None,
     ) -> bool:
         """Post a refund: ``amount`` added to the account's balance, recorded as a hold in state
         ``credited`` (for reversals and the journal) with a negative capture (so the balance
-        still equals the opening balance minus the captures). Idempotent: False when this
-        transaction has credited already (crash recovery may run it again)."""
+        still equals the opening balance minus the captures). Idempotent: False, and nothing
+        posted, when this transaction, or another of the same ``idem_key``, has credited
+        already (crash recovery may run it again; a retransmission may race its original)."""
+
+    @abc.abstractmethod
+    async def hold_by_key(self, idem_key: str) -> Hold | None:
+        """The live hold (or credit) made for the request of this idempotency key, if any."""
 
     @abc.abstractmethod
     async def reduce(self, txn_id: str, amount: int) -> bool:

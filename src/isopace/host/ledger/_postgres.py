@@ -130,8 +130,8 @@ WHERE pan_ref = $1 AND cash > 0 AND created_at >= date_trunc('day', now() AT TIM
 _PG_CREDIT = f"""
 WITH h AS (
     INSERT INTO holds ({HOLD_COLUMNS})
-    VALUES ($1, $2, $3, 'credited', $4, $5, $6, $7, $8, $9, NULL, $10, NULL, 'refund', 0)
-    ON CONFLICT (txn_id) DO NOTHING
+    VALUES ($1, $2, $3, 'credited', $4, $5, $6, $7, $8, $9, $10, $11, NULL, 'refund', 0)
+    ON CONFLICT DO NOTHING
     RETURNING txn_id, account_id, amount
 ), c AS (
     INSERT INTO captures (txn_id, account_id, amount) SELECT txn_id, account_id, -amount FROM h
@@ -506,15 +506,23 @@ class PostgresLedger(Ledger):
         tx_time: str | None = None,
         rrn: str | None = None,
         idem_key: str | None = None,
+        approval_code: str | None = None,
         pan_ref: str | None = None,
     ) -> bool:
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
         done = await self.pool.fetchval(
             _PG_CREDIT, txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
-            pan_ref,
+            approval_code, pan_ref,
         )  # fmt: skip
         return done is not None
+
+    async def hold_by_key(self, idem_key: str) -> Hold | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = $1 AND state <> 'released'",
+            idem_key,
+        )
+        return Hold(*row) if row else None
 
     async def reduce(self, txn_id: str, amount: int) -> bool:
         if amount < 0:

@@ -543,6 +543,7 @@ class SqliteLedger(Ledger):
         tx_time: str | None = None,
         rrn: str | None = None,
         idem_key: str | None = None,
+        approval_code: str | None = None,
         pan_ref: str | None = None,
     ) -> bool:
         if amount < 0:
@@ -550,12 +551,12 @@ class SqliteLedger(Ledger):
 
         def op(conn: sqlite3.Connection) -> bool:
             now = _now()
+            # OR IGNORE: the transaction id, or the live holds' unique idempotency key
             done = conn.execute(
-                f"INSERT INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, 'credited', ?, ?, ?, ?, ?, ?, NULL, ?, NULL, 'refund', 0, ?, ?) "
-                "ON CONFLICT (txn_id) DO NOTHING",
-                (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key, pan_ref,
-                 now, now),
+                f"INSERT OR IGNORE INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'credited', ?, ?, ?, ?, ?, ?, ?, ?, NULL, 'refund', 0, ?, ?)",
+                (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
+                 approval_code, pan_ref, now, now),
             )  # fmt: skip
             if not done.rowcount:
                 return False
@@ -570,6 +571,16 @@ class SqliteLedger(Ledger):
             return True
 
         return await self._write(op)
+
+    async def hold_by_key(self, idem_key: str) -> Hold | None:
+        def op(conn: sqlite3.Connection) -> Hold | None:
+            row = conn.execute(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE idem_key = ? AND state <> 'released'",
+                (idem_key,),
+            ).fetchone()
+            return Hold(*row) if row else None
+
+        return await self._read(op)
 
     async def reduce(self, txn_id: str, amount: int) -> bool:
         if amount < 0:
