@@ -141,5 +141,6 @@ async def test_recovery_completes_idempotency_claims_of_committed_transactions(
         assert report.committed == ["t-commit"] and report.aborted == ["t-prep"]
         assert report.completed_keys == ["key-t-commit"]
         replay = await store.claim("key-t-commit")
-        assert replay is not None and replay[39] == "00"
+        assert replay is not None and replay.response is not None
+        assert replay.response[39] == "00"
         assert await store.claim("key-t-prep") is None  # expired: a duplicate runs afresh
