@@ -1,10 +1,10 @@
 """Card data at rest: a real ``isopace serve`` (SQLite; then PostgreSQL + Redis) is sent requests
 with a card number in every text field its spec has, approved and declined, demo cards and
 others, a retransmission, and a request reusing the idempotency key with another card (answered
-94, its fingerprint compared with the stored one); then every file the host wrote (database, -wal, -shm, lock, key
-file, log), every column of every PostgreSQL table of its schema and every Redis value under its
-prefix are searched for each card number as ASCII, packed BCD (F-padded when odd) and hex text of
-its ASCII digits (both cases). Nothing is found.
+94, its fingerprint compared with the stored one); then every file the host wrote (database,
+-wal, -shm, lock, key file, log), every column of every PostgreSQL table of its schema and every
+Redis value under its prefix are searched for each card number as ASCII, packed BCD (F-padded when
+odd) and hex text of its ASCII digits (both cases). Nothing is found.
 
 The text fields are those of the host's spec (ISO87_ASCII) of kind n, an, ans, z (and x+n) that
 can hold 13 digits or more; a fixed numeric field longer than 19 digits (DE 90) cannot hold a

@@ -41,7 +41,7 @@ import base64
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from isopace.iso8583 import card_number
+from isopace.iso8583 import Iso8583Error, card_number
 
 if TYPE_CHECKING:
     from isopace.flow import Exchange
@@ -152,11 +152,19 @@ class RequestFingerprint:
 
 
 def _payload(m: Message) -> str:
-    """The fingerprinted fields as text, each length-prefixed (absent: ``-``), ending in ``|``
-    (the keyed hash strips the text it is given: nothing of a field's value is stripped)."""
-    parts = [m.mti[:3], card_number(m)]
-    parts.extend(_text(m, n) for n in FINGERPRINT_FIELDS)
-    return "".join("-|" if v is None else f"{len(v)}:{v}|" for v in parts)
+    """The fingerprinted fields as text, each length-prefixed (absent: ``-``; a value that does
+    not decode: ``?``, so the request goes on to the parse stage, which declines it 30 and that
+    answer is stored), ending in ``|`` (the keyed hash strips the text it is given: nothing of
+    a field's value is stripped)."""
+    out = [m.mti[:3], "|"]
+    for n in (2, *FINGERPRINT_FIELDS):
+        try:
+            value = card_number(m) if n == 2 else _text(m, n)
+        except Iso8583Error:
+            out.append("?|")
+            continue
+        out.append("-|" if value is None else f"{len(value)}:{value}|")
+    return "".join(out)
 
 
 def _under(ring: KeyRing, key: Key, payload: str) -> str:
