@@ -39,9 +39,10 @@ Decisions beyond the table in the design document, written down here:
   duplicate whose fingerprint differs (see :mod:`isopace.flow.idempotency`) is not replayed
   and not run: it aborts with ``FingerprintMismatchError`` and no response, journalling
   ``BEGIN`` and ``ABORTED``, and its caller chooses the answer. With a journal the fingerprint
-  is also a durable property of the exchange (``FINGERPRINT_PROPERTY``), so crash recovery
-  stores it with the answer of a transaction it finishes. The fingerprint is taken once per
-  run, before the claim; nothing else is added to a run's cost.
+  becomes a durable property of the exchange (``FINGERPRINT_PROPERTY``) at the decision to
+  commit, journalled with ``COMMITTING`` (not with ``BEGIN``: recovery needs it only for a
+  transaction it finishes, and stores it with that answer). The fingerprint is taken once per
+  run, before the claim.
 - A stage routed to more than once prepares, and joins, once per time: it commits or aborts as
   many times as it joined.
 - An exchange is run once. ``ex.joined`` is complete from the end of the prepare pass on.
@@ -346,10 +347,8 @@ class Flow:
             if self._journal is not None:
                 await self._record(ex, IDEMPOTENT_HIT_EVENT)
             return _REPLAYED
-        if fingerprint is not None and self._journal is not None:
-            ex.set(FINGERPRINT_PROPERTY, fingerprint, durable=True)
         try:
-            outcome = await self._run(ex, plan, deadline)
+            outcome = await self._run(ex, plan, deadline, fingerprint)
         except BaseException:
             # Cancelled. Before the decision point the run was rolled back: give the key up.
             # During the commit pass the decision stands: keep the outcome for duplicates.
@@ -404,8 +403,11 @@ class Flow:
             await self._record(ex, Event(EventKind.ABORTED, error))
         return _ABORTED
 
-    async def _run(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
-        """The general run: journal, deadline, profiler and listener as configured."""
+    async def _run(
+        self, ex: Exchange, plan: Plan, deadline: float | None, fingerprint: str | None = None
+    ) -> Outcome:
+        """The general run: journal, deadline, profiler and listener as configured;
+        ``fingerprint``: the request's, kept with the decision to commit (for recovery)."""
         journal = self._journal
         joined: list[ResolvedStage] = []
         ex._joined = joined
@@ -428,6 +430,8 @@ class Flow:
                 except TimeoutError:
                     commit = self._fail(ex, _deadline_error(ex))
             if commit and journal is not None:
+                if fingerprint is not None:
+                    ex.set(FINGERPRINT_PROPERTY, fingerprint, durable=True)
                 try:
                     await journal.record(ex, COMMITTING_EVENT)
                 except Exception as exc:
