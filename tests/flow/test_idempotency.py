@@ -13,6 +13,7 @@ from isopace.flow import (
     MemoryJournal,
     MemoryStore,
     Outcome,
+    Stored,
     func_stage,
     refill,
 )
@@ -184,10 +185,12 @@ async def test_waiting_for_the_first_run_is_bounded_by_the_deadline() -> None:
 
 async def test_a_failing_store_aborts_rather_than_risk_a_duplicate() -> None:
     class Down:
-        async def claim(self, key: str) -> Message | None:
+        async def claim(self, key: str) -> Stored | None:
             raise ConnectionError("store down")
 
-        async def complete(self, key: str, response: Message) -> None:
+        async def complete(
+            self, key: str, response: Message | None, fingerprint: str | None = None
+        ) -> None:
             raise AssertionError("not reached")
 
         async def release(self, key: str) -> None:
@@ -213,7 +216,9 @@ async def test_a_failing_key_function_aborts() -> None:
 
 async def test_store_failing_to_complete_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     class Flaky(MemoryStore):
-        async def complete(self, key: str, response: Message) -> None:
+        async def complete(
+            self, key: str, response: Message | None, fingerprint: str | None = None
+        ) -> None:
             raise OSError("write failed")
 
     flow = Flow(idempotency=Flaky(), key=key).group("main", Auth())
@@ -225,8 +230,12 @@ async def test_replay_refills_redacted_card_data_from_the_request() -> None:
     class Redacting(MemoryStore):
         """Stores what a durable store keeps: the response as redacted JSON."""
 
-        async def complete(self, key: str, response: Message) -> None:
-            await super().complete(key, Message.from_json(response.to_json(redact=True)))
+        async def complete(
+            self, key: str, response: Message | None, fingerprint: str | None = None
+        ) -> None:
+            assert response is not None
+            redacted = Message.from_json(response.to_json(redact=True))
+            await super().complete(key, redacted, fingerprint)
 
     auth = Auth()
     flow = Flow(idempotency=Redacting(), key=key).group("main", auth)
@@ -263,7 +272,7 @@ async def test_memory_store_ttl_and_lru_bound() -> None:
     for k, m in (("a", one), ("b", two)):
         assert await store.claim(k) is None
         await store.complete(k, m)
-    assert await store.claim("a") is one  # a is now the most recently used
+    assert await store.claim("a") == Stored(one)  # a is now the most recently used
     assert await store.claim("c") is None
     await store.complete("c", three)
     assert len(store) == 2 and "b" not in store and "a" in store
@@ -292,7 +301,7 @@ async def test_memory_store_release_wakes_one_new_owner() -> None:
     assert len(owners) == 1 and owners[0].result() is None
     response = Message("0210", {39: "00"})
     await store.complete("k", response)
-    assert [await w for w in waiters if w is not owners[0]] == [response] * 4
+    assert [await w for w in waiters if w is not owners[0]] == [Stored(response)] * 4
 
 
 def test_memory_store_validation() -> None:

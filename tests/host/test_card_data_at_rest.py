@@ -1,9 +1,10 @@
 """Card data at rest: a real ``isopace serve`` (SQLite; then PostgreSQL + Redis) is sent requests
 with a card number in every text field its spec has, approved and declined, demo cards and
-others, and a retransmission; then every file the host wrote (database, -wal, -shm, lock, key
-file, log), every column of every PostgreSQL table of its schema and every Redis value under its
-prefix are searched for each card number as ASCII, packed BCD (F-padded when odd) and hex text of
-its ASCII digits (both cases). Nothing is found.
+others, a retransmission, and a request reusing the idempotency key with another card (answered
+94, its fingerprint compared with the stored one); then every file the host wrote (database,
+-wal, -shm, lock, key file, log), every column of every PostgreSQL table of its schema and every
+Redis value under its prefix are searched for each card number as ASCII, packed BCD (F-padded when
+odd) and hex text of its ASCII digits (both cases). Nothing is found.
 
 The text fields are those of the host's spec (ISO87_ASCII) of kind n, an, ans, z (and x+n) that
 can hold 13 digits or more; a fixed numeric field longer than 19 digits (DE 90) cannot hold a
@@ -171,17 +172,25 @@ def _run(spawn: Any, backend: Backend, tmp_path: Path) -> None:
     numbers |= more
     low, more = loaded(PAN_LOW, PAN_LOW, 4, amount=500_000)
     numbers |= more
-    answers = asyncio.run(_exchange(host.port, [approved, other_approved, unknown, low, approved]))
-    assert [a.get(39) for a in answers] == ["00", "00", "14", "51", "00"]
+    reuse, more = loaded(OTHER, PAN_LOW, 1)  # the key of ``approved``, another card
+    numbers |= more
+    sent = [approved, other_approved, unknown, low, approved, reuse]
+    answers = asyncio.run(_exchange(host.port, sent))
+    assert [a.get(39) for a in answers] == ["00", "00", "14", "51", "00", "94"]
     assert answers[4].get(38) == answers[0].get(38)  # the retransmission was replayed
+    assert answers[5].get(38) is None
     assert len(_text_fields()) > 40
+    if backend.kind == "sqlite":  # every stored answer keeps its fingerprint (searched below)
+        stored = backend.fetch("SELECT fingerprint FROM idempotency_keys WHERE state = 'done'")
+        assert len(stored) == 4 and all(fp for (fp,) in stored), stored
 
     def search(when: str) -> None:
         blobs = files(tmp_path)
         if backend.kind == "postgres":
             blobs |= postgres_dump(backend.schema)
             answers = redis_dump(backend.prefix)
-            assert any(v.startswith(b"R") for v in answers.values()), answers
+            # answers with a fingerprint: A<length>:<fingerprint><response>
+            assert sum(v[:2] != b"A:" and v.startswith(b"A") for v in answers.values()) == 4
             blobs |= answers
         assert any("serve-" in k for k in blobs)
         found = find(numbers, blobs)

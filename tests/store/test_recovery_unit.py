@@ -141,5 +141,29 @@ async def test_recovery_completes_idempotency_claims_of_committed_transactions(
         assert report.committed == ["t-commit"] and report.aborted == ["t-prep"]
         assert report.completed_keys == ["key-t-commit"]
         replay = await store.claim("key-t-commit")
-        assert replay is not None and replay[39] == "00"
+        assert replay is not None and replay.response is not None
+        assert replay.response[39] == "00"
         assert await store.claim("key-t-prep") is None  # expired: a duplicate runs afresh
+
+
+async def test_recovery_stores_an_answer_without_response_with_its_fingerprint(
+    tmp_path: Path,
+) -> None:
+    """A committing transaction that decided no response is stored all the same (its duplicate
+    is replayed, never committed again), with the fingerprint the flow kept durable."""
+    from isopace.flow import FINGERPRINT_PROPERTY, Stored
+    from isopace.store import SqliteIdempotencyStore
+
+    log: list[tuple[str, str, bool]] = []
+    async with (
+        SqliteJournal(tmp_path / "j.db") as journal,
+        SqliteIdempotencyStore(tmp_path / "i.db", lease=0.3) as store,
+    ):
+        durable = {"hold": "H-t", FINGERPRINT_PROPERTY: "k1:abc"}
+        ex = Exchange.restore("t", request(), durable=durable, joined=["a"])
+        for kind in ("BEGIN", "COMMITTING"):
+            await journal.record(ex, Event(EventKind[kind]))
+        flow = Flow().group("main", Hook("a", log))
+        report = await recover(flow, journal, idempotency=store, key=lambda ex: "key-" + ex.id)
+        assert report.committed == ["t"] and report.completed_keys == ["key-t"]
+        assert await store.claim("key-t") == Stored(None, "k1:abc")

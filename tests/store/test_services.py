@@ -141,7 +141,8 @@ async def test_postgres_claim_waiters_and_lease(pg: tuple[str, str]) -> None:
         response = Message("0210", {39: "00", 2: PAN})
         await a.complete("k", response)
         got = await asyncio.wait_for(waiter, 2)
-        assert got is not None and got[39] == "00" and 2 in got.redacted
+        assert got is not None and got.response is not None
+        assert got.response[39] == "00" and 2 in got.response.redacted
         # release wakes a waiter, which then owns the key
         assert await a.claim("r") is None
         waiter = asyncio.create_task(b.claim("r"))
@@ -174,7 +175,8 @@ async def test_redis_claim_protocol_and_lease(redis_prefix: tuple[str, str]) -> 
         assert not waiter.done()
         await a.complete("k", Message("0210", {39: "00", 2: PAN}))
         got = await asyncio.wait_for(waiter, 2)
-        assert got is not None and got[39] == "00" and 2 in got.redacted
+        assert got is not None and got.response is not None
+        assert got.response[39] == "00" and 2 in got.response.redacted
         raw = await aioredis.Redis.from_url(url).get(f"{prefix}k:k")
         assert raw is not None and PAN.encode() not in raw
         # the lease is renewed while held

@@ -18,7 +18,8 @@ async def test_claim_complete_replay_release(tmp_path: Path) -> None:
         assert await store.claim("k") is None
         await store.complete("k", Message("0210", {2: PAN, 39: "00"}))
         got = await store.claim("k")
-        assert got is not None and got[39] == "00" and got.redacted == frozenset({2})
+        assert got is not None and got.response is not None
+        assert got.response[39] == "00" and got.response.redacted == frozenset({2})
         assert await store.claim("r") is None
         await store.release("r")
         assert await store.claim("r") is None
@@ -66,7 +67,7 @@ async def test_crashed_owner_lease_expires_and_other_process_waits(tmp_path: Pat
             assert not waiter.done()
             await b.complete("k", Message("0210", {39: "05"}))
             got = await asyncio.wait_for(waiter, 2)
-            assert got is not None and got[39] == "05"
+            assert got is not None and got.response is not None and got.response[39] == "05"
 
 
 async def test_purge_and_ttl(tmp_path: Path) -> None:
@@ -106,5 +107,5 @@ async def test_exclusive_node_takes_over_its_crashed_runs_claims_at_once(tmp_pat
         assert await asyncio.wait_for(restarted.claim("k"), 2) is None
         await restarted.complete("k", Message("0210", {39: "00"}))
         got = await restarted.claim("k")
-        assert got is not None and got[39] == "00"
+        assert got is not None and got.response is not None and got.response[39] == "00"
         assert await asyncio.wait_for(restarted.claim("other"), 2) is None

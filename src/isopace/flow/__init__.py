@@ -11,11 +11,19 @@ recovery and audit), idempotent replay of duplicate requests through an
 :class:`IdempotencyStore`, per-stage retry, a per-stage profiler and a :class:`FlowListener`
 for metrics. Stages may be plain functions or coroutines, mixed freely in one flow. An exchange
 belongs to one task at a time; one flow serves many concurrent runs.
+
+Idempotent replay follows the seed: a committed transaction's outcome is stored with its
+response or without one, and a duplicate of it is replayed (``Outcome.REPLAYED``), never run
+again, even when no stage built a response; a decline is stored and replayed too. A stored
+answer carries the request's fingerprint (a caller's ``fingerprint=`` function, like ``key=``):
+a duplicate whose fingerprint differs is neither replayed nor run, and its caller decides what it
+gets (:class:`FingerprintMismatchError`; see :mod:`isopace.flow.idempotency`).
 """
 
 from isopace.flow.errors import (
     AbortedError,
     DuplicateStageError,
+    FingerprintMismatchError,
     FlowError,
     NoEntryError,
     TooManyStagesError,
@@ -23,7 +31,15 @@ from isopace.flow.errors import (
 )
 from isopace.flow.exchange import Exchange
 from isopace.flow.flow import Flow
-from isopace.flow.idempotency import IdempotencyStore, KeyFunc, MemoryStore, refill
+from isopace.flow.idempotency import (
+    FINGERPRINT_PROPERTY,
+    FingerprintFunc,
+    IdempotencyStore,
+    KeyFunc,
+    MemoryStore,
+    Stored,
+    refill,
+)
 from isopace.flow.journal import (
     Event,
     EventKind,
@@ -49,6 +65,7 @@ from isopace.flow.stage import (
 __all__ = [
     "CONTINUE",
     "DONE",
+    "FINGERPRINT_PROPERTY",
     "SKIP",
     "AbortedError",
     "Aborter",
@@ -57,6 +74,8 @@ __all__ = [
     "Event",
     "EventKind",
     "Exchange",
+    "FingerprintFunc",
+    "FingerprintMismatchError",
     "Flow",
     "FlowError",
     "FlowListener",
@@ -77,6 +96,7 @@ __all__ = [
     "RetryStage",
     "Stage",
     "StageTiming",
+    "Stored",
     "TooManyStagesError",
     "UnknownGroupError",
     "exponential_backoff",

@@ -50,3 +50,15 @@ class DuplicateStageError(FlowError, ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(f"flow: a different stage named {name!r} is already in the flow")
         self.name = name
+
+
+class FingerprintMismatchError(FlowError):
+    """A duplicate by key whose request differs from the one the key's answer was stored for
+    (its fingerprint differs): neither replayed nor run, the caller decides its answer."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"flow: idempotency key {key!r} was answered for another request (its fingerprint "
+            "differs): not replayed, not run"
+        )
+        self.key = key

@@ -22,16 +22,27 @@ Decisions beyond the table in the design document, written down here:
   ``CancelledError`` propagates.
 - Commit errors do not stop the other commits; the outcome stays ``COMMITTED`` and
   ``ex.error`` is an ``ExceptionGroup`` of them. Abort errors are logged; the other aborts run.
-- With idempotency, a duplicate waits for the first run of its key and replays its response.
+- With idempotency, a duplicate waits for the first run of its key and replays its answer.
   A store that fails to answer ``claim`` aborts the run (``ex.error`` is the store's error)
-  rather than risk processing a duplicate. A committed run's response is stored; so is the
-  response of a decline: a run a stage aborted with ``ex.abort()`` after setting
-  ``ex.response``. Any other abort (a prepare that raised, the deadline, a cancellation, an
-  unknown group) releases the key even if a response was set, so a retransmission gets a fresh
-  run rather than the replay of a half-built answer. Storing and releasing are shielded from
-  cancellation; failures to store are logged. Waiting for the first run of a key counts
-  against the deadline (the waiter then aborts with ``TimeoutError``, journalling ``BEGIN`` and
-  ``ABORTED``); a key function that raises aborts the run the same way.
+  rather than risk processing a duplicate. A committed run's outcome is stored whether or not
+  a stage set a response (as in the seed: an answer without a response still counts as found,
+  and its duplicate is ``REPLAYED`` with ``ex.response`` None, its stages not run again, its
+  commits never run twice); so is the response of a decline: a run a stage aborted with
+  ``ex.abort()`` after setting ``ex.response``. Any other abort (a prepare that raised, the
+  deadline, a cancellation before the decision point, an unknown group) releases the key even
+  if a response was set, so a retransmission gets a fresh run rather than the replay of a
+  half-built answer. Storing and releasing are shielded from cancellation; failures to store
+  are logged. Waiting for the first run of a key counts against the deadline (the waiter then
+  aborts with ``TimeoutError``, journalling ``BEGIN`` and ``ABORTED``); a key or fingerprint
+  function that raises aborts the run the same way.
+- With a ``fingerprint`` function as well, the answer keeps the request's fingerprint, and a
+  duplicate whose fingerprint differs (see :mod:`isopace.flow.idempotency`) is not replayed
+  and not run: it aborts with ``FingerprintMismatchError`` and no response, journalling
+  ``BEGIN`` and ``ABORTED``, and its caller chooses the answer. With a journal the fingerprint
+  becomes a durable property of the exchange (``FINGERPRINT_PROPERTY``) at the decision to
+  commit, journalled with ``COMMITTING`` (not with ``BEGIN``: recovery needs it only for a
+  transaction it finishes, and stores it with that answer). The fingerprint is taken once per
+  run, before the claim.
 - A stage routed to more than once prepares, and joins, once per time: it commits or aborts as
   many times as it joined.
 - An exchange is run once. ``ex.joined`` is complete from the end of the prepare pass on.
@@ -61,12 +72,20 @@ from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow.errors import (
     AbortedError,
     DuplicateStageError,
+    FingerprintMismatchError,
     NoEntryError,
     TooManyStagesError,
     UnknownGroupError,
 )
 from isopace.flow.exchange import Exchange
-from isopace.flow.idempotency import IdempotencyStore, KeyFunc, refill
+from isopace.flow.idempotency import (
+    FINGERPRINT_PROPERTY,
+    FingerprintFunc,
+    IdempotencyStore,
+    KeyFunc,
+    Stored,
+    refill,
+)
 from isopace.flow.journal import (
     BEGIN_EVENT,
     COMMITTED_EVENT,
@@ -108,6 +127,7 @@ class Flow:
         journal: Journal | None = None,
         idempotency: IdempotencyStore | None = None,
         key: KeyFunc | None = None,
+        fingerprint: FingerprintFunc | None = None,
         profiler: bool = False,
         max_stages: int = 1024,
         logger: logging.Logger | None = None,
@@ -115,12 +135,16 @@ class Flow:
     ) -> None:
         if (idempotency is None) != (key is None):
             raise ValueError("flow: idempotency= and key= go together")
+        if fingerprint is not None and idempotency is None:
+            raise ValueError("flow: fingerprint= needs idempotency= and key=")
         if max_stages < 1:
             raise ValueError("flow: max_stages must be at least 1")
         self._entry_name = entry
         self._journal = journal
         self._store = idempotency
         self._key = key
+        self._fingerprint = fingerprint
+        self._matches = getattr(fingerprint, "matches", None)
         self._profiler = profiler
         self._max_stages = max_stages
         self._log = logger or logging.getLogger("isopace.flow")
@@ -291,8 +315,11 @@ class Flow:
         store = self._store
         key_func = self._key
         assert store is not None and key_func is not None
+        fingerprint: str | None = None
         try:
             key = key_func(ex)
+            if key is not None and self._fingerprint is not None:
+                fingerprint = self._fingerprint(ex)
         except Exception as exc:
             return await self._refuse(ex, exc)
         if key is None:
@@ -313,38 +340,56 @@ class Flow:
                 )
             return await self._refuse(ex, exc)
         if stored is not None:
-            ex.response = refill(stored, ex.request)
+            if not self._same_request(ex, stored, fingerprint):
+                return await self._refuse(ex, FingerprintMismatchError(key))
+            response = stored.response
+            ex.response = refill(response, ex.request) if response is not None else None
             if self._journal is not None:
                 await self._record(ex, IDEMPOTENT_HIT_EVENT)
             return _REPLAYED
         try:
-            outcome = await self._run(ex, plan, deadline)
+            outcome = await self._run(ex, plan, deadline, fingerprint)
         except BaseException:
             # Cancelled. Before the decision point the run was rolled back: give the key up.
-            # During the commit pass the decision stands: keep the response for duplicates.
-            await shielded(self._settle(ex, key, None if ex.aborted else ex.response))
+            # During the commit pass the decision stands: keep the outcome for duplicates.
+            await shielded(self._settle(ex, key, not ex.aborted, fingerprint))
             raise
-        response = ex.response
-        if response is not None and (outcome is _COMMITTED or _declined(ex)):
-            settle = self._settle(ex, key, response)
-        else:
-            settle = self._settle(ex, key, None)
-        if await shielded(settle):
+        keep = outcome is _COMMITTED or (ex.response is not None and _declined(ex))
+        if await shielded(self._settle(ex, key, keep, fingerprint)):
             raise asyncio.CancelledError()
         return outcome
 
-    async def _settle(self, ex: Exchange, key: str, response: Any) -> None:
+    def _same_request(self, ex: Exchange, stored: Stored, fingerprint: str | None) -> bool:
+        """Whether ``stored`` answers ``ex``'s request (see "fingerprint" in the module doc)."""
+        kept = stored.fingerprint
+        if kept is None or fingerprint is None or kept == fingerprint:
+            return True
+        matches = self._matches
+        if matches is None:
+            return False
+        try:
+            return bool(matches(ex, kept))
+        except Exception as exc:
+            self._log.error(
+                "flow: fingerprint matches() failed: %s",
+                error_text(exc),
+                extra={"exchange_id": ex.id},
+            )
+            return False
+
+    async def _settle(self, ex: Exchange, key: str, keep: bool, fingerprint: str | None) -> None:
+        """Store the run's answer under ``key`` (``keep``) or release the key."""
         store = self._store
         assert store is not None
         try:
-            if response is None:
-                await store.release(key)
+            if keep:
+                await store.complete(key, ex.response, fingerprint)
             else:
-                await store.complete(key, response)
+                await store.release(key)
         except Exception as exc:
             self._log.error(
                 "flow: idempotency store failed to %s: %s",
-                "release" if response is None else "complete",
+                "complete" if keep else "release",
                 error_text(exc),
                 extra={"exchange_id": ex.id},
             )
@@ -358,8 +403,11 @@ class Flow:
             await self._record(ex, Event(EventKind.ABORTED, error))
         return _ABORTED
 
-    async def _run(self, ex: Exchange, plan: Plan, deadline: float | None) -> Outcome:
-        """The general run: journal, deadline, profiler and listener as configured."""
+    async def _run(
+        self, ex: Exchange, plan: Plan, deadline: float | None, fingerprint: str | None = None
+    ) -> Outcome:
+        """The general run: journal, deadline, profiler and listener as configured;
+        ``fingerprint``: the request's, kept with the decision to commit (for recovery)."""
         journal = self._journal
         joined: list[ResolvedStage] = []
         ex._joined = joined
@@ -382,6 +430,8 @@ class Flow:
                 except TimeoutError:
                     commit = self._fail(ex, _deadline_error(ex))
             if commit and journal is not None:
+                if fingerprint is not None:
+                    ex.set(FINGERPRINT_PROPERTY, fingerprint, durable=True)
                 try:
                     await journal.record(ex, COMMITTING_EVENT)
                 except Exception as exc:

@@ -26,10 +26,15 @@ the TCP server and the metrics endpoint.
    so ``isopace keys rotate`` takes effect without a restart.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
-sharing a journal and across restarts); the idempotency
-key is the MTI class (``020`` for 0200/0201) plus DE 41, DE 11, DE 7 by default, so a retransmission
-is answered from the store and never applied twice. Network management (08xx) is not idempotent.
-A transaction that ends without a response (a stage failed, the deadline passed) is answered 96.
+sharing a journal and across restarts); the idempotency key is the MTI class (``020`` for
+0200/0201) plus DE 41, DE 11, DE 7 by default (DE 37, else DE 12 + 13, where DE 7 is absent; DE 32
+added when present: `isopace.host.idempotency`), so a retransmission is answered from the store
+and never applied twice. The stored answer keeps the request's fingerprint (a keyed hash of the
+MTI class, card number, DE 3, 4, 49, 41, 42), and a request that reuses a key with another
+fingerprint is declined 94 (duplicate transmission): no stage runs, no money moves, nothing of the
+other transaction's answer (its approval code) is sent. Network management (08xx) is not
+idempotent. A transaction that ends without a response (a stage failed, the deadline passed) is
+answered 96.
 
 Nodes (whose transactions start-up recovery ends):
 
@@ -61,11 +66,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from isopace.flow import Exchange, Flow, Outcome
+from isopace.flow import Exchange, FingerprintMismatchError, Flow, Outcome
 from isopace.host import stages
 from isopace.host.config import HostConfig
 from isopace.host.datadir import lock_path, prepare_data
 from isopace.host.errors import HostError, StartupError, one_line
+from isopace.host.idempotency import DEFAULT_KEY_FIELDS, IdempotencyKey, RequestFingerprint
 from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
@@ -96,25 +102,11 @@ KEY_RELOAD_INTERVAL = 1.0
 BENCH_PAN = "4000056655665556"
 
 
-def idempotency_key(fields: Sequence[int] = (41, 11, 7)) -> Callable[[Exchange], str | None]:
-    """The key function: MTI class + the given fields; None (not idempotent) for 08xx or when a
-    field is missing (such a request is declined 30 anyway)."""
-    wanted = tuple(fields)
-
-    def key(ex: Exchange) -> str | None:
-        m = ex.request
-        mti = m.mti
-        if mti.startswith("08"):
-            return None
-        parts = [mti[:3]]
-        for n in wanted:
-            value = m.get(n)
-            if value is None:
-                return None
-            parts.append(value if isinstance(value, str) else value.hex())
-        return "|".join(parts)
-
-    return key
+def idempotency_key(fields: Sequence[int] = DEFAULT_KEY_FIELDS) -> IdempotencyKey:
+    """The key function: MTI class + the given fields (with DE 7's stand-ins and DE 32 when
+    present, see `isopace.host.idempotency`); None (not idempotent) for 08xx or when the key
+    cannot be made (the parse stage declines such a request 30, naming what it lacks)."""
+    return IdempotencyKey(fields)
 
 
 def build_flow(
@@ -142,10 +134,12 @@ def build_flow(
         journal=journal,
         idempotency=idempotency,
         key=key if idempotency is not None else None,
+        # the card keys as the ledger holds them now (a rotation replaces the ring)
+        fingerprint=RequestFingerprint(lambda: ledger.keys) if idempotency is not None else None,
         profiler=profiler,
         listener=listener,
     )
-    parse = stages.Parse(spec if spec is not None else ISO87_ASCII, config.idempotency_key)
+    parse = stages.Parse(spec if spec is not None else ISO87_ASCII, key)
     flow.group("main", parse, stages.Dispatch())
     flow.group("netmgmt", stages.NetworkManagement())
     flow.group(
@@ -651,9 +645,15 @@ class AuthorizationHost:
         response = ex.response
         if response is None or (outcome is Outcome.ABORTED and is_approval(response.get(39))):
             # no answer (a stage raised, the deadline passed): the error's own code, 30 for a
-            # request field that does not decode, 96 for the rest
+            # request field that does not decode, 94 for a request reusing another's
+            # idempotency key (nothing ran: see the module docstring), 96 for the rest
             error = ex.error
-            code = response_code_for(error) if error is not None else rc.SYSTEM_MALFUNCTION
+            if isinstance(error, FingerprintMismatchError):
+                code = rc.DUPLICATE_TRANSMISSION
+            elif error is not None:
+                code = response_code_for(error)
+            else:
+                code = rc.SYSTEM_MALFUNCTION
             response = error_reply(request, code)
         elif self.database is not None and self.database.failed:
             # the flow logs a failed idempotency `complete` and goes on; with the SQLite

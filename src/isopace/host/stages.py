@@ -57,6 +57,7 @@ from isopace.iso8583.mti import is_advice
 
 if TYPE_CHECKING:
     from isopace.flow import Exchange
+    from isopace.host.idempotency import IdempotencyKey
     from isopace.iso8583 import Message, Spec
 
 __all__ = [
@@ -133,28 +134,27 @@ def _text(m: Message, n: int) -> str | None:
 class Parse:
     """Checks the request: a supported MTI (`SUPPORTED_MTIS`, the host's own policy), the spec's
     rules (its table of required fields, DE 55 well-formed BER-TLV, real dates and times in DE
-    7, 12 and 13 among them), the fields of the idempotency key (``key_fields``: without them a
-    retransmission could not be told from a new transaction, so a repeat would be debited
-    again), a readable amount. Anything wrong is declined 30 (format error) naming the fields;
-    an amount of zero on an authorization or financial request that moves money
-    (`MONEY_TRANSACTIONS`) is declined 13 (invalid amount). Votes SKIP (it holds nothing)."""
+    7, 12 and 13 among them), what the idempotency key needs (``key``, asked through its
+    ``missing``, so Parse requires exactly what the key reads: without it a retransmission could
+    not be told from a new transaction, so a repeat would be debited again), a readable amount.
+    Anything wrong is declined 30 (format error) naming the fields; an amount of zero on an
+    authorization or financial request that moves money (`MONEY_TRANSACTIONS`) is declined 13
+    (invalid amount). Votes SKIP (it holds nothing)."""
 
     name = "parse"
 
-    def __init__(self, spec: Spec, key_fields: Sequence[int] = ()) -> None:
+    def __init__(self, spec: Spec, key: IdempotencyKey | None = None) -> None:
         self.spec = spec
-        self.key_fields = tuple(key_fields)
+        self.key = key
 
     def prepare(self, ex: Exchange) -> Result:
         m = ex.request
         if m.mti not in SUPPORTED_MTIS:
             return decline(ex, rc.FORMAT_ERROR, f"MTI {m.mti} not supported")
         problems = [v.message for v in self.spec.validate(m)]
-        if not m.mti.startswith("08"):  # network management is not idempotent (no key)
-            missing = [n for n in self.key_fields if n not in m]
-            if missing:
-                names = ", ".join(map(str, missing))
-                problems.append(f"field(s) {names} missing (the idempotency key)")
+        missing = self.key.missing(m) if self.key is not None else None
+        if missing:
+            problems.append(f"field(s) {', '.join(missing)} missing (the idempotency key)")
         if problems:
             return decline(ex, rc.FORMAT_ERROR, "; ".join(problems[:5]))  # each names its field
         if 4 in m:

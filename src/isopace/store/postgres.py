@@ -32,6 +32,8 @@ two nodes lock rows in the same order), with ``batchers`` statements in flight a
 store and re-check when their key is notified; a re-check also happens at the holder's lease
 expiry and every ``recheck`` seconds as a safety net if the listening connection was lost (it
 reconnects by itself). Live claims' leases are renewed in the background; expired rows purged.
+A done row keeps the answer: the protected response (NULL for a run that committed without one,
+still an answer that is replayed) and the request's fingerprint (NULL without one).
 
 Retention: ``PostgresJournal.prune(before)`` deletes the records of the transactions that ended
 before a date, ``PRUNE_BATCH`` transactions per statement, never one in doubt; the idempotency
@@ -56,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Self
 import asyncpg  # type: ignore[import-untyped]
 
 from isopace._cardtext import error_text, mask_text
+from isopace.store._answer import stored_answer
 from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store._writer import Batch
@@ -78,7 +81,7 @@ from isopace.store.records import (
 )
 
 if TYPE_CHECKING:
-    from isopace.flow import Event, Exchange
+    from isopace.flow import Event, Exchange, Stored
     from isopace.iso8583 import Message
 
 __all__ = ["PostgresIdempotencyStore", "PostgresJournal"]
@@ -144,6 +147,11 @@ _IDEMPOTENCY_MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
             "CREATE INDEX IF NOT EXISTS idempotency_expires ON {s}.idempotency_keys (expires)",
         ),
+    ),
+    (
+        102,
+        "idempotency_keys.fingerprint (the request's, beside its answer)",
+        ("ALTER TABLE {s}.idempotency_keys ADD COLUMN IF NOT EXISTS fingerprint TEXT",),
     ),
 )
 
@@ -751,24 +759,27 @@ class PostgresIdempotencyStore(_PoolOwner):
                 SELECT key, 'claimed', owner, clock_timestamp() + $3 * interval '1 second',
                     NULL, NULL FROM req ORDER BY key
                 ON CONFLICT (key) DO UPDATE SET state = 'claimed', owner = excluded.owner,
-                    lease_until = excluded.lease_until, response = NULL, expires = NULL
+                    lease_until = excluded.lease_until, response = NULL, expires = NULL,
+                    fingerprint = NULL
                 WHERE (k.state = 'claimed' AND k.lease_until <= clock_timestamp())
                    OR (k.state = 'done' AND k.expires <= clock_timestamp())
                 RETURNING k.key)
             SELECT r.key, i.key IS NOT NULL, k.state, k.response,
-                EXTRACT(EPOCH FROM (k.lease_until - clock_timestamp()))::float8
+                EXTRACT(EPOCH FROM (k.lease_until - clock_timestamp()))::float8, k.fingerprint
             FROM req r LEFT JOIN ins i ON i.key = r.key
                 LEFT JOIN {s}.idempotency_keys k ON k.key = r.key"""
         self._sql_complete = f"""WITH req AS (
-                SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-                    AS r(key, response, owner)),
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $6::text[])
+                    AS r(key, response, owner, fingerprint)),
             u AS (
                 INSERT INTO {s}.idempotency_keys AS k
-                    (key, state, owner, lease_until, response, expires)
+                    (key, state, owner, lease_until, response, expires, fingerprint)
                 SELECT key, 'done', owner, NULL, response,
-                    clock_timestamp() + $4 * interval '1 second' FROM req ORDER BY key
+                    clock_timestamp() + $4 * interval '1 second', fingerprint
+                FROM req ORDER BY key
                 ON CONFLICT (key) DO UPDATE SET state = 'done', owner = NULL,
-                    lease_until = NULL, response = excluded.response, expires = excluded.expires
+                    lease_until = NULL, response = excluded.response, expires = excluded.expires,
+                    fingerprint = excluded.fingerprint
                 WHERE k.state = 'done' OR k.owner = excluded.owner
                    OR k.lease_until <= clock_timestamp()
                 RETURNING k.key)
@@ -803,8 +814,8 @@ class PostgresIdempotencyStore(_PoolOwner):
                 results.append(("retry",))
             elif r[1]:
                 results.append(("claimed",))
-            elif r[2] == "done" and r[3] is not None:
-                results.append(("done", r[3]))
+            elif r[2] == "done":
+                results.append(("done", r[3], r[5]))
             else:
                 results.append(("held", max(float(r[4] or 0.0), 0.0)))
         return results
@@ -817,9 +828,10 @@ class PostgresIdempotencyStore(_PoolOwner):
             [i[2] for i in items],
             self.ttl,
             self._channel,
+            [i[3] for i in items],
         )
         done = {r[0] for r in rows}
-        return [(key in done,) for key, _, _ in items]
+        return [(key in done,) for key, _, _, _ in items]
 
     # -- notifications -------------------------------------------------------------------------
 
@@ -884,8 +896,8 @@ class PostgresIdempotencyStore(_PoolOwner):
                 f"postgres idempotency {self.schema}: {what} of key {key!r} failed: {exc}"
             ) from exc
 
-    async def claim(self, key: str) -> Message | None:
-        """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
+    async def claim(self, key: str) -> Stored | None:
+        """Claim ``key`` (None: the caller owns it), or get the stored answer to replay."""
         await self.open()
         while True:
             if key in self._held:  # a run of this process holds it: wait for it locally
@@ -905,9 +917,7 @@ class PostgresIdempotencyStore(_PoolOwner):
                 if result[0] == "retry":
                     continue  # released meanwhile (or raced in this batch): try again at once
                 if result[0] == "done":
-                    from isopace.iso8583 import Message
-
-                    return Message.from_json(result[1])
+                    return stored_answer(result[1], result[2])
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(result[1] + 0.01, self._recheck))
             finally:
@@ -917,12 +927,15 @@ class PostgresIdempotencyStore(_PoolOwner):
                     if not events:
                         del self._waiters[key]
 
-    async def complete(self, key: str, response: Message) -> None:
-        """Store the response for ``key`` (for ``ttl``) and notify every node's waiters."""
+    async def complete(
+        self, key: str, response: Message | None, fingerprint: str | None = None
+    ) -> None:
+        """Store the answer for ``key`` (for ``ttl``) and notify every node's waiters."""
         owner = self._held.get(key)
+        text = stored_json(response) if response is not None else None
         try:
             (ok,) = await self._batched(
-                self._completes, "complete", key, (key, stored_json(response), owner)
+                self._completes, "complete", key, (key, text, owner, fingerprint)
             )
         finally:
             if self._held.get(key) == owner:

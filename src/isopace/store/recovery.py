@@ -37,7 +37,11 @@ store) and ``key=`` (its key function) and recovery stores the response of every
 commits under its key, through the claim protocol only: it claims the key, which waits until the
 crashed owner's lease expires (so start-up takes up to one lease longer; the claims are made
 concurrently), then completes it with the journalled response (protected: a replay re-fills the
-card data from the duplicate). A key already completed is left as it is. The key function sees
+card data from the duplicate), or with no response when none was decided (the flow stores a
+committed outcome either way, and its duplicate is replayed, not run again), and with the
+request's fingerprint the flow kept as a durable property (``FINGERPRINT_PROPERTY``), so a
+request that merely reuses the key is still told apart. A key already completed is left as it
+is. The key function sees
 the exchange rebuilt from the journal (protected request: no card data); a key it cannot compute
 (it raises or returns None) is skipped and logged. Aborted transactions need nothing: their claims
 expire and a duplicate is processed afresh, which is right since nothing was done.
@@ -52,6 +56,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from isopace._cardtext import error_text
+from isopace.flow import FINGERPRINT_PROPERTY
 from isopace.store.errors import StoreError
 from isopace.store.records import InDoubt, RecoveryReport
 
@@ -221,12 +226,14 @@ async def _complete_claims(
                 extra={"tx_id": ex.id},
             )
             return
-        response = ex.response
-        if key is None or response is None:
+        if key is None:
             return
+        fingerprint = ex.get(FINGERPRINT_PROPERTY)
+        if not isinstance(fingerprint, str):
+            fingerprint = None
         try:
             if await store.claim(key) is None:  # waits for the crashed owner's lease
-                await store.complete(key, response)
+                await store.complete(key, ex.response, fingerprint)
                 report.completed_keys.append(key)
         except Exception as exc:
             text = error_text(exc)

@@ -3,13 +3,17 @@
 ``redis`` is imported here only: install ``isopace[redis]``.
 
 One Redis key per idempotency key, ``<prefix>k:<key>``, holding either ``C<owner>`` (a claim, with
-the lease as its expiry) or ``R<response JSON>`` (the response, protected by
-:func:`isopace.store.protect.stored_json`, with the TTL as its expiry). Redis expires both by
+the lease as its expiry) or the answer, with the TTL as its expiry:
+``A<n>:<fingerprint><response JSON>``, where ``<n>`` is the fingerprint's length in characters
+(empty: no fingerprint) and the response is protected by
+:func:`isopace.store.protect.stored_json` (empty: the run committed without a response, an answer
+that is still replayed); an earlier version's ``R<response JSON>`` is read as an answer without a
+fingerprint. Redis expires both by
 itself: a crashed owner's claim disappears ``lease`` seconds after its last renewal; nothing needs
 purging.
 
 - ``claim``: ``SET k C<owner> NX PX lease`` -- atomic on the server, so exactly one node gets a
-  free key. Otherwise ``GET k``: a response is replayed; a claim is waited for.
+  free key. Otherwise ``GET k``: an answer is replayed; a claim is waited for.
 - ``complete`` / ``release`` are Lua scripts (atomic check of the owner, then ``SET ... PX ttl``
   or ``DEL``) that ``PUBLISH`` the key on ``<prefix>done``.
 - Waiters: each store holds one pub/sub subscription (one connection) to ``<prefix>done`` and
@@ -43,6 +47,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from isopace._cardtext import error_text
+from isopace.store._answer import stored_answer
 from isopace.store._background import stop_tasks
 from isopace.store._owners import OwnerTokens
 from isopace.store.errors import IdempotencyError, LeaseLostError
@@ -50,6 +55,7 @@ from isopace.store.protect import stored_json
 from isopace.store.records import default_node
 
 if TYPE_CHECKING:
+    from isopace.flow import Stored
     from isopace.iso8583 import Message
 
 __all__ = ["RedisIdempotencyStore"]
@@ -85,6 +91,17 @@ return n
 """
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def _answer(value: str) -> Stored:
+    """A stored answer's value (see the module docstring) read back."""
+    if value[0] == "R":  # an earlier version's: a response, no fingerprint
+        return stored_answer(value[1:], None)
+    length, _, rest = value[1:].partition(":")
+    if not length:
+        return stored_answer(rest or None, None)
+    n = int(length)
+    return stored_answer(rest[n:] or None, rest[:n])
 
 
 class RedisIdempotencyStore:
@@ -214,8 +231,8 @@ class RedisIdempotencyStore:
 
     # -- the IdempotencyStore protocol ----------------------------------------------------------
 
-    async def claim(self, key: str) -> Message | None:
-        """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
+    async def claim(self, key: str) -> Stored | None:
+        """Claim ``key`` (None: the caller owns it), or get the stored answer to replay."""
         self._start()
         rkey = self._key(key)
         while True:
@@ -241,10 +258,8 @@ class RedisIdempotencyStore:
                     if value == f"C{owner}".encode():  # our SET succeeded, its reply was lost
                         self._held[key] = owner
                         return None
-                    if value.startswith(b"R"):
-                        from isopace.iso8583 import Message
-
-                        return Message.from_json(value[1:].decode())
+                    if value[:1] in (b"A", b"R"):
+                        return _answer(value.decode())
                     timeout = min(max(pttl, 0) / 1000 + 0.005, self._recheck)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout)
@@ -264,15 +279,20 @@ class RedisIdempotencyStore:
             value = value.encode()
         return value, int(pttl)
 
-    async def complete(self, key: str, response: Message) -> None:
-        """Store the response for ``key`` (for ``ttl``) and notify every node's waiters."""
+    async def complete(
+        self, key: str, response: Message | None, fingerprint: str | None = None
+    ) -> None:
+        """Store the answer for ``key`` (for ``ttl``) and notify every node's waiters."""
         owner = self._held.get(key)
+        answer = "A:" if fingerprint is None else f"A{len(fingerprint)}:{fingerprint}"
+        if response is not None:
+            answer += stored_json(response)
         try:
             ok = await self._complete(
                 keys=[self._key(key)],
                 args=[
                     f"C{owner}" if owner else "",
-                    "R" + stored_json(response),
+                    answer,
                     int(self.ttl * 1000),
                     self._channel,
                     key,

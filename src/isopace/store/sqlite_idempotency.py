@@ -1,8 +1,10 @@
 """Idempotency claims in a SQLite file, atomic across every process that shares the file.
 
 Table ``idempotency_keys``: one row per key, either *claimed* (by an owner token, until
-``lease_until``) or *done* (the response, protected by :func:`isopace.store.protect.stored_json`,
-until ``expires`` = completion + ``ttl``). Each claim is one ``BEGIN IMMEDIATE`` transaction:
+``lease_until``) or *done* (the answer, until ``expires`` = completion + ``ttl``: the response,
+protected by :func:`isopace.store.protect.stored_json`, or NULL for a run that committed without
+one, which is still an answer found; and the request's ``fingerprint`` as the flow gave it, or
+NULL). Each claim is one ``BEGIN IMMEDIATE`` transaction:
 SQLite's write lock makes read-check-write atomic across processes. The common cases take one
 statement: a claim of a new key is an ``INSERT ... ON CONFLICT DO NOTHING`` (the row is read only
 when the key exists), a completion by the claim's owner an ``UPDATE`` guarded by the owner token.
@@ -10,11 +12,12 @@ when the key exists), a completion by the claim's owner an ``UPDATE`` guarded by
 Operations from concurrent runs are batched: one thread owns the connection and runs every
 claim / complete / release queued meanwhile in ONE transaction (one fsync for all of them).
 
-- ``claim``: takes the key if it is free, its claim's lease expired, or its response expired ->
-  None (the caller owns it). A live response -> that response (replay). A live claim -> wait, then
-  try again. Waiters in the same process are woken at once by ``complete`` / ``release``; SQLite
-  has no cross-process notification, so waiters also re-check with a capped exponential back-off
-  (``poll`` = first and last delay), never beyond the holder's lease.
+- ``claim``: takes the key if it is free, its claim's lease expired, or its answer expired ->
+  None (the caller owns it). A live answer -> a ``Stored`` (replay), with or without a response.
+  A live claim -> wait, then try again. Waiters in the same process are woken at once by
+  ``complete`` / ``release``; SQLite has no cross-process notification, so waiters also re-check
+  with a capped exponential back-off (``poll`` = first and last delay), never beyond the
+  holder's lease.
 - ``exclusive_node=True`` declares that only one process at a time runs as ``node`` (e.g. a host
   named by its address and port): a claim still leased to an earlier run of the node, which can
   only be a run that crashed, is taken over at once instead of waiting out its lease, so crash
@@ -23,7 +26,7 @@ claim / complete / release queued meanwhile in ONE transaction (one fsync for al
 - While a process holds claims, a background task renews their leases (every ``lease / 3``), so
   a live run never loses its claim however long it takes, and a crashed one's claim frees itself
   ``lease`` seconds after the crash. The same task deletes expired rows every ``purge_interval``.
-- ``complete`` stores the response unless another run has meanwhile taken the key over (then
+- ``complete`` stores the answer unless another run has meanwhile taken the key over (then
   :class:`LeaseLostError`); ``release`` deletes the owner's claim.
 """
 
@@ -42,6 +45,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from isopace._cardtext import error_text
+from isopace.store._answer import stored_answer
 from isopace.store._owners import OwnerTokens
 from isopace.store._sqlite_open import open_wal
 from isopace.store._writer import BatchExecutor
@@ -50,6 +54,7 @@ from isopace.store.protect import stored_json
 from isopace.store.records import default_node
 
 if TYPE_CHECKING:
+    from isopace.flow import Stored
     from isopace.iso8583 import Message
     from isopace.store.sqlite_database import SqliteDatabase
 
@@ -67,10 +72,15 @@ _SCHEMA = (
         owner TEXT,
         lease_until_us INTEGER,
         response TEXT,
-        expires_us INTEGER
+        expires_us INTEGER,
+        fingerprint TEXT
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys(expires_us)",
     "INSERT OR IGNORE INTO idempotency_migrations VALUES (1, 'idempotency_keys', unixepoch())",
+)
+#: Version 2: the request's fingerprint beside the answer (a table made by version 1 gains it).
+_FINGERPRINT_MIGRATION = (
+    "INSERT OR IGNORE INTO idempotency_migrations VALUES (2, 'fingerprint column', unixepoch())"
 )
 
 
@@ -81,6 +91,10 @@ _PURGE_CHUNK = 500
 def _create_schema(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA:
         conn.execute(statement)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(idempotency_keys)")}
+    if "fingerprint" not in columns:
+        conn.execute("ALTER TABLE idempotency_keys ADD COLUMN fingerprint TEXT")
+    conn.execute(_FINGERPRINT_MIGRATION)
 
 
 def _now_us() -> int:
@@ -186,32 +200,33 @@ class SqliteIdempotencyStore:
 
     def _try_claim(
         self, conn: sqlite3.Connection, key: str, owner: str
-    ) -> tuple[str, str | None, float]:
+    ) -> tuple[str, str | None, str | None, float]:
+        """(status, response, fingerprint, seconds the holder's lease has left)."""
         now = _now_us()
         lease_until = now + int(self.lease * 1e6)
         # the common case, a new key: one statement
         if conn.execute(
-            "INSERT INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL) "
+            "INSERT INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL, NULL) "
             "ON CONFLICT (key) DO NOTHING",
             (key, owner, lease_until),
         ).rowcount:
-            return "claimed", None, 0.0
+            return "claimed", None, None, 0.0
         row = conn.execute(
-            "SELECT state, lease_until_us, response, expires_us, owner FROM idempotency_keys "
-            "WHERE key = ?",
+            "SELECT state, lease_until_us, response, expires_us, owner, fingerprint "
+            "FROM idempotency_keys WHERE key = ?",
             (key,),
         ).fetchone()
         if row is not None:
-            state, held_until, response, expires, holder = row
+            state, held_until, response, expires, holder, fingerprint = row
             if state == "done" and expires > now:
-                return "done", response, 0.0
+                return "done", response, fingerprint, 0.0
             if state == "claimed" and held_until > now and not self._stale(holder):
-                return "held", None, (held_until - now) / 1e6
+                return "held", None, None, (held_until - now) / 1e6
         conn.execute(
-            "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL)",
+            "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL, NULL)",
             (key, owner, lease_until),
         )
-        return "claimed", None, 0.0
+        return "claimed", None, None, 0.0
 
     def _stale(self, holder: str | None) -> bool:
         """A claim made by an earlier run of this (exclusive) node: its process is gone."""
@@ -222,7 +237,14 @@ class SqliteIdempotencyStore:
             and self._stale_owner(holder) is not None
         )
 
-    def _complete(self, conn: sqlite3.Connection, key: str, owner: str | None, text: str) -> bool:
+    def _complete(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        owner: str | None,
+        text: str | None,
+        fingerprint: str | None,
+    ) -> bool:
         now = _now_us()
         expires = now + int(self.ttl * 1e6)
         # the common case, the owner's live claim: one statement
@@ -230,8 +252,9 @@ class SqliteIdempotencyStore:
             owner is not None
             and conn.execute(
                 "UPDATE idempotency_keys SET state = 'done', owner = NULL, lease_until_us = NULL, "
-                "response = ?, expires_us = ? WHERE key = ? AND state = 'claimed' AND owner = ?",
-                (text, expires, key, owner),
+                "response = ?, expires_us = ?, fingerprint = ? "
+                "WHERE key = ? AND state = 'claimed' AND owner = ?",
+                (text, expires, fingerprint, key, owner),
             ).rowcount
         ):
             return True
@@ -241,8 +264,8 @@ class SqliteIdempotencyStore:
         if row is not None and row[0] == "claimed" and row[1] != owner and row[2] > now:
             return False
         conn.execute(
-            "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'done', NULL, NULL, ?, ?)",
-            (key, text, expires),
+            "INSERT OR REPLACE INTO idempotency_keys VALUES (?, 'done', NULL, NULL, ?, ?, ?)",
+            (key, text, expires, fingerprint),
         )
         return True
 
@@ -295,30 +318,32 @@ class SqliteIdempotencyStore:
 
     # -- the IdempotencyStore protocol ----------------------------------------------------------
 
-    async def claim(self, key: str) -> Message | None:
-        """Claim ``key`` (None: the caller owns it), or get the stored response to replay."""
+    async def claim(self, key: str) -> Stored | None:
+        """Claim ``key`` (None: the caller owns it), or get the stored answer to replay."""
         self._ensure_task()
         delay = self._poll[0]
         while True:
             if key in self._held:  # another run of this process holds it: wait locally
-                status, text, remaining = "held", None, self.lease
+                status, text, fingerprint, remaining = "held", None, None, self.lease
             else:
                 owner = self._owners.next()
-                status, text, remaining = await self._run("claim", key, self._try_claim, key, owner)
+                status, text, fingerprint, remaining = await self._run(
+                    "claim", key, self._try_claim, key, owner
+                )
             if status == "claimed":
                 self._held[key] = owner
                 return None
-            if status == "done" and text is not None:
-                from isopace.iso8583 import Message
-
-                return Message.from_json(text)
+            if status == "done":
+                return stored_answer(text, fingerprint)
             wakeup = self._wakeups.setdefault(key, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout=min(delay, remaining + 0.001))
             delay = min(delay * 2, self._poll[1])
 
-    async def complete(self, key: str, response: Message) -> None:
-        """Store the response for ``key`` (replayed until ``ttl`` passes) and wake its waiters."""
+    async def complete(
+        self, key: str, response: Message | None, fingerprint: str | None = None
+    ) -> None:
+        """Store the answer for ``key`` (replayed until ``ttl`` passes) and wake its waiters."""
         owner = self._held.get(key)
         try:
             ok = await self._run(
@@ -327,7 +352,8 @@ class SqliteIdempotencyStore:
                 self._complete,
                 key,
                 owner,
-                stored_json(response),
+                stored_json(response) if response is not None else None,
+                fingerprint,
                 durable=True,
             )
         finally:
