@@ -121,6 +121,19 @@ def test_a_message_without_card_numbers_is_stored_as_before() -> None:
     assert stored_json(m) == m.to_json(redact=True)
 
 
+def test_stored_form_is_built_once_per_message_and_never_outlives_a_change() -> None:
+    """The journal and the idempotency store keep the same response: its stored form is built
+    once; a message changed from it (a card number put in DE 48) is scanned anew."""
+    clean = Message("0210", {3: "000000", 11: "000001", 39: "00", 48: "NO CARD HERE"})
+    first = stored_json(clean)
+    assert stored_json(clean) is first
+    dirty = clean.set(48, f"card {PAN}")
+    text = stored_json(dirty)
+    assert_absent(text.encode(), "the stored JSON of the changed message")
+    assert Message.from_json(text)[48] == f"card {MASKED}"
+    assert stored_json(clean) is first and PAN not in first
+
+
 class Decline:
     """Declines with the request's DE 48 / 102 echoed, a durable property holding the PAN, and
     an abort cause naming it."""
