@@ -487,7 +487,7 @@ class SqliteJournal:
         """Shared database: write the row now, in order with the process's other writes."""
         assert self._database is not None
         try:
-            self._database.write(_insert, [row])
+            self._database.write(_insert, [row], single=True)  # one INSERT (and its triggers)
         except StoreError as exc:
             if row[1] == "COMMITTING":
                 self._rows.forget(row[0])
