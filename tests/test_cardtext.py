@@ -1,8 +1,12 @@
-"""isopace._cardtext.error_text: exceptions as log text, card data masked."""
+"""isopace._cardtext: error_text (exceptions as log text, card data masked) and the search for
+text that may hold a card number."""
 
 from __future__ import annotations
 
-from isopace._cardtext import error_text
+import random
+import re
+
+from isopace._cardtext import error_text, mask_text, may_hold_card_number
 
 PAN = "4761739001010010"
 TRACK2 = PAN + "=2512101123"
@@ -43,3 +47,17 @@ def test_error_text_of_an_exception_whose_str_fails() -> None:
             raise RuntimeError("no")
 
     assert error_text(Odd()) == "Odd: <str() failed>"
+
+
+def test_may_hold_card_number_is_the_plain_rule_and_mask_text_trusts_it() -> None:
+    """13 digits in a row, one space or dash at most between two: what the written-out search
+    finds is what the plain pattern finds; text it rules out is never changed by mask_text."""
+    plain = re.compile(r"[0-9](?:[ -]?[0-9]){12}")
+    rng = random.Random(8583)
+    for _ in range(20_000):
+        text = "".join(rng.choice("0123456789 -=Dx") for _ in range(rng.randint(0, 40)))
+        assert may_hold_card_number(text) == bool(plain.search(text)), text
+        if not may_hold_card_number(text):
+            assert mask_text(text) is text
+    assert may_hold_card_number(f"SHOP {PAN[:4]} {PAN[4:8]}-{PAN[8:12]} {PAN[12:]}")
+    assert not may_hold_card_number("4761 7390  0101 0010")  # two spaces break the run

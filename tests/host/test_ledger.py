@@ -109,6 +109,36 @@ async def test_transitions_are_idempotent_and_ordered(ledger: Ledger) -> None:
     assert (await ledger.check()).ok
 
 
+async def test_sqlite_holds_record_their_times_as_utc_iso_with_microseconds(
+    tmp_path: Path,
+) -> None:
+    import datetime as dt
+    import sqlite3
+
+    book = SqliteLedger(tmp_path / "ledger.db", keys=KeyRing.generate())
+    await book.open()
+    try:
+        await book.seed([CARD])
+        before = dt.datetime.now(dt.UTC)
+        assert (await book.reserve("t", "ACC-T", 100)).approved
+        await asyncio.sleep(0.002)
+        assert await book.capture("t")
+        after = dt.datetime.now(dt.UTC)
+    finally:
+        await book.close()
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    try:
+        created, updated = conn.execute(
+            "SELECT created_at, updated_at FROM holds WHERE txn_id = 't'"
+        ).fetchone()
+    finally:
+        conn.close()
+    for text in (created, updated):  # datetime.isoformat(timespec="microseconds"), UTC
+        assert len(text) == 32 and text.endswith("+00:00") and text[19] == "."
+        assert before - dt.timedelta(seconds=1) <= dt.datetime.fromisoformat(text) <= after
+    assert created < updated
+
+
 async def test_cards_block_and_find_original(ledger: Ledger) -> None:
     card = await ledger.card(CARD.pan)
     assert card is not None and card.masked_pan == "411111******1111" and not card.blocked

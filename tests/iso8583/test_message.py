@@ -127,6 +127,21 @@ def test_bad_values() -> None:
     assert isinstance(e, IsopaceError) and isinstance(e, ValueError)
 
 
+def test_derived_is_computed_once_per_message(auth: Message) -> None:
+    calls: list[str] = []
+
+    def summary(m: Message) -> str:
+        calls.append(m.mti)
+        return f"{m.mti}/{m[41]}"
+
+    decoded = ISO87_ASCII.decode(ISO87_ASCII.encode(auth))
+    assert decoded.derived(summary) == decoded.derived(summary) == "0200/TERM0001"
+    assert len(calls) == 1
+    changed = decoded.set(41, "TERM0002")  # a new message: derived anew, the old one kept
+    assert changed.derived(summary) == "0200/TERM0002" and len(calls) == 2
+    assert decoded.derived(summary) == "0200/TERM0001" and len(calls) == 2
+
+
 def test_json_round_trip(auth: Message) -> None:
     text = auth.to_json()
     back = Message.from_json(text)

@@ -121,6 +121,46 @@ def test_a_message_without_card_numbers_is_stored_as_before() -> None:
     assert stored_json(m) == m.to_json(redact=True)
 
 
+def test_stored_form_is_built_once_per_message_and_never_outlives_a_change() -> None:
+    """The journal and the idempotency store keep the same response: its stored form is built
+    once; a message changed from it (a card number put in DE 48) is scanned anew."""
+    clean = Message("0210", {3: "000000", 11: "000001", 39: "00", 48: "NO CARD HERE"})
+    first = stored_json(clean)
+    assert stored_json(clean) is first
+    dirty = clean.set(48, f"card {PAN}")
+    text = stored_json(dirty)
+    assert_absent(text.encode(), "the stored JSON of the changed message")
+    assert Message.from_json(text)[48] == f"card {MASKED}"
+    assert stored_json(clean) is first and PAN not in first
+
+
+def test_durable_properties_are_stored_masked_whatever_their_shape() -> None:
+    """The stored properties are JSON: a card number anywhere in them, grouped, nested or as an
+    integer, is masked; properties with no 13 digits in a row are stored as they are."""
+    from isopace.flow.journal import BEGIN_EVENT
+    from isopace.store.records import DURABLE, build_row
+
+    def stored(**props: object) -> object:
+        ex = Exchange("tx-1", carrier())
+        for key, value in props.items():
+            ex.set(key, value, durable=True)
+        text = build_row(ex, BEGIN_EVENT, CardDataProtector(), "node")[DURABLE]
+        assert text is not None
+        assert_absent(text.encode(), "the stored properties")
+        return json.loads(text)
+
+    plain = {"hold": "tx-1", "capture": True, "amount": 2500, "stan": "000001", "rate": 1.5}
+    assert stored(**plain) == plain
+    grouped = f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}"
+    assert stored(
+        note=f"card {grouped}", nested={"cards": [PAN, {"n": int(AMEX)}]}, neg=-int(PAN)
+    ) == {
+        "note": "card 476173******0010",
+        "nested": {"cards": [MASKED, {"n": "378282*****0005"}]},
+        "neg": "-476173******0010",
+    }
+
+
 class Decline:
     """Declines with the request's DE 48 / 102 echoed, a durable property holding the PAN, and
     an abort cause naming it."""

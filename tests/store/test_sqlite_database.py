@@ -81,6 +81,38 @@ async def test_a_failing_write_is_rolled_back_alone(db: SqliteDatabase) -> None:
     assert _rows(Path(db.path)) == {"a": 1, "d": 1}
 
 
+def _put_many(conn: sqlite3.Connection, rows: list[tuple[str, int | None]]) -> int:
+    sql = "INSERT INTO t VALUES " + ",".join(["(?, ?)"] * len(rows))
+    return conn.execute(sql, [x for row in rows for x in row]).rowcount
+
+
+async def test_a_failing_single_statement_write_is_undone_alone_without_a_savepoint(
+    db: SqliteDatabase,
+) -> None:
+    """``single=True``: one statement, SQLite's own statement rollback (triggers included)."""
+    db.setup(
+        lambda c: c.executescript(
+            "CREATE TABLE seen (k TEXT PRIMARY KEY);"
+            "CREATE TRIGGER t_seen AFTER INSERT ON t BEGIN INSERT INTO seen VALUES (new.k); END;"
+        )
+    )
+    statements: list[str] = []
+    db.conn.set_trace_callback(statements.append)
+    db.write(_put, "a")  # with a savepoint
+    assert db.write(_put_many, [("b", 1), ("c", 1)], single=True) == 2
+    with pytest.raises(StoreError, match="NOT NULL"):  # the 2nd row fails: the 1st is undone
+        db.write(_put_many, [("d", 1), ("e", None)], single=True)
+    with pytest.raises(StoreError, match="UNIQUE"):
+        db.write(_put, "a", single=True)
+    db.write(_put, "f", single=True)
+    db.conn.set_trace_callback(None)
+    assert sum("SAVEPOINT" in x for x in statements) == 1  # the first write's only
+    await asyncio.sleep(0)
+    assert _rows(Path(db.path)) == {"a": 1, "b": 1, "c": 1, "f": 1}
+    seen = db.read(lambda c: sorted(k for (k,) in c.execute("SELECT k FROM seen")))
+    assert seen == ["a", "b", "c", "f"]  # no trigger change of a failed statement is left
+
+
 async def test_synced_waits_for_the_open_batch_and_groups_syncs(db: SqliteDatabase) -> None:
     db.write(_put, "first")
     await db.synced()
@@ -301,8 +333,9 @@ async def test_purge_of_a_shared_store_deletes_in_chunks(tmp_path: Path) -> None
         await database.close()
 
 
+@pytest.mark.parametrize("single", [False, True])
 async def test_a_write_after_which_sqlite_dropped_the_batch_fails_the_database(
-    db: SqliteDatabase,
+    db: SqliteDatabase, single: bool
 ) -> None:
     """SQLite may roll a whole transaction back on some errors (a full disk, an I/O error): the
     writes before in the batch are then gone, so the database refuses everything after."""
@@ -313,7 +346,7 @@ async def test_a_write_after_which_sqlite_dropped_the_batch_fails_the_database(
         raise sqlite3.OperationalError("database or disk is full")
 
     with pytest.raises(StoreError, match="disk is full"):
-        db.write(rolled_back_by_sqlite)
+        db.write(rolled_back_by_sqlite, single=single)
     assert db.failed
     with pytest.raises(StoreError, match="commit or sync failed"):
         db.write(_put, "b")

@@ -18,8 +18,9 @@ Decisions:
   ASCII fields). Such a reply reports the request's ``spec``.
 - Equality and hash by content: MTI, header and data elements. ``redacted`` is not part of it.
 - What is derived from a whole message is computed once per message and remembered (messages
-  are immutable): ``to_json`` (each mode), ``to_masked_dict`` (a copy is handed out) and the
-  parsed TLV of ``tlv(n)``, which redaction and masking of DE 55 reuse.
+  are immutable): ``to_json`` (each mode), ``to_masked_dict`` (a copy is handed out), the
+  parsed TLV of ``tlv(n)``, which redaction and masking of DE 55 reuse, and what other layers
+  derive through ``derived(fn)``.
 - ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55;
   a card number in any other text field: see :func:`isopace.iso8583.masking.mask_value`).
 - JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
@@ -44,8 +45,13 @@ from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
 from isopace.iso8583.mti import response_mti
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
     from isopace.iso8583.spec import Layout, Spec
     from isopace.iso8583.tlv import TLV
+
+    _T = TypeVar("_T")
 
 Value = str | bytes
 _bytes = bytes
@@ -575,6 +581,19 @@ class Message:
                 out[_NAMES[n]] = mask_value(n, v)
         memo["masked"] = out
         return out.copy()
+
+    def derived(self, make: Callable[[Message], _T]) -> _T:
+        """``make(self)``, computed once per message and remembered (messages are immutable):
+        for what another layer derives from a whole message, such as the form a store keeps of
+        it, which the journal and the idempotency store then share instead of building twice.
+        ``make`` must depend on the message alone."""
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        elif make in memo:
+            return memo[make]  # type: ignore[no-any-return]
+        value = memo[make] = make(self)
+        return value
 
     def _icc(self, v: Value) -> Value | TLV:
         """DE 55's TLV (parsed once per message), or ``v`` as it is when it does not parse."""

@@ -99,6 +99,12 @@ def _layout(layout: str) -> tuple[_Units, re.Pattern[str]]:
     return found
 
 
+#: (field, layout, the full match of the values certainly real) per field the ``date`` rule checks
+_DATE_CHECKS = tuple(
+    (n, layout, _layout(layout)[1].fullmatch) for n, layout in DATE_TIME_FIELDS.items()
+)
+
+
 def date_time_problem(value: str, layout: str) -> str | None:
     """What makes ``value`` not a real date/time in ``layout`` (two-character units ``YY``,
     ``MM``, ``DD``, ``hh``, ``mm``, ``ss``, e.g. ``"MMDDhhmmss"``), or None when it is one.
@@ -180,8 +186,10 @@ def validate(spec: Spec, m: Message) -> list[Violation]:
         except Iso8583Error as e:  # TlvError, or DE 55 not binary data
             out.append(Violation(55, "tlv", f"{e} (not well-formed BER-TLV)"))
     if mti[:1] == "0":
-        for n, layout in DATE_TIME_FIELDS.items():
+        for n, layout, certainly_real in _DATE_CHECKS:
             value = fields.get(n)
+            if value is None or (type(value) is str and certainly_real(value) is not None):
+                continue  # absent, or real (one match answers nearly every value)
             # a value of another shape breaks the length or content rule already
             if isinstance(value, str) and len(value) == len(layout) and value.isdigit():
                 problem = date_time_problem(value, layout)

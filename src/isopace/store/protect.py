@@ -247,7 +247,14 @@ def stored_json(message: Message) -> str:
     answers): EMV card tags out of DE 55 (:func:`strip_emv_card_tags`; all of DE 55 when it is
     not TLV), DE 2 / 35 / 36 / 45 / 52 dropped (``to_json(redact=True)``), and every other
     field in which the shared masker finds a card number masked in place (text) or dropped
-    (binary), each listed in ``redacted`` (see the module docstring)."""
+    (binary), each listed in ``redacted`` (see the module docstring).
+
+    Built once per message (``Message.derived``): a response goes to the journal and to the
+    idempotency store, and is scanned for card numbers once."""
+    return message.derived(_stored_json)
+
+
+def _stored_json(message: Message) -> str:
     if 55 in message:
         raw = message.get(55)
         try:
@@ -276,16 +283,13 @@ def card_text_fields(message: Message) -> dict[int, str | None]:
     card number: field -> its masked text, or None for a binary field (packed BCD or ASCII
     digits inside), which cannot hold a masked value and is dropped."""
     found: dict[int, str | None] = {}
-    skip = _too_short(message.spec)
-    for n in message:  # field by field: cheaper than fields(), which copies them all
-        if n in skip:
-            continue
+    # only the fields long enough to hold a card number are read (and so decoded)
+    for n in _long_enough(message.spec).intersection(message.keys()):
         value = message[n]
         if isinstance(value, str):
-            if len(value) >= _SHORTEST_PAN:  # a shorter value cannot hold one: skip the scan
-                masked = mask_text(value)
-                if masked != value:
-                    found[n] = masked
+            masked = mask_text(value)
+            if masked != value:
+                found[n] = masked
         elif len(value) * 2 >= _SHORTEST_PAN and holds_card_number(value):
             found[n] = None
     return found
@@ -293,31 +297,33 @@ def card_text_fields(message: Message) -> dict[int, str | None]:
 
 #: Fields whose card data have rules of their own (dropped whole, or TLV-filtered).
 _OWN_RULES = CARD_DATA_FIELDS | {55}
-_SKIP: dict[int, tuple[Spec, frozenset[int]]] = {}
+#: The data elements a message built in code may hold (it has no spec to say more).
+_ANY_FIELD = frozenset(range(2, 193)) - {65} - _OWN_RULES
+_SCAN: dict[int, tuple[Spec, frozenset[int]]] = {}
 
 
-def _too_short(spec: Spec | None) -> frozenset[int]:
-    """The fields ``card_text_fields`` need not read under ``spec``: those with rules of their
-    own, and those too short to hold 13 digits (text or BCD digits: under 13; bytes: under 7),
-    which are most of a request (DE 3, 4, 7, 11, 12, 13, 37, 41, 49), so they are not decoded
-    for nothing. Cached per spec (a host has one or two)."""
+def _long_enough(spec: Spec | None) -> frozenset[int]:
+    """The fields ``card_text_fields`` reads under ``spec``: not those with rules of their
+    own, nor those the spec makes too short to hold 13 digits (text or BCD digits: under 13;
+    bytes: under 7), which are most of a request (DE 3, 4, 7, 11, 12, 13, 37, 41, 49), so they
+    are not decoded for nothing. Cached per spec (a host has one or two)."""
     if spec is None:
-        return _OWN_RULES
-    cached = _SKIP.get(id(spec))
+        return _ANY_FIELD
+    cached = _SCAN.get(id(spec))
     if cached is not None and cached[0] is spec:
         return cached[1]
-    short = set(_OWN_RULES)
-    for n in range(1, 193):
+    scan = set(_ANY_FIELD)
+    for n in _ANY_FIELD:
         fd = spec.field(n)
         if fd is None:
-            continue
+            continue  # not in the spec: a value set in code, read like any other
         digits = fd.kind == "text" or fd.len_count == "nibbles"
         if fd.max_len < (_SHORTEST_PAN if digits else (_SHORTEST_PAN + 1) // 2):
-            short.add(n)
-    skip = frozenset(short)
-    if len(_SKIP) < 64:
-        _SKIP[id(spec)] = (spec, skip)
-    return skip
+            scan.discard(n)
+    found = frozenset(scan)
+    if len(_SCAN) < 64:
+        _SCAN[id(spec)] = (spec, found)
+    return found
 
 
 #: The fewest digits :func:`mask_text` takes for a card number.

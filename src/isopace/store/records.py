@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, Final
 
-from isopace._cardtext import mask_json
+from isopace._cardtext import mask_json, may_hold_card_number
 from isopace.store.errors import JournalError
 from isopace.store.protect import CardDataProtector, scrub_text
 
@@ -122,8 +122,18 @@ else:  # pragma: no cover - CPython without the _json accelerator
 def _encode(props: dict[str, object]) -> str:
     """Durable properties as stored: JSON, card numbers masked (:func:`mask_json`, the shared
     masker). Recovery reads them back, so a stage that needs a card for recovery keeps a
-    reference to it (the ledger's ``pan_ref``), never the number."""
-    return _encode_json(mask_json(props))
+    reference to it (the ledger's ``pan_ref``), never the number.
+
+    JSON writes digits, spaces and dashes as they are, so a card number in any value is in
+    the JSON text too: properties whose JSON has no run of 13 digits (a hold id, a flag: the
+    common case) are stored as encoded, without walking them."""
+    try:
+        text = _encode_json(props)
+    except (TypeError, ValueError):  # not plain JSON values: mask_json turns them into text
+        return _encode_json(mask_json(props))
+    if may_hold_card_number(text):
+        return _encode_json(mask_json(props))
+    return text
 
 
 #: Event kind (a ``StrEnum`` value) -> the name journals store.

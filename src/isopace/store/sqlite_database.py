@@ -5,12 +5,13 @@ the event loop), and on a small virtual machine that round trip costs more CPU t
 A transaction touches the ledger, the journal and the idempotency store six or seven times in a
 row, so round trips, not the disk, bounded the host. Here every write runs inline on the event
 loop (tens of microseconds: WAL, and no fsync at commit). The writes made during one iteration of
-the loop share one SQLite transaction, each in a SAVEPOINT of its own (a write that fails is
-undone alone), committed at the start of the next iteration: fewer commits, and a page several
-writes touch goes to the WAL once. Durability is a separate, shared step: ``await
-database.synced()`` returns once everything written before the call is on disk. One sync thread
-makes that true with one ``fdatasync`` of the WAL file for every commit made meanwhile (group
-commit), so a transaction pays one thread round trip, however many writes it made.
+the loop share one SQLite transaction, each in a SAVEPOINT of its own or, a write of one
+statement, in that statement's own (a write that fails is undone alone), committed at the start
+of the next iteration: fewer commits, and a page several writes touch goes to the WAL once.
+Durability is a separate, shared step: ``await database.synced()`` returns once everything
+written before the call is on disk. One sync thread makes that true with one ``fdatasync`` of
+the WAL file for every commit made meanwhile (group commit), so a transaction pays one thread
+round trip, however many writes it made.
 
 Why this is durable and consistent:
 
@@ -106,13 +107,18 @@ class SqliteDatabase:
 
     # -- writing and reading (inline, on the loop) ----------------------------------------------
 
-    def write(self, fn: Callable[..., T], *args: Any) -> T:
+    def write(self, fn: Callable[..., T], *args: Any, single: bool = False) -> T:
         """Run ``fn(conn, *args)`` as one write and return its result (not yet committed).
 
         The writes of one event loop iteration share one transaction, committed at the start
         of the next iteration (`commit`): each write is a SAVEPOINT in it, so one that fails
         is rolled back alone. Raises `StoreError` (the cause attached) when the database fails;
-        an exception of ``fn`` itself rolls its write back and propagates unchanged."""
+        an exception of ``fn`` itself rolls its write back and propagates unchanged.
+
+        ``single=True`` says that ``fn`` changes the database with one statement at most (the
+        others only read) and does not fail after it: SQLite undoes a statement that fails,
+        its triggers' changes with it, and nothing else, so such a write needs no SAVEPOINT of
+        its own (two statements fewer: a journal record, an idempotency claim or answer)."""
         self._check()
         conn = self.conn
         if not self._batch_open:
@@ -126,7 +132,8 @@ class SqliteDatabase:
             except RuntimeError:  # no loop: commit at once
                 self._batch_open = False
                 return self._single(conn, fn, args)
-        conn.execute("SAVEPOINT write")
+        if not single:
+            conn.execute("SAVEPOINT write")
         try:
             result = fn(conn, *args)
         except BaseException as exc:
@@ -135,14 +142,15 @@ class SqliteDatabase:
                 # the writes before this one are gone although their callers have their results
                 self._batch_open = False
                 self._fail(exc)
-            else:
+            elif not single:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK TO write")
                     conn.execute("RELEASE write")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"database {self.path}: {exc}") from exc
             raise
-        conn.execute("RELEASE write")
+        if not single:
+            conn.execute("RELEASE write")
         return result
 
     def _single(self, conn: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -200,9 +208,12 @@ class SqliteDatabase:
         except sqlite3.Error as exc:
             raise StoreError(f"database {self.path}: {exc}") from exc
 
-    async def call(self, fn: Callable[..., T], *args: Any, durable: bool = False) -> T:
-        """`write`, then, with ``durable``, wait until the write is on disk (`synced`)."""
-        result = self.write(fn, *args)
+    async def call(
+        self, fn: Callable[..., T], *args: Any, durable: bool = False, single: bool = False
+    ) -> T:
+        """`write` (``single`` as there), then, with ``durable``, wait until the write is on
+        disk (`synced`)."""
+        result = self.write(fn, *args, single=single)
         if durable:
             await self.synced()
         return result

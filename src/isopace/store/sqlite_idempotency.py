@@ -204,7 +204,8 @@ class SqliteIdempotencyStore:
         """(status, response, fingerprint, seconds the holder's lease has left)."""
         now = _now_us()
         lease_until = now + int(self.lease * 1e6)
-        # the common case, a new key: one statement
+        # one statement below changes the database at most, and nothing fails after it: a
+        # `single` write. The common case, a new key: one statement
         if conn.execute(
             "INSERT INTO idempotency_keys VALUES (?, 'claimed', ?, ?, NULL, NULL, NULL) "
             "ON CONFLICT (key) DO NOTHING",
@@ -247,7 +248,7 @@ class SqliteIdempotencyStore:
     ) -> bool:
         now = _now_us()
         expires = now + int(self.ttl * 1e6)
-        # the common case, the owner's live claim: one statement
+        # a `single` write too; the common case, the owner's live claim: one statement
         if (
             owner is not None
             and conn.execute(
@@ -297,10 +298,18 @@ class SqliteIdempotencyStore:
         return int(cur.rowcount)
 
     async def _run(
-        self, what: str, key: str, fn: Callable[..., T], *args: Any, durable: bool = False
+        self,
+        what: str,
+        key: str,
+        fn: Callable[..., T],
+        *args: Any,
+        durable: bool = False,
+        single: bool = False,
     ) -> T:
         """Run ``fn(conn, *args)`` in a write transaction; with ``durable``, return once it is
-        on disk (a store of its own is always durable: every batch is fsynced)."""
+        on disk (a store of its own is always durable: every batch is fsynced); ``single``: on
+        the shared database, ``fn`` changes one row with one statement at most (see
+        `SqliteDatabase.write`)."""
         if self._closed:
             raise IdempotencyError(f"idempotency store {self.path} is closed")
         try:
@@ -308,7 +317,7 @@ class SqliteIdempotencyStore:
                 result: T = await self._db.call(fn, *args)
             else:
                 assert self._database is not None
-                result = await self._database.call(fn, *args, durable=durable)
+                result = await self._database.call(fn, *args, durable=durable, single=single)
         except StoreError as exc:
             cause = exc.__cause__ or exc
             raise IdempotencyError(
@@ -328,7 +337,7 @@ class SqliteIdempotencyStore:
             else:
                 owner = self._owners.next()
                 status, text, fingerprint, remaining = await self._run(
-                    "claim", key, self._try_claim, key, owner
+                    "claim", key, self._try_claim, key, owner, single=True
                 )
             if status == "claimed":
                 self._held[key] = owner
@@ -355,6 +364,7 @@ class SqliteIdempotencyStore:
                 stored_json(response) if response is not None else None,
                 fingerprint,
                 durable=True,
+                single=True,
             )
         finally:
             if self._held.get(key) == owner:
@@ -368,7 +378,7 @@ class SqliteIdempotencyStore:
         owner = self._held.pop(key, None)
         try:
             if owner is not None:
-                await self._run("release", key, self._release, key, owner)
+                await self._run("release", key, self._release, key, owner, single=True)
         finally:
             self._wake(key)
 

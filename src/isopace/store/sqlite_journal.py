@@ -325,6 +325,26 @@ def _insert(conn: sqlite3.Connection, rows: list[Row]) -> None:
         conn.execute(_insert_sql(len(part)), list(chain.from_iterable(part)))
 
 
+#: The INSERT of one row per pattern of NULL columns (the columns that may be NULL: joined ..
+#: error), with a NULL literal where the row has None.
+_INSERTS_ONE: dict[tuple[bool, ...], str] = {}
+
+
+def _insert_one(conn: sqlite3.Connection, row: Row) -> None:
+    """INSERT one row, its NULL columns written as NULL literals, not bound: the sqlite3 module
+    binds an int or a str at once, but tries adapters for None (a formatted AttributeError
+    each), and a row has three to six of them (what the event does not carry)."""
+    nulls = (
+        row[4] is None, row[5] is None, row[6] is None, row[7] is None, row[8] is None,
+        row[9] is None, row[10] is None,
+    )  # fmt: skip
+    sql = _INSERTS_ONE.get(nulls)
+    if sql is None:
+        values = ",".join(["?"] * 4 + ["NULL" if null else "?" for null in nulls])
+        sql = _INSERTS_ONE[nulls] = f"INSERT INTO journal ({_ROW_COLUMNS}) VALUES ({values})"
+    conn.execute(sql, [v for v in row if v is not None])
+
+
 def _apply(conn: sqlite3.Connection, rows: list[Row]) -> None:
     """Write ``rows`` in one transaction: ONE multi-row INSERT in autocommit mode (the
     statement is its own transaction, so inserting, the triggers keeping ``inflight`` and the
@@ -487,7 +507,7 @@ class SqliteJournal:
         """Shared database: write the row now, in order with the process's other writes."""
         assert self._database is not None
         try:
-            self._database.write(_insert, [row])
+            self._database.write(_insert_one, row, single=True)  # one INSERT (and its triggers)
         except StoreError as exc:
             if row[1] == "COMMITTING":
                 self._rows.forget(row[0])

@@ -230,17 +230,17 @@ class Ledger(abc.ABC):
     _card_cache: dict[str, tuple[float, Card | None]]
 
     async def card(self, pan: str) -> Card | None:
-        """The card with this PAN, or None (cached for `card_cache_ttl` seconds)."""
-        refs = self.pan_refs(pan)
-        ref = refs[0]
+        """The card with this PAN, or None (cached for `card_cache_ttl` seconds, under its
+        ``pan_ref``: the forms it has under older keys are computed on a miss only)."""
         if self.card_cache_ttl <= 0:
-            return await self._fetch_card(refs)
+            return await self._fetch_card(self.pan_refs(pan))
+        ref = self.pan_ref(pan)
         cache: dict[str, tuple[float, Card | None]] = self.__dict__.setdefault("_card_cache", {})
         now = time.monotonic()
         hit = cache.get(ref)
         if hit is not None and hit[0] > now:
             return hit[1]
-        card = await self._fetch_card(refs)
+        card = await self._fetch_card(self.pan_refs(pan))
         if len(cache) >= 100_000:
             cache.clear()
         cache[ref] = (now + self.card_cache_ttl, card)
