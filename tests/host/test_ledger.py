@@ -521,3 +521,16 @@ async def test_version_5_ledger_is_upgraded(ledger: Ledger, tmp_path: Path) -> N
             assert version.fetchone() == ("6",)
         finally:
             conn.close()
+
+
+def test_hold_expiry_options(tmp_path: Path) -> None:
+    assert load_config().hold_expiry == 7 * 86400  # seven days by default
+    path = tmp_path / "c.toml"
+    path.write_text("hold_expiry = 3600\nhold-sweep-interval = 5\n")
+    cfg = load_config(str(path))
+    assert (cfg.hold_expiry, cfg.hold_sweep_interval) == (3600, 5)
+    assert load_config(str(path), {"hold_expiry": 0}).hold_expiry == 0  # never
+    with pytest.raises(ConfigError, match="hold_expiry"):
+        load_config(None, {"hold_expiry": -1})
+    with pytest.raises(ConfigError, match="hold_sweep_interval"):
+        load_config(None, {"hold_sweep_interval": 0})
