@@ -1,7 +1,8 @@
 """Kill -9 the host under ``isopace bench`` load, restart it, and check (on SQLite, and on
 PostgreSQL + Redis) that recovery leaves nothing in doubt, that every approval a client received
-is captured (nothing lost), that the ledger balances (nothing doubled), and that an approved
-request retransmitted after the crash is replayed with the same approval code.
+is captured (nothing lost: an authorization by its completion), that the ledger balances
+(nothing doubled), and that an approved request retransmitted after the crash is replayed with
+the same approval code.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ ROUNDS = 3
 REFUND = "200000"
 #: What a partial reversal of a 1.00 purchase of the mix leaves standing (DE 95).
 STANDING = 40
+#: What the completion (0220) of a 1.00 authorization of the mix captures (the rest released).
+COMPLETED = 70
 
 
 def partial_reversal(original: Message, stan: int) -> Message:
@@ -47,24 +50,34 @@ def partial_reversal(original: Message, stan: int) -> Message:
     )
 
 
+def completion(original: Message, stan: int) -> Message:
+    """An 0220 of the authorization ``original`` (DE 90: its MTI, STAN, DE 7) for
+    ``COMPLETED``."""
+    return purchase(PAN_BENCH, COMPLETED, stan, original[41], original[7], mti="0220").set(
+        90, f"0100{original[11]}{original[7]}" + "0" * 22
+    )
+
+
 @dataclasses.dataclass
 class Mix:
-    """What the clients of the crash test saw: approvals, partial reversals answered 00, and
-    the requests of each kind left without an answer by a kill."""
+    """What the clients of the crash test saw: approvals, partial reversals and completions
+    answered 00, and the requests of each kind left without an answer by a kill."""
 
     approved: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
     reversed: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
+    completed: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
     unanswered: list[Message] = dataclasses.field(default_factory=list)
     unanswered_reversals: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
+    unanswered_completions: list[tuple[Message, Message]] = dataclasses.field(default_factory=list)
 
 
 async def load_then_kill(
     host: HostProcess, round_no: int, kill_after: float, mix: Mix | None = None
 ) -> list[tuple[Message, Message]]:
     """Eight client workers send purchases (two of them as repeats, 0201, whose original never
-    came; two send refunds, DE 3 = 20, instead; two partially reverse each purchase approved);
-    the host is killed while they are in flight. Returns the approvals received; the rest goes
-    to ``mix``."""
+    came; two partially reverse each purchase approved); two send authorizations, 0100, and
+    complete each one approved, 0220, for less; two send refunds, DE 3 = 20. The host is killed
+    while they are in flight. Returns the approvals received; the rest goes to ``mix``."""
     approved: list[tuple[Message, Message]] = []
     stop = False
 
@@ -73,9 +86,9 @@ async def load_then_kill(
         while not stop:
             stan += 1
             terminal, tx_time = f"K{round_no:01d}{w:06d}", f"11290{round_no}0000"
-            mti = "0201" if w % 4 == 0 else "0200"
+            mti = "0201" if w % 4 == 0 else "0100" if w % 4 == 2 and mix is not None else "0200"
             message = purchase(PAN_BENCH, 100, stan, terminal, tx_time, mti=mti)
-            if w % 4 == 2:
+            if w % 4 == 3:
                 message = message.set(3, REFUND)
             try:
                 response = await client.request(message, timeout=5)
@@ -86,9 +99,19 @@ async def load_then_kill(
             if response[39] != "00":
                 continue
             approved.append((message, response))
-            if w % 4 != 1 or mix is None:
+            if mix is None or w % 4 not in (1, 2):
                 continue
             stan += 1
+            if w % 4 == 2:
+                advice = completion(message, stan)
+                try:
+                    answer = await client.request(advice, timeout=5)
+                except Exception:
+                    mix.unanswered_completions.append((message, advice))
+                    return
+                assert (answer[39], answer[38]) == ("00", response[38]), answer
+                mix.completed.append((message, advice))
+                continue
             reversal = partial_reversal(message, stan)
             try:
                 answer = await client.request(reversal, timeout=5)
@@ -159,6 +182,12 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
         assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
         retried = asyncio.run(resend([r for _, r in mix.unanswered_reversals]))
         assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
+        after_retries = cli_json("ledger", *store)
+        again = asyncio.run(resend([c for _, c in mix.completed]))
+        assert {r[39] for r in again} <= {"00"}  # replayed: nothing captured twice
+        assert cli_json("ledger", *store)["accounts"] == after_retries["accounts"]
+        retried = asyncio.run(resend([c for _, c in mix.unanswered_completions]))
+        assert {r[39] for r in retried} <= {"00"}, {r[39] for r in retried}
         assert final.stop() == 0, final.output
     finally:
         if bench is not None and bench.poll() is None:
@@ -192,10 +221,20 @@ def test_kill9_under_bench_load_recovers(tmp_path: Path, backend: Backend) -> No
     # every partial reversal answered (before the kills, or retried after) applied once
     for message, _ in mix.reversed + mix.unanswered_reversals:
         assert amounts[message[41], message[11], message[7]] == STANDING, message[11]
+    # every completion answered (before the kills, or retried after) captured its
+    # authorization once, at its amount, the rest released (held is checked by ``ok``)
+    for message, _ in mix.completed + mix.unanswered_completions:
+        key = message[41], message[11], message[7]
+        assert (holds[key], amounts[key]) == (["captured"], COMPLETED), message[11]
+    # no completion was posted as a stand-in capture of its own: each found its authorization
+    assert backend.fetch("SELECT txn_id FROM holds WHERE mti = '0220'") == []
     repeats = sum(1 for m, _ in approved if m.mti == "0201")
     refunds = sum(1 for m, _ in approved if m[3] == REFUND)
-    print(f"{repeats} repeats, {refunds} refunds approved, {len(mix.reversed)} partial reversals")
-    assert repeats and refunds and mix.reversed
+    print(
+        f"{repeats} repeats, {refunds} refunds approved, {len(mix.reversed)} partial reversals, "
+        f"{len(mix.completed)} completions ({len(mix.unanswered_completions)} unanswered)"
+    )
+    assert repeats and refunds and mix.reversed and mix.completed
     doubled = backend.fetch(
         "SELECT terminal, stan, tx_time, COUNT(*) FROM holds "
         "WHERE state IN ('captured', 'credited') "

@@ -17,6 +17,7 @@ import json
 import socket
 import struct
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .conftest import (
     PAN_OK,
     PAN_UNKNOWN_BIN,
     PAN_UNKNOWN_CARD,
+    Backend,
     HostProcess,
     accounts,
     cli,
@@ -336,6 +338,128 @@ def test_a_reversal_advice_that_reverses_nothing_is_acknowledged(
     assert "reverses nothing" in proc.output
 
 
+def _auth(terminal: str, stan: str, amount: str, pan: str = PAN_OK) -> list[str]:
+    """``isopace send`` flags of an 0100 on ``terminal`` (DE 7 fixed, so DE 90 can name it)."""
+    return ["--mti", "0100", "--pan", pan, "--amount", amount, "--terminal", terminal,
+            "--stan", stan, "--time", "1207101010"]  # fmt: skip
+
+
+def _completion(terminal: str, stan: str, amount: str, of: str | None, *more: str) -> list[str]:
+    """An 0220 on ``terminal`` completing the 0100 of STAN ``of`` (DE 90; None: no DE 90)."""
+    out = ["--mti", "0220", "--pan", PAN_OK, "--amount", amount, "--terminal", terminal,
+           "--stan", stan, "--time", "1207111111", *more]  # fmt: skip
+    if of is not None:
+        out += ["--original-mti", "0100", "--original-stan", of, "--original-time", "1207101010"]
+    return out
+
+
+def test_an_authorization_is_completed_once(host: tuple[HostProcess, list[str], int]) -> None:
+    """0100 of 40.00, then its 0220 of 40.00 (DE 90 names it): answered 0230 / 00 with the
+    authorization's approval code, the 40.00 posted and no longer held. The 0220
+    retransmitted, and its repeat (0221), change nothing."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]
+    auth = send(proc.port, *_auth("TERMCMP1", "333001", "40.00"))
+    assert (auth["mti"], auth["39"]) == ("0110", "00")
+    held = accounts(store)["ACC-1001"]
+    assert (held["balance"], held["held"]) == (before["balance"], before["held"] + 4000)
+    completion = _completion("TERMCMP1", "333002", "40.00", "333001")
+    answer = send(proc.port, *completion)
+    assert (answer["mti"], answer["39"], answer["38"]) == ("0230", "00", auth["38"])
+    after = accounts(store)["ACC-1001"]
+    assert (after["balance"], after["held"]) == (before["balance"] - 4000, before["held"])
+    assert send(proc.port, *completion)["39"] == "00"  # retransmitted: replayed
+    repeat = send(proc.port, *["0221" if a == "0220" else a for a in completion])
+    assert (repeat["mti"], repeat["39"]) == ("0230", "00")
+    assert accounts(store)["ACC-1001"] == after  # captured once
+    # another completion of the same authorization (a new STAN): acknowledged, nothing posted
+    again = send(proc.port, *_completion("TERMCMP1", "333003", "40.00", "333001"))
+    assert (again["mti"], again["39"]) == ("0230", "00")
+    assert accounts(store)["ACC-1001"] == after
+    assert "completion advice" in proc.output and "review it" in proc.output
+
+
+def test_a_partial_completion_releases_the_rest(host: tuple[HostProcess, list[str], int]) -> None:
+    """0100 of 50.00 completed at 30.00: 30.00 posted, the other 20.00 released. A completion
+    above the authorized amount: an 0200 is declined 13 and moves nothing; an advice captures
+    the authorized amount and no more (the excess logged for review)."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]
+    assert send(proc.port, *_auth("TERMCMP2", "333101", "50.00"))["39"] == "00"
+    answer = send(proc.port, *_completion("TERMCMP2", "333102", "30.00", "333101"))
+    assert (answer["mti"], answer["39"]) == ("0230", "00")
+    after = accounts(store)["ACC-1001"]
+    assert (after["balance"], after["held"]) == (before["balance"] - 3000, before["held"])
+
+    # an 0200 naming the authorization in DE 90 is a completion too
+    assert send(proc.port, *_auth("TERMCMP2", "333201", "25.00"))["39"] == "00"
+    over = ["--pan", PAN_OK, "--amount", "25.01", "--terminal", "TERMCMP2", "--stan", "333202",
+            "--original-mti", "0100", "--original-stan", "333201",
+            "--original-time", "1207101010"]  # fmt: skip
+    declined = send(proc.port, *over)
+    assert (declined["mti"], declined["39"]) == ("0210", "13")
+    held = accounts(store)["ACC-1001"]
+    assert (held["balance"], held["held"]) == (after["balance"], after["held"] + 2500)
+    within = [*over[:3], "20.00", *over[4:7], "333203", *over[8:]]
+    answer = send(proc.port, *within)
+    assert (answer["mti"], answer["39"]) == ("0210", "00")
+    done = accounts(store)["ACC-1001"]
+    assert (done["balance"], done["held"]) == (after["balance"] - 2000, after["held"])
+
+    # an advice above the authorized amount cannot be declined: 10.00 captured of 15.00
+    assert send(proc.port, *_auth("TERMCMP2", "333301", "10.00"))["39"] == "00"
+    answer = send(proc.port, *_completion("TERMCMP2", "333302", "15.00", "333301"))
+    assert (answer["mti"], answer["39"]) == ("0230", "00")
+    last = accounts(store)["ACC-1001"]
+    assert (last["balance"], last["held"]) == (done["balance"] - 1000, done["held"])
+    assert "above the 1000 authorized" in proc.output
+
+
+def test_a_completion_of_an_unknown_authorization(host: tuple[HostProcess, list[str], int]) -> None:
+    """An 0220 whose authorization was never seen reports an offline approval: acknowledged
+    and posted as a stand-in capture when the funds allow; when they do not, acknowledged,
+    nothing posted, logged for review. An 0200 naming an unknown authorization is declined 25."""
+    proc, store, _ = host
+    before = accounts(store)
+    answer = send(proc.port, *_completion("TERMCMP3", "333401", "7.50", "333400"))
+    assert (answer["mti"], answer["39"]) == ("0230", "00")
+    after = accounts(store)
+    assert after["ACC-1001"]["balance"] == before["ACC-1001"]["balance"] - 750
+    assert after["ACC-1001"]["held"] == before["ACC-1001"]["held"]
+    short = send(proc.port, "--mti", "0220", "--pan", PAN_LOW, "--amount", "500.00",
+                 "--terminal", "TERMCMP3", "--stan", "333402")  # fmt: skip
+    assert (short["mti"], short["39"]) == ("0230", "00")
+    assert accounts(store)["ACC-1003"] == before["ACC-1003"]  # nothing posted
+    assert "insufficient funds: nothing posted (review it)" in proc.output
+    request = send(proc.port, "--pan", PAN_OK, "--amount", "7.50", "--terminal", "TERMCMP3",
+                   "--stan", "333403", "--original-mti", "0100", "--original-stan", "333400",
+                   "--original-time", "1207101010")  # fmt: skip
+    assert (request["mti"], request["39"]) == ("0210", "25")
+    assert accounts(store) == after
+
+
+def test_a_stand_in_approval_is_held_then_completed_by_its_approval_code(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """An 0120 (the network approved in stand-in, approval code in DE 38) is held and
+    acknowledged 0130; an 0220 that names it only by DE 38 (no DE 90) captures it."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]
+    advice = ["--mti", "0120", "--pan", PAN_OK, "--amount", "12.00", "--terminal", "TERMCMP4",
+              "--stan", "333501", "--time", "1207121212", "--field", "38=SI0042"]  # fmt: skip
+    answer = send(proc.port, *advice)
+    assert (answer["mti"], answer["39"]) == ("0130", "00")
+    held = accounts(store)["ACC-1001"]
+    assert (held["balance"], held["held"]) == (before["balance"], before["held"] + 1200)
+    assert send(proc.port, *advice)["39"] == "00"  # retransmitted: held once
+    assert accounts(store)["ACC-1001"] == held
+    completion = _completion("TERMCMP4", "333502", "11.00", None, "--field", "38=SI0042")
+    answer = send(proc.port, *completion)
+    assert (answer["mti"], answer["39"], answer["38"]) == ("0230", "00", "SI0042")
+    after = accounts(store)["ACC-1001"]
+    assert (after["balance"], after["held"]) == (before["balance"] - 1100, before["held"])
+
+
 def test_metrics_journal_describe_and_ledger(host: tuple[HostProcess, list[str], int]) -> None:
     proc, store, metrics = host
     send(proc.port, "--pan", PAN_OK, "--amount", "1.00")
@@ -455,3 +579,56 @@ def test_bench_command_reports_every_response(host: tuple[HostProcess, list[str]
     assert "every request got a response: yes" in text
     assert "p99.9" in text
     assert accounts(store)["ACC-9000"]["held"] == 0
+
+
+def test_authorizations_nobody_completes_expire(backend: Backend, tmp_path: Path) -> None:
+    """--hold-expiry 4 with a sweep every 0.2 s: an 0100 nobody completes is released (held back
+    to what it was, the balance untouched), listed by ``isopace ledger --expired``; a
+    completion arriving after that is posted as a stand-in capture; a completed one never
+    expires. (The requests go through the client, not ``isopace send``: a process start per
+    request could take longer than the expiry on a loaded machine.)"""
+    proc = HostProcess(
+        free_port(),
+        [*backend.serve, "--hold-expiry", "4", "--hold-sweep-interval", "0.2"],
+        tmp_path / "expiry.log",
+    ).start()
+
+    def figures() -> tuple[int, int]:
+        ((balance, held),) = backend.fetch(
+            "SELECT balance, held FROM accounts WHERE id = 'ACC-1001'"
+        )
+        return int(balance), int(held)
+
+    def completion(stan: int, amount: int, of: Message) -> Message:
+        return purchase(PAN_OK, amount, stan, "TERMEXP1", "1207111111", mti="0220").set(
+            90, f"0100{of[11]}{of[7]}" + "0" * 22
+        )
+
+    try:
+        balance, held = figures()
+        auth = purchase(PAN_OK, 6000, 222001, "TERMEXP1", "1207101010", mti="0100")
+        small = purchase(PAN_OK, 500, 222002, "TERMEXP1", "1207101010", mti="0100")
+        answers = asyncio.run(request_all(proc.port, [auth, small]))
+        assert [(a.mti, a[39]) for a in answers] == [("0110", "00")] * 2
+        (done,) = asyncio.run(request_all(proc.port, [completion(222003, 500, small)]))
+        assert (done.mti, done[39]) == ("0230", "00")
+        assert figures() == (balance - 500, held + 6000)  # only the 60.00 still held
+        deadline = time.monotonic() + 30
+        while figures()[1] != held:
+            assert time.monotonic() < deadline, proc.output
+            time.sleep(0.1)
+        assert figures() == (balance - 500, held)  # released, nothing posted
+        listed = cli_json("ledger", *backend.store, "--expired")
+        assert listed["expired"] == 1 and listed["ok"]
+        expired = [(h["terminal"], h["stan"], h["amount"]) for h in listed["expired_holds"]]
+        assert expired == [("TERMEXP1", "222001", 6000)]
+        assert listed["expired_holds"][0]["approval_code"] == answers[0][38]
+        text = cli("ledger", *backend.store, "--expired", check=True).stdout
+        assert "TERMEXP1" in text and "1 expired" in text
+        assert "authorization(s) nobody completed" in proc.output
+        (late,) = asyncio.run(request_all(proc.port, [completion(222004, 6000, auth)]))
+        assert (late.mti, late[39]) == ("0230", "00")
+        assert figures() == (balance - 500 - 6000, held)  # a stand-in capture
+        assert proc.stop() == 0, proc.output
+    finally:
+        proc.stop()

@@ -381,3 +381,186 @@ async def test_a_remembered_reversal_voids_its_late_original(ledger: Ledger) -> 
     account = await ledger.account("ACC-T")
     assert account is not None and account.held == 701 + 700 + 700 + 700 + 5
     assert (await ledger.check()).ok
+
+
+async def _authorized(ledger: Ledger, txn_id: str, amount: int, **keys: str) -> None:
+    assert (await ledger.reserve(txn_id, "ACC-T", amount, mti="0100", **keys)).approved
+    assert await ledger.authorize(txn_id)
+
+
+async def _figures(ledger: Ledger) -> tuple[int, int]:
+    account = await ledger.account("ACC-T")
+    assert account is not None
+    return account.balance, account.held
+
+
+async def test_a_completion_captures_its_amount_and_releases_the_rest(ledger: Ledger) -> None:
+    await _authorized(ledger, "auth", 1_000)
+    assert await ledger.claim_completion("auth", "c1")
+    assert await ledger.claim_completion("auth", "c1")  # the same completion again: its claim
+    assert not await ledger.claim_completion("auth", "c2")  # another completion: refused
+    assert await _figures(ledger) == (3_700, 1_000)  # a claim moves no money
+    assert await ledger.complete("c1", 600)  # a partial completion
+    assert await _figures(ledger) == (3_100, 0)  # 6.00 posted, the other 4.00 released
+    assert not await ledger.complete("c1", 600)  # run again (recovery): nothing twice
+    assert not await ledger.unclaim_completion("c1")  # captured: nothing to undo
+    hold = await ledger.hold("auth")
+    assert hold is not None
+    assert (hold.state, hold.amount, hold.first_amount) == (HoldState.CAPTURED, 600, 1_000)
+    # the completed authorization is reversed like a purchase: the capture refunded
+    assert await ledger.reverse("auth") == "refunded"
+    assert await _figures(ledger) == (3_700, 0)
+
+    # above what it holds: the ledger captures no more than the hold
+    await _authorized(ledger, "auth2", 500)
+    assert await ledger.claim_completion("auth2", "c3")
+    assert await ledger.complete("c3", 900)
+    assert await _figures(ledger) == (3_200, 0)
+    # an aborted completion drops its claim, and another may complete the authorization
+    await _authorized(ledger, "auth3", 700)
+    assert await ledger.claim_completion("auth3", "c4")
+    assert await ledger.unclaim_completion("c4")
+    assert not await ledger.complete("c4", 700)  # no claim any more: nothing captured
+    assert await ledger.claim_completion("auth3", "c5")
+    assert await ledger.complete("c5", 700)
+    assert await _figures(ledger) == (2_500, 0)
+    # a pending authorization (its 0100 in flight) is completed; its commit then changes nothing
+    assert (await ledger.reserve("auth4", "ACC-T", 300, mti="0100")).approved
+    assert await ledger.claim_completion("auth4", "c6")
+    assert await ledger.complete("c6", 300)
+    assert not await ledger.authorize("auth4")
+    assert not await ledger.release("auth4")
+    assert await _figures(ledger) == (2_200, 0)
+    # released or unknown authorizations cannot be claimed
+    await _authorized(ledger, "auth5", 100)
+    assert await ledger.release("auth5")
+    assert not await ledger.claim_completion("auth5", "c7")
+    assert not await ledger.claim_completion("nope", "c8")
+    with pytest.raises(ValueError, match="negative"):
+        await ledger.complete("c9", -1)
+    check = await ledger.check()
+    assert check.ok, check.problems
+
+
+async def test_concurrent_completions_of_one_authorization_capture_once(ledger: Ledger) -> None:
+    await _authorized(ledger, "auth", 1_000)
+    claims = await asyncio.gather(*(ledger.claim_completion("auth", f"c{i}") for i in range(20)))
+    assert sum(claims) == 1
+    winner = f"c{claims.index(True)}"
+    done = await asyncio.gather(*(ledger.complete(f"c{i}", 800) for i in range(20)))
+    assert done == [f"c{i}" == winner for i in range(20)]
+    assert await _figures(ledger) == (2_900, 0)
+    assert (await ledger.check()).ok
+
+
+async def test_authorizations_nobody_completed_expire(ledger: Ledger) -> None:
+    for i in range(3):
+        await _authorized(ledger, f"old{i}", 100 + i)
+    assert (await ledger.reserve("pending", "ACC-T", 50, mti="0100")).approved
+    await _authorized(ledger, "claimed", 20)
+    await asyncio.sleep(0.4)
+    assert await ledger.claim_completion("claimed", "c1")  # a completion in flight: kept
+    await _authorized(ledger, "young", 30)
+    assert await ledger.expire(0.3, batch=1) == 3  # in batches of one
+    assert await _figures(ledger) == (3_700, 50 + 20 + 30)
+    check = await ledger.check()
+    assert check.ok, check.problems
+    assert check.expired == 3
+    assert sorted(h.txn_id for h in await ledger.expired_holds()) == ["old0", "old1", "old2"]
+    assert [h.state for h in await ledger.expired_holds(limit=1)] == [HoldState.EXPIRED]
+    hold = await ledger.hold("pending")
+    assert hold is not None and hold.state == HoldState.PENDING  # recovery's, not the sweep's
+    assert await ledger.expire(0.3) == 0  # nothing more
+    # an expired authorization can no longer be completed, reversed or reduced
+    assert not await ledger.claim_completion("old0", "c2")
+    assert await ledger.reverse("old0") == "none"
+    assert not await ledger.reduce("old0", 10)
+    # a claim as old as the expiry is a completion that died unjournalled: it expires too
+    await asyncio.sleep(0.4)
+    assert await ledger.expire(0.3) == 2  # "claimed" and "young"
+    assert await _figures(ledger) == (3_700, 50)
+    assert (await ledger.check()).ok
+    with pytest.raises(ValueError, match="batch"):
+        await ledger.expire(1, batch=0)
+
+
+async def test_find_original_by_approval_code(ledger: Ledger) -> None:
+    ref = ledger.pan_ref(CARD.pan)
+    other_ref = ledger.pan_ref("5555555555554444")
+    await ledger.reserve("a", "ACC-T", 10, terminal="T5", stan="000001", approval_code="A1B2C3",
+                         pan_ref=ref)  # fmt: skip
+    found = await ledger.find_original(terminal="T5", stan="000099", approval_code="A1B2C3",
+                                       pan_ref=ref)  # fmt: skip
+    assert found is not None and found.txn_id == "a"
+    assert (
+        await ledger.find_original(terminal="T5", approval_code="A1B2C3", pan_ref=other_ref) is None
+    )
+    assert await ledger.find_original(terminal="T6", approval_code="A1B2C3", pan_ref=ref) is None
+
+
+async def test_version_5_ledger_is_upgraded(ledger: Ledger, tmp_path: Path) -> None:
+    """A version 5 ledger (no holds.completed_by, none of its indexes) with an authorization
+    held opens as version 6, and the authorization can be completed or expire."""
+    await _authorized(ledger, "auth", 400)
+    await _authorized(ledger, "auth2", 100)
+    downgrade = [
+        "DROP INDEX holds_by_completion",
+        "DROP INDEX holds_authorized",
+        "ALTER TABLE holds DROP COLUMN completed_by",
+        "UPDATE ledger_meta SET value = '5' WHERE key = 'schema_version'",
+    ]
+    if isinstance(ledger, SqliteLedger):
+        import sqlite3
+
+        await ledger.close()
+        conn = sqlite3.connect(ledger.path)
+        for sql in downgrade:
+            conn.execute(sql)
+        conn.commit()
+        conn.close()
+        book: Ledger = SqliteLedger(ledger.path, keys=ledger.keys)
+    else:
+        assert isinstance(ledger, PostgresLedger)
+        await ledger.close()
+        conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": ledger.schema})
+        try:
+            for sql in downgrade:
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+        book = PostgresLedger(PG_DSN, schema=ledger.schema, keys=ledger.keys)
+    await book.open()
+    try:
+        assert await book.claim_completion("auth", "c1")
+        assert await book.complete("c1", 250)
+        await asyncio.sleep(0.05)
+        assert await book.expire(0.01) == 1
+        account = await book.account("ACC-T")
+        assert account is not None and (account.balance, account.held) == (3_700 - 250, 0)
+        check = await book.check()
+        assert check.ok and check.expired == 1, check.problems
+    finally:
+        await book.close()
+        await ledger.open()  # for the fixture's own close
+    if isinstance(book, SqliteLedger):
+        import sqlite3
+
+        conn = sqlite3.connect(book.path)
+        try:
+            version = conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
+            assert version.fetchone() == ("6",)
+        finally:
+            conn.close()
+
+
+def test_hold_expiry_options(tmp_path: Path) -> None:
+    assert load_config().hold_expiry == 7 * 86400  # seven days by default
+    path = tmp_path / "c.toml"
+    path.write_text("hold_expiry = 3600\nhold-sweep-interval = 5\n")
+    cfg = load_config(str(path))
+    assert (cfg.hold_expiry, cfg.hold_sweep_interval) == (3600, 5)
+    assert load_config(str(path), {"hold_expiry": 0}).hold_expiry == 0  # never
+    with pytest.raises(ConfigError, match="hold_expiry"):
+        load_config(None, {"hold_expiry": -1})
+    with pytest.raises(ConfigError, match="hold_sweep_interval"):
+        load_config(None, {"hold_sweep_interval": 0})

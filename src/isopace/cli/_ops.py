@@ -416,13 +416,23 @@ def add_ledger_parser(sub: Any) -> None:
         help="show the ledger's accounts and check that it balances",
         description=(
             "Print every account (balance, held, available), check the ledger's invariants "
-            "(balance = opening - captures, held = open holds, nothing overdrawn) and optionally "
-            "block or unblock a card. Exit status 1 when the ledger does not balance."
+            "(balance = opening - captures, held = open holds, nothing overdrawn), optionally "
+            "list the authorizations that expired with nobody completing them (their holds "
+            "released by the host's sweep), and block or unblock a card. Exit status 1 when "
+            "the ledger does not balance."
         ),
     )
     add_config_flags(p, only={"db", "postgres", "postgres_schema", "synchronous", "card_key_file"})
     p.add_argument("--block", metavar="PAN", help="block this card (declined 05 from now on)")
     p.add_argument("--unblock", metavar="PAN", help="unblock this card")
+    p.add_argument(
+        "--expired",
+        nargs="?",
+        type=int,
+        const=100,
+        metavar="N",
+        help="list the last N (default 100) authorizations that expired uncompleted",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_command(_ledger, lambda cfg: cfg.db))
 
@@ -437,28 +447,42 @@ async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
                 raise ConfigError("no such card in the ledger")
         accounts = await ledger.accounts()
         check = await ledger.check()
+        expired = [] if args.expired is None else await ledger.expired_holds(max(args.expired, 0))
         if args.json:
-            print(
-                json.dumps(
+            doc: dict[str, Any] = {
+                "accounts": [
                     {
-                        "accounts": [
-                            {
-                                "id": a.id,
-                                "currency": a.currency,
-                                "opening": a.opening,
-                                "balance": a.balance,
-                                "held": a.held,
-                                "available": a.available,
-                            }
-                            for a in accounts
-                        ],
-                        "holds": check.holds,
-                        "pending": check.pending,
-                        "ok": check.ok,
-                        "problems": list(check.problems),
+                        "id": a.id,
+                        "currency": a.currency,
+                        "opening": a.opening,
+                        "balance": a.balance,
+                        "held": a.held,
+                        "available": a.available,
                     }
-                )
-            )
+                    for a in accounts
+                ],
+                "holds": check.holds,
+                "pending": check.pending,
+                "expired": check.expired,
+                "ok": check.ok,
+                "problems": list(check.problems),
+            }
+            if args.expired is not None:
+                doc["expired_holds"] = [
+                    {
+                        "txn_id": h.txn_id,
+                        "account": h.account_id,
+                        "amount": h.amount,
+                        "mti": h.mti,
+                        "terminal": h.terminal,
+                        "stan": h.stan,
+                        "tx_time": h.tx_time,
+                        "rrn": h.rrn,
+                        "approval_code": h.approval_code,
+                    }
+                    for h in expired
+                ]
+            print(json.dumps(doc))
         else:
             out.table(
                 "accounts",
@@ -475,7 +499,23 @@ async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
                     for a in accounts
                 ],
             )
-            out.line(f"{check.holds} hold(s), {check.pending} pending")
+            if args.expired is not None:
+                out.table(
+                    "expired authorizations",
+                    ["transaction", "account", "amount", "terminal", "stan", "approval"],
+                    [
+                        (
+                            h.txn_id,
+                            h.account_id,
+                            money(h.amount),
+                            h.terminal or "-",
+                            h.stan or "-",
+                            h.approval_code or "-",
+                        )
+                        for h in expired
+                    ],
+                )
+            out.line(f"{check.holds} hold(s), {check.pending} pending, {check.expired} expired")
             out.line("ledger balances" if check.ok else "ledger does NOT balance:")
             for problem in check.problems:
                 out.line(f"  {problem}")

@@ -21,9 +21,10 @@ the TCP server and the metrics endpoint.
    below for whose transactions that is); with the SQLite
    idempotency store (which takes over the crashed run's claims at once: one process per node)
    the response of each transaction recovery commits is stored under its idempotency key;
-5. the ISO 8583 server, the journal's retention task (``journal_retention``), then the metrics
-   endpoint. While it runs, the host re-reads its key files every `KEY_RELOAD_INTERVAL` seconds,
-   so ``isopace keys rotate`` takes effect without a restart.
+5. the ISO 8583 server, the background housekeeping (the journal's retention,
+   ``journal_retention``, and the expiry of authorizations nobody completed, ``hold_expiry``),
+   then the metrics endpoint. While it runs, the host re-reads its key files every
+   `KEY_RELOAD_INTERVAL` seconds, so ``isopace keys rotate`` takes effect without a restart.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
 sharing a journal and across restarts); the idempotency key is the MTI class (``020`` for
@@ -153,6 +154,8 @@ def build_flow(
     for network in sorted(set(config.bins.values())):
         flow.group(network, reserve)
     flow.group("reversal", stages.Reversal(ledger, config.early_reversal_window))
+    flow.group("authorization-advice", stages.AuthorizationAdvice(ledger, key=key))
+    flow.group("completion", stages.Completion(ledger, key=key))
     flow.group("respond", stages.Respond())
     return flow
 
@@ -274,7 +277,7 @@ class AuthorizationHost:
         else:
             await self._warn_other_nodes()
         await self._start_server(ssl_context)
-        self._start_pruning()
+        self._start_housekeeping()
         await self._start_key_watch()
         if cfg.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
@@ -354,14 +357,38 @@ class AuthorizationHost:
                 extra={"node": self.node, "in_doubt": count, "nodes": others},
             )
 
-    def _start_pruning(self) -> None:
-        """Retention (``journal_retention`` days, 0: off): a background task prunes the journal
-        every ``journal_prune_interval`` seconds, first at start-up. The journal deletes in
-        small batches and yields between them, so the transactions being served are never
-        held up for long; an expired idempotency answer is purged by its store's own task."""
-        if self.config.journal_retention <= 0:
-            return
-        task = asyncio.get_running_loop().create_task(self._prune_forever())
+    def _start_housekeeping(self) -> None:
+        """The host's periodic jobs, each a background task that runs it first at start-up,
+        then every interval (`_every`):
+
+        - retention (``journal_retention`` days, 0: off): the journal is pruned every
+          ``journal_prune_interval`` seconds; an expired idempotency answer is purged by its
+          store's own task;
+        - hold expiry (``hold_expiry`` seconds, 0: off): authorizations nobody completed are
+          released every ``hold_sweep_interval`` seconds (`Ledger.expire`). With PostgreSQL
+          every node sweeps; a hold another node's sweep holds is skipped, not waited for.
+
+        Both delete or update in small batches and yield between them, so the transactions
+        being served are never held up for long."""
+        cfg = self.config
+        if cfg.journal_retention > 0:
+            self._every("journal: pruning", cfg.journal_prune_interval, self._prune_journal)
+        if cfg.hold_expiry > 0:
+            self._every("ledger: hold expiry", cfg.hold_sweep_interval, self._expire_holds)
+
+    def _every(self, what: str, interval: float, job: Callable[[], Any]) -> None:
+        """Run ``job`` now and every ``interval`` seconds until the host closes; a failure (the
+        database is down) is logged as a WARNING and the job runs again next time."""
+
+        async def forever() -> None:
+            while True:
+                try:
+                    await job()
+                except Exception as exc:
+                    log.warning("%s failed: %s", what, one_line(exc))
+                await asyncio.sleep(interval)
+
+        task = asyncio.get_running_loop().create_task(forever())
 
         async def stop() -> None:
             task.cancel()
@@ -370,23 +397,28 @@ class AuthorizationHost:
 
         self._closers.append(stop)
 
-    async def _prune_forever(self) -> None:
-        cfg = self.config
-        while True:
-            before = datetime.now(UTC) - timedelta(days=cfg.journal_retention)
-            try:
-                pruned = await self.journal.prune(before)
-            except Exception as exc:  # the database is down: warn, try again next time
-                log.warning("journal: pruning failed: %s", one_line(exc))
-            else:
-                if pruned:
-                    log.info(
-                        "journal: pruned %d record(s) of transactions ended before %s",
-                        pruned,
-                        before.isoformat(timespec="seconds"),
-                        extra={"pruned": pruned},
-                    )
-            await asyncio.sleep(cfg.journal_prune_interval)
+    async def _prune_journal(self) -> None:
+        before = datetime.now(UTC) - timedelta(days=self.config.journal_retention)
+        pruned = await self.journal.prune(before)
+        if pruned:
+            log.info(
+                "journal: pruned %d record(s) of transactions ended before %s",
+                pruned,
+                before.isoformat(timespec="seconds"),
+                extra={"pruned": pruned},
+            )
+
+    async def _expire_holds(self) -> None:
+        assert self.ledger is not None
+        expired = await self.ledger.expire(self.config.hold_expiry)
+        if expired:
+            log.info(
+                "ledger: %d authorization(s) nobody completed within %g s expired; their "
+                "holds are released",
+                expired,
+                self.config.hold_expiry,
+                extra={"expired": expired},
+            )
 
     async def _close_metrics(self) -> None:
         if self.metrics_server is not None:

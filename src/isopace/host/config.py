@@ -222,6 +222,16 @@ class HostConfig:
         "is declined (12) and holds nothing",
         metavar="SECONDS",
     )
+    hold_expiry: float = _opt(
+        7 * 86400.0,
+        "how long an authorization nobody completed keeps its hold before the host's "
+        "background sweep releases it (state expired, listed by isopace ledger --expired); "
+        "0: never",
+        metavar="SECONDS",
+    )
+    hold_sweep_interval: float = _opt(
+        60.0, "seconds between two runs of the hold expiry sweep", metavar="SECONDS"
+    )
     bins: dict[str, str] = _opt(  # noqa: RUF009
         dict(DEFAULT_BINS),
         "BIN prefix -> network group (longest prefix wins)",
@@ -271,6 +281,12 @@ class HostConfig:
         if self.journal_prune_interval <= 0:
             raise ConfigError(
                 f"journal_prune_interval must be positive, not {self.journal_prune_interval}"
+            )
+        if self.hold_expiry < 0:
+            raise ConfigError(f"hold_expiry {self.hold_expiry}: seconds, 0 (never) or more")
+        if self.hold_sweep_interval <= 0:
+            raise ConfigError(
+                f"hold_sweep_interval must be positive, not {self.hold_sweep_interval}"
             )
         if self.timeout <= 0:
             raise ConfigError(f"timeout must be positive, not {self.timeout}")

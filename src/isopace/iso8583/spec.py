@@ -953,7 +953,9 @@ _PAN = (2, 35)  # the card number, or the track 2 that holds it
 _ORIGINAL = (90, 37)  # what a reversal reverses: original data elements, else the RRN
 DEFAULT_REQUIRED: dict[str, tuple[int | tuple[int, ...], ...]] = {
     "0100": (3, 4, 11, 41, _PAN),
+    "0120": (3, 4, 11, 41, _PAN),
     "0200": (3, 4, 11, 41, _PAN),
+    "0220": (3, 4, 11, 41, _PAN),
     "0400": (3, 4, 11, 41, _ORIGINAL, _PAN),
     "0420": (3, 4, 11, 41, _ORIGINAL, _PAN),
     "0800": (7, 11, 70),

@@ -22,7 +22,7 @@ Rules (``Violation.rule``):
   (any other value already breaks the ``length`` or ``content`` rule). Without a year, 29
   February is a real date (the sender's year may be a leap year).
 - ``required``: a data element the MTI requires is missing (the spec's table, by default
-  :data:`isopace.iso8583.spec.DEFAULT_REQUIRED`: 0100/0200: 3, 4, 11, 41 and (2 or 35);
+  :data:`isopace.iso8583.spec.DEFAULT_REQUIRED`: 0100/0120/0200/0220: 3, 4, 11, 41 and (2 or 35);
   0400/0420: 3, 4, 11, 41, (90 or 37) and (2 or 35); 0800: 7, 11, 70). The rules of a request
   apply to its repeat (0101, 0201, 0421: :func:`isopace.iso8583.mti.original_mti`).
 """

@@ -11,8 +11,12 @@ Money model (amounts in minor units, integers):
 - ``holds``: one row per transaction id (the flow's exchange id), the reservation made in the
   prepare pass. States: ``pending`` (prepared, outcome not known yet), ``authorized`` (an 0100
   committed: the funds stay held), ``captured`` (an 0200 committed: posted to the balance),
-  ``released`` (aborted or an authorization reversed) and ``refunded`` (a captured transaction
-  reversed).
+  ``released`` (aborted or an authorization reversed), ``refunded`` (a captured transaction
+  reversed) and ``expired`` (an authorization nobody completed, released by the host's sweep,
+  `Ledger.expire`). A completion captures an authorization's hold itself (``authorized`` ->
+  ``captured``, at the completion's amount, the rest released), after claiming it
+  (``completed_by``: the completion's transaction id) so no other completion or expiry takes
+  it meanwhile.
 - ``captures``: one row per captured transaction (the posting), with ``refunded_at`` once reversed.
 
 Concurrency: a hold is taken by one conditional statement, ``UPDATE accounts SET held = held +
@@ -21,10 +25,10 @@ the hold's INSERT (on PostgreSQL a single ``WITH ... UPDATE ... INSERT`` stateme
 racing for the last funds cannot both succeed: the database serialises the row update and re-checks
 the condition.
 
-Idempotency: ``capture``, ``authorize``, ``release`` and ``refund`` are conditional state
-transitions (``UPDATE holds ... WHERE txn_id = ? AND state IN (...)``); running one twice, as crash
-recovery may, changes nothing the second time. ``reserve`` of a transaction id that already has a
-hold returns the existing outcome instead of holding twice.
+Idempotency: ``capture``, ``authorize``, ``release``, ``refund``, ``complete`` and ``expire``
+are conditional state transitions (``UPDATE holds ... WHERE txn_id = ? AND state IN (...)``);
+running one twice, as crash recovery may, changes nothing the second time. ``reserve`` of a
+transaction id that already has a hold returns the existing outcome instead of holding twice.
 
 Card numbers are never stored in clear: cards are keyed by an HMAC-SHA256 of the PAN under the
 card key, ``<key id>:<hmac>``, with the masked PAN (first 6 / last 4) for display. The key is

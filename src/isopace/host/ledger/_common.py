@@ -23,7 +23,9 @@ from isopace.store.keys import REKEY_BATCH, KeyRing, KeyUsage, key_id_sql, rekey
 #: ``early_reversals`` table (reversals that arrived before their original). Version 6:
 #: holds.kind (the transaction type of DE 3: purchase, cash, cashback, refund) and holds.cash
 #: (the cash part, counted against the card's daily cash limit); a refund's credit is a hold in
-#: state ``credited`` with a negative capture.
+#: state ``credited`` with a negative capture; holds.completed_by (the completion that claimed
+#: an authorization, `Ledger.claim_completion`) and the ``expired`` state (`Ledger.expire`),
+#: with the indexes they are found by.
 SCHEMA_VERSION = 6
 
 
@@ -37,6 +39,8 @@ class HoldState(enum.StrEnum):
     REFUNDED = "refunded"
     CREDITED = "credited"
     """A refund (DE 3 = 20) posted to the account: its capture row is negative."""
+    EXPIRED = "expired"
+    """An authorization nobody completed in time: released by the expiry sweep."""
 
 
 OPEN_STATES = (HoldState.PENDING.value, HoldState.AUTHORIZED.value)
@@ -160,6 +164,7 @@ class LedgerCheck:
     holds: int
     pending: int
     problems: tuple[str, ...]
+    expired: int = 0
 
     @property
     def ok(self) -> bool:
@@ -422,6 +427,41 @@ class Ledger(abc.ABC):
     async def forget_reversal(self, txn_id: str) -> bool:
         """Undo `remember_reversal` (the reversal's transaction aborted)."""
 
+    # -- completions and expiry ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_completion(self, txn_id: str, by: str) -> bool:
+        """Mark the open hold ``txn_id`` (an authorization) as being completed by transaction
+        ``by`` (``holds.completed_by``), so no other completion and no expiry takes it
+        meanwhile; no money moves. True when ``by`` holds the claim (again: idempotent); False
+        when the hold is gone, no longer open, or claimed by another completion."""
+
+    @abc.abstractmethod
+    async def complete(self, by: str, amount: int) -> bool:
+        """Capture the hold claimed by ``by`` up to ``amount`` (at most what it holds): the
+        balance is debited the captured amount, the whole hold is freed (the rest released),
+        and the amount first held is kept in ``original_amount`` when less is captured. One
+        conditional transition: False (nothing changed) when no open hold carries the claim,
+        so a completion run again, as recovery may, captures nothing twice."""
+
+    @abc.abstractmethod
+    async def unclaim_completion(self, by: str) -> bool:
+        """Undo `claim_completion` (the completion aborted): the hold stays open as it was."""
+
+    @abc.abstractmethod
+    async def expire(self, older_than: float, *, batch: int = 100) -> int:
+        """Release the authorizations nobody completed: ``authorized`` holds made more than
+        ``older_than`` seconds ago become ``expired`` and free their funds. A hold claimed by
+        a completion is left alone unless the claim itself is that old (its completion died
+        with no journal record). Pending holds are never touched (crash recovery ends them).
+        Runs ``batch`` holds per database transaction and yields to the event loop between
+        batches, so the transactions being served are never held up for long; returns how
+        many expired."""
+
+    @abc.abstractmethod
+    async def expired_holds(self, limit: int = 100) -> list[Hold]:
+        """The most recently expired holds, newest first (for ``isopace ledger --expired``)."""
+
     @abc.abstractmethod
     async def hold(self, txn_id: str) -> Hold | None:
         """The hold made by this transaction, if any."""
@@ -436,8 +476,11 @@ class Ledger(abc.ABC):
         rrn: str | None = None,
         pan_ref: str | Sequence[str] | None = None,
         amount: int | None = None,
+        approval_code: str | None = None,
     ) -> Hold | None:
-        """The most recent hold of this terminal with this STAN (+ transmission time) or RRN.
+        """The most recent hold of this terminal with this STAN (+ transmission time) or RRN,
+        else (``approval_code``: a completion that names its authorization by DE 38) with this
+        approval code.
 
         ``amount`` is matched against the amount the transaction was made for
         (`Hold.first_amount`), so a full reversal after a partial one still finds it. With
@@ -468,6 +511,15 @@ class Ledger(abc.ABC):
             return "refunded"
         return "none"
 
+
+#: Version 6: the completion that claimed a hold is found by its transaction id (recovery), and
+#: the expiry sweep finds the oldest authorizations; both partial, so a purchase (never
+#: claimed, never ``authorized``) adds nothing to maintain on the way in.
+COMPLETION_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS holds_by_completion ON holds (completed_by) "
+    "WHERE completed_by IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS holds_authorized ON holds (created_at) WHERE state = 'authorized'",
+)
 
 KEY_INDEX = """
 CREATE UNIQUE INDEX IF NOT EXISTS holds_by_key ON holds (idem_key)
@@ -522,7 +574,7 @@ def usage_of(rows: Iterable[Sequence[Any]]) -> KeyUsage:
 
 
 def check_rows(
-    rows: Sequence[Sequence[Any]], holds: int, pending: int, mismatched: int
+    rows: Sequence[Sequence[Any]], holds: int, pending: int, mismatched: int, expired: int = 0
 ) -> LedgerCheck:
     problems: list[str] = []
     for account_id, opening, balance, held, captured, open_holds in rows:
@@ -537,4 +589,4 @@ def check_rows(
             problems.append(f"account {account_id}: overdrawn (available {balance - held})")
     if mismatched:
         problems.append(f"{mismatched} hold(s) disagree with the captures table")
-    return LedgerCheck(len(rows), holds, pending, tuple(problems))
+    return LedgerCheck(len(rows), holds, pending, tuple(problems), expired)

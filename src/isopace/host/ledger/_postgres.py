@@ -3,6 +3,7 @@ one database."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from isopace.host.ledger._common import (
     CAPTURE_MISMATCH_SQL,
     CASH_STATES,
     CHECK_SQL,
+    COMPLETION_INDEXES,
     HOLD_COLUMNS,
     KEY_INDEX,
     KEY_USAGE_SQL,
@@ -71,6 +73,7 @@ CREATE TABLE IF NOT EXISTS holds (
     original_amount BIGINT,
     kind TEXT,
     cash BIGINT NOT NULL DEFAULT 0,
+    completed_by TEXT,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
@@ -160,6 +163,46 @@ UPDATE accounts SET
     held = held - CASE WHEN h.state = 'captured' THEN 0 ELSE h.less END
 FROM h WHERE accounts.id = h.account_id
 RETURNING accounts.id
+"""
+
+_PG_COMPLETE = """
+WITH old AS (
+    SELECT txn_id, account_id, amount, LEAST($2::bigint, amount) AS captured FROM holds
+    WHERE completed_by = $1 AND state IN ('pending', 'authorized')
+    FOR UPDATE
+), h AS (
+    UPDATE holds SET state = 'captured', amount = old.captured, updated_at = now(),
+        original_amount = CASE WHEN old.captured < old.amount
+            THEN COALESCE(holds.original_amount, old.amount) ELSE holds.original_amount END
+    FROM old WHERE holds.txn_id = old.txn_id
+    RETURNING old.txn_id, old.account_id, old.amount AS freed, old.captured
+), a AS (
+    UPDATE accounts SET balance = balance - h.captured, held = held - h.freed
+    FROM h WHERE accounts.id = h.account_id RETURNING accounts.id
+)
+INSERT INTO captures (txn_id, account_id, amount) SELECT txn_id, account_id, captured FROM h
+RETURNING txn_id
+"""
+
+#: One batch of the expiry sweep ($1 seconds, $2 holds); rows another node's sweep (or a
+#: completion) has locked are skipped, not waited for.
+_PG_EXPIRE = """
+WITH h AS (
+    UPDATE holds SET state = 'expired', updated_at = now()
+    WHERE txn_id IN (
+        SELECT txn_id FROM holds
+        WHERE state = 'authorized' AND created_at < now() - make_interval(secs => $1)
+          AND (completed_by IS NULL OR updated_at < now() - make_interval(secs => $1))
+        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED
+    ) AND state = 'authorized'
+    RETURNING account_id, amount
+), freed AS (
+    SELECT account_id, SUM(amount) AS amount, COUNT(*) AS n FROM h GROUP BY account_id
+), a AS (
+    UPDATE accounts SET held = held - freed.amount
+    FROM freed WHERE accounts.id = freed.account_id RETURNING accounts.id
+)
+SELECT COALESCE(SUM(n), 0)::bigint FROM freed
 """
 
 _PG_CAPTURE = """
@@ -264,9 +307,12 @@ class PostgresLedger(Ledger):
                     "ADD COLUMN IF NOT EXISTS pan_ref TEXT, "
                     "ADD COLUMN IF NOT EXISTS original_amount BIGINT, "
                     "ADD COLUMN IF NOT EXISTS kind TEXT, "
-                    "ADD COLUMN IF NOT EXISTS cash BIGINT NOT NULL DEFAULT 0"
+                    "ADD COLUMN IF NOT EXISTS cash BIGINT NOT NULL DEFAULT 0, "
+                    "ADD COLUMN IF NOT EXISTS completed_by TEXT"
                 )
                 await conn.execute(KEY_INDEX)
+                for index in COMPLETION_INDEXES:
+                    await conn.execute(index)
                 await conn.execute(
                     "CREATE INDEX IF NOT EXISTS holds_cash ON holds (pan_ref, created_at) "
                     "WHERE cash > 0"
@@ -566,6 +612,47 @@ class PostgresLedger(Ledger):
         result = await self.pool.execute("DELETE FROM early_reversals WHERE txn_id = $1", txn_id)
         return bool(result == "DELETE 1")
 
+    async def claim_completion(self, txn_id: str, by: str) -> bool:
+        result = await self.pool.execute(
+            "UPDATE holds SET completed_by = $2, updated_at = now() WHERE txn_id = $1 AND "
+            "state IN ('pending', 'authorized') AND (completed_by IS NULL OR completed_by = $2)",
+            txn_id,
+            by,
+        )
+        return bool(result == "UPDATE 1")
+
+    async def complete(self, by: str, amount: int) -> bool:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+        return await self.pool.fetchval(_PG_COMPLETE, by, amount) is not None
+
+    async def unclaim_completion(self, by: str) -> bool:
+        result = await self.pool.execute(
+            "UPDATE holds SET completed_by = NULL WHERE completed_by = $1 "
+            "AND state IN ('pending', 'authorized')",
+            by,
+        )
+        return bool(result != "UPDATE 0")
+
+    async def expire(self, older_than: float, *, batch: int = 100) -> int:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        total = 0
+        while True:
+            expired = int(await self.pool.fetchval(_PG_EXPIRE, float(older_than), batch))
+            total += expired
+            if expired < batch:
+                return total
+            await asyncio.sleep(0)
+
+    async def expired_holds(self, limit: int = 100) -> list[Hold]:
+        rows = await self.pool.fetch(
+            f"SELECT {HOLD_COLUMNS} FROM holds WHERE state = 'expired' "
+            "ORDER BY updated_at DESC LIMIT $1",
+            limit,
+        )
+        return [Hold(*r) for r in rows]
+
     async def hold(self, txn_id: str) -> Hold | None:
         row = await self.pool.fetchrow(
             f"SELECT {HOLD_COLUMNS} FROM holds WHERE txn_id = $1", txn_id
@@ -581,6 +668,7 @@ class PostgresLedger(Ledger):
         rrn: str | None = None,
         pan_ref: str | Sequence[str] | None = None,
         amount: int | None = None,
+        approval_code: str | None = None,
     ) -> Hold | None:
         refs = None if pan_ref is None else refs_of(pan_ref)
 
@@ -613,6 +701,15 @@ class PostgresLedger(Ledger):
                 refs,
                 amount,
             )
+        if row is None and approval_code is not None:
+            row = await self.pool.fetchrow(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE terminal = $1 AND approval_code = $2"
+                f"{match(3)} ORDER BY created_at DESC LIMIT 1",
+                terminal,
+                approval_code,
+                refs,
+                amount,
+            )
         return Hold(*row) if row else None
 
     async def pending_holds(self) -> list[Hold]:
@@ -627,4 +724,5 @@ class PostgresLedger(Ledger):
             holds = await conn.fetchval("SELECT COUNT(*) FROM holds")
             pending = await conn.fetchval("SELECT COUNT(*) FROM holds WHERE state = 'pending'")
             mismatched = await conn.fetchval(CAPTURE_MISMATCH_SQL)
-        return check_rows([tuple(r) for r in rows], holds, pending, mismatched)
+            expired = await conn.fetchval("SELECT COUNT(*) FROM holds WHERE state = 'expired'")
+        return check_rows([tuple(r) for r in rows], holds, pending, mismatched, expired)

@@ -25,6 +25,7 @@ from isopace.host.ledger._common import (
     CAPTURE_MISMATCH_SQL,
     CASH_STATES,
     CHECK_SQL,
+    COMPLETION_INDEXES,
     HOLD_COLUMNS,
     KEY_INDEX,
     KEY_USAGE_SQL,
@@ -118,6 +119,7 @@ CREATE TABLE IF NOT EXISTS holds (
     original_amount INTEGER,
     kind TEXT,
     cash INTEGER NOT NULL DEFAULT 0,
+    completed_by TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
@@ -214,11 +216,14 @@ class SqliteLedger(Ledger):
             ("original_amount", "INTEGER"),
             ("kind", "TEXT"),
             ("cash", "INTEGER NOT NULL DEFAULT 0"),
+            ("completed_by", "TEXT"),
         ):
             if column not in columns:
                 conn.execute(f"ALTER TABLE holds ADD COLUMN {column} {kind}")
         conn.execute(KEY_INDEX)
         conn.execute(CASH_INDEX)
+        for index in COMPLETION_INDEXES:
+            conn.execute(index)
         conn.execute(
             "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -665,6 +670,104 @@ class SqliteLedger(Ledger):
             )
         )
 
+    async def claim_completion(self, txn_id: str, by: str) -> bool:
+        return await self._write(
+            lambda conn: bool(
+                conn.execute(
+                    "UPDATE holds SET completed_by = ?, updated_at = ? WHERE txn_id = ? "
+                    "AND state IN (?, ?) AND (completed_by IS NULL OR completed_by = ?)",
+                    (by, _now(), txn_id, *OPEN_STATES, by),
+                ).rowcount
+            )
+        )
+
+    async def complete(self, by: str, amount: int) -> bool:
+        if amount < 0:
+            raise ValueError(f"amount must not be negative: {amount}")
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT txn_id, account_id, amount FROM holds WHERE completed_by = ? "
+                "AND state IN (?, ?)",
+                (by, *OPEN_STATES),
+            ).fetchone()
+            if row is None:
+                return False
+            txn_id, account_id, held = row
+            captured = min(amount, held)
+            now = _now()
+            conn.execute(
+                "UPDATE holds SET state = 'captured', amount = ?, updated_at = ?, "
+                "original_amount = CASE WHEN ? < amount THEN COALESCE(original_amount, amount) "
+                "ELSE original_amount END WHERE txn_id = ?",
+                (captured, now, captured, txn_id),
+            )
+            conn.execute(
+                "UPDATE accounts SET balance = balance - ?, held = held - ? WHERE id = ?",
+                (captured, held, account_id),
+            )
+            conn.execute(
+                "INSERT INTO captures (txn_id, account_id, amount, captured_at) "
+                "VALUES (?, ?, ?, ?)",
+                (txn_id, account_id, captured, now),
+            )
+            return True
+
+        return await self._write(op)
+
+    async def unclaim_completion(self, by: str) -> bool:
+        return await self._write(
+            lambda conn: bool(
+                conn.execute(
+                    "UPDATE holds SET completed_by = NULL WHERE completed_by = ? "
+                    "AND state IN (?, ?)",
+                    (by, *OPEN_STATES),
+                ).rowcount
+            )
+        )
+
+    async def expire(self, older_than: float, *, batch: int = 100) -> int:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        total = 0
+        while True:
+            now = _dt.datetime.now(_dt.UTC)
+            cut = (now - _dt.timedelta(seconds=older_than)).isoformat(timespec="microseconds")
+
+            def op(conn: sqlite3.Connection, cut: str = cut) -> int:
+                rows = conn.execute(
+                    "UPDATE holds SET state = 'expired', updated_at = ? WHERE txn_id IN "
+                    "(SELECT txn_id FROM holds WHERE state = 'authorized' AND created_at < ? "
+                    "AND (completed_by IS NULL OR updated_at < ?) ORDER BY created_at LIMIT ?) "
+                    "RETURNING account_id, amount",
+                    (_now(), cut, cut, batch),
+                ).fetchall()
+                freed: dict[str, int] = {}
+                for account_id, amount in rows:
+                    freed[account_id] = freed.get(account_id, 0) + amount
+                for account_id, amount in freed.items():
+                    conn.execute(
+                        "UPDATE accounts SET held = held - ? WHERE id = ?", (amount, account_id)
+                    )
+                return len(rows)
+
+            expired = await self._write(op)
+            total += expired
+            if expired < batch:
+                return total
+            await asyncio.sleep(0)  # one batch per loop turn
+
+    async def expired_holds(self, limit: int = 100) -> list[Hold]:
+        def op(conn: sqlite3.Connection) -> list[Hold]:
+            rows = conn.execute(
+                f"SELECT {HOLD_COLUMNS} FROM holds WHERE state = 'expired' "
+                "ORDER BY updated_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [Hold(*r) for r in rows]
+
+        return await self._read(op)
+
     async def hold(self, txn_id: str) -> Hold | None:
         def op(conn: sqlite3.Connection) -> Hold | None:
             row = conn.execute(
@@ -683,6 +786,7 @@ class SqliteLedger(Ledger):
         rrn: str | None = None,
         pan_ref: str | Sequence[str] | None = None,
         amount: int | None = None,
+        approval_code: str | None = None,
     ) -> Hold | None:
         match = ""  # the card and the amount, when given
         match_args: tuple[Any, ...] = ()
@@ -716,6 +820,13 @@ class SqliteLedger(Ledger):
                     + " ORDER BY created_at DESC LIMIT 1",
                     (terminal, rrn, *match_args),
                 ).fetchone()
+            if row is None and approval_code is not None:
+                row = conn.execute(
+                    f"SELECT {HOLD_COLUMNS} FROM holds WHERE terminal = ? AND approval_code = ?"
+                    + match
+                    + " ORDER BY created_at DESC LIMIT 1",
+                    (terminal, approval_code, *match_args),
+                ).fetchone()
             return Hold(*row) if row else None
 
         return await self._read(op)
@@ -737,6 +848,9 @@ class SqliteLedger(Ledger):
                 "SELECT COUNT(*) FROM holds WHERE state = 'pending'"
             ).fetchone()
             (mismatched,) = conn.execute(CAPTURE_MISMATCH_SQL).fetchone()
-            return check_rows(rows, holds, pending, mismatched)
+            (expired,) = conn.execute(
+                "SELECT COUNT(*) FROM holds WHERE state = 'expired'"
+            ).fetchone()
+            return check_rows(rows, holds, pending, mismatched, expired)
 
         return await self._read(op)
