@@ -88,7 +88,7 @@ async def load_then_kill(
             terminal, tx_time = f"K{round_no:01d}{w:06d}", f"11290{round_no}0000"
             mti = "0201" if w % 4 == 0 else "0100" if w % 4 == 2 and mix is not None else "0200"
             message = purchase(PAN_BENCH, 100, stan, terminal, tx_time, mti=mti)
-            if w % 4 == 3:
+            if w % 4 == 3 and mix is not None:
                 message = message.set(3, REFUND)
             try:
                 response = await client.request(message, timeout=5)
