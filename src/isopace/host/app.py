@@ -146,9 +146,8 @@ def build_flow(
     flow.group(
         "authorize",
         stages.Risk(ledger, velocity),
-        stages.TransactionType(),
+        stages.TransactionType(stages.BinRoute(config.bins, config.unknown_bin_code)),
     )
-    flow.group("purchase", stages.BinRoute(config.bins, config.unknown_bin_code))
     flow.group("refund", stages.Refund(ledger, key=key))
     flow.group("inquiry", stages.BalanceInquiry(ledger))
     for network in sorted(set(config.bins.values())):

@@ -5,9 +5,8 @@ The flow `isopace.host.build_flow` assembles (groups in brackets)::
     [main]       parse, dispatch
                    0800      -> [netmgmt]    netmgmt
                    0100/0200 -> [authorize]  risk, txn-type
-                                  DE 3 00/01/09 -> [purchase]  bin-route
-                                                     by BIN -> [visa] or [mastercard]  reserve
-                                                                 -> [respond]
+                                  DE 3 00/01/09, by BIN -> [visa] or [mastercard]  reserve
+                                                             -> [respond]
                                   DE 3 20       -> [refund]    refund -> [respond]
                                   DE 3 30/31    -> [inquiry]   inquiry -> [respond]
                    0400/0420 -> [reversal]   reversal -> [respond]
@@ -313,8 +312,9 @@ class TransactionType:
     """Reads the transaction type (DE 3 positions 1-2) and the currency (DE 49), as an issuer
     processor does, and sends the request where that type is handled:
 
-    - 00 purchase, 01 cash withdrawal, 09 purchase with cashback: to ``purchase`` (the BIN
-      route, then the network's reserve). The cash part (a withdrawal's whole amount; a
+    - 00 purchase, 01 cash withdrawal, 09 purchase with cashback: routed by the BIN (its
+      ``purchase`` `BinRoute`, run in this stage: one stage and one route less on the busiest
+      path) to the network's reserve. The cash part (a withdrawal's whole amount; a
       cashback's DE 54 entry of amount type 40, which must not exceed DE 4) counts against the
       card's daily cash limit there.
     - 20 refund (in an 0200; as an authorization it is declined 12): to ``refund``, which
@@ -331,6 +331,9 @@ class TransactionType:
     Routes (it is the last stage of ``authorize``)."""
 
     name = "txn-type"
+
+    def __init__(self, purchase: BinRoute) -> None:
+        self.purchase = purchase
 
     def prepare(self, ex: Exchange) -> Result:
         m = ex.request
@@ -368,7 +371,7 @@ class TransactionType:
             ex.set("cash", cash)
         else:
             return decline(ex, rc.INVALID_TRANSACTION, f"field 3: transaction type {code!r}")
-        return route("purchase")
+        return self.purchase.prepare(ex)
 
 
 class BinRoute:
