@@ -5,12 +5,16 @@ Inputs tried: a refund (credits, once on retransmission; not as an 0100; its rev
 refused), balance inquiries (0100 and 0200, 30 and 31: DE 54 with the ledger and available
 balances, nothing moves), cash withdrawals up to and over the daily cash limit, a purchase with
 cashback (DE 54's cash counted against the same limit; cash missing or above DE 4), a transfer
-(40), unknown types (12), a currency other than the account's (57) and one no table knows (30).
+(40), unknown types (12), a currency other than the account's (57) and one no table knows (30);
+with configured rates, EUR and JPY converted into USD (DE 6, 10, 51; the reversal converted
+too), and rates that are no number, not positive, or name unknown currencies.
 """
 
 from __future__ import annotations
 
-from .conftest import PAN_MC, PAN_OK, HostProcess, accounts, send
+from collections.abc import Callable
+
+from .conftest import PAN_MC, PAN_OK, HostProcess, accounts, cli, send
 
 Host = tuple[HostProcess, list[str], int]
 
@@ -107,3 +111,47 @@ def test_other_types_and_currencies_are_declined_and_move_nothing(host: Host) ->
         assert answer["39"] == expected, (code, currency, answer)
         assert "38" not in answer
     assert accounts(store) == before
+
+
+def test_a_configured_rate_converts_into_the_account_currency(
+    spawn: Callable[..., HostProcess], db: str
+) -> None:
+    """With rates for EUR and JPY into USD: the hold and the posting are in USD (rounded half
+    up across the exponents), the answer carries DE 6, 10 and 51; a reversal in EUR finds and
+    refunds it; a currency without a rate is still 57."""
+    proc = spawn("--db", db, "--rate", "978:840=1.0842", "--rate", "392:840=0.0067")
+    store = ["--db", db]
+    before = accounts(store)["ACC-1001"]["balance"]
+    eur = ["--pan", PAN_OK, "--amount", "10.00", "--currency", "978", "--terminal", "TERMFX01",
+           "--stan", "333401", "--time", "1206161616"]  # fmt: skip
+    answer = send(proc.port, *eur)
+    assert answer["39"] == "00"
+    assert (answer["4"], answer["49"]) == ("000000001000", "978")  # as the acquirer sent them
+    assert (answer["6"], answer["10"], answer["51"]) == ("000000001084", "61084200", "840")
+    assert accounts(store)["ACC-1001"]["balance"] == before - 1084  # 10.842 USD, half up
+    jpy = send(proc.port, "--pan", PAN_OK, "--amount", "1000", "--currency", "392",
+               "--terminal", "TERMFX01", "--stan", "333402")  # fmt: skip
+    assert (jpy["39"], jpy["6"], jpy["10"]) == ("00", "000000000670", "70067000")
+    assert accounts(store)["ACC-1001"]["balance"] == before - 1084 - 670
+    reversal = send(proc.port, "--mti", "0400", "--pan", PAN_OK, "--amount", "10.00",
+                    "--currency", "978", "--terminal", "TERMFX01", "--stan", "333403",
+                    "--original-stan", "333401", "--original-time", "1206161616")  # fmt: skip
+    assert reversal["39"] == "00"
+    assert accounts(store)["ACC-1001"]["balance"] == before - 670
+    gbp = send(proc.port, "--pan", PAN_OK, "--amount", "1.00", "--currency", "826",
+               "--terminal", "TERMFX01", "--stan", "333404")  # fmt: skip
+    assert gbp["39"] == "57"
+    assert accounts(store)["ACC-1001"]["balance"] == before - 670
+
+
+def test_bad_rates_are_one_line_errors() -> None:
+    for rate, problem in (
+        ("978:840=abc", "not a number"),
+        ("978:840=0", "above 0"),
+        ("978-840=1.1", "FROM:TO"),
+        ("978:999=1.1", "FROM:TO"),
+        ("978840", "expected FROM:TO=RATE"),
+    ):
+        run = cli("serve", "--port", "0", "--rate", rate)
+        assert run.returncode == 2, (rate, run.stdout, run.stderr)
+        assert problem in run.stderr and run.stderr.count("\n") == 1, (rate, run.stderr)

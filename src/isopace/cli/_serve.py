@@ -39,13 +39,14 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             add_spec_flags(parser, default=None)  # and --spec-file: one choice, as the clients'
         elif name == "spec_file":
             continue
-        elif name == "bins":
+        elif isinstance(default, dict):  # a table: one KEY=VALUE entry a flag
+            entries = " ".join(f"{k}={v}" for k, v in default.items()) or "none"
             parser.add_argument(
                 flag,
                 dest=name,
                 action="append",
-                metavar="BIN=GROUP",
-                help=f"{text}; repeat for each entry (default: 4=visa 5=mastercard)",
+                metavar=metavar,
+                help=f"{text}; repeat for each entry (default: {entries})",
             )
         elif name == "idempotency_key":
             parser.add_argument(
@@ -80,8 +81,10 @@ def config_from_args(args: argparse.Namespace) -> HostConfig:
         value = getattr(args, name, None)
         if value is None:
             continue
-        if name == "bins":
-            value = parse_bins(value)
+        if isinstance(value, list) and HostConfig.__dataclass_fields__[name].type.startswith(
+            "dict"
+        ):
+            value = parse_bins(value, "--" + option_name(name).replace("_", "-"))
         overrides[name] = value
     return load_config(getattr(args, "config", None), overrides)
 

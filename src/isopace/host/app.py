@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 from isopace.flow import Exchange, FingerprintMismatchError, Flow, Outcome
 from isopace.host import stages
 from isopace.host.config import HostConfig
+from isopace.host.conversion import Rates
 from isopace.host.datadir import lock_path, prepare_data
 from isopace.host.errors import HostError, StartupError, one_line
 from isopace.host.idempotency import DEFAULT_KEY_FIELDS, IdempotencyKey, RequestFingerprint
@@ -146,14 +147,17 @@ def build_flow(
     flow.group(
         "authorize",
         stages.Risk(ledger, velocity),
-        stages.TransactionType(),
+        stages.TransactionType(
+            stages.BinRoute(config.bins, config.unknown_bin_code), Rates(config.rates)
+        ),
     )
-    flow.group("purchase", stages.BinRoute(config.bins, config.unknown_bin_code))
     flow.group("refund", stages.Refund(ledger, key=key))
     flow.group("inquiry", stages.BalanceInquiry(ledger))
     for network in sorted(set(config.bins.values())):
         flow.group(network, reserve)
-    flow.group("reversal", stages.Reversal(ledger, config.early_reversal_window))
+    flow.group(
+        "reversal", stages.Reversal(ledger, config.early_reversal_window, Rates(config.rates))
+    )
     flow.group("authorization-advice", stages.AuthorizationAdvice(ledger, key=key))
     flow.group("completion", stages.Completion(ledger, key=key))
     flow.group("respond", stages.Respond())

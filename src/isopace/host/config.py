@@ -35,6 +35,7 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
+from isopace.host.conversion import Rates
 from isopace.host.errors import ConfigError
 from isopace.iso8583 import SPECS, Iso8583Error, Spec, load_spec_file, spec_by_name
 from isopace.net.limits import (
@@ -216,6 +217,14 @@ class HostConfig:
         "part of a purchase with cashback, 09), else 61 (0: no limit)",
         metavar="AMOUNT",
     )
+    rates: dict[str, str] = _opt(  # noqa: RUF009
+        {},
+        "conversion rate from a request's currency (DE 49) to an account's, e.g. 978:840=1.0842; "
+        "without one such a request is declined 57 (isopace.host.conversion)",
+        metavar="FROM:TO=RATE",
+        name="rate",
+        aliases=("rates",),
+    )
     early_reversal_window: float = _opt(
         86400.0,
         "how long a reversal whose original was not seen is remembered, so the late original "
@@ -299,6 +308,7 @@ class HostConfig:
             raise ConfigError(f"max_connections must be at least 1, not {self.max_connections}")
         if not self.idempotency_key or any(not 1 <= f <= 128 for f in self.idempotency_key):
             raise ConfigError(f"idempotency_key {self.idempotency_key}: fields 1..128 expected")
+        Rates(self.rates)  # a rate that is no number or whose currencies are unknown
         for prefix, group in self.bins.items():
             if not prefix.isdigit() or not group:
                 raise ConfigError(f"bin: {prefix!r} = {group!r}: digits = group name expected")
@@ -387,6 +397,12 @@ _KEYS: dict[str, str] = {
     for f in dataclasses.fields(HostConfig)
     for key in (_NAMES[f.name], *f.metadata["aliases"])
 }
+#: A table option's entry form, by its flag's name (``bin`` -> ``BIN=NET``), for its errors.
+_METAVARS: dict[str, str] = {
+    _NAMES[f.name]: f.metadata["metavar"] or "KEY=VALUE"
+    for f in dataclasses.fields(HostConfig)
+    if str(f.type).startswith("dict")
+}
 #: Options that replace each other: the one given in a later layer (flags over the file) wins.
 _EXCLUSIVE: dict[str, str] = {"spec": "spec_file", "spec_file": "spec"}
 
@@ -435,12 +451,14 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 
 def parse_bins(items: list[str], what: str = "--bin") -> dict[str, str]:
-    """``["4=visa", "5=mastercard"]`` -> ``{"4": "visa", "5": "mastercard"}``."""
+    """A table option's entries: ``["4=visa", "5=mastercard"]`` -> ``{"4": "visa", "5":
+    "mastercard"}`` (``--bin``, ``--rate``: each split at its first ``=``)."""
     out: dict[str, str] = {}
     for item in items:
         prefix, sep, group = item.partition("=")
         if not sep:
-            raise ConfigError(f"{what} {item!r}: expected BIN=GROUP, e.g. 4=visa")
+            form = _METAVARS.get(what.lstrip("-").replace("-", "_"), "KEY=VALUE")
+            raise ConfigError(f"{what} {item!r}: expected {form}")
         out[prefix.strip()] = group.strip()
     return out
 

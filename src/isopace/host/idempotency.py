@@ -72,11 +72,14 @@ class IdempotencyKey:
     management (08xx, not idempotent) or a request without what the key needs (which the parse
     stage declines 30, naming `missing`)."""
 
-    __slots__ = ("_extra", "fields")
+    __slots__ = ("_extra", "_key_of", "fields")
 
     def __init__(self, fields: Sequence[int] = DEFAULT_KEY_FIELDS) -> None:
         self.fields = tuple(fields)
         self._extra = tuple(n for n in _WHEN_PRESENT if n not in self.fields)
+        # one function object, so a request's key is derived once (`Message.derived`) however
+        # many stages ask (the flow, the parse stage, the reserve)
+        self._key_of = self._key
 
     def _parts(self, m: Message, missing: list[str] | None) -> list[str] | None:
         """The key's parts; None when a field is missing (each appended to ``missing``)."""
@@ -104,7 +107,9 @@ class IdempotencyKey:
         return parts if complete else None
 
     def __call__(self, ex: Exchange) -> str | None:
-        m = ex.request
+        return ex.request.derived(self._key_of)
+
+    def _key(self, m: Message) -> str | None:
         if m.mti.startswith("08"):
             return None
         parts = self._parts(m, None)
@@ -113,7 +118,7 @@ class IdempotencyKey:
     def missing(self, m: Message) -> list[str]:
         """What ``m`` lacks for a key, each a field ("41") or its alternatives ("7 (or 37, or
         12 and 13)"); empty when the key can be made or ``m`` needs none (08xx)."""
-        if m.mti.startswith("08"):
+        if m.mti.startswith("08") or m.derived(self._key_of) is not None:
             return []
         missing: list[str] = []
         self._parts(m, missing)
@@ -131,14 +136,28 @@ class RequestFingerprint:
     """The host's fingerprint function (module docstring). ``keys`` returns the card keys in use
     (the ledger's ring, which a rotation replaces)."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "_makers")
 
     def __init__(self, keys: Callable[[], KeyRing]) -> None:
         self._keys = keys
+        #: key id -> the function deriving a request's fingerprint under that key: one object
+        #: per key, so a request's fingerprint is derived once (`Message.derived`) however many
+        #: times the flow asks (its claim, its answer)
+        self._makers: dict[str, Callable[[Message], str]] = {}
 
     def __call__(self, ex: Exchange) -> str:
         ring = self._keys()
-        return _under(ring, ring.current, _payload(ex.request))
+        key = ring.current
+        make = self._makers.get(key.id)
+        if make is None:
+            if len(self._makers) > 64:  # rotations over a long life: forget the old keys
+                self._makers.clear()
+
+            def make(m: Message, ring: KeyRing = ring, key: Key = key) -> str:
+                return _under(ring, key, _payload(m))
+
+            self._makers[key.id] = make
+        return ex.request.derived(make)
 
     def matches(self, ex: Exchange, stored: str) -> bool:
         """Whether ``stored``, made under a card key that is no longer the current one, is this

@@ -5,9 +5,8 @@ The flow `isopace.host.build_flow` assembles (groups in brackets)::
     [main]       parse, dispatch
                    0800      -> [netmgmt]    netmgmt
                    0100/0200 -> [authorize]  risk, txn-type
-                                  DE 3 00/01/09 -> [purchase]  bin-route
-                                                     by BIN -> [visa] or [mastercard]  reserve
-                                                                 -> [respond]
+                                  DE 3 00/01/09, by BIN -> [visa] or [mastercard]  reserve
+                                                             -> [respond]
                                   DE 3 20       -> [refund]    refund -> [respond]
                                   DE 3 30/31    -> [inquiry]   inquiry -> [respond]
                    0400/0420 -> [reversal]   reversal -> [respond]
@@ -52,6 +51,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from isopace.flow import CONTINUE, SKIP, Result, route
+from isopace.host.conversion import Rates
 from isopace.host.errors import HostError
 from isopace.host.ledger import Card, HoldState, Kind, Ledger, ReserveStatus
 from isopace.iso8583 import Iso8583Error, card_number, error_reply, minor_units
@@ -313,8 +313,9 @@ class TransactionType:
     """Reads the transaction type (DE 3 positions 1-2) and the currency (DE 49), as an issuer
     processor does, and sends the request where that type is handled:
 
-    - 00 purchase, 01 cash withdrawal, 09 purchase with cashback: to ``purchase`` (the BIN
-      route, then the network's reserve). The cash part (a withdrawal's whole amount; a
+    - 00 purchase, 01 cash withdrawal, 09 purchase with cashback: routed by the BIN (its
+      ``purchase`` `BinRoute`, run in this stage: one stage and one route less on the busiest
+      path) to the network's reserve. The cash part (a withdrawal's whole amount; a
       cashback's DE 54 entry of amount type 40, which must not exceed DE 4) counts against the
       card's daily cash limit there.
     - 20 refund (in an 0200; as an authorization it is declined 12): to ``refund``, which
@@ -327,10 +328,16 @@ class TransactionType:
     The account-type digits (positions 3-6) are not checked: this ledger keeps one account per
     card, and a request for the default (00), savings (10), checking (20) or credit (30)
     account posts to it. DE 49 must be a currency this host knows (else 30) and the card's
-    account currency (else 57, transaction not permitted: no conversion table is configured).
+    account currency, or one the configured rates convert from (`isopace.host.conversion`: the
+    amounts are then held and posted in the account's currency, and the answer carries the
+    billing amount, rate and currency in DE 6, 10 and 51), else 57 (transaction not permitted).
     Routes (it is the last stage of ``authorize``)."""
 
     name = "txn-type"
+
+    def __init__(self, purchase: BinRoute, rates: Rates | None = None) -> None:
+        self.purchase = purchase
+        self.rates = rates if rates is not None else Rates()
 
     def prepare(self, ex: Exchange) -> Result:
         m = ex.request
@@ -341,8 +348,14 @@ class TransactionType:
             if minor_units(currency) is None:
                 return decline(ex, rc.FORMAT_ERROR, f"field 49: {currency!r} is no known currency")
             if card is not None and card.currency and currency != card.currency:
-                reason = f"field 49: {currency}, the account is in {card.currency}"
-                return decline(ex, rc.TRANSACTION_NOT_PERMITTED, reason)
+                converted = self.rates.convert(ex.get("amount", 0), currency, card.currency)
+                if converted is None:
+                    reason = f"field 49: {currency}, the account is in {card.currency}"
+                    return decline(ex, rc.TRANSACTION_NOT_PERMITTED, reason)
+                billing, rate = converted
+                ex.set("amount", billing)
+                ex.set("converted", (currency, card.currency), durable=True)
+                ex.set("answer_fields", {6: f"{billing:012d}", 10: rate, 51: card.currency})
         if code in ("30", "31"):
             return route("inquiry", "respond")
         if code == "20":
@@ -362,13 +375,16 @@ class TransactionType:
                 cash = additional_amounts(_text(m, 54) or "").get(CASHBACK)
             except Iso8583Error as exc:
                 return decline(ex, rc.FORMAT_ERROR, str(exc))
+            converted = ex.get("converted")
+            if cash is not None and converted is not None:  # DE 54 is in DE 49's currency
+                cash = (self.rates.convert(cash, *converted) or (cash, ""))[0]
             if cash is None or not 0 < cash <= amount:
                 return decline(ex, rc.INVALID_AMOUNT, "field 54: no cashback within DE 4")
             ex.set("kind", Kind.CASHBACK)
             ex.set("cash", cash)
         else:
             return decline(ex, rc.INVALID_TRANSACTION, f"field 3: transaction type {code!r}")
-        return route("purchase")
+        return self.purchase.prepare(ex)
 
 
 class BinRoute:
@@ -565,6 +581,7 @@ class Refund:
                 return SKIP  # credited already: its answer again, nothing more
             ex.set("credit_key", idem_key, durable=True)
         ex.set("credit_to", card.account_id, durable=True)
+        ex.set("credit_amount", ex.get("amount", 0), durable=True)  # converted, if it was
         ex.set("approval_code", _approval_code(), durable=True)
         return CONTINUE
 
@@ -577,7 +594,7 @@ class Refund:
         await self.ledger.credit(
             ex.id,
             ex.get("credit_to"),
-            request.amount(4),
+            ex.get("credit_amount", None) or request.amount(4),
             mti=request.mti,
             terminal=_text(request, 41),
             stan=_text(request, 11),
@@ -675,14 +692,19 @@ class Reversal:
     and the original's capture then finds nothing to post: the reversal wins, the ledger
     balances.
 
+    A reversal in a currency other than the account's is converted as its original was
+    (``rates``, `isopace.host.conversion`): DE 4 and DE 95's actual amount become the account
+    currency's before the original is looked for.
+
     Durable properties (for recovery): ``original`` (the original's transaction id),
     ``reverse_to`` (a partial reversal's standing amount), ``early`` (a remembered reversal)."""
 
     name = "reversal"
 
-    def __init__(self, ledger: Ledger, window: float = 86400.0) -> None:
+    def __init__(self, ledger: Ledger, window: float = 86400.0, rates: Rates | None = None) -> None:
         self.ledger = ledger
         self.window = window
+        self.rates = rates if rates is not None else Rates()
 
     async def prepare(self, ex: Exchange) -> Result:
         request = ex.request
@@ -696,6 +718,17 @@ class Reversal:
         except Iso8583Error as exc:
             return decline(ex, rc.FORMAT_ERROR, str(exc))
         ledger = self.ledger
+        currency = _text(request, 49)
+        if self.rates and currency is not None:
+            card = await ledger.card(pan)
+            if card is not None and card.currency and card.currency != currency:
+                converted = self.rates.convert(amount, currency, card.currency)
+                if converted is not None:
+                    amount = converted[0]
+                    if standing is not None:
+                        standing = (
+                            self.rates.convert(standing, currency, card.currency) or converted
+                        )[0]
         original = await ledger.find_original(
             terminal=terminal,
             stan=stan,

@@ -934,9 +934,7 @@ class Spec:
     # --- validation ------------------------------------------------------------------------
     def validate(self, m: Message) -> list[Violation]:
         """Every violation of this spec's rules in ``m`` (empty list: valid)."""
-        from isopace.iso8583.validation import validate
-
-        return validate(self, m)
+        return _validate(self, m)
 
 
 def _sort_key(k: str) -> tuple[int, int]:
@@ -971,3 +969,4 @@ _new = object.__new__
 
 
 from isopace.iso8583.message import Message  # noqa: E402
+from isopace.iso8583.validation import validate as _validate  # noqa: E402

@@ -190,6 +190,7 @@ class Ledger(abc.ABC):
     rotation are still found."""
 
     _keys: KeyRing | None = None
+    _last_ref: tuple[KeyRing, str, str] | None = None
 
     def use_keys(self, keys: KeyRing) -> None:
         """The card keys (current first); the card cache is dropped (a rotated key)."""
@@ -203,8 +204,17 @@ class Ledger(abc.ABC):
         return self._keys
 
     def pan_ref(self, pan: str) -> str:
-        """The keyed hash that identifies a card without storing its number (current key)."""
-        return self.keys.fingerprint(pan)
+        """The keyed hash that identifies a card without storing its number (current key).
+
+        The last one is remembered: a transaction asks for its card's twice in a row (the card
+        lookup of the risk stage, then the reserve's hold), one keyed hash instead of two."""
+        keys = self.keys
+        last = self._last_ref
+        if last is not None and last[0] is keys and last[1] == pan:
+            return last[2]
+        ref = keys.fingerprint(pan)
+        self._last_ref = (keys, pan, ref)
+        return ref
 
     def pan_refs(self, pan: str) -> list[str]:
         """Every form a card's ``pan_ref`` may have under the ring's keys (current first)."""

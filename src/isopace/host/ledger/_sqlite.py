@@ -182,6 +182,9 @@ class SqliteLedger(Ledger):
         self._shared = database is not None
         self._db = database
         self._opened = False
+        # whether early_reversals may hold a row: this process is the file's only writer (the
+        # host's lock), so while none was ever remembered a reserve skips looking there
+        self._early_reversals = False
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
         """Run a write; a ledger of its own waits for the disk, a shared one when ``durable``."""
@@ -246,6 +249,12 @@ class SqliteLedger(Ledger):
                 await self._db.close()
                 self._db = None
             raise LedgerError(f"ledger {self.path}: cannot open: {exc.__cause__ or exc}") from exc
+        self._early_reversals = (
+            self._db.read(
+                lambda conn: conn.execute("SELECT 1 FROM early_reversals LIMIT 1").fetchone()
+            )
+            is not None
+        )
         self._opened = True
 
     async def close(self) -> None:
@@ -432,7 +441,7 @@ class SqliteLedger(Ledger):
                 dup = row
             if dup is not None:
                 return ReserveResult(ReserveStatus.DUPLICATE, original=Hold(*dup))
-            if terminal is not None and pan_ref is not None:
+            if self._early_reversals and terminal is not None and pan_ref is not None:
                 early = conn.execute(
                     _EARLY_REVERSAL, (terminal, pan_ref, amount, _now(), stan, tx_time, rrn)
                 ).fetchone()
@@ -659,6 +668,8 @@ class SqliteLedger(Ledger):
                 "ON CONFLICT (txn_id) DO NOTHING",
                 (txn_id, terminal, stan, tx_time, rrn, pan_ref, amount, created, expires),
             )
+            if done.rowcount:
+                self._early_reversals = True
             return bool(done.rowcount)
 
         return await self._write(op)
