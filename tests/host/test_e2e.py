@@ -415,6 +415,20 @@ def test_a_partial_completion_releases_the_rest(host: tuple[HostProcess, list[st
     assert "above the 1000 authorized" in proc.output
 
 
+def test_a_zero_completion_releases_the_authorization(
+    host: tuple[HostProcess, list[str], int],
+) -> None:
+    """An 0220 of 0.00 (the sale did not happen): acknowledged, never declined 13 for its
+    amount; nothing is posted and the whole hold is released."""
+    proc, store, _ = host
+    before = accounts(store)["ACC-1001"]
+    assert send(proc.port, *_auth("TERMCMP5", "333501", "18.00"))["39"] == "00"
+    assert accounts(store)["ACC-1001"]["held"] == before["held"] + 1800
+    answer = send(proc.port, *_completion("TERMCMP5", "333502", "0.00", "333501"))
+    assert (answer["mti"], answer["39"]) == ("0230", "00")
+    assert accounts(store)["ACC-1001"] == before
+
+
 def test_a_completion_of_an_unknown_authorization(host: tuple[HostProcess, list[str], int]) -> None:
     """An 0220 whose authorization was never seen reports an offline approval: acknowledged
     and posted as a stand-in capture when the funds allow; when they do not, acknowledged,

@@ -177,7 +177,10 @@ class Parse:
                 amount = m.amount(4)
             except Iso8583Error:
                 return decline(ex, rc.FORMAT_ERROR, "field 4: not an amount")
-            if amount == 0 and m.mti[1] in "12" and (_text(m, 3) or "")[:2] in MONEY_TRANSACTIONS:
+            money = (_text(m, 3) or "")[:2] in MONEY_TRANSACTIONS
+            # an advice reports what happened (a zero completion releases its authorization):
+            # it is never declined for its amount
+            if amount == 0 and m.mti[1] in "12" and money and not is_advice(m.mti):
                 return decline(ex, rc.INVALID_AMOUNT, "field 4: amount zero")
             ex.set("amount", amount)
         return SKIP
