@@ -491,10 +491,10 @@ async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
                     (
                         a.id,
                         a.currency,
-                        money(a.opening),
-                        money(a.balance),
-                        money(a.held),
-                        money(a.available),
+                        money(a.opening, a.currency),
+                        money(a.balance, a.currency),
+                        money(a.held, a.currency),
+                        money(a.available, a.currency),
                     )
                     for a in accounts
                 ],

@@ -55,7 +55,8 @@ def error(message: str) -> None:
     print(f"isopace: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-def money(minor: int, exponent: int = 2) -> str:
-    sign = "-" if minor < 0 else ""
-    minor = abs(minor)
-    return f"{sign}{minor // 10**exponent:,}.{minor % 10**exponent:0{exponent}d}"
+def money(minor: int, currency: str = "840") -> str:
+    """An amount for a table: ``currency``'s decimals, thousands grouped."""
+    from isopace.iso8583 import format_amount
+
+    return format_amount(minor, currency, grouped=True)

@@ -159,7 +159,7 @@ async def _serve(config: HostConfig) -> int:
                     (
                         _mask(c.pan),
                         c.account_id,
-                        money(c.balance),
+                        money(c.balance, c.currency),
                         c.status,
                         c.label,
                     )

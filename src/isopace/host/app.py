@@ -77,7 +77,14 @@ from isopace.host.idempotency import DEFAULT_KEY_FIELDS, IdempotencyKey, Request
 from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
 from isopace.host.metrics import Metrics, MetricsServer
-from isopace.iso8583 import Iso8583Error, card_number, error_reply, is_approval, response_code_for
+from isopace.iso8583 import (
+    Iso8583Error,
+    card_number,
+    error_reply,
+    format_amount,
+    is_approval,
+    response_code_for,
+)
 from isopace.iso8583 import response_codes as rc
 from isopace.store import SqliteDatabase, SqliteIdempotencyStore
 from isopace.store.keys import KeyFileError, KeyRing
@@ -710,10 +717,14 @@ class AuthorizationHost:
         masked = mask_pan(pan) if pan is not None else "-"
         code = response.get(39) if response is not None else None
         try:
-            raw = request.get(4)
+            raw, currency = request.get(4), request.get(49)
         except Iso8583Error:
-            raw = None
-        amount = f"{int(raw) / 100:.2f}" if isinstance(raw, str) and raw.isdigit() else "-"
+            raw = currency = None
+        amount = (
+            format_amount(int(raw), currency if isinstance(currency, str) else None)
+            if isinstance(raw, str) and raw.isdigit()
+            else "-"
+        )
         cause = ""
         if ex.error is not None and outcome is Outcome.ABORTED:
             cause = " cause=" + one_line(ex.error)

@@ -10,7 +10,7 @@ code of an error), :mod:`~isopace.iso8583.response_codes`.
 from isopace.iso8583 import mti, response_codes
 from isopace.iso8583.answers import ECHO_FIELDS, error_reply, response_code_for
 from isopace.iso8583.composite import BitmapComposite, Positional
-from isopace.iso8583.currencies import minor_units
+from isopace.iso8583.currencies import format_amount, minor_units
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
 from isopace.iso8583.fields import FieldDef
 from isopace.iso8583.masking import (
@@ -63,6 +63,7 @@ __all__ = [
     "card_number",
     "date_time_problem",
     "error_reply",
+    "format_amount",
     "is_approval",
     "iso87_ebcdic",
     "load_spec_file",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["MINOR_UNITS", "minor_units"]
+__all__ = ["MINOR_UNITS", "format_amount", "minor_units"]
 
 _ZERO = "108 152 174 262 324 352 392 410 548 600 646 704 800 950 952 953"
 _THREE = "048 368 400 414 434 512 788"
@@ -31,3 +31,15 @@ MINOR_UNITS: Final[dict[str, int]] = {
 def minor_units(currency: str) -> int | None:
     """The number of decimals of ``currency`` (numeric ISO 4217 code), None when not known."""
     return MINOR_UNITS.get(currency)
+
+
+def format_amount(minor: int, currency: str | None, grouped: bool = False) -> str:
+    """``minor`` units of ``currency`` in its major unit, with the currency's decimals: 2500 in
+    840 -> ``25.00``, 1000 in 392 -> ``1000``, 1234 in 048 -> ``1.234`` (``grouped``: thousands
+    separated by commas). A currency the table does not know is shown with two decimals, the
+    common case, rather than refused: this is for reading, not for posting."""
+    exponent = MINOR_UNITS.get(currency or "", 2)
+    sign = "-" if minor < 0 else ""
+    whole, part = divmod(abs(minor), 10**exponent)
+    text = f"{whole:,}" if grouped else str(whole)
+    return f"{sign}{text}.{part:0{exponent}d}" if exponent else f"{sign}{text}"
