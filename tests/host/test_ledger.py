@@ -30,7 +30,7 @@ from isopace.host import (
     load_config,
 )
 from isopace.host.ledger import ReserveStatus
-from isopace.store.keys import KeyRing
+from isopace.store.keys import Key, KeyRing, write_key_file
 
 from .conftest import PG_DSN
 
@@ -564,3 +564,21 @@ def test_hold_expiry_options(tmp_path: Path) -> None:
         load_config(None, {"hold_expiry": -1})
     with pytest.raises(ConfigError, match="hold_sweep_interval"):
         load_config(None, {"hold_sweep_interval": 0})
+
+
+def test_a_card_fingerprint_follows_a_ring_reloaded_in_place(tmp_path: Path) -> None:
+    """The ledger remembers its last card fingerprint (risk stage, then reserve): a rotation
+    that changes the same ring object in place (`isopace keys rotate`, the host's key watch)
+    must not leave it on the old key."""
+    path = str(tmp_path / "host.card.key")
+    first, second = Key.generate(), Key.generate()
+    write_key_file(path, [first], purpose="card")
+    ring = KeyRing.from_file(path)
+    book = SqliteLedger(tmp_path / "ledger.db", keys=ring)
+    before = book.pan_ref(CARD.pan)
+    assert before.startswith(first.id + ":") and book.pan_ref(CARD.pan) == before
+    ring.save([second, first])  # in place; the host then calls use_keys with the same ring
+    after = book.pan_ref(CARD.pan)
+    assert after.startswith(second.id + ":") and after != before
+    book.use_keys(ring)
+    assert book.pan_ref(CARD.pan) == after

@@ -244,7 +244,7 @@ class HostConfig:
     bins: dict[str, str] = _opt(  # noqa: RUF009
         dict(DEFAULT_BINS),
         "BIN prefix -> network group (longest prefix wins)",
-        metavar="BIN=NET",
+        metavar="BIN=GROUP",
         name="bin",
         aliases=("bins",),
     )

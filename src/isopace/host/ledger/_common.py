@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from isopace.host.errors import LedgerError
-from isopace.store.keys import REKEY_BATCH, KeyRing, KeyUsage, key_id_sql, rekey_value
+from isopace.store.keys import REKEY_BATCH, Key, KeyRing, KeyUsage, key_id_sql, rekey_value
 
 #: Version 1: accounts, cards, holds, captures. Version 2: holds.idem_key and
 #: holds.approval_code, with a unique index on the live holds' keys. Version 3: holds.pan_ref,
@@ -190,11 +190,12 @@ class Ledger(abc.ABC):
     rotation are still found."""
 
     _keys: KeyRing | None = None
-    _last_ref: tuple[KeyRing, str, str] | None = None
+    _last_ref: tuple[Key, str, str] | None = None
 
     def use_keys(self, keys: KeyRing) -> None:
         """The card keys (current first); the card cache is dropped (a rotated key)."""
         self._keys = keys
+        self._last_ref = None
         self.__dict__.pop("_card_cache", None)
 
     @property
@@ -209,11 +210,12 @@ class Ledger(abc.ABC):
         The last one is remembered: a transaction asks for its card's twice in a row (the card
         lookup of the risk stage, then the reserve's hold), one keyed hash instead of two."""
         keys = self.keys
+        current = keys.current  # a ring reloaded in place has a new current key
         last = self._last_ref
-        if last is not None and last[0] is keys and last[1] == pan:
+        if last is not None and last[0] is current and last[1] == pan:
             return last[2]
         ref = keys.fingerprint(pan)
-        self._last_ref = (keys, pan, ref)
+        self._last_ref = (current, pan, ref)
         return ref
 
     def pan_refs(self, pan: str) -> list[str]:
