@@ -448,7 +448,6 @@ class Reserve:
         self.ledger = ledger
         self.key = key
         self.cash_limit = cash_limit
-        self._background: set[asyncio.Task[None]] = set()
 
     async def prepare(self, ex: Exchange) -> Result:
         request = ex.request
@@ -480,7 +479,8 @@ class Reserve:
         except BaseException:
             # Cancelled or failed mid-call: the hold may exist; undo it in the background (a
             # no-op if it does not), since a prepare that raised does not join.
-            self._release_later(ex.id)
+            ledger = self.ledger
+            _undo_later(self.name, lambda: ledger.release(ex.id))
             raise
         if result.status is ReserveStatus.DUPLICATE and result.original is not None:
             original = result.original
@@ -533,22 +533,6 @@ class Reserve:
             await self.ledger.capture(ex.id)
         else:
             await self.ledger.authorize(ex.id)
-
-    def _release_later(self, txn_id: str) -> None:
-        async def release() -> None:
-            try:
-                await self.ledger.release(txn_id)
-                await asyncio.sleep(1.0)  # a statement still in flight elsewhere may land late
-                await self.ledger.release(txn_id)
-            except Exception as exc:
-                log.warning("reserve: release of %s failed: %s (recovery will retry)", txn_id, exc)
-
-        try:
-            task = asyncio.get_running_loop().create_task(release())
-        except RuntimeError:
-            return
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
 class Refund:
@@ -779,13 +763,7 @@ class Reversal:
     def _reverses_nothing(self, ex: Exchange, advice: bool, code: str, reason: str) -> Result:
         if not advice:
             return decline(ex, code, reason)
-        log.warning(
-            "reversal advice %s acknowledged but reverses nothing: %s (review it)",
-            ex.id,
-            reason,
-            extra={"tx_id": ex.id},
-        )
-        return SKIP
+        return _for_review(ex, "reversal advice", f"reverses nothing: {reason}")
 
     async def commit(self, ex: Exchange) -> None:
         original = ex.get("original")
