@@ -34,6 +34,7 @@ import traceback as _traceback
 
 __all__ = [
     "HIDDEN",
+    "bcd_digits",
     "error_text",
     "holds_card_number",
     "luhn_check_digit",
@@ -41,8 +42,10 @@ __all__ = [
     "mask_json",
     "mask_pan",
     "mask_text",
+    "mask_track",
     "may_hold_card_number",
     "printable",
+    "track_text",
 ]
 
 HIDDEN = "****"
@@ -225,3 +228,46 @@ def error_text(exc: BaseException, *, traceback: bool = False) -> str:
     except Exception:
         text = "<str() failed>"
     return mask_text(f"{name}: {text}") if text else name
+
+
+_TRACK_PREFIXES = frozenset({"", ";", "%", "B", "b", "%B", "%b"})
+_TRACK_SEPARATORS = frozenset("=Dd^")
+
+
+def mask_track(value: str | bytes) -> str:
+    """Track 1/2/3 (or an EMV track 2 equivalent): ``4761739001010010=25121010000012300000`` ->
+    ``476173******0010=****``."""
+    text = track_text(value)
+    i = 0
+    n = len(text)
+    while i < n and not ("0" <= text[i] <= "9"):
+        i += 1
+    prefix = text[:i]
+    if prefix not in _TRACK_PREFIXES:
+        return HIDDEN
+    j = i
+    while j < n and "0" <= text[j] <= "9":
+        j += 1
+    pan = text[i:j]
+    rest = text[j:]
+    if not rest:
+        return prefix + mask_pan(pan)
+    if rest[0] in _TRACK_SEPARATORS:
+        return prefix + mask_pan(pan) + rest[0] + HIDDEN
+    return HIDDEN
+
+
+def track_text(value: str | bytes) -> str:
+    """A track as text: ASCII as it is, binary (EMV 57 style: packed digits, D separator, F
+    padding) as its hex digits."""
+    if isinstance(value, str):
+        return value
+    if value.isascii() and value.decode("ascii").isprintable():
+        return value.decode("ascii")
+    # Binary (EMV 57 style, packed digits with D separator and F padding).
+    return value.hex().upper().rstrip("F")
+
+
+def bcd_digits(value: bytes) -> str:
+    """Packed digits (F-padded) as text."""
+    return value.hex().upper().rstrip("F")

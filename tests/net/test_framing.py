@@ -90,11 +90,11 @@ def test_oversize_declared_length_never_allocated() -> None:
     dec = framing.decoder()
     dec.feed(b"\xff\xff\xff\xf0")
     with pytest.raises(FrameTooLargeError) as info:
-        dec.next_frame()
+        dec.take(1)
     assert info.value.length == 0xFFFFFFF0 and info.value.max_size == 1024
     assert "exceeds the maximum frame size 1024" in str(info.value)
     with pytest.raises(FrameTooLargeError):  # stays broken
-        dec.next_frame()
+        dec.take(1)
 
 
 def test_max_size_is_inclusive_and_encode_refuses_larger() -> None:
@@ -173,8 +173,8 @@ def _one_by_one(framing: Framing, chunks: list[bytes]) -> tuple[list[Frame], str
     try:
         for chunk in chunks:
             dec.feed(chunk)
-            while (frame := dec.next_frame()) is not None:
-                out.append(frame)
+            while frames := dec.take(1):
+                out.extend(frames)
     except FrameError as exc:
         return out, str(exc)
     return out, None

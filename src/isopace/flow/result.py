@@ -42,11 +42,6 @@ class Result:
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Result is immutable")
 
-    @property
-    def joins(self) -> bool:
-        """Whether a stage returning this joins the transaction."""
-        return self.kind in ("continue", "route")
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):
             return NotImplemented

@@ -47,9 +47,11 @@ from isopace._cardtext import (
     luhn_ok,
     mask_pan,
     mask_text,
+    mask_track,
+    track_text,
 )
 from isopace._cardtext import printable as _printable
-from isopace.iso8583.tlv import TLV, TlvError, parse_tlv
+from isopace.iso8583.tlv import CARD_TLV_TAGS, TLV, TlvError, mask_tlv, parse_tlv
 
 if TYPE_CHECKING:
     from isopace.iso8583.message import Message
@@ -70,13 +72,6 @@ __all__ = [
 CARD_DATA_FIELDS = frozenset({2, 35, 36, 45, 52})
 """Data elements holding card data: PAN, track 2, track 3, track 1, PIN block."""
 
-_TLV_PAN_TAGS = frozenset({"5A"})
-_TLV_TRACK_TAGS = frozenset({"56", "57", "9F6B"})
-_TLV_HIDDEN_TAGS = frozenset({"5F20", "9F1F", "9F20", "99"})
-
-CARD_TLV_TAGS = _TLV_PAN_TAGS | _TLV_TRACK_TAGS | _TLV_HIDDEN_TAGS
-"""EMV tags (inside DE 55) holding card data: 5A, 56, 57, 5F20, 99, 9F1F, 9F20, 9F6B."""
-
 #: the PAN at the start of a track 2 (DE 35): an optional start sentinel, 12-19 digits, "=" or "D"
 _TRACK2_PAN = re.compile(r";?(\d{12,19})[=D]")
 
@@ -96,49 +91,6 @@ def card_number(message: Message) -> str | None:
     return None
 
 
-_TRACK_PREFIXES = frozenset({"", ";", "%", "B", "b", "%B", "%b"})
-_TRACK_SEPARATORS = frozenset("=Dd^")
-
-
-# ---------------------------------------------------------------------------------- PAN, tracks
-
-
-def mask_track(value: str | bytes) -> str:
-    """Track 1/2/3 (or an EMV track 2 equivalent): ``4761739001010010=25121010000012300000`` ->
-    ``476173******0010=****``."""
-    text = _track_text(value)
-    i = 0
-    n = len(text)
-    while i < n and not ("0" <= text[i] <= "9"):
-        i += 1
-    prefix = text[:i]
-    if prefix not in _TRACK_PREFIXES:
-        return HIDDEN
-    j = i
-    while j < n and "0" <= text[j] <= "9":
-        j += 1
-    pan = text[i:j]
-    rest = text[j:]
-    if not rest:
-        return prefix + mask_pan(pan)
-    if rest[0] in _TRACK_SEPARATORS:
-        return prefix + mask_pan(pan) + rest[0] + HIDDEN
-    return HIDDEN
-
-
-def _track_text(value: str | bytes) -> str:
-    if isinstance(value, str):
-        return value
-    if value.isascii() and value.decode("ascii").isprintable():
-        return value.decode("ascii")
-    # Binary (EMV 57 style, packed digits with D separator and F padding).
-    return value.hex().upper().rstrip("F")
-
-
-def _bcd_digits(value: bytes) -> str:
-    return value.hex().upper().rstrip("F")
-
-
 # ------------------------------------------------------------------------------------ rendering
 
 
@@ -146,7 +98,7 @@ def mask_value(field: int, value: str | bytes | TLV) -> str:
     """Printable, masked text for the value of data element ``field``."""
     if field == 2:
         if isinstance(value, (bytes, bytearray)):
-            value = _track_text(bytes(value))
+            value = track_text(bytes(value))
         return mask_pan(value if isinstance(value, str) else str(value))
     if field in (35, 36, 45):
         if isinstance(value, (str, bytes)):
@@ -190,23 +142,3 @@ def _mask_icc(value: object) -> str:
     except TlvError:
         return f"<55: {len(data)} bytes, unparsed>"
     return mask_tlv(tlv)
-
-
-def mask_tlv(tlv: TLV) -> str:
-    """``9F26=0123456789ABCDEF 5A=476173******0010 70[57=476173******0010D****]``: every object in
-    wire order, card tags (``CARD_TLV_TAGS``) masked, constructed tags rendered as ``tag[...]``."""
-    return " ".join(_mask_tlv_object(tag, value, child) for tag, value, child in tlv.objects())
-
-
-def _mask_tlv_object(tag: str, value: bytes, child: TLV | None) -> str:
-    if child is not None:
-        return f"{tag}[{mask_tlv(child)}]"
-    if tag in _TLV_PAN_TAGS:
-        return f"{tag}={mask_pan(_bcd_digits(value))}"
-    if tag in _TLV_TRACK_TAGS:
-        # 56 (track 1) is ASCII; 57 and 9F6B are packed digits with a D separator.
-        text = _track_text(value) if tag == "56" else _bcd_digits(value)
-        return f"{tag}={mask_track(text)}"
-    if tag in _TLV_HIDDEN_TAGS:
-        return f"{tag}={HIDDEN}"
-    return f"{tag}={value.hex().upper()}"

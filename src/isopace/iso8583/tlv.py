@@ -40,9 +40,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeAlias
 
+from isopace._cardtext import HIDDEN, bcd_digits, mask_pan, mask_track, track_text
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
 
 __all__ = [
+    "CARD_TLV_TAGS",
     "MAX_DEPTH",
     "MAX_VALUE_LENGTH",
     "TLV",
@@ -52,6 +54,7 @@ __all__ = [
     "TlvValue",
     "build_tlv",
     "is_constructed",
+    "mask_tlv",
     "parse_tlv",
 ]
 
@@ -472,6 +475,36 @@ class TLV(Mapping[str, bytes]):
         return h
 
     def __repr__(self) -> str:
-        from isopace.iso8583.masking import mask_tlv
-
         return f"TLV({mask_tlv(self)})"
+
+
+# ----------------------------------------------------------------- rendering, card data masked
+# Here rather than in ``masking`` because a TLV's own repr must never show card data, and the
+# message layer's masking builds on this module, not the other way round.
+
+_TLV_PAN_TAGS = frozenset({"5A"})
+_TLV_TRACK_TAGS = frozenset({"56", "57", "9F6B"})
+_TLV_HIDDEN_TAGS = frozenset({"5F20", "9F1F", "9F20", "99"})
+
+CARD_TLV_TAGS = _TLV_PAN_TAGS | _TLV_TRACK_TAGS | _TLV_HIDDEN_TAGS
+"""EMV tags (inside DE 55) holding card data: 5A, 56, 57, 5F20, 99, 9F1F, 9F20, 9F6B."""
+
+
+def mask_tlv(tlv: TLV) -> str:
+    """``9F26=0123456789ABCDEF 5A=476173******0010 70[57=476173******0010D****]``: every object in
+    wire order, card tags (``CARD_TLV_TAGS``) masked, constructed tags rendered as ``tag[...]``."""
+    return " ".join(_mask_tlv_object(tag, value, child) for tag, value, child in tlv.objects())
+
+
+def _mask_tlv_object(tag: str, value: bytes, child: TLV | None) -> str:
+    if child is not None:
+        return f"{tag}[{mask_tlv(child)}]"
+    if tag in _TLV_PAN_TAGS:
+        return f"{tag}={mask_pan(bcd_digits(value))}"
+    if tag in _TLV_TRACK_TAGS:
+        # 56 (track 1) is ASCII; 57 and 9F6B are packed digits with a D separator.
+        text = track_text(value) if tag == "56" else bcd_digits(value)
+        return f"{tag}={mask_track(text)}"
+    if tag in _TLV_HIDDEN_TAGS:
+        return f"{tag}={HIDDEN}"
+    return f"{tag}={value.hex().upper()}"

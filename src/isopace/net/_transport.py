@@ -48,6 +48,11 @@ class FramedProtocol(asyncio.Protocol):
         self.peer = peer_name(transport)
         self.last_activity = self._loop.time()
 
+    @property
+    def write_paused(self) -> bool:
+        """Whether the transport asked us to stop writing (its buffer is over the high mark)."""
+        return self._write_paused
+
     def pause_writing(self) -> None:
         self._write_paused = True
 

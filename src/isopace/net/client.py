@@ -44,7 +44,7 @@ import logging
 import math
 import random
 import ssl as _ssl
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -549,10 +549,10 @@ class Client:
             conn = await self._ready_connection(deadline, timeout)
         matcher = conn.matcher
         key = matcher.request_key(message)
-        if key in matcher._entries:
+        if key in matcher:
             raise DuplicateKeyError(key)
         data = self.framing.encode_frame(self.spec.encode(message), self.tpdu)
-        if conn._write_paused:
+        if conn.write_paused:
             await conn.drain()
             if conn.closed:
                 raise ConnectionLostError(f"connection to {self.address} lost before sending")
@@ -575,11 +575,6 @@ class Client:
         if conn is None or conn.closed:
             conn = await self._ready_connection(loop.time() + self.timeout, self.timeout)
         conn.write(self.framing.encode_frame(self.spec.encode(message), self.tpdu))
-
-    def in_flight_key(self, key: Hashable) -> bool:
-        """True if a request with ``key`` waits for its response."""
-        conn = self._conn
-        return conn is not None and key in conn.matcher
 
     # -- unmatched -----------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ Decisions (a payments engineer's defaults, written down):
   boundary is known, so the stream stays in sync and the caller decides).
 
 The decoder only buffers what it was fed; it never reads ahead of the declared length. It is a
-plain state machine (``feed`` bytes, take frames with ``next_frame`` one at a time or ``take`` in
-a batch), with no I/O. A read holding whole frames is sliced without being copied into a buffer.
+plain state machine (``feed`` bytes, ``take`` frames: all that are complete, or ``take(1)`` one
+at a time), with no I/O. A read holding whole frames is sliced without being copied into a buffer.
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ class Framing:
 class FrameDecoder:
     """Feed bytes as they arrive, take complete frames out. One per connection.
 
-    ``next_frame`` returns None until a whole frame is buffered; it raises :class:`FrameError`
-    when the stream cannot be framed (the decoder then stays broken and keeps raising)."""
+    ``take`` returns no frame until a whole one is buffered; it raises :class:`FrameError` when
+    the stream cannot be framed (the decoder then stays broken and keeps raising)."""
 
     __slots__ = ("_broken", "_buf", "_hsize", "_incl", "_max", "_pos", "_read", "_tpdu")
 
@@ -277,62 +277,9 @@ class FrameDecoder:
         else:
             buf += data
 
-    def next_frame(self) -> Frame | None:
-        """The next complete frame, or None if more bytes are needed."""
-        if self._broken is not None:
-            raise self._broken
-        buf = self._buf
-        pos = self._pos
-        hsize = self._hsize
-        if len(buf) - pos < hsize:
-            return None
-        try:
-            length = self._read(buf, pos)
-        except FrameError as exc:
-            self._broken = exc
-            raise
-        if self._incl:
-            if length < hsize:
-                self._broken = FrameError(
-                    f"declared length {length} is smaller than the {hsize}-byte header it includes"
-                )
-                raise self._broken
-            length -= hsize
-        if length > self._max:
-            self._broken = FrameTooLargeError(length, self._max)
-            raise self._broken
-        start = pos + hsize
-        end = start + length
-        if len(buf) < end:
-            return None
-        if isinstance(buf, bytes):
-            body = buf[start:end]
-            if end == len(buf):
-                self._buf = b""
-                self._pos = 0
-            else:
-                self._pos = end
-        elif end == len(buf):
-            body = bytes(buf[start:end])
-            self._buf = b""
-            self._pos = 0
-        else:
-            body = bytes(buf[start:end])
-            if end >= _COMPACT_AT:
-                del buf[:end]
-                self._pos = 0
-            else:
-                self._pos = end
-        if self._tpdu and body:
-            if len(body) < TPDU_SIZE:
-                return Frame(body, None)
-            return Frame(body[TPDU_SIZE:], Tpdu.from_bytes(body[:TPDU_SIZE]))
-        return Frame(body)
-
     def take(self, limit: int = sys.maxsize) -> list[Frame]:
-        """Up to ``limit`` complete frames (the same as calling :meth:`next_frame` until it returns
-        None, in one pass). If the stream breaks after some frames, those are returned and the
-        next call raises the :class:`FrameError`."""
+        """Up to ``limit`` complete frames, in one pass. If the stream breaks after some frames,
+        those are returned and the next call raises the :class:`FrameError`."""
         if self._broken is not None:
             raise self._broken
         buf = self._buf
