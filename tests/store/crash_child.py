@@ -62,7 +62,7 @@ def zygote() -> None:
     and imports, which keeps 20+ kills quick."""
     import traceback
 
-    import isopace.store.postgres  # noqa: F401  (preloaded for the children)
+    import isopace.store.postgres.journal  # noqa: F401  (preloaded for the children)
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps killed children
     print("zygote", flush=True)

@@ -40,7 +40,8 @@ from isopace.store.sqlite_idempotency import SqliteIdempotencyStore
 from isopace.store.sqlite_journal import SCHEMA_VERSION, SqliteJournal
 
 if TYPE_CHECKING:
-    from isopace.store.postgres import PostgresIdempotencyStore, PostgresJournal
+    from isopace.store.postgres.idempotency import PostgresIdempotencyStore
+    from isopace.store.postgres.journal import PostgresJournal
     from isopace.store.redis import RedisIdempotencyStore
 
 __all__ = [
@@ -70,8 +71,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "PostgresJournal": "isopace.store.postgres",
-    "PostgresIdempotencyStore": "isopace.store.postgres",
+    "PostgresJournal": "isopace.store.postgres.journal",
+    "PostgresIdempotencyStore": "isopace.store.postgres.idempotency",
     "RedisIdempotencyStore": "isopace.store.redis",
 }
 

@@ -33,11 +33,13 @@ from isopace.host.ledger._common import (
 )
 from isopace.iso8583 import mask_pan
 from isopace.store.keys import KeyUsage, key_id_sql
+from isopace.store.postgres import check_schema
 
 if TYPE_CHECKING:
     import asyncpg  # type: ignore[import-untyped]
 
     from isopace.store.keys import KeyRing
+    from isopace.store.postgres import PostgresPool
 
 
 _PG_SCHEMA = """
@@ -242,6 +244,36 @@ RETURNING accounts.id
 """
 
 
+async def _migrate(conn: Any, schema: str) -> None:
+    """The ledger's tables at `SCHEMA_VERSION` (run by `PostgresPool` under its schema lock)."""
+    await conn.execute(f"SET LOCAL search_path TO {schema}")
+    await conn.execute(_PG_SCHEMA)
+    version = await conn.fetchval("SELECT value FROM ledger_meta WHERE key = 'schema_version'")
+    if version is not None and int(version) > SCHEMA_VERSION:
+        raise LedgerError(f"ledger: schema version {version} is newer than {SCHEMA_VERSION}")
+    # Upgrade version 1 (no-op on new tables).
+    await conn.execute(
+        "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
+        "ADD COLUMN IF NOT EXISTS approval_code TEXT, "
+        "ADD COLUMN IF NOT EXISTS pan_ref TEXT, "
+        "ADD COLUMN IF NOT EXISTS original_amount BIGINT, "
+        "ADD COLUMN IF NOT EXISTS kind TEXT, "
+        "ADD COLUMN IF NOT EXISTS cash BIGINT NOT NULL DEFAULT 0, "
+        "ADD COLUMN IF NOT EXISTS completed_by TEXT"
+    )
+    await conn.execute(KEY_INDEX)
+    for index in COMPLETION_INDEXES:
+        await conn.execute(index)
+    await conn.execute(
+        "CREATE INDEX IF NOT EXISTS holds_cash ON holds (pan_ref, created_at) WHERE cash > 0"
+    )
+    await conn.execute(
+        "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        str(SCHEMA_VERSION),
+    )
+
+
 class PostgresLedger(Ledger):
     """The ledger on PostgreSQL (asyncpg pool), for several host processes sharing one database.
 
@@ -260,83 +292,44 @@ class PostgresLedger(Ledger):
     ) -> None:
         if keys is not None:
             self.use_keys(keys)
-        if not schema.replace("_", "").isalnum():
-            raise ValueError(f"schema must be letters, digits and _: {schema!r}")
         self.dsn = dsn
-        self.schema = schema
+        self.schema = check_schema(schema)
         self._min_size = min_size
         self._max_size = max_size
-        self._pool: asyncpg.Pool | None = None
+        self._db: PostgresPool | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
+        if self._db is None:
             raise LedgerError("ledger: not open")
-        return self._pool
+        return self._db.pool
 
     async def open(self) -> None:
-        if self._pool is not None:
+        if self._db is not None:
             return
         try:
-            import asyncpg
+            from isopace.store.postgres import PostgresPool
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
             raise LedgerError(
                 "PostgreSQL needs the postgres extra: pip install isopace[postgres]"
             ) from exc
-        try:
-            conn = await asyncpg.connect(self.dsn, timeout=10)
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            raise LedgerError(f"ledger: cannot connect to PostgreSQL: {exc}") from exc
-        try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('isopace.ledger'))")
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
-                await conn.execute(f"SET LOCAL search_path TO {self.schema}")
-                await conn.execute(_PG_SCHEMA)
-                version = await conn.fetchval(
-                    "SELECT value FROM ledger_meta WHERE key = 'schema_version'"
-                )
-                if version is not None and int(version) > SCHEMA_VERSION:
-                    raise LedgerError(
-                        f"ledger: schema version {version} is newer than {SCHEMA_VERSION}"
-                    )
-                # Upgrade version 1 (no-op on new tables).
-                await conn.execute(
-                    "ALTER TABLE holds ADD COLUMN IF NOT EXISTS idem_key TEXT, "
-                    "ADD COLUMN IF NOT EXISTS approval_code TEXT, "
-                    "ADD COLUMN IF NOT EXISTS pan_ref TEXT, "
-                    "ADD COLUMN IF NOT EXISTS original_amount BIGINT, "
-                    "ADD COLUMN IF NOT EXISTS kind TEXT, "
-                    "ADD COLUMN IF NOT EXISTS cash BIGINT NOT NULL DEFAULT 0, "
-                    "ADD COLUMN IF NOT EXISTS completed_by TEXT"
-                )
-                await conn.execute(KEY_INDEX)
-                for index in COMPLETION_INDEXES:
-                    await conn.execute(index)
-                await conn.execute(
-                    "CREATE INDEX IF NOT EXISTS holds_cash ON holds (pan_ref, created_at) "
-                    "WHERE cash > 0"
-                )
-                await conn.execute(
-                    "INSERT INTO ledger_meta (key, value) VALUES ('schema_version', $1) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    str(SCHEMA_VERSION),
-                )
-        except asyncpg.PostgresError as exc:
-            raise LedgerError(f"ledger: cannot create the schema {self.schema}: {exc}") from exc
-        finally:
-            await conn.close()
-        self._pool = await asyncpg.create_pool(
+        db = PostgresPool(
             self.dsn,
+            schema=self.schema,
+            migrate=_migrate,
+            error=lambda text: LedgerError(f"ledger: {text}"),
             min_size=self._min_size,
             max_size=self._max_size,
             server_settings={"search_path": self.schema},
+            connect_timeout=10,
         )
+        await db.open()
+        self._db = db
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
 
     async def seed(self, cards: Iterable[SeedCard]) -> list[SeedCard]:
         created = []
