@@ -11,6 +11,7 @@ import pytest
 
 from isopace.host import AuthorizationHost
 from isopace.host.config import HostConfig
+from isopace.host.ledger import HoldDetails
 from isopace.iso8583 import Message
 from isopace.store import StoreError
 
@@ -94,7 +95,9 @@ async def test_start_up_releases_pending_holds_no_journal_record_covers(
         assert card is not None
     ledger = SqliteLedger(db)  # what the dead process left: a hold, and no journal record
     await ledger.open()
-    result = await ledger.reserve("orphan-1", card.account_id, 700, terminal="T", stan="000001")
+    result = await ledger.reserve(
+        "orphan-1", card.account_id, 700, HoldDetails(terminal="T", stan="000001")
+    )
     assert result.approved
     await ledger.close()
     with caplog.at_level(logging.WARNING):

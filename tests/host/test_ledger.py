@@ -29,7 +29,7 @@ from isopace.host import (
     Velocity,
     load_config,
 )
-from isopace.host.ledger import ReserveStatus
+from isopace.host.ledger import HoldDetails, ReserveStatus
 from isopace.store.keys import Key, KeyRing, write_key_file
 
 from .conftest import PG_DSN
@@ -62,7 +62,7 @@ async def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 async def test_concurrent_holds_never_overdraw(ledger: Ledger) -> None:
     results = await asyncio.gather(
         *(
-            ledger.reserve(f"tx-{i}", "ACC-T", 100, terminal="T", stan=f"{i:06d}")
+            ledger.reserve(f"tx-{i}", "ACC-T", 100, HoldDetails(terminal="T", stan=f"{i:06d}"))
             for i in range(200)
         )
     )
@@ -147,8 +147,8 @@ async def test_cards_block_and_find_original(ledger: Ledger) -> None:
     card = await ledger.card(CARD.pan)
     assert card is not None and card.blocked
     assert await ledger.seed([CARD]) == []  # seeding again creates nothing
-    await ledger.reserve("x", "ACC-T", 10, terminal="T1", stan="000007", tx_time="1129000000",
-                         rrn="RRN000000007")  # fmt: skip
+    details = HoldDetails(terminal="T1", stan="000007", tx_time="1129000000", rrn="RRN000000007")
+    await ledger.reserve("x", "ACC-T", 10, details)
     found = await ledger.find_original(terminal="T1", stan="000007", tx_time="1129000000")
     assert found is not None and found.txn_id == "x"
     by_rrn = await ledger.find_original(terminal="T1", stan="999999", rrn="RRN000000007")
@@ -162,8 +162,10 @@ async def test_find_original_matches_the_card_and_the_amount(ledger: Ledger) -> 
     await ledger.seed([other])
     ref, other_ref = ledger.pan_ref(CARD.pan), ledger.pan_ref(other.pan)
     keys = {"terminal": "T1", "stan": "000008", "tx_time": "1129000000", "rrn": "RRN000000008"}
-    await ledger.reserve("y", "ACC-T", 25, **keys, pan_ref=ref)
-    await ledger.reserve("legacy", "ACC-T", 30, terminal="T1", stan="000009")  # no card ref
+    await ledger.reserve("y", "ACC-T", 25, HoldDetails(**keys, pan_ref=ref))
+    await ledger.reserve(
+        "legacy", "ACC-T", 30, HoldDetails(terminal="T1", stan="000009")
+    )  # no card ref
     found = await ledger.find_original(**keys, pan_ref=ref, amount=25)
     assert found is not None and found.txn_id == "y" and found.pan_ref == ref
     by_rrn = await ledger.find_original(terminal="T1", rrn="RRN000000008", pan_ref=ref, amount=25)
@@ -226,18 +228,23 @@ def test_metrics_text() -> None:
 
 async def test_duplicate_idempotency_key_is_refused(ledger: Ledger) -> None:
     first = await ledger.reserve(
-        "k1", "ACC-T", 100, idem_key="020|T|000001|1129", approval_code="ABC123"
+        "k1", "ACC-T", 100, HoldDetails(idem_key="020|T|000001|1129", approval_code="ABC123")
     )
     assert first.approved
-    dup = await ledger.reserve("k2", "ACC-T", 100, idem_key="020|T|000001|1129", approval_code="X")
+    dup = await ledger.reserve(
+        "k2", "ACC-T", 100, HoldDetails(idem_key="020|T|000001|1129", approval_code="X")
+    )
     assert dup.status is ReserveStatus.DUPLICATE
     assert dup.original is not None
     assert (dup.original.txn_id, dup.original.approval_code) == ("k1", "ABC123")
     assert await ledger.release("k1")  # a released hold frees the key
-    again = await ledger.reserve("k3", "ACC-T", 100, idem_key="020|T|000001|1129")
+    again = await ledger.reserve("k3", "ACC-T", 100, HoldDetails(idem_key="020|T|000001|1129"))
     assert again.approved
     racing = await asyncio.gather(
-        *(ledger.reserve(f"r{i}", "ACC-T", 10, idem_key="020|T|000002|1129") for i in range(20))
+        *(
+            ledger.reserve(f"r{i}", "ACC-T", 10, HoldDetails(idem_key="020|T|000002|1129"))
+            for i in range(20)
+        )
     )
     assert sum(r.approved for r in racing) == 1
     assert sum(r.status is ReserveStatus.DUPLICATE for r in racing) == 19
@@ -298,8 +305,10 @@ async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
     book = SqliteLedger(path)
     await book.open()
     try:
-        assert (await book.reserve("a", "ACC-T", 10, idem_key="k", approval_code="C1")).approved
-        dup = await book.reserve("b", "ACC-T", 10, idem_key="k")
+        assert (
+            await book.reserve("a", "ACC-T", 10, HoldDetails(idem_key="k", approval_code="C1"))
+        ).approved
+        dup = await book.reserve("b", "ACC-T", 10, HoldDetails(idem_key="k"))
         assert dup.status is ReserveStatus.DUPLICATE
         assert await book.reduce("a", 4)  # version 5's original_amount column
         assert await book.remember_reversal(
@@ -320,7 +329,7 @@ async def test_version_1_ledger_is_upgraded(tmp_path: Path) -> None:
 async def test_partial_reversals_lower_what_stands(ledger: Ledger) -> None:
     ref = ledger.pan_ref(CARD.pan)
     keys = {"terminal": "T3", "stan": "000010", "tx_time": "1206000000"}
-    assert (await ledger.reserve("auth", "ACC-T", 1_000, **keys, pan_ref=ref)).approved
+    assert (await ledger.reserve("auth", "ACC-T", 1_000, HoldDetails(**keys, pan_ref=ref))).approved
     assert await ledger.authorize("auth")
     assert await ledger.reduce("auth", 400)  # the authorization now holds 4.00
     assert not await ledger.reduce("auth", 400)  # the same partial reversal: nothing more
@@ -336,7 +345,7 @@ async def test_partial_reversals_lower_what_stands(ledger: Ledger) -> None:
     account = await ledger.account("ACC-T")
     assert account is not None and (account.balance, account.held) == (3_700, 0)
     # a captured purchase gets the difference back, and its capture row matches
-    assert (await ledger.reserve("buy", "ACC-T", 2_000, pan_ref=ref)).approved
+    assert (await ledger.reserve("buy", "ACC-T", 2_000, HoldDetails(pan_ref=ref))).approved
     assert await ledger.capture("buy")
     assert await ledger.reduce("buy", 1_500)
     account = await ledger.account("ACC-T")
@@ -357,34 +366,40 @@ async def test_a_remembered_reversal_voids_its_late_original(ledger: Ledger) -> 
     keys = {"terminal": "T4", "stan": "000011", "tx_time": "1206000000", "rrn": None}
     assert await ledger.remember_reversal("rev", **keys, pan_ref=ref, amount=700, expires_in=60)
     assert not await ledger.remember_reversal("rev", **keys, pan_ref=ref, amount=700, expires_in=60)
-    late = await ledger.reserve("late", "ACC-T", 700, **keys, pan_ref=ref)
+    late = await ledger.reserve("late", "ACC-T", 700, HoldDetails(**keys, pan_ref=ref))
     assert late.status is ReserveStatus.REVERSED
     assert await ledger.hold("late") is None  # nothing held
     # another amount, another card, another STAN: not the reversed transaction
     other_ref = ledger.pan_ref("5555555555554444")
-    assert (await ledger.reserve("a", "ACC-T", 701, **keys, pan_ref=ref)).approved
-    assert (await ledger.reserve("b", "ACC-T", 700, **keys, pan_ref=other_ref)).approved
+    assert (await ledger.reserve("a", "ACC-T", 701, HoldDetails(**keys, pan_ref=ref))).approved
+    assert (
+        await ledger.reserve("b", "ACC-T", 700, HoldDetails(**keys, pan_ref=other_ref))
+    ).approved
     other_stan = {**keys, "stan": "000012"}
-    assert (await ledger.reserve("c", "ACC-T", 700, **other_stan, pan_ref=ref)).approved
+    assert (
+        await ledger.reserve("c", "ACC-T", 700, HoldDetails(**other_stan, pan_ref=ref))
+    ).approved
     # by RRN too
     by_rrn = {"terminal": "T4", "stan": None, "tx_time": None, "rrn": "633400000011"}
     assert await ledger.remember_reversal("rev2", **by_rrn, pan_ref=ref, amount=50, expires_in=60)
-    rrn_late = await ledger.reserve("d", "ACC-T", 50, **{**by_rrn, "stan": "000099"}, pan_ref=ref)
+    rrn_late = await ledger.reserve(
+        "d", "ACC-T", 50, HoldDetails(**{**by_rrn, "stan": "000099"}, pan_ref=ref)
+    )
     assert rrn_late.status is ReserveStatus.REVERSED
     # forgotten (the reversal aborted) or expired: the original is served again
     assert await ledger.forget_reversal("rev")
-    assert (await ledger.reserve("late", "ACC-T", 700, **keys, pan_ref=ref)).approved
+    assert (await ledger.reserve("late", "ACC-T", 700, HoldDetails(**keys, pan_ref=ref))).approved
     keys5 = {**keys, "stan": "000013"}
     assert await ledger.remember_reversal("rev3", **keys5, pan_ref=ref, amount=5, expires_in=0.01)
     await asyncio.sleep(0.05)
-    assert (await ledger.reserve("e", "ACC-T", 5, **keys5, pan_ref=ref)).approved
+    assert (await ledger.reserve("e", "ACC-T", 5, HoldDetails(**keys5, pan_ref=ref))).approved
     account = await ledger.account("ACC-T")
     assert account is not None and account.held == 701 + 700 + 700 + 700 + 5
     assert (await ledger.check()).ok
 
 
 async def _authorized(ledger: Ledger, txn_id: str, amount: int, **keys: str) -> None:
-    assert (await ledger.reserve(txn_id, "ACC-T", amount, mti="0100", **keys)).approved
+    assert (await ledger.reserve(txn_id, "ACC-T", amount, HoldDetails(mti="0100", **keys))).approved
     assert await ledger.authorize(txn_id)
 
 
@@ -425,7 +440,7 @@ async def test_a_completion_captures_its_amount_and_releases_the_rest(ledger: Le
     assert await ledger.complete("c5", 700)
     assert await _figures(ledger) == (2_500, 0)
     # a pending authorization (its 0100 in flight) is completed; its commit then changes nothing
-    assert (await ledger.reserve("auth4", "ACC-T", 300, mti="0100")).approved
+    assert (await ledger.reserve("auth4", "ACC-T", 300, HoldDetails(mti="0100"))).approved
     assert await ledger.claim_completion("auth4", "c6")
     assert await ledger.complete("c6", 300)
     assert not await ledger.authorize("auth4")
@@ -456,7 +471,7 @@ async def test_concurrent_completions_of_one_authorization_capture_once(ledger: 
 async def test_authorizations_nobody_completed_expire(ledger: Ledger) -> None:
     for i in range(3):
         await _authorized(ledger, f"old{i}", 100 + i)
-    assert (await ledger.reserve("pending", "ACC-T", 50, mti="0100")).approved
+    assert (await ledger.reserve("pending", "ACC-T", 50, HoldDetails(mti="0100"))).approved
     await _authorized(ledger, "claimed", 20)
     await asyncio.sleep(0.4)
     assert await ledger.claim_completion("claimed", "c1")  # a completion in flight: kept
@@ -487,8 +502,8 @@ async def test_authorizations_nobody_completed_expire(ledger: Ledger) -> None:
 async def test_find_original_by_approval_code(ledger: Ledger) -> None:
     ref = ledger.pan_ref(CARD.pan)
     other_ref = ledger.pan_ref("5555555555554444")
-    await ledger.reserve("a", "ACC-T", 10, terminal="T5", stan="000001", approval_code="A1B2C3",
-                         pan_ref=ref)  # fmt: skip
+    details = HoldDetails(terminal="T5", stan="000001", approval_code="A1B2C3", pan_ref=ref)
+    await ledger.reserve("a", "ACC-T", 10, details)
     found = await ledger.find_original(terminal="T5", stan="000099", approval_code="A1B2C3",
                                        pan_ref=ref)  # fmt: skip
     assert found is not None and found.txn_id == "a"

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 from isopace.flow import CONTINUE, SKIP, Result, route
 from isopace.host.conversion import Rates
 from isopace.host.errors import HostError
-from isopace.host.ledger import Card, HoldState, Kind, Ledger, ReserveStatus
+from isopace.host.ledger import Card, HoldDetails, HoldState, Kind, Ledger, ReserveStatus
 from isopace.iso8583 import Iso8583Error, card_number, error_reply, minor_units
 from isopace.iso8583 import response_codes as rc
 from isopace.iso8583.mti import is_advice, original_mti
@@ -144,6 +144,22 @@ def _text(m: Message, n: int) -> str | None:
     if value is None:
         return None
     return value if isinstance(value, str) else value.hex()
+
+
+def _hold_details(
+    m: Message, *, idem_key: str | None, approval_code: str | None, pan_ref: str | None
+) -> HoldDetails:
+    """What the ledger keeps of request ``m`` on its hold: MTI, DE 41, 11, 7 and 37 as sent."""
+    return HoldDetails(
+        mti=m.mti,
+        terminal=_text(m, 41),
+        stan=_text(m, 11),
+        tx_time=_text(m, 7),
+        rrn=_text(m, 37),
+        idem_key=idem_key,
+        approval_code=approval_code,
+        pan_ref=pan_ref,
+    )
 
 
 class Parse:
@@ -462,16 +478,14 @@ class Reserve:
                 ex.id,
                 card.account_id,
                 amount,
-                mti=request.mti,
-                terminal=_text(request, 41),
-                stan=_text(request, 11),
-                tx_time=_text(request, 7),
-                rrn=_text(request, 37),
-                idem_key=idem_key,
-                approval_code=code,
-                # under the current key, not the card row's (a card not re-keyed yet after a
-                # rotation): a hold made after the hosts took a new key is never left behind
-                pan_ref=self.ledger.pan_ref(card_number(request) or ""),
+                _hold_details(
+                    request,
+                    idem_key=idem_key,
+                    approval_code=code,
+                    # under the current key, not the card row's (a card not re-keyed yet after a
+                    # rotation): a hold made after the hosts took a new key is never left behind
+                    pan_ref=self.ledger.pan_ref(card_number(request) or ""),
+                ),
                 kind=ex.get("kind", Kind.PURCHASE),
                 cash=ex.get("cash", 0),
                 cash_limit=self.cash_limit,
@@ -582,14 +596,12 @@ class Refund:
             ex.id,
             ex.get("credit_to"),
             ex.get("credit_amount", None) or request.amount(4),
-            mti=request.mti,
-            terminal=_text(request, 41),
-            stan=_text(request, 11),
-            tx_time=_text(request, 7),
-            rrn=_text(request, 37),
-            idem_key=ex.get("credit_key"),
-            approval_code=ex.get("approval_code"),
-            pan_ref=self.ledger.pan_ref(pan) if pan else None,
+            _hold_details(
+                request,
+                idem_key=ex.get("credit_key"),
+                approval_code=ex.get("approval_code"),
+                pan_ref=self.ledger.pan_ref(pan) if pan else None,
+            ),
         )
 
     async def recover(self, ex: Exchange, committing: bool) -> None:
@@ -856,14 +868,12 @@ class _AdviceHold:
                 ex.id,
                 card.account_id,
                 amount,
-                mti=request.mti,
-                terminal=_text(request, 41),
-                stan=_text(request, 11),
-                tx_time=_text(request, 7),
-                rrn=_text(request, 37),
-                idem_key=self.key(ex) if self.key is not None else None,
-                approval_code=code,
-                pan_ref=ledger.pan_ref(pan),
+                _hold_details(
+                    request,
+                    idem_key=self.key(ex) if self.key is not None else None,
+                    approval_code=code,
+                    pan_ref=ledger.pan_ref(pan),
+                ),
             )
         except BaseException:
             _undo_later(self.what, lambda: ledger.release(ex.id))

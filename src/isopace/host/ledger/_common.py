@@ -115,6 +115,33 @@ class Account:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HoldDetails:
+    """What a hold keeps of its request besides the money: the identifiers a reversal, a
+    completion or a retransmission finds it by (DE 41, 11, 7, 37, the idempotency key, the
+    card's `pan_ref`), its MTI and the approval code it was answered with. One value passed to
+    `Ledger.reserve` and `Ledger.credit` rather than eight keywords each, in the order of the
+    holds table's columns (`columns`), which both backends write as they are."""
+
+    mti: str | None = None
+    terminal: str | None = None
+    stan: str | None = None
+    tx_time: str | None = None
+    rrn: str | None = None
+    idem_key: str | None = None
+    approval_code: str | None = None
+    pan_ref: str | None = None
+
+    def columns(self) -> tuple[str | None, ...]:
+        """The values of the holds table's ``mti`` .. ``pan_ref`` columns, in order."""
+        return (self.mti, self.terminal, self.stan, self.tx_time, self.rrn, self.idem_key,
+                self.approval_code, self.pan_ref)  # fmt: skip
+
+
+#: a hold that records nothing of its request (tests, and the seeding of demo data)
+NO_DETAILS = HoldDetails()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Hold:
     """A reservation, keyed by the transaction id that made it."""
 
@@ -339,15 +366,8 @@ class Ledger(abc.ABC):
         txn_id: str,
         account_id: str,
         amount: int,
+        details: HoldDetails = NO_DETAILS,
         *,
-        mti: str | None = None,
-        terminal: str | None = None,
-        stan: str | None = None,
-        tx_time: str | None = None,
-        rrn: str | None = None,
-        idem_key: str | None = None,
-        approval_code: str | None = None,
-        pan_ref: str | None = None,
         kind: Kind = Kind.PURCHASE,
         cash: int = 0,
         cash_limit: int = 0,
@@ -360,11 +380,11 @@ class Ledger(abc.ABC):
         OVER_CASH_LIMIT. The check and the hold are one atomic step per card, so concurrent
         withdrawals cannot pass the limit together.
 
-        ``idem_key`` (the request's idempotency key) makes the ledger refuse a second live hold
-        for the same request: it answers DUPLICATE with the original hold (and its
-        ``approval_code``) instead. This catches a retransmission the idempotency store could not
-        replay, e.g. one whose original was finished by crash recovery. ``pan_ref`` (the card's
-        `pan_ref`) is kept on the hold so a reversal can be matched to the card."""
+        ``details.idem_key`` (the request's idempotency key) makes the ledger refuse a second
+        live hold for the same request: it answers DUPLICATE with the original hold (and its
+        ``approval_code``) instead. This catches a retransmission the idempotency store could
+        not replay, e.g. one whose original was finished by crash recovery. ``details.pan_ref``
+        (the card's `pan_ref`) is kept on the hold so a reversal can be matched to the card."""
 
     @abc.abstractmethod
     async def authorize(self, txn_id: str) -> bool:
@@ -388,15 +408,7 @@ class Ledger(abc.ABC):
         txn_id: str,
         account_id: str,
         amount: int,
-        *,
-        mti: str | None = None,
-        terminal: str | None = None,
-        stan: str | None = None,
-        tx_time: str | None = None,
-        rrn: str | None = None,
-        idem_key: str | None = None,
-        approval_code: str | None = None,
-        pan_ref: str | None = None,
+        details: HoldDetails = NO_DETAILS,
     ) -> bool:
         """Post a refund: ``amount`` added to the account's balance, recorded as a hold in state
         ``credited`` (for reversals and the journal) with a negative capture (so the balance

@@ -16,10 +16,12 @@ from isopace.host.ledger._common import (
     HOLD_COLUMNS,
     KEY_INDEX,
     KEY_USAGE_SQL,
+    NO_DETAILS,
     SCHEMA_VERSION,
     Account,
     Card,
     Hold,
+    HoldDetails,
     HoldState,
     Kind,
     Ledger,
@@ -440,23 +442,16 @@ class PostgresLedger(Ledger):
         txn_id: str,
         account_id: str,
         amount: int,
+        details: HoldDetails = NO_DETAILS,
         *,
-        mti: str | None = None,
-        terminal: str | None = None,
-        stan: str | None = None,
-        tx_time: str | None = None,
-        rrn: str | None = None,
-        idem_key: str | None = None,
-        approval_code: str | None = None,
-        pan_ref: str | None = None,
         kind: Kind = Kind.PURCHASE,
         cash: int = 0,
         cash_limit: int = 0,
     ) -> ReserveResult:
         if amount < 0 or cash < 0:
             raise ValueError(f"amounts must not be negative: {amount}, {cash}")
-        args = (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
-                approval_code, pan_ref, kind.value, cash)  # fmt: skip
+        args = (txn_id, account_id, amount, *details.columns(), kind.value, cash)
+        pan_ref = details.pan_ref
         async with self.pool.acquire() as conn:
             if not (cash and cash_limit and pan_ref is not None):
                 return await self._reserve(conn, args)
@@ -538,22 +533,11 @@ class PostgresLedger(Ledger):
         txn_id: str,
         account_id: str,
         amount: int,
-        *,
-        mti: str | None = None,
-        terminal: str | None = None,
-        stan: str | None = None,
-        tx_time: str | None = None,
-        rrn: str | None = None,
-        idem_key: str | None = None,
-        approval_code: str | None = None,
-        pan_ref: str | None = None,
+        details: HoldDetails = NO_DETAILS,
     ) -> bool:
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
-        done = await self.pool.fetchval(
-            _PG_CREDIT, txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
-            approval_code, pan_ref,
-        )  # fmt: skip
+        done = await self.pool.fetchval(_PG_CREDIT, txn_id, account_id, amount, *details.columns())
         return done is not None
 
     async def hold_by_key(self, idem_key: str) -> Hold | None:

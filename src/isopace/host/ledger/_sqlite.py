@@ -29,12 +29,14 @@ from isopace.host.ledger._common import (
     HOLD_COLUMNS,
     KEY_INDEX,
     KEY_USAGE_SQL,
+    NO_DETAILS,
     OPEN_STATES,
     REDUCIBLE_STATES,
     SCHEMA_VERSION,
     Account,
     Card,
     Hold,
+    HoldDetails,
     HoldState,
     Kind,
     Ledger,
@@ -403,21 +405,16 @@ class SqliteLedger(Ledger):
         txn_id: str,
         account_id: str,
         amount: int,
+        details: HoldDetails = NO_DETAILS,
         *,
-        mti: str | None = None,
-        terminal: str | None = None,
-        stan: str | None = None,
-        tx_time: str | None = None,
-        rrn: str | None = None,
-        idem_key: str | None = None,
-        approval_code: str | None = None,
-        pan_ref: str | None = None,
         kind: Kind = Kind.PURCHASE,
         cash: int = 0,
         cash_limit: int = 0,
     ) -> ReserveResult:
         if amount < 0 or cash < 0:
             raise ValueError(f"amounts must not be negative: {amount}, {cash}")
+        terminal, stan, tx_time, rrn = details.terminal, details.stan, details.tx_time, details.rrn
+        idem_key, pan_ref = details.idem_key, details.pan_ref
 
         def op(conn: sqlite3.Connection) -> ReserveResult:
             # this transaction's hold, and a live hold of the same idempotency key, in one query
@@ -467,23 +464,7 @@ class SqliteLedger(Ledger):
             conn.execute(
                 f"INSERT INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
-                (
-                    txn_id,
-                    account_id,
-                    amount,
-                    mti,
-                    terminal,
-                    stan,
-                    tx_time,
-                    rrn,
-                    idem_key,
-                    approval_code,
-                    pan_ref,
-                    kind.value,
-                    cash,
-                    now,
-                    now,
-                ),
+                (txn_id, account_id, amount, *details.columns(), kind.value, cash, now, now),
             )
             return ReserveResult(ReserveStatus.APPROVED, held[0][0])
 
@@ -563,15 +544,7 @@ class SqliteLedger(Ledger):
         txn_id: str,
         account_id: str,
         amount: int,
-        *,
-        mti: str | None = None,
-        terminal: str | None = None,
-        stan: str | None = None,
-        tx_time: str | None = None,
-        rrn: str | None = None,
-        idem_key: str | None = None,
-        approval_code: str | None = None,
-        pan_ref: str | None = None,
+        details: HoldDetails = NO_DETAILS,
     ) -> bool:
         if amount < 0:
             raise ValueError(f"amount must not be negative: {amount}")
@@ -582,9 +555,8 @@ class SqliteLedger(Ledger):
             done = conn.execute(
                 f"INSERT OR IGNORE INTO holds ({HOLD_COLUMNS}, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'credited', ?, ?, ?, ?, ?, ?, ?, ?, NULL, 'refund', 0, ?, ?)",
-                (txn_id, account_id, amount, mti, terminal, stan, tx_time, rrn, idem_key,
-                 approval_code, pan_ref, now, now),
-            )  # fmt: skip
+                (txn_id, account_id, amount, *details.columns(), now, now),
+            )
             if not done.rowcount:
                 return False
             conn.execute(
