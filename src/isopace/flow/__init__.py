@@ -1,5 +1,36 @@
 """isopace.flow: the two-phase transaction manager.
 
+A first flow: a stage that holds money in prepare, keeps it in commit and gives it back in
+abort, and one that refuses what it cannot pay::
+
+    >>> import asyncio
+    >>> from isopace.flow import Exchange, Flow
+    >>> from isopace.iso8583 import Message
+    >>> balance = {"acct": 100}
+    >>> class Hold:
+    ...     name = "hold"
+    ...     def prepare(self, ex):
+    ...         amount = int(ex.request[4])
+    ...         if amount > balance["acct"]:
+    ...             ex.response = ex.request.reply().set(39, "51")
+    ...             ex.abort()              # joined anyway: its abort runs
+    ...             return None
+    ...         balance["acct"] -= amount
+    ...         ex.set("held", amount)
+    ...     def commit(self, ex):
+    ...         ex.response = ex.request.reply().set(39, "00")
+    ...     def abort(self, ex):
+    ...         balance["acct"] += ex.get("held", 0)
+    >>> flow = Flow().group("main", Hold())
+    >>> for i, amount in enumerate(["60", "60"]):
+    ...     ex = Exchange(f"tx{i}", Message("0200", {4: amount.zfill(12)}))
+    ...     print(asyncio.run(flow.run(ex)), ex.response[39], balance["acct"])
+    committed 00 40
+    aborted 51 40
+
+The guide (``docs/concepts.md``, ``docs/tutorial.md``) explains each part; the names below are
+the whole public API.
+
 A transaction, carried in an :class:`Exchange`, runs through an ordered pipeline of stages taken
 from named groups. In the prepare pass each stage does reversible work and votes: ``CONTINUE``
 (join and go on), ``SKIP`` (go on without joining), ``route(*groups)`` (join and append those
