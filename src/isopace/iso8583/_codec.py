@@ -177,10 +177,12 @@ class WireFormat:
         """The layout of the bitmaps starting at ``data[p]`` (cached)."""
         lay = self.layouts.get(data[p : p + self.bmw])
         if lay is None or lay.ext:
-            lay = self._layout(data, p)
+            lay = self.new_layout(data, p)
         return lay
 
-    def _layout(self, data: bytes, p: int) -> Layout:
+    def new_layout(self, data: bytes, p: int) -> Layout:
+        """:meth:`layout` when the primary bitmap alone is not a cached layout: a further
+        bitmap follows (looked up in its own cache), or a bitmap never seen (or dropped)."""
         w1 = self.bmw
         key1 = data[p : p + w1]
         try:
@@ -384,20 +386,12 @@ class WireFormat:
             raise
         return b"".join(out)
 
-    def patch(
-        self,
-        m: Headed,
-        data: bytes,
-        lay: Layout,
-        offs: Sequence[int],
-        keys: tuple[int, ...],
-        vals: dict[int, Value],
-        dirty: frozenset[int],
-        head_changed: bool,
-    ) -> bytes:
-        """Re-encode ``m``, decoded from ``data`` (fields of ``lay`` at ``offs``) and since
-        changed: now fields ``keys``, ``dirty`` of them changed (their values in ``vals``), the
-        header or MTI too when ``head_changed``. Unchanged runs are copied as slices."""
+    def patch_for(
+        self, lay: Layout, keys: tuple[int, ...], dirty: frozenset[int], head_changed: bool
+    ) -> Patch:
+        """How to re-encode a message decoded with layout ``lay`` and since changed: now with
+        fields ``keys``, ``dirty`` of them changed, the header or MTI too when ``head_changed``
+        (cached per layout and change; unchanged runs of fields are copied as slices)."""
         pk = (keys, dirty, head_changed)
         patches = lay.patches
         if patches is None:
@@ -405,8 +399,8 @@ class WireFormat:
         entry = patches.get(pk)
         if entry is None:
             items = patch_plan(lay, keys, dirty, head_changed, self._bitmaps)
-            entry = Patch(items, lay.width)
+            entry = Patch(items, lay.width, self.encode_head, self.table.encs)
             if len(patches) >= 64:
                 patches.clear()
             patches[pk] = entry
-        return entry.apply(m, data, offs, vals, self.encode_head, self.table.encs)
+        return entry

@@ -266,39 +266,31 @@ Head = Callable[[Any], bytes]  # the header and MTI of a message, encoded
 
 
 class Patch:
-    """A patch plan and, once used a few times, a generated straight-line function doing the
-    same; ``apply`` runs whichever there is."""
+    """A patch plan and, once used a few times, ``fast``: a generated straight-line function
+    doing the same (callers try it first; :meth:`apply` is the item by item path)."""
 
-    __slots__ = ("fast", "hits", "items", "width")
+    __slots__ = ("encs", "fast", "head", "hits", "items", "width")
 
-    def __init__(self, items: tuple[PatchItem, ...], width: int) -> None:
+    def __init__(
+        self, items: tuple[PatchItem, ...], width: int, head: Head, encs: Sequence[Any]
+    ) -> None:
         self.items = items
         self.width = width  # of the original bitmaps
+        self.head = head
+        self.encs = encs
         self.hits = 0
         self.fast: Callable[[Any, bytes, Sequence[int], dict[int, Any]], bytes] | None = None
 
-    def apply(
-        self,
-        m: Any,
-        data: bytes,
-        offs: Sequence[int],
-        vals: dict[int, Any],
-        head: Head,
-        encs: Sequence[Any],
-    ) -> bytes:
-        """The bytes of message ``m`` (``head(m)``: its new header and MTI), whose original is
-        ``data`` with fields at ``offs`` and whose changed values are in ``vals``."""
-        fast = self.fast
-        if fast is not None:
-            try:
-                return fast(m, data, offs, vals)
-            except EncodeError:
-                pass  # the loop below reports where
-        else:
+    def apply(self, m: Any, data: bytes, offs: Sequence[int], vals: dict[int, Any]) -> bytes:
+        """The bytes of message ``m`` (its header and MTI encoded by ``head(m)``), whose original
+        is ``data`` with fields at ``offs`` and whose changed values are in ``vals``; an
+        :class:`EncodeError` says where the failing field would have started."""
+        if self.fast is None:
             self.hits += 1
             if self.hits >= GENERATE_AFTER:
-                self.fast = _generate_patch(self.items, self.width, head, encs)
+                self.fast = _generate_patch(self.items, self.width, self.head, self.encs)
         width = self.width
+        encs = self.encs
         out: list[bytes] = []
         append = out.append
         for item in self.items:
@@ -316,7 +308,7 @@ class Patch:
             elif part is Part.OLD_BITMAPS:
                 append(data[offs[0] - width : offs[0]])
             elif part is Part.NEW_HEAD:
-                append(head(m))
+                append(self.head(m))
             else:
                 append(item.raw)
         return b"".join(out)

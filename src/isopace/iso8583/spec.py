@@ -183,9 +183,9 @@ class Spec:
             mti = fmt.mtis.get(data[:p])  # type: ignore[assignment]
             if mti is None:
                 p, header, mti = fmt.head(data)
-        lay = fmt.layouts.get(data[p : p + fmt.bmw])
+        lay = fmt.layouts.get(data[p : p + fmt.bmw])  # fmt.layout(data, p), inlined too
         if lay is None or lay.ext:
-            lay = fmt.layout(data, p)
+            lay = fmt.new_layout(data, p)
         p += lay.width
         try:
             offs = lay.locate(data, p)
