@@ -23,23 +23,23 @@ Decisions:
   derive through ``derived(fn)``.
 - ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55;
   a card number in any other text field: see :func:`isopace.iso8583.masking.mask_value`).
-- JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
-  values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
-  and listed in ``redacted``; DE 55 keeps its other EMV tags but loses 5A (PAN) and 57 (track 2
-  equivalent), wherever they sit (nested templates too); if DE 55 cannot be parsed as TLV it
-  is dropped whole and listed.
+- JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; with
+  ``redact=True`` card data is dropped and listed (the rules: :mod:`isopace.iso8583._json`).
+- A decoded message holds one reference to its wire image (spec, bytes, layout, where each field
+  starts: :data:`Wire`), shared by every message derived from it; :func:`_decoded` is the
+  constructor ``Spec.decode`` calls and ``Spec.encode`` hands the message to :func:`_encode`.
+  Where fields lie and the generated fast paths are :mod:`isopace.iso8583._layout`'s.
 """
 
 from __future__ import annotations
 
-import binascii
-import json
-import json.encoder
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from isopace.iso8583 import _json, _values
+from isopace.iso8583._json import REDACTED_FIELDS as REDACTED_FIELDS
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
 from isopace.iso8583.masking import mask_value
 from isopace.iso8583.mti import response_mti
@@ -70,8 +70,6 @@ and a reversal's original data elements and replacement amounts (the acquirer ma
 to the reversal by them). What :meth:`Message.reply` copies by default; re-exported by
 :mod:`isopace.iso8583.answers`, whose error answers echo them too."""
 
-REDACTED_FIELDS = frozenset({2, 35, 36, 45, 52})
-_REDACTED_TAGS = ("5A", "57")
 _EMPTY: frozenset[int] = frozenset()
 _VALID_KEYS = frozenset(range(2, 193)) - {65}
 _OK_VALUE_TYPES = frozenset({str, bytes})
@@ -310,54 +308,24 @@ class Message:
     def items(self) -> Iterable[tuple[int, Value]]:
         return self.fields().items()
 
-    # --- typed accessors --------------------------------------------------------------------
+    # --- typed accessors (the rules: :mod:`isopace.iso8583._values`) -------------------------
     def numeric(self, n: int) -> int:
         """Data element ``n`` as an int (digits only)."""
-        v = self[n]
-        if isinstance(v, str) and v.isascii() and v.isdigit():
-            return int(v)
-        raise Iso8583Error(f"field {n}: not a numeric value")
+        return _values.numeric(n, self[n])
 
     def amount(self, n: int = 4) -> int:
         """An amount in minor units; ``x+n`` amounts (``C``/``D`` prefix) give a signed value
         (credit positive, debit negative)."""
-        v = self[n]
-        if isinstance(v, str) and v.isascii():
-            sign = 1
-            if v[:1] in ("C", "D"):
-                sign = -1 if v[0] == "D" else 1
-                v = v[1:]
-            if v.isdigit():
-                return sign * int(v)
-        raise Iso8583Error(f"field {n}: not an amount")
+        return _values.amount(n, self[n])
 
     def bytes(self, n: int) -> bytes:
         """A binary data element; a str value is read as hex."""
-        v = self[n]
-        if isinstance(v, bytes):
-            return v
-        try:
-            return binascii.a2b_hex(v)
-        except (binascii.Error, ValueError):
-            raise Iso8583Error(f"field {n}: not binary data") from None
+        return _values.binary(n, self[n])
 
     def date_time(self, n: int = 7, *, year: int | None = None) -> datetime:
         """A date-time field as a UTC datetime: ``MMDDhhmmss`` (DE 7; ``year`` defaults to the
         current UTC year), ``YYMMDDhhmmss`` or ``CCYYMMDDhhmmss``."""
-        v = self[n]
-        if not (isinstance(v, str) and v.isascii() and v.isdigit()):
-            raise Iso8583Error(f"field {n}: not a date-time")
-        try:
-            if len(v) == 10:
-                y = year if year is not None else datetime.now(UTC).year
-                return datetime.strptime(f"{y:04d}{v}", "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-            if len(v) == 12:
-                return datetime.strptime(v, "%y%m%d%H%M%S").replace(tzinfo=UTC)
-            if len(v) == 14:
-                return datetime.strptime(v, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-        except ValueError:
-            pass
-        raise Iso8583Error(f"field {n}: not a date-time")
+        return _values.date_time(n, self[n], year)
 
     def tlv(self, n: int = 55) -> TLV:
         """A BER-TLV field (EMV DE 55) as a read-only mapping: ``m.tlv(55)["9F26"]``.
@@ -606,7 +574,8 @@ class Message:
 
     # --- JSON -------------------------------------------------------------------------------
     def to_json(self, redact: bool = False) -> str:
-        """The message as JSON (see the module docstring); built once per message and mode."""
+        """The message as JSON (:mod:`isopace.iso8583._json`: the document, what redaction
+        drops); built once per message and mode."""
         memo = self._memo
         if memo is None:
             memo = self._memo = {}
@@ -614,63 +583,14 @@ class Message:
             cached = memo.get("json-r" if redact else "json")
             if cached is not None:
                 return cached  # type: ignore[no-any-return]
-        # Written by hand, byte for byte what ``json.dumps(doc, separators=(",", ":"))`` gives
-        # for the document (str values through json's own string encoder).
-        parts: list[str] = []
-        append = parts.append
-        redacted = self._redacted
-        for n, v in self.fields().items():
-            if redact:
-                if n in REDACTED_FIELDS:
-                    redacted = redacted | _SINGLE[n]
-                    continue
-                if n == 55:
-                    try:
-                        v = self._strip_icc(v)
-                    except (Iso8583Error, ValueError):
-                        redacted = redacted | _SINGLE[n]
-                        continue
-            if isinstance(v, str):
-                append(_KEYS[n] + _json_str(v))
-            else:
-                append(_KEYS[n] + '{"hex":"' + v.hex().upper() + '"}')
-        text: str = '{"mti":' + _json_str(self._mti) + ',"fields":{' + ",".join(parts) + "}"
-        h = self._hdr
-        if h is not None:
-            if isinstance(h, bytes):
-                text += ',"header":{"hex":"' + h.hex().upper() + '"}'
-            else:
-                text += ',"header":' + _ENCODE(h)
-        if redacted:
-            text += ',"redacted":[' + ",".join(map(str, sorted(redacted))) + "]"
-        text += "}"
+        text = _json.write(self._mti, self.fields(), self._hdr, self._redacted, redact, self.tlv)
         memo["json-r" if redact else "json"] = text
         return text
 
-    def _strip_icc(self, v: Value) -> Value:
-        """DE 55 (``v``) without EMV tags 5A and 57, wherever they sit; raises as
-        :func:`~isopace.iso8583.tlv.parse_tlv` does when it is not TLV."""
-        t = self.tlv(55)
-        if not _has_tags(t, _REDACTED_TAG_SET):
-            return v
-        out = t.remove(*_REDACTED_TAGS, deep=True).build()
-        return out if isinstance(v, bytes) else out.hex().upper()
-
     @classmethod
     def from_json(cls, text: str | _bytes) -> Message:
-        try:
-            doc = json.loads(text)
-            if not isinstance(doc, dict) or not isinstance(doc.get("mti"), str):
-                raise ValueError("expected an object with an 'mti'")
-            raw = doc.get("fields", {})
-            if not isinstance(raw, dict):
-                raise ValueError("'fields' must be an object")
-            fields = {int(k): _json_value(v) for k, v in raw.items()}
-            header = _json_value(doc["header"]) if doc.get("header") is not None else None
-            redacted = frozenset(int(x) for x in doc.get("redacted", ()))
-        except (ValueError, TypeError, binascii.Error) as e:
-            raise Iso8583Error(f"message JSON is invalid: {e}") from None
-        m = cls(doc["mti"], fields, header=header)
+        mti, fields, header, redacted = _json.read(text)
+        m = cls(mti, fields, header=header)
         m._redacted = redacted
         return m
 
@@ -766,26 +686,4 @@ def _fallback_spec() -> Spec:
     return _FALLBACK[0]
 
 
-def _json_value(v: Any) -> Value:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, dict) and isinstance(v.get("hex"), str):
-        return binascii.a2b_hex(v["hex"])
-    raise ValueError("field values are strings or {'hex': ...}")
-
-
-_json_str: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses (ensure_ascii)
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
-_KEYS = tuple(f'"{n}":' for n in range(193))
 _NAMES = tuple(str(n) for n in range(193))
-
-
-_REDACTED_TAG_SET = frozenset(_REDACTED_TAGS)
-
-
-def _has_tags(t: TLV, tags: frozenset[str]) -> bool:
-    """True when one of ``tags`` occurs in ``t`` at any depth."""
-    for tag, _, child in t.objects():
-        if tag in tags or (child is not None and _has_tags(child, tags)):
-            return True
-    return False
