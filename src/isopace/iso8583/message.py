@@ -152,7 +152,8 @@ class Message:
             if wire is None:
                 keys = tuple(sorted(self._vals))
             else:
-                ks = set(wire[2].fields)
+                _, _, lay, _ = wire
+                ks = set(lay.fields)
                 ks.update(self._vals)
                 ks.difference_update(self._gone)
                 keys = tuple(sorted(ks))
@@ -174,10 +175,6 @@ class Message:
             self._redacted,
         )
 
-    def _layout(self) -> Layout | None:
-        wire = self._wire
-        return None if wire is None else wire[2]
-
     # --- reading ----------------------------------------------------------------------------
     @property
     def mti(self) -> str:
@@ -198,7 +195,10 @@ class Message:
         """The spec this message was decoded with, or derived from a decoded message with
         (``set``, ``reply``...); None for a message built in code."""
         wire = self._wire
-        return None if wire is None else wire[0]
+        if wire is None:
+            return None
+        spec, _, _, _ = wire
+        return spec
 
     def __getitem__(self, n: int) -> Value:
         vals = self._vals
@@ -247,7 +247,7 @@ class Message:
         wire = self._wire
         if wire is None:
             return default
-        lay = wire[2]
+        _, _, lay, _ = wire
         if n not in (lay.index or lay.fields) or n in self._gone:
             return default  # absent (no KeyError raised and caught: absent fields are common)
         return self[n]
@@ -258,7 +258,7 @@ class Message:
         wire = self._wire
         if wire is None:
             return False
-        lay = wire[2]
+        _, _, lay, _ = wire
         return n in (lay.index or lay.fields) and n not in self._gone
 
     def __iter__(self) -> Iterator[int]:
@@ -362,7 +362,7 @@ class Message:
         if wire is None:
             present = n in vals
         else:
-            lay = wire[2]
+            _, _, lay, _ = wire
             present = n in vals or (n in (lay.index or lay.fields) and n not in gone)
             dirty = dirty | _SINGLE[n] if dirty else _SINGLE[n]
             if gone and n in gone:
@@ -408,7 +408,8 @@ class Message:
             m._vals.pop(n, None)
         wire = self._wire
         if wire is not None:
-            m._gone = self._gone | {n for n in ns if n in wire[2].fields}
+            _, _, lay, _ = wire
+            m._gone = self._gone | {n for n in ns if n in lay.fields}
             m._dirty = self._dirty - set(ns)
         m._keys = None
         return m
@@ -445,11 +446,15 @@ class Message:
         return Message(mti, fields, header=self._hdr)
 
     def _reply_decoded(self, mti: str, copy: Iterable[int], wire: Wire) -> Message:
-        lay = wire[2]
+        _, _, lay, _ = wire
         key = copy if type(copy) is tuple else tuple(copy)
         replies = lay.replies
         if replies is None:
             replies = lay.replies = {}
+        # what reply does for this layout and echo set, worked out once: (the echo set, the
+        # layout's fields echoed, those not, the echoed ones whose decoding checks more than an
+        # ASCII test does, every echoed one in the order asked: the first bad one is reported).
+        # A plain tuple: it is unpacked on every reply, and a NamedTuple unpacks slower.
         info = replies.get(key)
         if info is None:
             echo = frozenset(key)
@@ -480,7 +485,8 @@ class Message:
             present.update(vals)
             keys = tuple(sorted(present))
         # the request's fields that do not decode make reply() fail, as if it decoded them
-        for n in checked if wire[1].isascii() else order:
+        _, data, _, _ = wire
+        for n in checked if data.isascii() else order:
             if n not in vals and n not in gone:
                 vals[n] = self[n]
         return _fill(_new(Message), mti, vals, wire, self._hdr, keys, gone, dirty, True, _EMPTY)
@@ -496,7 +502,8 @@ class Message:
         if self._clean and other._clean:
             mine, theirs = self._wire, other._wire
             assert mine is not None and theirs is not None
-            if mine[0] is theirs[0] and mine[1] == theirs[1]:
+            spec, data, _, _ = mine
+            if spec is theirs[0] and data == theirs[1]:
                 return True
         return self.fields() == other.fields()
 
@@ -632,7 +639,7 @@ def _decoded(mti: str, header: Value | None, wire: Wire) -> Message:
     m._vals = {}
     m._wire = wire
     m._hdr = header
-    m._keys = wire[2].fields
+    m._keys = wire[2].fields  # the layout's
     m._gone = _EMPTY
     m._dirty = _EMPTY
     m._hdirty = False
@@ -647,13 +654,13 @@ def _encode(m: Message, spec: Spec, fmt: WireFormat) -> bytes:
     """``spec.encode(m)`` (``fmt``: the spec's wire format): the original bytes of a decoded,
     unchanged message, those bytes patched for a changed one, else the fields encoded."""
     wire = m._wire
-    if wire is not None and wire[0] is spec:
+    if wire is not None and wire[0] is spec:  # decoded with this spec
+        _, data, lay, offs = wire
         if m._clean:
-            return wire[1]
+            return data
         keys = m._keys
         if keys is None:
             keys = m._sorted_keys()
-        _, data, lay, offs = wire
         dirty, hdirty = m._dirty, m._hdirty
         patches = lay.patches  # fmt.patch_for's cache, looked up here first: the hot path
         patch = None if patches is None else patches.get((keys, dirty, hdirty))

@@ -173,16 +173,13 @@ class Spec:
         if type(data) is not bytes:
             data = _as_bytes(data)
         fmt = self._format
-        # fmt.head(data), inlined: the hot path (no header, an MTI seen before) is two lookups
-        p = 0
+        # fmt.head(data) unless the MTI alone starts the message and was seen before: the hot
+        # path is two dict lookups and the locator, nothing else
         header: str | bytes | None = None
-        if fmt.header is not None:
+        p = fmt.mti_len
+        mti = None if fmt.header is not None else fmt.mtis.get(data[:p])
+        if mti is None:
             p, header, mti = fmt.head(data)
-        else:
-            p = fmt.mti_len
-            mti = fmt.mtis.get(data[:p])  # type: ignore[assignment]
-            if mti is None:
-                p, header, mti = fmt.head(data)
         lay = fmt.layouts.get(data[p : p + fmt.bmw])  # fmt.layout(data, p), inlined too
         if lay is None or lay.ext:
             lay = fmt.new_layout(data, p)
