@@ -100,7 +100,7 @@ class Layout:
         self.table: FieldTable = table  # type: ignore[assignment]  # None only in the marker
         self.hits = 0
         self.patches: dict[Any, Patch] | None = None
-        # reply() of a message with this layout, per echo set (kept by Message.reply)
+        # what reply() of a message with this layout does, per echo set (Message.reply keeps it)
         self.replies: dict[Any, tuple[Any, ...]] | None = None
         self.bulk: Callable[[bytes, Sequence[int]], dict[int, Any]] | None = None
         self.locate: Callable[[bytes, int], Sequence[int]] = self._generic
