@@ -57,45 +57,13 @@ NAMEDTUPLE_API = {"_make", "_replace", "_asdict", "_fields", "_field_defaults"}
 # a new circle or private access fails, and so does an entry here that is gone (strike it). The
 # restructuring of ``iso8583`` (one Message/Spec seam), ``flow`` (the run's state on its own
 # object) and the CLI (public parts of the host) empties these lists.
-KNOWN_CIRCLES = [
-    [
-        "isopace.iso8583.answers",
-        "isopace.iso8583.composite",
-        "isopace.iso8583.message",
-        "isopace.iso8583.spec",
-        "isopace.iso8583.specs",
-    ]
-]
+KNOWN_CIRCLES: list[list[str]] = []
 KNOWN_PRIVATE_ACCESS = {
     "isopace.cli._ops: host._closers",
     "isopace.cli._ops: host._lock_data",
     "isopace.cli._ops: host._open_idempotency",
     "isopace.cli._ops: host._open_ledger",
     *(f"isopace.flow.flow: ex.{a}" for a in ("_cause", "_error", "_joined", "_timings")),
-    *(f"isopace.iso8583.message: spec.{a}" for a in ("_asc", "_decs", "_plens")),
-    *(
-        f"isopace.iso8583.spec: m.{a}"
-        for a in [
-            "_clean",
-            "_data",
-            "_dirty",
-            "_gone",
-            "_hash",
-            "_hdirty",
-            "_hdr",
-            "_keys",
-            "_lay",
-            "_memo",
-            "_mti",
-            "_offs",
-            "_redacted",
-            "_sorted_keys",
-            "_spec",
-            "_vals",
-        ]
-    ),
-    "isopace.iso8583.validation: spec._codecs",
-    "isopace.iso8583.validation: spec._required",
 }
 
 

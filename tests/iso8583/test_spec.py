@@ -294,7 +294,7 @@ def test_layout_cache_is_bounded_and_generated_code_agrees() -> None:
     for _ in range(3):  # generic, then generated locators
         for wire, m in wires:
             assert spec.decode(wire) == m
-    assert len(spec._layouts) <= 16
+    assert len(spec._format.layouts) <= 16
 
 
 @settings(max_examples=200, deadline=None)

@@ -5,7 +5,8 @@ transaction that failed) answer through it, so every answer a peer gets is built
 
 Decisions:
 
-- :data:`ECHO_FIELDS` are the request's fields an answer carries back (those the acquirer matches
+- :data:`ECHO_FIELDS` (defined beside :meth:`Message.reply`, which copies them by default, and
+  re-exported here) are the request's fields an answer carries back (those the acquirer matches
   the answer by, DE 11 and 41 among them, and those it checks: DE 2, 3, 4, 49, a reversal's
   DE 90 and 95...).
   :meth:`Message.reply` copies them; :func:`error_reply` too.
@@ -31,18 +32,13 @@ from typing import TYPE_CHECKING
 
 from isopace.iso8583 import response_codes as rc
 from isopace.iso8583.errors import Iso8583Error
+from isopace.iso8583.message import ECHO_FIELDS, Message
 from isopace.iso8583.mti import answer_mti
 
 if TYPE_CHECKING:
-    from isopace.iso8583.message import Message, Value
+    from isopace.iso8583.message import Value
 
 __all__ = ["ECHO_FIELDS", "error_reply", "response_code_for"]
-
-ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49, 90, 95)
-"""The request's fields an answer echoes (when present): PAN, processing code, amount,
-transmission date-time, STAN, local time and date, acquirer, RRN, terminal, merchant, currency,
-and a reversal's original data elements and replacement amounts (the acquirer matches an 0410
-to the reversal by them)."""
 
 
 def response_code_for(exc: BaseException) -> str:
@@ -60,8 +56,6 @@ def error_reply(request: Message, code: str) -> Message:
     For a decoded request whose echo fields all decode this is ``request.reply()`` (the echoed
     values copied as bytes when encoded with the same spec); otherwise the fields that decode
     are copied one by one and the others left out."""
-    from isopace.iso8583.message import Message
-
     mti = answer_mti(request.mti)
     try:
         return request.reply(mti).set(39, code)

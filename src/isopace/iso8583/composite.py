@@ -2,7 +2,9 @@
 
 ``Positional`` splits a fixed-length text field into named, space-padded parts; ``BitmapComposite``
 reads a field whose content is itself a small ISO 8583 body (its own bitmap and sub-fields,
-described by a nested :class:`~isopace.iso8583.spec.Spec` without an MTI).
+described by a nested :class:`~isopace.iso8583.spec.Spec` without an MTI). Reading one from its
+JSON form (``composite_from_dict``) builds that spec, so it lives in :mod:`isopace.iso8583.spec`:
+this module sits below the spec, which keeps its composites.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
+from isopace.iso8583.errors import DecodeError, EncodeError
+from isopace.iso8583.message import Message
 
 if TYPE_CHECKING:
     from isopace.iso8583.spec import Spec
@@ -86,8 +89,6 @@ class BitmapComposite:
             raise DecodeError(f"field {self.field}.{e.field}", e.offset, e.reason) from None
 
     def build(self, fields: Mapping[int, Value]) -> Value:
-        from isopace.iso8583.message import Message
-
         try:
             raw = self.spec.encode(Message("", fields))
         except EncodeError as e:
@@ -101,20 +102,3 @@ class BitmapComposite:
             "encoding": self.encoding,
             "spec": self.spec.to_pyiso8583(),
         }
-
-
-def composite_from_dict(d: Any) -> Positional | BitmapComposite:
-    from isopace.iso8583.spec import Spec
-
-    try:
-        if d["type"] == "positional":
-            return Positional(
-                [tuple(p) for p in d["parts"]], field=int(d["field"]), pad=str(d.get("pad", " "))
-            )
-        if d["type"] == "bitmap":
-            return BitmapComposite(
-                Spec.from_pyiso8583(d["spec"]), field=int(d["field"]), encoding=d.get("encoding")
-            )
-    except (KeyError, TypeError, ValueError) as e:
-        raise Iso8583Error(f"invalid composite definition: {e}") from None
-    raise Iso8583Error(f"unknown composite type {d.get('type')!r}")

@@ -23,41 +23,53 @@ Decisions:
   derive through ``derived(fn)``.
 - ``repr``, ``describe``, ``to_masked_dict`` mask card data (DE 2, 35, 36, 45, 52; EMV tags in 55;
   a card number in any other text field: see :func:`isopace.iso8583.masking.mask_value`).
-- JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; binary
-  values are written as ``{"hex": ...}``. With ``redact=True`` DE 2, 35, 36, 45 and 52 are dropped
-  and listed in ``redacted``; DE 55 keeps its other EMV tags but loses 5A (PAN) and 57 (track 2
-  equivalent), wherever they sit (nested templates too); if DE 55 cannot be parsed as TLV it
-  is dropped whole and listed.
+- JSON: ``{"mti": ..., "fields": {"2": "...", "52": {"hex": "..."}}, "redacted": [...]}``; with
+  ``redact=True`` card data is dropped and listed (the rules: :mod:`isopace.iso8583._json`).
+- A decoded message holds one reference to its wire image (spec, bytes, layout, where each field
+  starts: :data:`Wire`), shared by every message derived from it; :func:`_decoded` is the
+  constructor ``Spec.decode`` calls and ``Spec.encode`` hands the message to :func:`_encode`.
+  Where fields lie and the generated fast paths are :mod:`isopace.iso8583._layout`'s.
 """
 
 from __future__ import annotations
 
-import binascii
-import json
-import json.encoder
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from isopace.iso8583.answers import ECHO_FIELDS
+from isopace.iso8583 import _json, _values
+from isopace.iso8583._json import REDACTED_FIELDS as REDACTED_FIELDS
 from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
+from isopace.iso8583.masking import mask_value
 from isopace.iso8583.mti import response_mti
+from isopace.iso8583.tlv import TLV, parse_tlv
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
 
-    from isopace.iso8583.spec import Layout, Spec
-    from isopace.iso8583.tlv import TLV
+    from isopace.iso8583._codec import WireFormat
+    from isopace.iso8583._layout import Layout
+    from isopace.iso8583.spec import Spec
 
     _T = TypeVar("_T")
 
 Value = str | bytes
 _bytes = bytes
 
-REDACTED_FIELDS = frozenset({2, 35, 36, 45, 52})
-_REDACTED_TAGS = ("5A", "57")
+#: A decoded message's wire image, shared by every message derived from it: the spec that
+#: decoded it, its bytes, their layout and where each field starts (``offs[i]``: the layout's
+#: field ``i``; one more offset, the end). A plain tuple: it is built for every decode.
+Wire = tuple["Spec", bytes, "Layout", Sequence[int]]
+
+ECHO_FIELDS: tuple[int, ...] = (2, 3, 4, 7, 11, 12, 13, 32, 37, 41, 42, 49, 90, 95)
+"""The request's fields an answer echoes (when present): PAN, processing code, amount,
+transmission date-time, STAN, local time and date, acquirer, RRN, terminal, merchant, currency,
+and a reversal's original data elements and replacement amounts (the acquirer matches an 0410
+to the reversal by them). What :meth:`Message.reply` copies by default; re-exported by
+:mod:`isopace.iso8583.answers`, whose error answers echo them too."""
+
 _EMPTY: frozenset[int] = frozenset()
 _VALID_KEYS = frozenset(range(2, 193)) - {65}
 _OK_VALUE_TYPES = frozenset({str, bytes})
@@ -88,37 +100,31 @@ class Message:
 
     __slots__ = (
         "_clean",
-        "_data",
         "_dirty",
         "_gone",
         "_hash",
         "_hdirty",
         "_hdr",
         "_keys",
-        "_lay",
         "_memo",
         "_mti",
-        "_offs",
         "_redacted",
-        "_spec",
         "_vals",
+        "_wire",
     )
 
     _mti: str
-    _vals: dict[int, Value]
-    _spec: Spec | None
-    _data: bytes | None
-    _lay: Layout | None
-    _offs: Sequence[int] | None
-    _gone: frozenset[int]
-    _dirty: frozenset[int]
+    _vals: dict[int, Value]  # the values set, and for a decoded message those decoded so far
+    _wire: Wire | None  # None: built in code
+    _gone: frozenset[int]  # wire fields removed since the decoding
+    _dirty: frozenset[int]  # wire fields whose value changed (or were added) since
     _hdr: Value | None
     _hash: int | None
-    _keys: tuple[int, ...] | None
+    _keys: tuple[int, ...] | None  # the fields present, sorted; None: not known yet
     _redacted: frozenset[int]
-    _clean: bool
-    _hdirty: bool
-    _memo: dict[Any, Any] | None
+    _clean: bool  # decoded and unchanged: the wire bytes are its encoding
+    _hdirty: bool  # header or MTI changed since the decoding
+    _memo: dict[Any, Any] | None  # what is derived from the whole message, once
 
     def __init__(
         self,
@@ -136,30 +142,17 @@ class Message:
             and _OK_VALUE_TYPES.issuperset(map(type, vals.values()))
         ):
             vals = {n: _check(n, v) for n, v in vals.items()}
-        self._mti = mti
-        self._vals = vals
-        self._spec = None
-        self._data = None
-        self._lay = None
-        self._offs = None
-        self._gone = _EMPTY
-        self._dirty = _EMPTY
-        self._hdr = header
-        self._hash = None
-        self._keys = None
-        self._redacted = _EMPTY
-        self._clean = False
-        self._hdirty = False
-        self._memo = None
+        _fill(self, mti, vals, None, header, None, _EMPTY, _EMPTY, False, _EMPTY)
 
     # --- internal ---------------------------------------------------------------------------
     def _sorted_keys(self) -> tuple[int, ...]:
         keys = self._keys
         if keys is None:
-            lay = self._lay
-            if lay is None:
+            wire = self._wire
+            if wire is None:
                 keys = tuple(sorted(self._vals))
             else:
+                _, _, lay, _ = wire
                 ks = set(lay.fields)
                 ks.update(self._vals)
                 ks.difference_update(self._gone)
@@ -168,23 +161,19 @@ class Message:
         return keys
 
     def _derive(self) -> Message:
-        m = _new(Message)
-        m._mti = self._mti
-        m._vals = self._vals.copy()
-        m._spec = self._spec
-        m._data = self._data
-        m._lay = self._lay
-        m._offs = self._offs
-        m._gone = self._gone
-        m._dirty = self._dirty
-        m._hdr = self._hdr
-        m._hash = None
-        m._keys = self._keys
-        m._redacted = self._redacted
-        m._clean = False
-        m._hdirty = self._hdirty
-        m._memo = None
-        return m
+        """A changed copy to be: everything but the derived state (hash, memo, clean)."""
+        return _fill(
+            _new(Message),
+            self._mti,
+            self._vals.copy(),
+            self._wire,
+            self._hdr,
+            self._keys,
+            self._gone,
+            self._dirty,
+            self._hdirty,
+            self._redacted,
+        )
 
     # --- reading ----------------------------------------------------------------------------
     @property
@@ -205,15 +194,20 @@ class Message:
     def spec(self) -> Spec | None:
         """The spec this message was decoded with, or derived from a decoded message with
         (``set``, ``reply``...); None for a message built in code."""
-        return self._spec
+        wire = self._wire
+        if wire is None:
+            return None
+        spec, _, _, _ = wire
+        return spec
 
     def __getitem__(self, n: int) -> Value:
         vals = self._vals
         if n in vals:
             return vals[n]
-        lay = self._lay
-        if lay is None:
+        wire = self._wire
+        if wire is None:
             raise KeyError(n)
+        _, data, lay, offs = wire
         index = lay.index
         if index is not None:
             i = index[n]
@@ -224,26 +218,25 @@ class Message:
                 raise KeyError(n)
         if n in self._gone:
             raise KeyError(n)
-        spec: Spec = lay.spec  # type: ignore[assignment]
-        offs: Sequence[int] = self._offs  # type: ignore[assignment]
         if lay.bulk is not None and len(vals) >= 3 and self._clean:
             # a few fields read already: decode the rest in one generated pass
             try:
-                rest = lay.bulk(self._data, offs)  # type: ignore[arg-type]
+                rest = lay.bulk(data, offs)
             except Exception:  # a bad value: decode field by field below
                 pass
             else:
                 rest.update(vals)
                 self._vals = rest
                 return rest[n]  # type: ignore[no-any-return]
-        s = offs[i] + spec._plens[n]
-        if spec._asc[n]:
+        table = lay.table
+        s = offs[i] + table.plens[n]
+        if table.asc[n]:
             try:
-                v: Value = self._data[s : offs[i + 1]].decode("ascii")  # type: ignore[index]
+                v: Value = data[s : offs[i + 1]].decode("ascii")
             except UnicodeDecodeError:
                 raise DecodeError(n, s, "invalid ascii data") from None
         else:
-            v = spec._decs[n](self._data, s, offs[i + 1])  # type: ignore[misc, arg-type]
+            v = table.decs[n](data, s, offs[i + 1])  # type: ignore[misc]
         vals[n] = v
         return v
 
@@ -251,16 +244,22 @@ class Message:
         v = self._vals.get(n)
         if v is not None:
             return v
-        lay = self._lay
-        if lay is None or n not in (lay.index or lay.fields) or n in self._gone:
+        wire = self._wire
+        if wire is None:
+            return default
+        _, _, lay, _ = wire
+        if n not in (lay.index or lay.fields) or n in self._gone:
             return default  # absent (no KeyError raised and caught: absent fields are common)
         return self[n]
 
     def __contains__(self, n: object) -> bool:
         if n in self._vals:
             return True
-        lay = self._lay
-        return lay is not None and n in (lay.index or lay.fields) and n not in self._gone
+        wire = self._wire
+        if wire is None:
+            return False
+        _, _, lay, _ = wire
+        return n in (lay.index or lay.fields) and n not in self._gone
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._sorted_keys())
@@ -278,19 +277,13 @@ class Message:
         if keys is None:
             keys = self._sorted_keys()
         vals = self._vals
-        lay = self._lay
-        if lay is None:
+        wire = self._wire
+        if wire is None:
             return {n: vals[n] for n in keys}
-        spec = self._spec
-        assert spec is not None
-        decs = spec._decs
-        plens = spec._plens
-        data = self._data
-        offs = self._offs
-        assert offs is not None
+        _, data, lay, offs = wire
         if lay.bulk is not None:
             try:
-                rest = lay.bulk(data, offs)  # type: ignore[arg-type]
+                rest = lay.bulk(data, offs)
             except Exception:  # a bad value: decode field by field below
                 pass
             else:
@@ -300,67 +293,39 @@ class Message:
                 self._vals = rest
                 return dict(rest) if list(rest) == list(keys) else {n: rest[n] for n in keys}
         index = lay.index or dict(zip(lay.fields, range(len(lay.fields)), strict=True))
+        decs = lay.table.decs
+        plens = lay.table.plens
         out: dict[int, Value] = {}
         for n in keys:
             if n in vals:
                 out[n] = vals[n]
             else:
                 i = index[n]
-                v = decs[n](data, offs[i] + plens[n], offs[i + 1])  # type: ignore[misc, arg-type]
+                v = decs[n](data, offs[i] + plens[n], offs[i + 1])  # type: ignore[misc]
                 vals[n] = out[n] = v
         return out
 
     def items(self) -> Iterable[tuple[int, Value]]:
         return self.fields().items()
 
-    # --- typed accessors --------------------------------------------------------------------
+    # --- typed accessors (the rules: :mod:`isopace.iso8583._values`) -------------------------
     def numeric(self, n: int) -> int:
         """Data element ``n`` as an int (digits only)."""
-        v = self[n]
-        if isinstance(v, str) and v.isascii() and v.isdigit():
-            return int(v)
-        raise Iso8583Error(f"field {n}: not a numeric value")
+        return _values.numeric(n, self[n])
 
     def amount(self, n: int = 4) -> int:
         """An amount in minor units; ``x+n`` amounts (``C``/``D`` prefix) give a signed value
         (credit positive, debit negative)."""
-        v = self[n]
-        if isinstance(v, str) and v.isascii():
-            sign = 1
-            if v[:1] in ("C", "D"):
-                sign = -1 if v[0] == "D" else 1
-                v = v[1:]
-            if v.isdigit():
-                return sign * int(v)
-        raise Iso8583Error(f"field {n}: not an amount")
+        return _values.amount(n, self[n])
 
     def bytes(self, n: int) -> bytes:
         """A binary data element; a str value is read as hex."""
-        v = self[n]
-        if isinstance(v, bytes):
-            return v
-        try:
-            return binascii.a2b_hex(v)
-        except (binascii.Error, ValueError):
-            raise Iso8583Error(f"field {n}: not binary data") from None
+        return _values.binary(n, self[n])
 
     def date_time(self, n: int = 7, *, year: int | None = None) -> datetime:
         """A date-time field as a UTC datetime: ``MMDDhhmmss`` (DE 7; ``year`` defaults to the
         current UTC year), ``YYMMDDhhmmss`` or ``CCYYMMDDhhmmss``."""
-        v = self[n]
-        if not (isinstance(v, str) and v.isascii() and v.isdigit()):
-            raise Iso8583Error(f"field {n}: not a date-time")
-        try:
-            if len(v) == 10:
-                y = year if year is not None else datetime.now(UTC).year
-                return datetime.strptime(f"{y:04d}{v}", "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-            if len(v) == 12:
-                return datetime.strptime(v, "%y%m%d%H%M%S").replace(tzinfo=UTC)
-            if len(v) == 14:
-                return datetime.strptime(v, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-        except ValueError:
-            pass
-        raise Iso8583Error(f"field {n}: not a date-time")
+        return _values.date_time(n, self[n], year)
 
     def tlv(self, n: int = 55) -> TLV:
         """A BER-TLV field (EMV DE 55) as a read-only mapping: ``m.tlv(55)["9F26"]``.
@@ -373,16 +338,13 @@ class Message:
             t = memo.get(n)
             if t is not None:
                 return t  # type: ignore[no-any-return]
-        from isopace.iso8583.tlv import parse_tlv
-
         t = memo[n] = parse_tlv(self.bytes(n), field=n)
         return t
 
     def composite(self, n: int, spec: Spec | None = None) -> dict[Any, Any]:
-        """The sub-fields of a composite field (e.g. DE 43, DE 127) per the spec's format."""
-        from isopace.iso8583.specs import ISO87_ASCII
-
-        sp = spec or self._spec or ISO87_ASCII
+        """The sub-fields of a composite field (e.g. DE 43, DE 127) per the spec's format
+        (``spec``, else the message's own, else ISO 8583:1987 ASCII)."""
+        sp = spec or self.spec or _fallback_spec()
         return sp.composite(n).parse(self[n])  # type: ignore[no-any-return]
 
     # --- changing ---------------------------------------------------------------------------
@@ -394,48 +356,44 @@ class Message:
         else:
             v = _check(n, value)
         vals = self._vals
-        lay = self._lay
+        wire = self._wire
         gone = self._gone
-        present = n in vals or (
-            lay is not None and n in (lay.index or lay.fields) and n not in gone
-        )
-        m = _new(Message)
-        m._mti = self._mti
-        m._vals = vals = vals.copy()
-        vals[n] = v
-        m._spec = self._spec
-        m._data = self._data
-        m._lay = lay
-        m._offs = self._offs
-        m._dirty = self._dirty
-        m._hdr = self._hdr
-        m._hash = None
-        m._redacted = self._redacted
-        m._clean = False
-        m._hdirty = self._hdirty
-        m._memo = None
-        if self._data is not None:
-            dirty = self._dirty
-            m._dirty = dirty | _SINGLE[n] if dirty else _SINGLE[n]
+        dirty = self._dirty
+        if wire is None:
+            present = n in vals
+        else:
+            _, _, lay, _ = wire
+            present = n in vals or (n in (lay.index or lay.fields) and n not in gone)
+            dirty = dirty | _SINGLE[n] if dirty else _SINGLE[n]
             if gone and n in gone:
                 gone = gone - _SINGLE[n]
-        m._gone = gone
         keys = self._keys
-        if present:
-            m._keys = keys
-        else:
+        if not present:
             if keys is None:
                 keys = self._sorted_keys()
             i = bisect_left(keys, n)
-            m._keys = (*keys[:i], n, *keys[i:])
-        return m
+            keys = (*keys[:i], n, *keys[i:])
+        vals = vals.copy()
+        vals[n] = v
+        return _fill(
+            _new(Message),
+            self._mti,
+            vals,
+            wire,
+            self._hdr,
+            keys,
+            gone,
+            dirty,
+            self._hdirty,
+            self._redacted,
+        )
 
     def set_many(self, values: Mapping[int, Value]) -> Message:
         checked = {n: _check(n, v) for n, v in values.items()}
         keys = self._keys
         m = self._derive()
         m._vals.update(checked)
-        if self._data is not None:
+        if self._wire is not None:
             m._dirty = self._dirty.union(checked)
             m._gone = self._gone.difference(checked)
             m._keys = None
@@ -448,8 +406,10 @@ class Message:
         m = self._derive()
         for n in ns:
             m._vals.pop(n, None)
-        if self._lay is not None:
-            m._gone = self._gone | {n for n in ns if n in self._lay.fields}
+        wire = self._wire
+        if wire is not None:
+            _, _, lay, _ = wire
+            m._gone = self._gone | {n for n in ns if n in lay.fields}
             m._dirty = self._dirty - set(ns)
         m._keys = None
         return m
@@ -478,27 +438,32 @@ class Message:
         would), so encoding the reply with the same spec copies them as slices."""
         if mti is None:
             mti = response_mti(self._mti)
-        lay = self._lay
-        if lay is not None:
-            return self._reply_decoded(mti, copy, lay)
+        wire = self._wire
+        if wire is not None:
+            return self._reply_decoded(mti, copy, wire)
         vals = self._vals
         fields = {n: vals[n] for n in copy if n in vals}
         return Message(mti, fields, header=self._hdr)
 
-    def _reply_decoded(self, mti: str, copy: Iterable[int], lay: Layout) -> Message:
+    def _reply_decoded(self, mti: str, copy: Iterable[int], wire: Wire) -> Message:
+        _, _, lay, _ = wire
         key = copy if type(copy) is tuple else tuple(copy)
         replies = lay.replies
         if replies is None:
             replies = lay.replies = {}
+        # what reply does for this layout and echo set, worked out once: (the echo set, the
+        # layout's fields echoed, those not, the echoed ones whose decoding checks more than an
+        # ASCII test does, every echoed one in the order asked: the first bad one is reported).
+        # A plain tuple: it is unpacked on every reply, and a NamedTuple unpacks slower.
         info = replies.get(key)
         if info is None:
             echo = frozenset(key)
-            spec: Spec = lay.spec  # type: ignore[assignment]
+            asc = lay.table.asc
             kept = tuple(n for n in lay.fields if n in echo)
             dropped = frozenset(lay.fields).difference(kept)
             # in the order of ``copy``: the first bad field is the one the reader meets first
             order = tuple(n for n in dict.fromkeys(key) if n in lay.fields)
-            checked = tuple(n for n in order if not spec._asc[n])
+            checked = tuple(n for n in order if not asc[n])
             info = (echo, kept, dropped, checked, order)
             if len(replies) >= 16:
                 replies.clear()
@@ -520,27 +485,11 @@ class Message:
             present.update(vals)
             keys = tuple(sorted(present))
         # the request's fields that do not decode make reply() fail, as if it decoded them
-        data: _bytes = self._data  # type: ignore[assignment]
+        _, data, _, _ = wire
         for n in checked if data.isascii() else order:
             if n not in vals and n not in gone:
                 vals[n] = self[n]
-        m = _new(Message)
-        m._mti = mti
-        m._vals = vals
-        m._spec = self._spec
-        m._data = data
-        m._lay = lay
-        m._offs = self._offs
-        m._gone = gone
-        m._dirty = dirty
-        m._hdr = self._hdr
-        m._hash = None
-        m._keys = keys
-        m._redacted = _EMPTY
-        m._clean = False
-        m._hdirty = True
-        m._memo = None
-        return m
+        return _fill(_new(Message), mti, vals, wire, self._hdr, keys, gone, dirty, True, _EMPTY)
 
     # --- equality ---------------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
@@ -550,8 +499,12 @@ class Message:
             return True
         if self._mti != other._mti or self._hdr != other._hdr:
             return False
-        if self._clean and other._clean and self._spec is other._spec and self._data == other._data:
-            return True
+        if self._clean and other._clean:
+            mine, theirs = self._wire, other._wire
+            assert mine is not None and theirs is not None
+            spec, data, _, _ = mine
+            if spec is theirs[0] and data == theirs[1]:
+                return True
         return self.fields() == other.fields()
 
     def __hash__(self) -> int:
@@ -571,8 +524,6 @@ class Message:
             out = memo.get("masked")
             if out is not None:
                 return out.copy()  # type: ignore[no-any-return]
-        from isopace.iso8583.masking import mask_value
-
         out = {"mti": self._mti}
         for n, v in self.fields().items():
             if n == 55:
@@ -603,8 +554,6 @@ class Message:
             return v
 
     def __repr__(self) -> str:
-        from isopace.iso8583.masking import mask_value
-
         inner = ", ".join(f"{n}: {mask_value(n, v)!r}" for n, v in self._safe_items())
         return f"Message({self._mti!r}, {{{inner}}})"
 
@@ -618,11 +567,9 @@ class Message:
         return out
 
     def describe(self, spec: Spec | None = None) -> str:
-        """A table of the fields with their descriptions; card data masked."""
-        from isopace.iso8583.masking import mask_value
-        from isopace.iso8583.specs import ISO87_ASCII
-
-        sp = spec or self._spec or ISO87_ASCII
+        """A table of the fields with their descriptions (from ``spec``, else the message's own,
+        else ISO 8583:1987 ASCII's); card data masked."""
+        sp = spec or self.spec or _fallback_spec()
         rows = [("MTI", "Message Type Indicator", self._mti)]
         if self._hdr is not None:
             rows.insert(0, ("h", "Message Header", mask_value(0, self._hdr)))
@@ -634,7 +581,8 @@ class Message:
 
     # --- JSON -------------------------------------------------------------------------------
     def to_json(self, redact: bool = False) -> str:
-        """The message as JSON (see the module docstring); built once per message and mode."""
+        """The message as JSON (:mod:`isopace.iso8583._json`: the document, what redaction
+        drops); built once per message and mode."""
         memo = self._memo
         if memo is None:
             memo = self._memo = {}
@@ -642,87 +590,107 @@ class Message:
             cached = memo.get("json-r" if redact else "json")
             if cached is not None:
                 return cached  # type: ignore[no-any-return]
-        # Written by hand, byte for byte what ``json.dumps(doc, separators=(",", ":"))`` gives
-        # for the document (str values through json's own string encoder).
-        parts: list[str] = []
-        append = parts.append
-        redacted = self._redacted
-        for n, v in self.fields().items():
-            if redact:
-                if n in REDACTED_FIELDS:
-                    redacted = redacted | _SINGLE[n]
-                    continue
-                if n == 55:
-                    try:
-                        v = self._strip_icc(v)
-                    except (Iso8583Error, ValueError):
-                        redacted = redacted | _SINGLE[n]
-                        continue
-            if isinstance(v, str):
-                append(_KEYS[n] + _json_str(v))
-            else:
-                append(_KEYS[n] + '{"hex":"' + v.hex().upper() + '"}')
-        text: str = '{"mti":' + _json_str(self._mti) + ',"fields":{' + ",".join(parts) + "}"
-        h = self._hdr
-        if h is not None:
-            if isinstance(h, bytes):
-                text += ',"header":{"hex":"' + h.hex().upper() + '"}'
-            else:
-                text += ',"header":' + _ENCODE(h)
-        if redacted:
-            text += ',"redacted":[' + ",".join(map(str, sorted(redacted))) + "]"
-        text += "}"
+        text = _json.write(self._mti, self.fields(), self._hdr, self._redacted, redact, self.tlv)
         memo["json-r" if redact else "json"] = text
         return text
 
-    def _strip_icc(self, v: Value) -> Value:
-        """DE 55 (``v``) without EMV tags 5A and 57, wherever they sit; raises as
-        :func:`~isopace.iso8583.tlv.parse_tlv` does when it is not TLV."""
-        t = self.tlv(55)
-        if not _has_tags(t, _REDACTED_TAG_SET):
-            return v
-        out = t.remove(*_REDACTED_TAGS, deep=True).build()
-        return out if isinstance(v, bytes) else out.hex().upper()
-
     @classmethod
     def from_json(cls, text: str | _bytes) -> Message:
-        try:
-            doc = json.loads(text)
-            if not isinstance(doc, dict) or not isinstance(doc.get("mti"), str):
-                raise ValueError("expected an object with an 'mti'")
-            raw = doc.get("fields", {})
-            if not isinstance(raw, dict):
-                raise ValueError("'fields' must be an object")
-            fields = {int(k): _json_value(v) for k, v in raw.items()}
-            header = _json_value(doc["header"]) if doc.get("header") is not None else None
-            redacted = frozenset(int(x) for x in doc.get("redacted", ()))
-        except (ValueError, TypeError, binascii.Error) as e:
-            raise Iso8583Error(f"message JSON is invalid: {e}") from None
-        m = cls(doc["mti"], fields, header=header)
+        mti, fields, header, redacted = _json.read(text)
+        m = cls(mti, fields, header=header)
         m._redacted = redacted
         return m
 
 
-def _json_value(v: Any) -> Value:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, dict) and isinstance(v.get("hex"), str):
-        return binascii.a2b_hex(v["hex"])
-    raise ValueError("field values are strings or {'hex': ...}")
+def _fill(
+    m: Message,
+    mti: str,
+    vals: dict[int, Value],
+    wire: Wire | None,
+    hdr: Value | None,
+    keys: tuple[int, ...] | None,
+    gone: frozenset[int],
+    dirty: frozenset[int],
+    hdirty: bool,
+    redacted: frozenset[int],
+    clean: bool = False,
+) -> Message:
+    """Every slot of ``m`` set: the one place that knows them all (hash and memo start empty)."""
+    m._mti = mti
+    m._vals = vals
+    m._wire = wire
+    m._hdr = hdr
+    m._keys = keys
+    m._gone = gone
+    m._dirty = dirty
+    m._hdirty = hdirty
+    m._redacted = redacted
+    m._clean = clean
+    m._hash = None
+    m._memo = None
+    return m
 
 
-_json_str: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses (ensure_ascii)
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
-_KEYS = tuple(f'"{n}":' for n in range(193))
+def _decoded(mti: str, header: Value | None, wire: Wire) -> Message:
+    """The message ``Spec.decode`` returns: nothing decoded yet, its fields those of the layout.
+    (:func:`_fill` written out: one call less on the hottest path.)"""
+    m = _new(Message)
+    m._mti = mti
+    m._vals = {}
+    m._wire = wire
+    m._hdr = header
+    m._keys = wire[2].fields  # the layout's
+    m._gone = _EMPTY
+    m._dirty = _EMPTY
+    m._hdirty = False
+    m._redacted = _EMPTY
+    m._clean = True
+    m._hash = None
+    m._memo = None
+    return m
+
+
+def _encode(m: Message, spec: Spec, fmt: WireFormat) -> bytes:
+    """``spec.encode(m)`` (``fmt``: the spec's wire format): the original bytes of a decoded,
+    unchanged message, those bytes patched for a changed one, else the fields encoded."""
+    wire = m._wire
+    if wire is not None and wire[0] is spec:  # decoded with this spec
+        _, data, lay, offs = wire
+        if m._clean:
+            return data
+        keys = m._keys
+        if keys is None:
+            keys = m._sorted_keys()
+        dirty, hdirty = m._dirty, m._hdirty
+        patches = lay.patches  # fmt.patch_for's cache, looked up here first: the hot path
+        patch = None if patches is None else patches.get((keys, dirty, hdirty))
+        if patch is None:
+            patch = fmt.patch_for(lay, keys, dirty, hdirty)
+        fast = patch.fast
+        if fast is not None:
+            try:
+                return fast(m, data, offs, m._vals)
+            except EncodeError:
+                pass  # the item by item path reports where
+        return patch.apply(m, data, offs, m._vals)
+    keys = m._keys
+    if keys is None:
+        keys = m._sorted_keys()
+    return fmt.encode(m, keys, m._vals if wire is None else m.fields())
+
+
+_FALLBACK: list[Spec] = []
+
+
+def _use_as_fallback(spec: Spec) -> None:
+    """Make ``spec`` what ``describe`` and ``composite`` read a message that has no spec with
+    (ISO 8583:1987 ASCII, set by :mod:`isopace.iso8583.specs`, which is above this module: a spec
+    builds messages, so a message cannot import the specs)."""
+    _FALLBACK[:] = [spec]
+
+
+def _fallback_spec() -> Spec:
+    return _FALLBACK[0]
+
+
 _NAMES = tuple(str(n) for n in range(193))
-
-
-_REDACTED_TAG_SET = frozenset(_REDACTED_TAGS)
-
-
-def _has_tags(t: TLV, tags: frozenset[str]) -> bool:
-    """True when one of ``tags`` occurs in ``t`` at any depth."""
-    for tag, _, child in t.objects():
-        if tag in tags or (child is not None and _has_tags(child, tags)):
-            return True
-    return False

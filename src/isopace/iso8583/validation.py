@@ -32,7 +32,7 @@ from __future__ import annotations
 import calendar
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 from isopace.iso8583.errors import EncodeError, Iso8583Error
@@ -40,8 +40,8 @@ from isopace.iso8583.masking import luhn_ok
 from isopace.iso8583.mti import mti_problems, original_mti
 
 if TYPE_CHECKING:
+    from isopace.iso8583.fields import Codec
     from isopace.iso8583.message import Message
-    from isopace.iso8583.spec import Spec
 
 
 class Violation(NamedTuple):
@@ -151,10 +151,15 @@ def _content_ok(c: str | None, v: str | bytes) -> bool:
     return _PRINTABLE.issuperset(v)
 
 
-def validate(spec: Spec, m: Message) -> list[Violation]:
+def validate(
+    m: Message,
+    codecs: Sequence[Codec | None],
+    required: Mapping[str, Sequence[int | tuple[int, ...]]],
+) -> list[Violation]:
+    """Every rule ``m`` breaks (``Spec.validate``): ``codecs`` are the spec's compiled fields
+    by number (None: undefined), ``required`` its table of required fields by MTI."""
     mti = m.mti
     out = [Violation(0, "mti", text) for text in mti_problems(mti)]
-    codecs = spec._codecs
     try:
         fields = m.fields()
     except Iso8583Error as e:
@@ -195,7 +200,6 @@ def validate(spec: Spec, m: Message) -> list[Violation]:
                 problem = date_time_problem(value, layout)
                 if problem is not None:
                     out.append(Violation(n, "date", f"field {n}: {problem}"))
-    required = spec._required
     for need in required.get(mti) or required.get(original_mti(mti), ()):
         if isinstance(need, tuple):
             if not any(k in fields for k in need):
