@@ -44,6 +44,8 @@ def _default(value: Any) -> str:
     if isinstance(value, dict):
         return " ".join(f"`{k}={v}`" for k, v in value.items()) or "none"
     if isinstance(value, list):
+        if not value:
+            return "none"
         return "`" + ",".join(str(v) for v in value) + "`"
     return f"`{value}`"
 

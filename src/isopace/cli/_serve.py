@@ -48,6 +48,10 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
                 metavar=metavar,
                 help=f"{text}; repeat for each entry (default: {entries})",
             )
+        elif HostConfig.__dataclass_fields__[name].type == "list[str]":  # one entry a flag
+            parser.add_argument(
+                flag, dest=name, action="append", metavar=metavar, help=f"{text}; repeat for each"
+            )
         elif name == "idempotency_key":
             parser.add_argument(
                 flag,

@@ -73,6 +73,7 @@ from isopace.host.config import HostConfig
 from isopace.host.conversion import Rates
 from isopace.host.datadir import lock_path, prepare_data
 from isopace.host.errors import HostError, StartupError, one_line
+from isopace.host.extensions import apply_extensions
 from isopace.host.idempotency import DEFAULT_KEY_FIELDS, IdempotencyKey, RequestFingerprint
 from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
 from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
@@ -129,7 +130,9 @@ def build_flow(
     profiler: bool = True,
 ) -> Flow:
     """The reference authorization flow (see `isopace.host.stages` for the picture); ``spec``
-    (default ISO87_ASCII, the host's) is the one whose rules the parse stage checks."""
+    (default ISO87_ASCII, the host's) is the one whose rules the parse stage checks. The
+    configuration's extensions add their stages last (`isopace.host.extensions`), here, so the
+    host, `isopace recover` and anyone building this flow get the same one."""
     from isopace.iso8583 import ISO87_ASCII
 
     config = config or HostConfig()
@@ -168,6 +171,7 @@ def build_flow(
     flow.group("authorization-advice", stages.AuthorizationAdvice(ledger, key=key))
     flow.group("completion", stages.Completion(ledger, key=key))
     flow.group("respond", stages.Respond())
+    apply_extensions(flow, ledger, config)  # the user's own stages (`isopace.host.extensions`)
     return flow
 
 

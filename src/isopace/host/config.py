@@ -37,6 +37,7 @@ from typing import Any
 
 from isopace.host.conversion import Rates
 from isopace.host.errors import ConfigError
+from isopace.host.extensions import check_extension
 from isopace.iso8583 import SPECS, Iso8583Error, Spec, load_spec_file, spec_by_name
 from isopace.net.limits import (
     DEFAULT_FRAME_TIMEOUT,
@@ -254,6 +255,14 @@ class HostConfig:
     velocity_max_amount: int = _opt(
         0, "most spent per card per window in minor units (0: off), else 61"
     )
+    extensions: list[str] = _opt(  # noqa: RUF009
+        [],
+        "a module of your own that adds stages to the host's flow: MODULE:FUNCTION, called as "
+        "FUNCTION(flow, ledger, config) at start-up (isopace.host.extensions)",
+        metavar="MODULE:FUNCTION",
+        name="extension",
+        aliases=("extensions",),
+    )
     seed_demo: bool = _opt(True, "create and print demo cards when the ledger is empty")
     metrics_host: str = _opt("127.0.0.1", "address of the Prometheus metrics endpoint")
     metrics_port: int | None = _opt(
@@ -281,6 +290,8 @@ class HostConfig:
             raise ConfigError(f"framing {self.framing!r}: not one of binary2, binary4, ascii2, ...")
         if self.synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
             raise ConfigError(f"synchronous {self.synchronous!r}: use NORMAL, FULL or EXTRA")
+        for extension in self.extensions:
+            check_extension(extension)
         if not 0 < self.switch_interval <= 1:
             raise ConfigError(f"switch_interval {self.switch_interval}: between 0 and 1 second")
         if self.idempotency_lease <= 0 or self.idempotency_ttl <= 0:
@@ -413,7 +424,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     base = kind.replace(" | None", "")
     if value is None and optional:
         return None
-    expected = base.replace("list[int]", "list of integers")
+    expected = base.replace("list[int]", "list of integers").replace("list[str]", "list of strings")
     if base == "dict[str, str]":
         expected = "a table of strings, or a list of 'KEY=VALUE' strings"
     bad = ConfigError(f"{where}: {option_name(name)} = {value!r}: expected {expected}")
@@ -437,6 +448,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
+            raise bad
+        return list(value)
+    if base == "list[str]":  # a list of strings, or one
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad
         return list(value)
     if base == "dict[str, str]":
