@@ -67,10 +67,6 @@ KNOWN_CIRCLES = [
     ]
 ]
 KNOWN_PRIVATE_ACCESS = {
-    "isopace.cli._ops: host._closers",
-    "isopace.cli._ops: host._lock_data",
-    "isopace.cli._ops: host._open_idempotency",
-    "isopace.cli._ops: host._open_ledger",
     *(f"isopace.flow.flow: ex.{a}" for a in ("_cause", "_error", "_joined", "_timings")),
     *(f"isopace.iso8583.message: spec.{a}" for a in ("_asc", "_decs", "_plens")),
     *(
