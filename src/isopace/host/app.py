@@ -2,29 +2,27 @@
 the TCP server and the metrics endpoint.
 
 `build_flow` assembles the flow from the stages of `isopace.host.stages` (the part users copy);
-`AuthorizationHost` owns the resources and their start-up order:
+`AuthorizationHost` is the composition root: it owns the resources and their start-up order,
+and every part it starts is a public piece the operator commands use too:
 
-1. the TLS context (bad files fail before anything is opened);
-2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty. With SQLite
-   the data directory is made 0700 and the database file 0600 before SQLite creates anything
-   (`isopace.host.datadir`); the card keys come from their key file or variable, never from the
-   database (`isopace.host.keys`: an earlier version's key is moved out of ``ledger_meta``, a
-   missing or world-readable key file refuses the start);
-3. the journal (with its keys, likewise) and the idempotency store (PostgreSQL and/or Redis when
-   configured). With SQLite,
-   the ledger, the journal and the idempotency store share ONE file, one connection and one WAL
-   (`isopace.store.SqliteDatabase`): their writes run inline on the event loop and commit in
-   order, and a response leaves only once they are on disk, after one group fsync shared with
-   every transaction answered meanwhile;
-4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
-   or rolled back through the stages' ``recover`` hooks before the port opens (see "Nodes"
-   below for whose transactions that is); with the SQLite
-   idempotency store (which takes over the crashed run's claims at once: one process per node)
-   the response of each transaction recovery commits is stored under its idempotency key;
-5. the ISO 8583 server, the background housekeeping (the journal's retention,
+1. the TLS context and the ports (bad files, a port in use, fail before anything is opened);
+2. the stores (`isopace.host.stores.Stores`): the ledger (SQLite, or PostgreSQL) with its card
+   keys, the SQLite data's lock, the demo cards in an empty ledger, the journal with its keys
+   and the idempotency store (PostgreSQL and/or Redis when configured). With SQLite the three
+   share ONE file, one connection and one WAL (`isopace.store.SqliteDatabase`): their writes
+   run inline on the event loop and commit in order, and a response leaves only once they are
+   on disk, after one group fsync shared with every transaction answered meanwhile;
+3. crash recovery (`isopace.host.startup.RecoveryPolicy`): every transaction in doubt that is
+   this host's (see "Nodes" below) is committed or rolled back through the stages' ``recover``
+   hooks before the port opens; with the SQLite idempotency store the response of each
+   transaction recovery commits is stored under its idempotency key;
+4. the ISO 8583 server, the background housekeeping (the journal's retention,
    ``journal_retention``, and the expiry of authorizations nobody completed, ``hold_expiry``),
    then the metrics endpoint. While it runs, the host re-reads its key files every
    `KEY_RELOAD_INTERVAL` seconds, so ``isopace keys rotate`` takes effect without a restart.
+
+Everything is closed in reverse order (`isopace.host.closers`), after a full start or a start
+that failed half way.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
 sharing a journal and across restarts); the idempotency key is the MTI class (``020`` for
@@ -37,15 +35,13 @@ other transaction's answer (its approval code) is sent. Network management (08xx
 idempotent. A transaction that ends without a response (a stage failed, the deadline passed) is
 answered 96.
 
-Nodes (whose transactions start-up recovery ends):
+Nodes (whose transactions start-up recovery ends; the rules are `RecoveryPolicy`'s):
 
-- SQLite: the data (the database file) belongs to one host process at a time,
-  which holds an exclusive lock on ``<name>.lock`` next to the database from start to close (the
-  kernel drops it when the process dies, even on kill -9; a second ``isopace serve`` on the same
-  data fails with a one-line error). The node defaults to the machine's host name, and start-up
-  recovery ends every node's transactions in the files (whoever left them is gone: the lock says
-  so), so a host restarted after a crash with another ``--port``, or another ``--node``, still
-  finishes what the crashed run left.
+- SQLite: the data belongs to one host process at a time (`isopace.host.stores.lock_data`: a
+  second ``isopace serve`` on the same data fails with a one-line error). The node defaults to
+  the machine's host name, and start-up recovery ends every node's transactions in the file
+  (whoever left them is gone: the lock says so), so a host restarted after a crash with another
+  ``--port``, or another ``--node``, still finishes what the crashed run left.
 - PostgreSQL: several hosts share the database, so the node defaults to ``hostname:port`` and
   recovery ends only this node's transactions (another node's may still be in flight). At start-up
   the host warns with the count of other nodes' transactions in doubt for longer than twice the
