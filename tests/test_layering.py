@@ -59,10 +59,6 @@ NAMEDTUPLE_API = {"_make", "_replace", "_asdict", "_fields", "_field_defaults"}
 # object) and the CLI (public parts of the host) empties these lists.
 KNOWN_CIRCLES: list[list[str]] = []
 KNOWN_PRIVATE_ACCESS = {
-    "isopace.cli._ops: host._closers",
-    "isopace.cli._ops: host._lock_data",
-    "isopace.cli._ops: host._open_idempotency",
-    "isopace.cli._ops: host._open_ledger",
     *(f"isopace.flow.flow: ex.{a}" for a in ("_cause", "_error", "_joined", "_timings")),
 }
 

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from isopace.cli._output import Output, money
 from isopace.cli._serve import add_config_flags, config_from_args
+from isopace.host import RecoveryPolicy, Stores, build_flow
 from isopace.host.config import HostConfig
 from isopace.host.errors import ConfigError, one_line
-from isopace.host.keys import card_keys, journal_keys
 
 if TYPE_CHECKING:
-    from isopace.host.app import AuthorizationHost
-    from isopace.host.ledger import Ledger
+    from isopace.host import HostJournal
+    from isopace.store.keys import KeyUsage
 
 _STORE_OPTIONS = {
     "db",
@@ -41,46 +40,6 @@ _STORE_OPTIONS = {
     "bins",
     "idempotency_key",
 }
-
-
-async def _open_journal(cfg: HostConfig, node: str, *, keys_needed: bool = False) -> Any:
-    """The journal ``isopace serve`` would open, with its keys (never made here); without them
-    when they cannot be found, unless ``keys_needed`` (searching by card)."""
-    journal: Any
-    if cfg.postgres:
-        from isopace.store import PostgresJournal
-
-        journal = PostgresJournal(cfg.postgres, schema=cfg.postgres_schema, node=node)
-        await journal.open()
-    else:
-        from isopace.store import SqliteJournal
-
-        journal = SqliteJournal(cfg.db, node=node)
-    try:
-        card = None
-        if cfg.postgres:  # the journal keys may be derived from the card keys
-            with contextlib.suppress(ConfigError):
-                card = card_keys(cfg, sample=None, create=False)
-        sample = await journal.sample_fingerprint()
-        journal.keys.use(journal_keys(cfg, card, sample=sample, create=False))
-    except ConfigError:
-        if keys_needed:
-            await journal.close()
-            raise
-    return journal
-
-
-@contextlib.asynccontextmanager
-async def _host_ledger(cfg: HostConfig) -> AsyncIterator[tuple[AuthorizationHost, Ledger]]:
-    """A host (not started) and its ledger, opened as ``isopace serve`` opens it; the host closes
-    (with what was opened through it) on the way out."""
-    from isopace.host.app import AuthorizationHost
-
-    host = AuthorizationHost(cfg)
-    try:
-        yield host, await host._open_ledger()
-    finally:
-        await host.close()
 
 
 def _command(
@@ -158,7 +117,7 @@ def _utc_date(text: str) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
-async def _prune(args: argparse.Namespace, cfg: HostConfig, journal: Any) -> int:
+async def _prune(args: argparse.Namespace, cfg: HostConfig, journal: HostJournal) -> int:
     """``--prune-before``: the journal's ended transactions, then the expired idempotency
     answers of the store the host uses (Redis expires its own)."""
     before: dt.datetime = args.prune_before
@@ -196,13 +155,14 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
     from isopace.host.errors import HostError
 
     out = Output()
-    try:
-        journal = await _open_journal(cfg, cfg.node_name, keys_needed=bool(args.pan))
-    except HostError:
-        raise
-    except Exception as exc:
-        raise HostError(f"journal: {one_line(exc)}") from exc
-    try:
+    # a reader (no key file made), beside the host if it runs: its own connection to SQLite
+    async with Stores(cfg) as stores:
+        try:
+            journal = await stores.open_journal(create_keys=False, keys_needed=bool(args.pan))
+        except HostError:
+            raise
+        except Exception as exc:
+            raise HostError(f"journal: {one_line(exc)}") from exc
         if args.prune_before is not None:
             return await _prune(args, cfg, journal)
         if args.in_doubt:
@@ -255,16 +215,16 @@ async def _journal(args: argparse.Namespace, cfg: HostConfig) -> int:
         else:
             out.table("journal records per kind", ["kind", "count"], sorted(counts.items()))
         return 0
-    finally:
-        await journal.close()
 
 
-def _report_unknown_keys(journal: Any, usage: Any) -> None:
+def _report_unknown_keys(journal: HostJournal, usage: KeyUsage) -> None:
     """Say (on stderr, so ``--json`` output stays records only) how many records were made
     under keys the journal does not have: a search cannot find them, and silence would read as
     "no such card"."""
     ring = journal.keys.ring
-    unknown = usage.unknown(ring) if ring is not None else {}
+    if ring is None:
+        return
+    unknown = usage.unknown(ring)
     if unknown:
         ids = ", ".join(f"{k} ({n})" for k, n in unknown.items())
         print(
@@ -363,38 +323,17 @@ def add_recover_parser(sub: Any) -> None:
 
 
 async def _recover(args: argparse.Namespace, cfg: HostConfig) -> int:
-    from isopace.host.app import build_flow, idempotency_key
-    from isopace.host.errors import HostError
-    from isopace.store import recover
-
+    spec = cfg.wire_spec()  # the host's flow checks requests under the host's wire format
+    policy = RecoveryPolicy.for_config(cfg, all_nodes=args.all_nodes)
     out = Output()
-    async with _host_ledger(cfg) as (host, ledger):
-        if not cfg.postgres:
-            # as ``isopace serve`` does: the data's lock (refused while a host serves it), so
-            # every node's transactions in it are recovered
-            host._lock_data(cfg.db)
-        if cfg.postgres:
-            journal = await _open_journal(cfg, host.node)
-            host._closers.append(journal.close)
-        else:  # the host's own journal, in the database the ledger opened
-            journal = await host._open_journal()
-        flow = build_flow(ledger, cfg, spec=host.spec, journal=journal)
-        extra: dict[str, Any] = {}
-        if not (cfg.postgres or cfg.redis or args.all_nodes):
-            # as ``isopace serve`` does: the SQLite idempotency store takes over this node's
-            # crashed claims at once, and the responses of the transactions committed here
-            # are stored for retransmissions
-            extra = {
-                "idempotency": await host._open_idempotency(),
-                "key": idempotency_key(cfg.idempotency_key),
-            }
-        try:
-            all_nodes = args.all_nodes or not cfg.postgres
-            report = await recover(
-                flow, journal, all_nodes=all_nodes, older_than=args.older_than, **extra
-            )
-        except Exception as exc:
-            raise HostError(f"recovery failed: {one_line(exc)}") from exc
+    # opened as ``isopace serve`` opens them: with SQLite the data's lock (refused while a host
+    # serves it); the idempotency store when recovery takes over the crashed claims
+    stores = await Stores(cfg).open(lock=True, journal=True, idempotency=policy.takes_over)
+    async with stores:
+        ledger = stores.ledger
+        assert ledger is not None
+        flow = build_flow(ledger, cfg, spec=spec, journal=stores.journal)
+        report = await policy.recover(flow, stores, older_than=args.older_than)
         out.line(str(report))
         for tx_id, text in report.failed.items():
             out.line(f"  left in doubt: {tx_id}: {text}")
@@ -441,7 +380,9 @@ async def _ledger(args: argparse.Namespace, cfg: HostConfig) -> int:
     from isopace.host.errors import ConfigError
 
     out = Output()
-    async with _host_ledger(cfg) as (_, ledger):
+    async with await Stores(cfg).open() as stores:
+        ledger = stores.ledger
+        assert ledger is not None
         for pan, status in ((args.block, "blocked"), (args.unblock, "active")):
             if pan and not await ledger.set_card_status(pan, status):
                 raise ConfigError("no such card in the ledger")
@@ -565,9 +506,10 @@ async def _keys(args: argparse.Namespace, cfg: HostConfig) -> int:
     from isopace.store.keys import Key
 
     out = Output()
-    async with _host_ledger(cfg) as (host, ledger):
-        journal = await host._open_journal()
-        card, jring = host.card_keys, host.journal_keys
+    async with await Stores(cfg).open(journal=True) as stores:
+        ledger, journal = stores.ledger, stores.journal
+        card, jring = stores.card_keys, stores.journal_keys
+        assert ledger is not None and journal is not None
         assert card is not None and jring is not None
         status = 0
         if args.action == "rotate":
@@ -602,7 +544,7 @@ async def _keys(args: argparse.Namespace, cfg: HostConfig) -> int:
         usage = {"card": await ledger.key_usage(), "journal": await journal.key_usage()}
         if args.action in ("rotate", "rekey"):
             status = _drop_unused(out, card, jring, usage)
-        report = {
+        report: dict[str, dict[str, Any]] = {
             kind: {
                 "source": ring.source,
                 "keys": list(ring.ids),
@@ -623,7 +565,7 @@ async def _keys(args: argparse.Namespace, cfg: HostConfig) -> int:
                 )
                 if item["unknown"]:
                     out.line(f"  rows under keys not in {item['source']}: {item['unknown']}")
-        return status  # the host closes the journal and the ledger it opened
+        return status  # the stores close on the way out
 
 
 def _drop_unused(out: Output, card: Any, jring: Any, usage: dict[str, Any]) -> int:

@@ -8,6 +8,11 @@
 - `Metrics` / `MetricsServer`: Prometheus text exposition fed by the flow's listener hook.
 - `AuthorizationHost`: wires ledger, journal, idempotency store, recovery, server and metrics
   (what ``isopace serve`` runs). Logger: ``isopace.host``.
+- `Stores` (`isopace.host.stores`): the ledger, the journal (`HostJournal`) and the idempotency
+  store (`HostIdempotencyStore`) opened as the host opens them, with their keys and the SQLite
+  data's lock (`lock_data`); `RecoveryPolicy` (`isopace.host.startup`): whose transactions
+  recovery ends. The host and every operator command (``isopace journal``, ``recover``,
+  ``ledger``, ``keys``) use these, so the rules are written once.
 """
 
 from isopace.host.app import BENCH_PAN, DEMO_CARDS, AuthorizationHost, build_flow, idempotency_key
@@ -39,6 +44,8 @@ from isopace.host.stages import (
     Risk,
     Velocity,
 )
+from isopace.host.startup import RecoveryPolicy
+from isopace.host.stores import HostIdempotencyStore, HostJournal, Stores, lock_data
 
 __all__ = [
     "BENCH_PAN",
@@ -54,6 +61,8 @@ __all__ = [
     "HoldState",
     "HostConfig",
     "HostError",
+    "HostIdempotencyStore",
+    "HostJournal",
     "Ledger",
     "LedgerCheck",
     "LedgerError",
@@ -62,6 +71,7 @@ __all__ = [
     "NetworkManagement",
     "Parse",
     "PostgresLedger",
+    "RecoveryPolicy",
     "Reserve",
     "ReserveResult",
     "ReserveStatus",
@@ -71,8 +81,10 @@ __all__ = [
     "SeedCard",
     "SqliteLedger",
     "StartupError",
+    "Stores",
     "Velocity",
     "build_flow",
     "idempotency_key",
     "load_config",
+    "lock_data",
 ]

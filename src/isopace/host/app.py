@@ -2,29 +2,27 @@
 the TCP server and the metrics endpoint.
 
 `build_flow` assembles the flow from the stages of `isopace.host.stages` (the part users copy);
-`AuthorizationHost` owns the resources and their start-up order:
+`AuthorizationHost` is the composition root: it owns the resources and their start-up order,
+and every part it starts is a public piece the operator commands use too:
 
-1. the TLS context (bad files fail before anything is opened);
-2. the ledger (SQLite, or PostgreSQL), seeded with the demo cards when it is empty. With SQLite
-   the data directory is made 0700 and the database file 0600 before SQLite creates anything
-   (`isopace.host.datadir`); the card keys come from their key file or variable, never from the
-   database (`isopace.host.keys`: an earlier version's key is moved out of ``ledger_meta``, a
-   missing or world-readable key file refuses the start);
-3. the journal (with its keys, likewise) and the idempotency store (PostgreSQL and/or Redis when
-   configured). With SQLite,
-   the ledger, the journal and the idempotency store share ONE file, one connection and one WAL
-   (`isopace.store.SqliteDatabase`): their writes run inline on the event loop and commit in
-   order, and a response leaves only once they are on disk, after one group fsync shared with
-   every transaction answered meanwhile;
-4. crash recovery (`isopace.store.recover`): every transaction this node left in doubt is committed
-   or rolled back through the stages' ``recover`` hooks before the port opens (see "Nodes"
-   below for whose transactions that is); with the SQLite
-   idempotency store (which takes over the crashed run's claims at once: one process per node)
-   the response of each transaction recovery commits is stored under its idempotency key;
-5. the ISO 8583 server, the background housekeeping (the journal's retention,
+1. the TLS context and the ports (bad files, a port in use, fail before anything is opened);
+2. the stores (`isopace.host.stores.Stores`): the ledger (SQLite, or PostgreSQL) with its card
+   keys, the SQLite data's lock, the demo cards in an empty ledger, the journal with its keys
+   and the idempotency store (PostgreSQL and/or Redis when configured). With SQLite the three
+   share ONE file, one connection and one WAL (`isopace.store.SqliteDatabase`): their writes
+   run inline on the event loop and commit in order, and a response leaves only once they are
+   on disk, after one group fsync shared with every transaction answered meanwhile;
+3. crash recovery (`isopace.host.startup.RecoveryPolicy`): every transaction in doubt that is
+   this host's (see "Nodes" below) is committed or rolled back through the stages' ``recover``
+   hooks before the port opens; with the SQLite idempotency store the response of each
+   transaction recovery commits is stored under its idempotency key;
+4. the ISO 8583 server, the background housekeeping (the journal's retention,
    ``journal_retention``, and the expiry of authorizations nobody completed, ``hold_expiry``),
    then the metrics endpoint. While it runs, the host re-reads its key files every
    `KEY_RELOAD_INTERVAL` seconds, so ``isopace keys rotate`` takes effect without a restart.
+
+Everything is closed in reverse order (`isopace.host.closers`), after a full start or a start
+that failed half way.
 
 Each transaction gets a fresh id (a random per-start prefix and a counter: unique across nodes
 sharing a journal and across restarts); the idempotency key is the MTI class (``020`` for
@@ -37,15 +35,13 @@ other transaction's answer (its approval code) is sent. Network management (08xx
 idempotent. A transaction that ends without a response (a stage failed, the deadline passed) is
 answered 96.
 
-Nodes (whose transactions start-up recovery ends):
+Nodes (whose transactions start-up recovery ends; the rules are `RecoveryPolicy`'s):
 
-- SQLite: the data (the database file) belongs to one host process at a time,
-  which holds an exclusive lock on ``<name>.lock`` next to the database from start to close (the
-  kernel drops it when the process dies, even on kill -9; a second ``isopace serve`` on the same
-  data fails with a one-line error). The node defaults to the machine's host name, and start-up
-  recovery ends every node's transactions in the files (whoever left them is gone: the lock says
-  so), so a host restarted after a crash with another ``--port``, or another ``--node``, still
-  finishes what the crashed run left.
+- SQLite: the data belongs to one host process at a time (`isopace.host.stores.lock_data`: a
+  second ``isopace serve`` on the same data fails with a one-line error). The node defaults to
+  the machine's host name, and start-up recovery ends every node's transactions in the file
+  (whoever left them is gone: the lock says so), so a host restarted after a crash with another
+  ``--port``, or another ``--node``, still finishes what the crashed run left.
 - PostgreSQL: several hosts share the database, so the node defaults to ``hostname:port`` and
   recovery ends only this node's transactions (another node's may still be in flight). At start-up
   the host warns with the count of other nodes' transactions in doubt for longer than twice the
@@ -56,11 +52,9 @@ Nodes (whose transactions start-up recovery ends):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -69,15 +63,17 @@ from typing import TYPE_CHECKING, Any
 
 from isopace.flow import Exchange, FingerprintMismatchError, Flow, Outcome
 from isopace.host import stages
+from isopace.host.closers import Closers
 from isopace.host.config import HostConfig
 from isopace.host.conversion import Rates
-from isopace.host.datadir import lock_path, prepare_data
 from isopace.host.errors import HostError, StartupError, one_line
 from isopace.host.extensions import apply_extensions
 from isopace.host.idempotency import DEFAULT_KEY_FIELDS, IdempotencyKey, RequestFingerprint
-from isopace.host.keys import card_keys, derived_journal_keys, journal_keys
-from isopace.host.ledger import Ledger, PostgresLedger, SeedCard, SqliteLedger
+from isopace.host.keys import derived_journal_keys
+from isopace.host.ledger import Ledger, SeedCard
 from isopace.host.metrics import Metrics, MetricsServer
+from isopace.host.startup import RecoveryPolicy
+from isopace.host.stores import HostIdempotencyStore, HostJournal, Stores
 from isopace.iso8583 import (
     Iso8583Error,
     card_number,
@@ -91,8 +87,12 @@ from isopace.store import SqliteDatabase, SqliteIdempotencyStore
 from isopace.store.keys import KeyFileError, KeyRing
 
 if TYPE_CHECKING:
+    import ssl
+
     from isopace.flow import FlowListener, IdempotencyStore, Journal
     from isopace.iso8583 import Message, Spec
+    from isopace.net import Server
+    from isopace.store import RecoveryReport
 
 __all__ = ["BENCH_PAN", "DEMO_CARDS", "AuthorizationHost", "build_flow", "idempotency_key"]
 
@@ -177,7 +177,11 @@ def build_flow(
 
 class AuthorizationHost:
     """Runs the host described by a `HostConfig`: ``await host.start()`` ... ``await host.close()``
-    (or ``async with``). ``host.handle(message)`` is the server's handler, usable directly."""
+    (or ``async with``). ``host.handle(message)`` is the server's handler, usable directly.
+
+    The stores are `host.stores` (`isopace.host.stores.Stores`, opened as every operator command
+    opens them); ``ledger``, ``journal``, ``idempotency``, ``database`` and the key rings are
+    read through to it."""
 
     def __init__(self, config: HostConfig, *, spec: Spec | None = None) -> None:
         self.config = config
@@ -188,30 +192,53 @@ class AuthorizationHost:
         # see "Nodes" in the module docstring
         self.node = config.node_name
         self.metrics = Metrics()
-        self.database: SqliteDatabase | None = None
-        self.ledger: Ledger | None = None
-        self.journal: Any = None
-        self.idempotency: Any = None
+        self.stores = Stores(config, node=self.node)
         self.flow: Flow | None = None
-        self.server: Any = None
+        self.server: Server | None = None
         self.metrics_server: MetricsServer | None = None
-        self.seeded: list[SeedCard] = []
-        self.recovery: Any = None
-        self._closers: list[Callable[[], Any]] = []
+        self.recovery: RecoveryReport | None = None
+        self._closers = Closers()
         # Transaction ids: a random per-start prefix (unique across nodes and restarts) and a
         # counter; cheaper than a UUID per transaction.
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
         self._sync_before_reply: SqliteDatabase | None = None
-        self.card_keys: KeyRing | None = None
-        self.journal_keys: KeyRing | None = None
         self._key_problem = ""
 
     # -- properties ----------------------------------------------------------------------------
 
     @property
+    def database(self) -> SqliteDatabase | None:
+        return self.stores.database
+
+    @property
+    def ledger(self) -> Ledger | None:
+        return self.stores.ledger
+
+    @property
+    def journal(self) -> HostJournal | None:
+        return self.stores.journal
+
+    @property
+    def idempotency(self) -> HostIdempotencyStore | None:
+        return self.stores.idempotency
+
+    @property
+    def card_keys(self) -> KeyRing | None:
+        return self.stores.card_keys
+
+    @property
+    def journal_keys(self) -> KeyRing | None:
+        return self.stores.journal_keys
+
+    @property
+    def seeded(self) -> list[SeedCard]:
+        """The demo cards this start created in an empty ledger."""
+        return self.stores.seeded
+
+    @property
     def port(self) -> int:
-        return int(self.server.port) if self.server is not None else self.config.port
+        return self.server.port if self.server is not None else self.config.port
 
     @property
     def metrics_port(self) -> int | None:
@@ -240,60 +267,37 @@ class AuthorizationHost:
         _check_bindable("port", cfg.host, cfg.port)  # fail fast, before opening any database
         if cfg.metrics_port:
             _check_bindable("metrics", cfg.metrics_host, cfg.metrics_port)
-        self.ledger = await self._open_ledger()
-        if not cfg.postgres:
-            self._lock_data(cfg.db)
-        if cfg.seed_demo and not await self.ledger.accounts():
-            self.seeded = await self.ledger.seed(DEMO_CARDS)
-        self.journal = await self._open_journal()
-        self.idempotency = await self._open_idempotency()
+        stores = self.stores
+        self._closers.add(stores.close)  # last to close
+        await stores.open(
+            lock=True, seed=DEMO_CARDS if cfg.seed_demo else (), journal=True, idempotency=True
+        )
+        assert stores.ledger is not None
         # A response may leave only once the transaction's writes are on disk. The SQLite
         # idempotency store's `complete`, the last write of every idempotent transaction, waits
         # for that; with another store the handler waits for the database itself.
-        if self.database is not None and not isinstance(self.idempotency, SqliteIdempotencyStore):
-            self._sync_before_reply = self.database
+        if stores.database is not None and not isinstance(
+            stores.idempotency, SqliteIdempotencyStore
+        ):
+            self._sync_before_reply = stores.database
         self.flow = build_flow(
-            self.ledger,
+            stores.ledger,
             cfg,
             spec=self.spec,
-            journal=self.journal,
-            idempotency=self.idempotency,
+            journal=stores.journal,
+            idempotency=stores.idempotency,
             listener=self.metrics,
             # the per-stage profile is only read by the transaction log line
             profiler=cfg.log_transactions and log.isEnabledFor(logging.INFO),
         )
-        from isopace.store import recover
-
-        # With a store that takes over this node's crashed claims at once (SQLite), recovery
-        # also stores each transaction it commits under its idempotency key, so a
-        # retransmission after the restart is replayed; elsewhere a claim would wait out the
-        # crashed run's lease before the port opens, and the ledger's second-hold guard answers
-        # such a retransmission with the original approval instead.
-        takes_over = cfg.redis is None and cfg.postgres is None
-        # SQLite: this process holds the data's lock, so every node's transactions are ours
-        all_nodes = not cfg.postgres
-        try:
-            if takes_over:
-                self.recovery = await recover(
-                    self.flow,
-                    self.journal,
-                    all_nodes=all_nodes,
-                    idempotency=self.idempotency,
-                    key=idempotency_key(cfg.idempotency_key),
-                )
-            else:
-                self.recovery = await recover(self.flow, self.journal, all_nodes=all_nodes)
-        except Exception as exc:
-            raise StartupError(f"recovery failed: {one_line(exc)}") from exc
+        policy = RecoveryPolicy.for_config(cfg)
+        self.recovery = await policy.recover(self.flow, stores)
         if self.recovery.total:
             log.warning("%s", self.recovery, extra={"node": self.node})
-        if all_nodes:
-            await self._release_orphan_holds()
-        else:
-            await self._warn_other_nodes()
+        await policy.after_recovery(stores)
         await self._start_server(ssl_context)
         self._start_housekeeping()
-        await self._start_key_watch()
+        self._closers.add_task(asyncio.create_task(self._watch_keys(), name="isopace-keys"))
         if cfg.metrics_port is not None:
             self.metrics_server = MetricsServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
             try:
@@ -303,74 +307,7 @@ class AuthorizationHost:
                 raise StartupError(
                     _bind_error("metrics", cfg.metrics_host, cfg.metrics_port, exc)
                 ) from exc
-            self._closers.append(self._close_metrics)
-
-    def _lock_data(self, db: str) -> None:
-        """Take the SQLite data's lock (see "Nodes" in the module docstring), held until close."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            return
-        path = lock_path(db)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.fchmod(fd, 0o600)  # whatever the umask (see isopace.host.datadir)
-        except OSError as exc:
-            raise StartupError(f"lock {path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StartupError(
-                f"{db}: in use by another isopace host (pid {holder}); one host per SQLite "
-                "database (use PostgreSQL to run several)"
-            ) from exc
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._closers.append(lambda: os.close(fd))  # closing the file releases the lock
-
-    async def _release_orphan_holds(self) -> None:
-        """SQLite: release the holds still pending after recovery.
-
-        Nothing runs yet and this process owns the data (its lock), so a pending hold belongs
-        to a transaction that never answered and that recovery did not know: its BEGIN record
-        failed to write (the flow logs a journal failure and goes on) before the process died.
-        Left alone, its funds would stay held for ever; released, a retransmission is processed
-        afresh (a released hold does not count as a duplicate)."""
-        assert self.ledger is not None
-        # a transaction recovery could not finish stays in doubt, and keeps its hold
-        in_doubt = {tx.tx_id for tx in await self.journal.in_doubt(all_nodes=True)}
-        orphans = [h for h in await self.ledger.pending_holds() if h.txn_id not in in_doubt]
-        for hold in orphans:
-            await self.ledger.release(hold.txn_id)
-        if orphans:
-            log.warning(
-                "released %d pending hold(s) that no journal record covers: %s",
-                len(orphans),
-                ", ".join(h.txn_id for h in orphans[:20]) + (" ..." if len(orphans) > 20 else ""),
-                extra={"node": self.node, "released": len(orphans)},
-            )
-
-    async def _warn_other_nodes(self) -> None:
-        """PostgreSQL: warn about other nodes' transactions in doubt (see "Nodes")."""
-        try:
-            stale = await self.journal.in_doubt(all_nodes=True, older_than=2 * self.config.timeout)
-        except Exception as exc:
-            log.warning("could not count other nodes' transactions in doubt: %s", one_line(exc))
-            return
-        others = sorted({r.node for r in stale if r.node not in (self.node, "")})
-        count = sum(1 for r in stale if r.node in others)
-        if count:
-            log.warning(
-                "%d transaction(s) of other node(s) (%s) in doubt; this node (%s) recovers only "
-                "its own: if those nodes will not come back, run `isopace recover --all-nodes` "
-                "(`--older-than SECONDS` leaves the transactions of live nodes alone)",
-                count,
-                ", ".join(others),
-                self.node,
-                extra={"node": self.node, "in_doubt": count, "nodes": others},
-            )
+            self._closers.add(self._close_metrics)
 
     def _start_housekeeping(self) -> None:
         """The host's periodic jobs, each a background task that runs it first at start-up,
@@ -403,17 +340,11 @@ class AuthorizationHost:
                     log.warning("%s failed: %s", what, one_line(exc))
                 await asyncio.sleep(interval)
 
-        task = asyncio.get_running_loop().create_task(forever())
-
-        async def stop() -> None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        self._closers.append(stop)
+        self._closers.add_task(asyncio.get_running_loop().create_task(forever()))
 
     async def _prune_journal(self) -> None:
         before = datetime.now(UTC) - timedelta(days=self.config.journal_retention)
+        assert self.journal is not None
         pruned = await self.journal.prune(before)
         if pruned:
             log.info(
@@ -438,71 +369,6 @@ class AuthorizationHost:
     async def _close_metrics(self) -> None:
         if self.metrics_server is not None:
             await self.metrics_server.close()
-
-    async def _open_database(self) -> SqliteDatabase:
-        """The one SQLite file of the ledger, the journal and the idempotency store (see
-        :mod:`isopace.store.sqlite_database`); refuses the three files of an earlier isopace."""
-        cfg = self.config
-        legacy = [p for p in cfg.legacy_paths if os.path.exists(p)]
-        if legacy:
-            raise StartupError(
-                f"{legacy[0]}: a journal or idempotency file of an earlier isopace, which kept "
-                f"them apart from {cfg.db}; finish its transactions with that version "
-                "(isopace recover), then move these files away"
-            )
-        prepare_data(cfg.db)  # 0700 / 0600 before SQLite creates anything
-        try:
-            database = await asyncio.to_thread(SqliteDatabase, cfg.db, synchronous=cfg.synchronous)
-        except Exception as exc:  # a StoreError names the database
-            raise StartupError(one_line(exc)) from exc
-        self.database = database
-        self._closers.append(database.close)
-        return database
-
-    async def _shared_database(self) -> SqliteDatabase:
-        return self.database if self.database is not None else await self._open_database()
-
-    async def _open_ledger(self) -> Ledger:
-        cfg = self.config
-        ledger: Ledger
-        if cfg.postgres:
-            ledger = PostgresLedger(cfg.postgres, schema=cfg.postgres_schema)
-        else:
-            ledger = SqliteLedger.on(await self._shared_database())
-        try:
-            await ledger.open()
-        except HostError as exc:
-            raise StartupError(one_line(exc)) from exc
-        except Exception as exc:
-            raise StartupError(f"ledger: {one_line(exc)}") from exc
-        self._closers.append(ledger.close)
-        await self._ledger_keys(ledger)
-        return ledger
-
-    async def _ledger_keys(self, ledger: Ledger) -> None:
-        """The card keys (`isopace.host.keys`), and an earlier version's key moved out of the
-        database once it is safe in its key file."""
-        try:
-            legacy = await ledger.legacy_card_key()
-            sample = await ledger.sample_pan_ref()
-        except Exception as exc:
-            raise StartupError(f"ledger: {one_line(exc)}") from exc
-        self.card_keys = card_keys(self.config, sample=sample, legacy=legacy)
-        ledger.use_keys(self.card_keys)
-        if legacy is not None:
-            try:
-                await ledger.drop_legacy_card_key()
-            except Exception as exc:
-                raise StartupError(f"ledger: {one_line(exc)}") from exc
-
-    async def _journal_keys(self, journal: Any) -> None:
-        """The journal keys (`isopace.host.keys`), given to the open journal."""
-        try:
-            sample = await journal.sample_fingerprint()
-        except Exception as exc:
-            raise StartupError(f"journal: {one_line(exc)}") from exc
-        self.journal_keys = journal_keys(self.config, self.card_keys, sample=sample)
-        journal.keys.use(self.journal_keys)
 
     def reload_keys(self) -> bool:
         """Re-read the key files if they changed (``isopace keys rotate``); True when a ring
@@ -541,90 +407,7 @@ class AuthorizationHost:
             await asyncio.sleep(KEY_RELOAD_INTERVAL)
             self.reload_keys()
 
-    async def _start_key_watch(self) -> None:
-        task = asyncio.create_task(self._watch_keys(), name="isopace-keys")
-
-        async def stop() -> None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        self._closers.append(stop)
-
-    async def _open_journal(self) -> Any:
-        cfg = self.config
-        try:
-            if cfg.postgres:
-                from isopace.store import PostgresJournal
-
-                journal: Any = PostgresJournal(
-                    cfg.postgres,
-                    schema=cfg.postgres_schema,
-                    node=self.node,
-                    wait_final=cfg.journal_wait_final,
-                )
-                await journal.open()
-            else:
-                from isopace.store import SqliteJournal
-
-                journal = SqliteJournal.on(
-                    await self._shared_database(),
-                    node=self.node,
-                    wait_final=cfg.journal_wait_final,
-                )
-        except Exception as exc:
-            raise StartupError(f"journal: {one_line(exc)}") from exc
-        self._closers.append(journal.close)
-        await self._journal_keys(journal)
-        return journal
-
-    async def _open_idempotency(self) -> Any:
-        cfg = self.config
-        try:
-            if cfg.redis:
-                from isopace.store import RedisIdempotencyStore
-
-                store: Any = RedisIdempotencyStore(
-                    cfg.redis,
-                    prefix=cfg.redis_prefix,
-                    ttl=cfg.idempotency_ttl,
-                    lease=cfg.idempotency_lease,
-                    node=self.node,
-                )
-                opener = getattr(store, "open", None)
-                if opener is not None:
-                    await opener()
-                else:
-                    await store.ping()
-            elif cfg.postgres:
-                from isopace.store import PostgresIdempotencyStore
-
-                store = PostgresIdempotencyStore(
-                    cfg.postgres,
-                    schema=cfg.postgres_schema,
-                    ttl=cfg.idempotency_ttl,
-                    lease=cfg.idempotency_lease,
-                    node=self.node,
-                )
-                await store.open()
-            else:
-                from isopace.store import SqliteIdempotencyStore
-
-                store = SqliteIdempotencyStore.on(
-                    await self._shared_database(),
-                    ttl=cfg.idempotency_ttl,
-                    lease=cfg.idempotency_lease,
-                    # one process per node (it owns the port): claims left by a crashed run
-                    # of this node are taken over at once, not after their lease
-                    node=self.node,
-                    exclusive_node=True,
-                )
-        except Exception as exc:
-            raise StartupError(f"idempotency store: {one_line(exc)}") from exc
-        self._closers.append(store.close)
-        return store
-
-    async def _start_server(self, ssl_context: Any) -> None:
+    async def _start_server(self, ssl_context: ssl.SSLContext | None) -> None:
         from isopace.net import Framing, LengthHeader, Server
 
         cfg = self.config
@@ -648,7 +431,7 @@ class AuthorizationHost:
             self.server = None
             raise StartupError(_bind_error("port", cfg.host, cfg.port, exc)) from exc
         self.metrics.port = self.server
-        self._closers.append(self._close_server)
+        self._closers.add(self._close_server)
 
     async def _close_server(self) -> None:
         if self.server is not None:
@@ -656,14 +439,7 @@ class AuthorizationHost:
 
     async def close(self) -> None:
         """Stop accepting, finish in-flight transactions, close stores (reverse opening order)."""
-        closers, self._closers = self._closers, []
-        for closer in reversed(closers):
-            try:
-                result = closer()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception as exc:  # keep closing the rest
-                log.warning("close: %s", one_line(exc))
+        await self._closers.close()
 
     async def serve_forever(self) -> None:
         """Wait until cancelled (the CLI cancels on SIGINT / SIGTERM)."""
