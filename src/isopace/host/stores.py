@@ -14,8 +14,9 @@ not drift apart between the host and the commands:
   this host in the rows it writes.
 - Keys never come from a database (`isopace.host.keys`): the card keys are resolved when the
   ledger opens (an earlier version's key is moved out of ``ledger_meta`` once it is safe in its
-  key file; a missing or world-readable key file refuses the start), the journal keys when the journal opens, from its own key file or, with PostgreSQL
-  and none configured, derived from the card keys. An operator command that only reads passes
+  key file; a missing or world-readable key file refuses the start), the journal keys when the
+  journal opens, from its own key file or, with PostgreSQL and none configured, derived from the
+  card keys. An operator command that only reads passes
   ``create_keys=False``: it never makes a key file, and it opens the journal without keys when
   none can be found unless it needs them (a search by card).
 - The SQLite data belongs to one process at a time: `lock_data` takes an exclusive lock on
