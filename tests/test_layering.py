@@ -71,7 +71,6 @@ KNOWN_PRIVATE_ACCESS = {
     "isopace.cli._ops: host._lock_data",
     "isopace.cli._ops: host._open_idempotency",
     "isopace.cli._ops: host._open_ledger",
-    *(f"isopace.flow.flow: ex.{a}" for a in ("_cause", "_error", "_joined", "_timings")),
     *(f"isopace.iso8583.message: spec.{a}" for a in ("_asc", "_decs", "_plens")),
     *(
         f"isopace.iso8583.spec: m.{a}"
