@@ -12,6 +12,7 @@ cause.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Generator
 
 from isopace._cardtext import error_text
 from isopace.flow.exchange import Exchange
@@ -26,8 +27,28 @@ from isopace.flow.journal import (
 )
 
 
+class _Nothing:
+    """An awaitable that is complete already: what a step without a journal hands out."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield
+
+
+_NOTHING = _Nothing()
+
+
 class Unrecorded:
-    """No journal: every step is a no-op."""
+    """No journal: every step is a no-op.
+
+    ``begin``, ``committing`` and ``committed`` are plain methods handing out the journal's
+    awaitable (here, one complete already): the run awaits it itself and logs a failure with
+    :meth:`failed`, so a step costs no coroutine of its own (about 0.3 µs a run on the
+    benchmark, where the journal records three times). ``record`` and ``aborted`` are
+    coroutines that log on their own, for the paths that are not hot.
+    """
 
     __slots__ = ()
 
@@ -37,17 +58,20 @@ class Unrecorded:
     async def record(self, ex: Exchange, event: Event) -> None:
         pass
 
-    async def begin(self, ex: Exchange) -> None:
-        pass
-
-    async def committing(self, ex: Exchange, fingerprint: str | None) -> None:
-        pass
-
-    async def committed(self, ex: Exchange) -> None:
-        pass
-
     async def aborted(self, ex: Exchange) -> None:
         pass
+
+    def begin(self, ex: Exchange) -> Awaitable[None]:
+        return _NOTHING
+
+    def committing(self, ex: Exchange, fingerprint: str | None) -> Awaitable[None]:
+        return _NOTHING
+
+    def committed(self, ex: Exchange) -> Awaitable[None]:
+        return _NOTHING
+
+    def failed(self, ex: Exchange, kind: EventKind, exc: Exception) -> None:
+        """Log a journal that failed to record an event of ``kind`` (the run goes on)."""
 
 
 UNRECORDED = Unrecorded()
@@ -68,26 +92,28 @@ class Recorder(Unrecorded):
         try:
             await self.journal.record(ex, event)
         except Exception as exc:
-            self.log.error(
-                "flow: journal failed to record %s: %s",
-                event.kind.value,
-                error_text(exc),
-                extra={"exchange_id": ex.id, "flow_event": event.kind.value},
-            )
-
-    async def begin(self, ex: Exchange) -> None:
-        await self.record(ex, BEGIN_EVENT)
-
-    async def committing(self, ex: Exchange, fingerprint: str | None) -> None:
-        if fingerprint is not None:
-            ex.set(FINGERPRINT_PROPERTY, fingerprint, durable=True)
-        await self.record(ex, COMMITTING_EVENT)
-
-    async def committed(self, ex: Exchange) -> None:
-        error = ex.error
-        await self.record(
-            ex, COMMITTED_EVENT if error is None else Event(EventKind.COMMITTED, error)
-        )
+            self.failed(ex, event.kind, exc)
 
     async def aborted(self, ex: Exchange) -> None:
         await self.record(ex, Event(EventKind.ABORTED, ex.error))
+
+    def begin(self, ex: Exchange) -> Awaitable[None]:
+        return self.journal.record(ex, BEGIN_EVENT)
+
+    def committing(self, ex: Exchange, fingerprint: str | None) -> Awaitable[None]:
+        if fingerprint is not None:
+            ex.set(FINGERPRINT_PROPERTY, fingerprint, durable=True)
+        return self.journal.record(ex, COMMITTING_EVENT)
+
+    def committed(self, ex: Exchange) -> Awaitable[None]:
+        error = ex.error
+        event = COMMITTED_EVENT if error is None else Event(EventKind.COMMITTED, error)
+        return self.journal.record(ex, event)
+
+    def failed(self, ex: Exchange, kind: EventKind, exc: Exception) -> None:
+        self.log.error(
+            "flow: journal failed to record %s: %s",
+            kind.value,
+            error_text(exc),
+            extra={"exchange_id": ex.id, "flow_event": kind.value},
+        )

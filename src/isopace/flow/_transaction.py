@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from isopace.flow._recorder import Unrecorded
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow._watch import Timings, Watch
 from isopace.flow.errors import TooManyStagesError, UnknownGroupError
+from isopace.flow.journal import EventKind
 from isopace.flow.profiler import Phase
 from isopace.flow.result import CONTINUE, Outcome, Result, Vote
 
@@ -68,11 +69,12 @@ class Setup:
         self.journal = journal
         self.log = log
 
-    async def run(
+    def run(
         self, ex: Exchange, plan: Plan, deadline: float | None, fingerprint: str | None = None
-    ) -> Outcome:
-        """The general run of ``ex`` (a :data:`~isopace.flow._watch.RunFunc`)."""
-        return await Transaction(self, ex, plan, deadline).run(fingerprint)
+    ) -> Coroutine[Any, Any, Outcome]:
+        """The general run of ``ex`` (a :data:`~isopace.flow._watch.RunFunc`); a plain
+        function handing out the transaction's coroutine, so it adds no frame to the run."""
+        return Transaction(self, ex, plan, deadline).run(fingerprint)
 
 
 class Transaction:
@@ -113,17 +115,26 @@ class Transaction:
         journal = self.setup.journal
         ex = self.ex
         try:
-            await journal.begin(ex)
+            try:
+                await journal.begin(ex)
+            except Exception as exc:
+                journal.failed(ex, EventKind.BEGIN, exc)
             commit = await self.prepare()
             if commit:
-                await journal.committing(ex, fingerprint)
+                try:
+                    await journal.committing(ex, fingerprint)
+                except Exception as exc:
+                    journal.failed(ex, EventKind.COMMITTING, exc)
         except asyncio.CancelledError as exc:
             await self.cancelled(exc)
             raise
         if not commit:
             return await self.abort()
         await self.commit(self.joined)
-        await journal.committed(ex)
+        try:
+            await journal.committed(ex)
+        except Exception as exc:
+            journal.failed(ex, EventKind.COMMITTED, exc)
         return _COMMITTED
 
     @staticmethod
@@ -204,16 +215,6 @@ class Transaction:
         """The prepare pass over the work list from position ``start`` (the plain run hands
         over after the stages it prepared itself), and the decision: True to commit, False to
         roll back (``ex.error`` set)."""
-        deadline = self.deadline
-        if deadline is None:
-            return await self._prepare(start)
-        commit = await self._prepare(start)
-        # A response produced after the caller stopped waiting is not committed.
-        if commit and asyncio.get_running_loop().time() >= deadline:
-            return self.fail(_deadline_error(self.ex))
-        return commit
-
-    async def _prepare(self, start: int) -> bool:
         ex = self.ex
         watch = self.setup.watch
         timings = self.timings
@@ -255,14 +256,19 @@ class Transaction:
                         return self.fail(_deadline_error(ex))
                     raise
                 began = watch.stage(timings, rs.name, _PREPARE, began, None)
-                decision = self.count(rs, result)
-                if decision is not None:
-                    return decision
+                # The common vote is counted inline, a call less per stage (0.3 µs a run on
+                # the 5-stage benchmark); count() still counts every vote, CONTINUE included.
+                if result is None or result is CONTINUE:
+                    self.joined.append(rs)
+                    if ex.aborted:
+                        return self.fail()
+                elif (decision := self.count(rs, result)) is not None:
+                    return decision and self.in_time()
             if ex.aborted:
                 return self.fail()
             if self.overflow:
                 return self.fail(TooManyStagesError(self.setup.max_stages))
-            return True
+            return self.in_time()
         finally:
             if expiry is not None:
                 expiry.disarm()
@@ -300,6 +306,14 @@ class Transaction:
         if self.ex.aborted:
             return self.fail()
         return None
+
+    def in_time(self) -> bool:
+        """The decision to commit, unless the deadline passed meanwhile: a response produced
+        after the caller stopped waiting is not committed."""
+        deadline = self.deadline
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            return self.fail(_deadline_error(self.ex))
+        return True
 
     def fail(self, error: BaseException | None = None) -> bool:
         """Decide to roll back with ``error`` (None: the abort cause of ``ex.abort()``)."""

@@ -109,6 +109,7 @@ class Flow:
         if max_stages < 1:
             raise ValueError("flow: max_stages must be at least 1")
         self._entry_name = entry
+        # The configuration as given, for inspection (the run reads it through _setup).
         self._journal = journal
         self._listener = listener
         self._max_stages = max_stages
