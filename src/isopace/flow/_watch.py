@@ -2,8 +2,8 @@
 
 The run loops call ``watch.clock()`` once and then ``watch.stage(...)`` after every stage method,
 with no test of their own for whether anything is watching: a flow without profiler or listener
-gets :data:`UNWATCHED`, whose methods do nothing (and read no clock). A flow with either gets a
-:class:`Timed` watch. Timings chain one clock reading from one stage to the next
+gets :data:`UNWATCHED`, whose methods do nothing (and read no clock); :func:`watch` picks the
+watch for the others. Timings chain one clock reading from one stage to the next
 (``stage`` returns the reading it took), so each includes the flow's own bookkeeping for that
 stage, tens of nanoseconds.
 
@@ -63,15 +63,38 @@ class Watch:
 UNWATCHED = Watch()
 
 
-class Timed(Watch):
-    """The profiler (into the run's ``timings``) and/or a listener."""
+class Profiled(Watch):
+    """The profiler: each stage method's time into the run's ``timings``."""
+
+    __slots__ = ()
+
+    profiles = True
+
+    def clock(self) -> float:
+        return _clock()
+
+    def stage(
+        self,
+        timings: Timings | None,
+        name: str,
+        phase: Phase,
+        began: float,
+        error: BaseException | None,
+    ) -> float:
+        ended = _clock()
+        timings.append((name, phase, ended - began))  # type: ignore[union-attr]
+        return ended
+
+
+class Listening(Watch):
+    """A listener, told of each stage method (and, with ``profiles``, the profiler too)."""
 
     __slots__ = ("listener", "log", "profiles")
 
-    def __init__(self, profiles: bool, listener: FlowListener | None, log: logging.Logger) -> None:
-        self.profiles = profiles
+    def __init__(self, listener: FlowListener, log: logging.Logger, profiles: bool) -> None:
         self.listener = listener
         self.log = log
+        self.profiles = profiles
 
     def clock(self) -> float:
         return _clock()
@@ -88,17 +111,23 @@ class Timed(Watch):
         seconds = ended - began
         if timings is not None:
             timings.append((name, phase, seconds))
-        listener = self.listener
-        if listener is not None:
-            try:
-                listener.stage_finished(name, phase, seconds, error)
-            except Exception as exc:
-                self.log.error(
-                    "flow listener failed\n%s",
-                    error_text(exc, traceback=True),
-                    extra={"stage": name, "phase": phase.value},
-                )
+        try:
+            self.listener.stage_finished(name, phase, seconds, error)
+        except Exception as exc:
+            self.log.error(
+                "flow listener failed\n%s",
+                error_text(exc, traceback=True),
+                extra={"stage": name, "phase": phase.value},
+            )
         return ended
+
+
+def watch(profiler: bool, listener: FlowListener | None, log: logging.Logger) -> Watch:
+    """The watch for a flow's ``profiler=`` and ``listener=``: one class per combination, so
+    that each ``stage`` does only its own work (the profiler alone appends and nothing else)."""
+    if listener is not None:
+        return Listening(listener, log, profiler)
+    return Profiled() if profiler else UNWATCHED
 
 
 class Listened:

@@ -70,7 +70,7 @@ from isopace.flow._idempotent import Idempotent
 from isopace.flow._recorder import UNRECORDED, Recorder
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow._transaction import Setup, Transaction
-from isopace.flow._watch import UNWATCHED, Listened, RunFunc, Timed
+from isopace.flow._watch import Listened, RunFunc, watch
 from isopace.flow.errors import DuplicateStageError, NoEntryError, UnknownGroupError
 from isopace.flow.exchange import Exchange
 from isopace.flow.idempotency import FingerprintFunc, IdempotencyStore, KeyFunc
@@ -123,7 +123,7 @@ class Flow:
         self._setup = Setup(
             self._groups,
             max_stages,
-            Timed(profiler, listener, log) if watched else UNWATCHED,
+            watch(profiler, listener, log),
             UNRECORDED if journal is None else Recorder(journal, log),
             log,
         )
