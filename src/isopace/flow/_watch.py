@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from isopace._cardtext import error_text
 from isopace.flow.profiler import Phase
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 Timings: TypeAlias = list[tuple[str, Phase, float]]
 RunFunc: TypeAlias = Callable[
-    ["Exchange", "Plan", "float | None", "str | None"], Awaitable[Outcome]
+    ["Exchange", "Plan", "float | None", "str | None"], Coroutine[Any, Any, Outcome]
 ]
 """A run of a transaction: ``(ex, plan, deadline, fingerprint)``; the flow's core run and the
 wrappers around it (idempotency, the listener) all have this shape."""

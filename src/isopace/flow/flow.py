@@ -79,6 +79,8 @@ from isopace.flow.listener import FlowListener
 from isopace.flow.result import Outcome
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from isopace.flow.stage import Stage
 
 
@@ -196,19 +198,34 @@ class Flow:
 
     # -- running --------------------------------------------------------------------------------
 
-    async def run(self, ex: Exchange, *, timeout: float | None = None) -> Outcome:
-        """Run ``ex`` through the flow and return how it ended.
+    def run(self, ex: Exchange, *, timeout: float | None = None) -> Coroutine[Any, Any, Outcome]:
+        """Run ``ex`` through the flow and return how it ended (``await flow.run(ex)``).
 
         Never raises for a stage's failure (the cause is on ``ex.error``); raises
         ``NoEntryError`` / ``UnknownGroupError`` for a mis-configured entry before anything is
         journalled, and ``CancelledError`` when the task is cancelled (after the rollback).
+
+        A plain method that hands back the run's own coroutine, rather than a coroutine
+        awaiting it: one frame less on every run, which the flow benchmark's plain sync case
+        (flow <= 1.5x of direct calls) needs. Anything that can raise is inside that coroutine,
+        so ``flow.run(ex)`` itself never raises and a task made of it fails as a coroutine would.
         """
         plan = self._entry
         if plan is None:
-            plan = self._resolve_entry()
+            return self._resolving(ex, timeout)
         if timeout is None:
             if self._entry_fits:
-                return await Transaction.run_plain(self._setup, ex, plan)
+                return Transaction.run_plain(self._setup, ex, plan)
+            return self._run(ex, plan, None, None)
+        return self._run_until(ex, plan, timeout)
+
+    async def _resolving(self, ex: Exchange, timeout: float | None) -> Outcome:
+        """The first run (or one after a change to the groups): resolve the entry, then run."""
+        plan = self._resolve_entry()
+        if timeout is None:
             return await self._run(ex, plan, None, None)
+        return await self._run_until(ex, plan, timeout)
+
+    async def _run_until(self, ex: Exchange, plan: Plan, timeout: float) -> Outcome:
         deadline = ex.deadline = asyncio.get_running_loop().time() + timeout
         return await self._run(ex, plan, deadline, None)
