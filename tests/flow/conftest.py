@@ -93,8 +93,8 @@ def log() -> Log:
 
 @pytest.fixture(autouse=True, params=["fast", "general"])
 def run_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs twice: with the inline fast path of ``Flow.run`` where it applies, and
-    with the general path forced, so both implement every rule."""
+    """Every test runs twice: with the plain run (``Transaction.run_plain``) where it applies,
+    and with the general passes forced, so both implement every rule."""
     if request.param == "general":
         original = Flow._resolve_entry
 

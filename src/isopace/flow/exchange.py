@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from isopace.flow.errors import AbortedError
 from isopace.flow.profiler import Phase, StageTiming, format_profile
 
 if TYPE_CHECKING:
@@ -132,11 +133,43 @@ class Exchange:
         return self._error
 
     @property
+    def declined(self) -> bool:
+        """Whether the run aborted by a stage's own ``ex.abort()`` (a decision, such as a
+        decline), rather than by a failure (a prepare that raised, the deadline, ...)."""
+        error = self._error
+        return error is not None and (error is self._cause or type(error) is AbortedError)
+
+    @property
     def joined(self) -> tuple[str, ...]:
         """Names of the stages that joined, in prepare order. Complete from the end of the
         prepare pass on (journals read it at ``COMMITTING`` / ``ABORTED``); a stage reading it
         during the pass may find it behind when the flow has nothing configured."""
         return tuple(s if isinstance(s, str) else s.name for s in self._joined)
+
+    # -- what the run records (the flow writes these; stages read the properties) -------------
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """The flow's decision to roll back: ``error`` becomes ``ex.error``; with None, the
+        cause given to ``abort()``, else ``AbortedError()`` (the abort-cause rule, in one
+        place)."""
+        self.aborted = True
+        if error is None:
+            error = self._cause if self._cause is not None else AbortedError()
+        self._error = error
+
+    def record_error(self, error: BaseException | None) -> None:
+        """Set ``ex.error`` without deciding anything (the group of failed commits)."""
+        self._error = error
+
+    def record_joined(self, stages: Sequence[Any]) -> None:
+        """The sequence of joined stages (objects with a ``name``, or names) the run fills in;
+        ``joined`` reads it, so the run appends without telling the exchange again."""
+        self._joined = stages
+
+    def record_timings(self, timings: list[tuple[str, Phase, float]]) -> None:
+        """The list of ``(stage, phase, seconds)`` the profiler appends to; ``timings``
+        reads it."""
+        self._timings = timings
 
     # -- profiler -------------------------------------------------------------------------------
 
