@@ -29,7 +29,7 @@ from isopace._cardtext import error_text
 from isopace.flow._interrupt import Expiry, arm, shielded
 from isopace.flow._recorder import Unrecorded
 from isopace.flow._resolve import Plan, ResolvedStage
-from isopace.flow._watch import Timings, Watch
+from isopace.flow._watch import Watch
 from isopace.flow.errors import TooManyStagesError, UnknownGroupError
 from isopace.flow.journal import EventKind
 from isopace.flow.profiler import Phase
@@ -80,7 +80,7 @@ class Setup:
 class Transaction:
     """The state of one run; see the module documentation."""
 
-    __slots__ = ("deadline", "ex", "joined", "overflow", "setup", "timings", "work")
+    __slots__ = ("deadline", "ex", "joined", "mark", "overflow", "setup", "work")
 
     def __init__(
         self,
@@ -102,10 +102,7 @@ class Transaction:
         self.work = work
         self.joined: list[ResolvedStage] = [] if joined is None else joined
         ex.record_joined(self.joined)
-        self.timings: Timings | None = None
-        if setup.watch.profiles:
-            self.timings = []
-            ex.record_timings(self.timings)
+        self.mark = setup.watch.marks(ex)
 
     # -- the whole run --------------------------------------------------------------------------
 
@@ -216,13 +213,12 @@ class Transaction:
         over after the stages it prepared itself), and the decision: True to commit, False to
         roll back (``ex.error`` set)."""
         ex = self.ex
-        watch = self.setup.watch
-        note = watch.stage
-        timings = self.timings
+        mark = self.mark
+        clock = self.setup.watch.clock
         deadline = self.deadline
         now = asyncio.get_running_loop().time if deadline is not None else None
         result: Any
-        began = watch.clock()
+        mark((_PREPARE, clock()))
         # The deadline timer is armed before the first await (a pass of plain functions never
         # suspends, so checking the deadline before each prepare is all it needs).
         expiry: Expiry | None = None
@@ -245,10 +241,10 @@ class Transaction:
                             expiry = arm(deadline)  # type: ignore[arg-type]
                         result = await _checked(rs, result)
                 except Exception as exc:
-                    note(timings, rs.name, _PREPARE, began, exc)
+                    mark((rs.name, clock(), exc))
                     return self.fail(exc)
                 except BaseException as exc:
-                    note(timings, rs.name, _PREPARE, began, exc)
+                    mark((rs.name, clock(), exc))
                     if (
                         expiry is not None
                         and isinstance(exc, asyncio.CancelledError)
@@ -256,7 +252,7 @@ class Transaction:
                     ):
                         return self.fail(_deadline_error(ex))
                     raise
-                began = note(timings, rs.name, _PREPARE, began, None)
+                mark((rs.name, clock()))
                 # The common vote is counted inline, a call less per stage (0.3 µs a run on
                 # the 5-stage benchmark); count() still counts every vote, CONTINUE included.
                 if result is None or result is CONTINUE:
@@ -269,7 +265,7 @@ class Transaction:
                 return self.fail()
             if self.overflow:
                 return self.fail(TooManyStagesError(self.setup.max_stages))
-            return self.in_time()
+            return deadline is None or self.in_time()
         finally:
             if expiry is not None:
                 expiry.disarm()
@@ -326,11 +322,10 @@ class Transaction:
     async def commit(self, stages: Sequence[ResolvedStage]) -> None:
         """Commit ``stages`` in order; failures are gathered on ``ex.error``."""
         ex = self.ex
-        watch = self.setup.watch
-        note = watch.stage
-        timings = self.timings
+        mark = self.mark
+        clock = self.setup.watch.clock
         errors: list[Exception] | None = None
-        began = watch.clock()
+        mark((_COMMIT, clock()))
         for position, rs in enumerate(stages):
             commit_fn = rs.commit
             if commit_fn is None:
@@ -340,15 +335,15 @@ class Transaction:
                 if rs.commit_async or (result is not None and inspect.isawaitable(result)):
                     await result
             except Exception as exc:
-                note(timings, rs.name, _COMMIT, began, exc)
+                mark((rs.name, clock(), exc))
                 errors = _commit_failed(self.setup.log, ex, rs, exc, errors)
-                began = watch.clock()
+                mark((_COMMIT, clock()))  # the next stage's time leaves the logging out
                 continue
             except asyncio.CancelledError as exc:
-                note(timings, rs.name, _COMMIT, began, exc)
+                mark((rs.name, clock(), exc))
                 await self.commit_interrupted(rs, stages[position + 1 :], errors)
                 raise
-            began = note(timings, rs.name, _COMMIT, began, None)
+            mark((rs.name, clock()))
         if errors:
             ex.record_error(_commit_group(errors))
 
@@ -396,27 +391,27 @@ class Transaction:
         """Abort the joined stages in reverse order, then journal ``ABORTED``."""
         ex = self.ex
         setup = self.setup
-        watch = setup.watch
-        timings = self.timings
+        mark = self.mark
+        clock = setup.watch.clock
         for rs in reversed(self.joined):
             abort = rs.abort
             if abort is None:
                 continue
-            began = watch.clock()
-            error: Exception | None = None
+            mark((_ABORT, clock()))
             try:
                 result = abort(ex)
                 if rs.abort_async or (result is not None and inspect.isawaitable(result)):
                     await result
             except Exception as exc:
-                error = exc
+                mark((rs.name, clock(), exc))
                 setup.log.error(
                     "flow: abort of stage %s failed: %s",
                     rs.name,
                     error_text(exc),
                     extra={"exchange_id": ex.id, "stage": rs.name},
                 )
-            watch.stage(timings, rs.name, _ABORT, began, error)
+            else:
+                mark((rs.name, clock()))
         await setup.journal.aborted(ex)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from isopace.flow.errors import AbortedError
-from isopace.flow.profiler import Phase, StageTiming, format_profile
+from isopace.flow.profiler import Marks, StageTiming, format_profile, stage_timings
 
 if TYPE_CHECKING:
     from isopace.iso8583 import Message
@@ -62,7 +62,7 @@ class Exchange:
         self._cause: BaseException | None = None
         self._error: BaseException | None = None
         self._joined: Sequence[Any] = ()
-        self._timings: list[tuple[str, Phase, float]] | None = None
+        self._timings: Marks | None = None
 
     @classmethod
     def restore(
@@ -166,9 +166,9 @@ class Exchange:
         ``joined`` reads it, so the run appends without telling the exchange again."""
         self._joined = stages
 
-    def record_timings(self, timings: list[tuple[str, Phase, float]]) -> None:
-        """The list of ``(stage, phase, seconds)`` the profiler appends to; ``timings``
-        reads it."""
+    def record_timings(self, timings: Marks) -> None:
+        """The list of clock marks the profiler appends to; ``timings`` works the stage
+        timings out of it when read."""
         self._timings = timings
 
     # -- profiler -------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class Exchange:
     def timings(self) -> list[StageTiming]:
         """Per-stage timings in the order the methods ran (only with ``profiler=True``)."""
         raw = self._timings
-        return [] if raw is None else [StageTiming._make(t) for t in raw]
+        return [] if raw is None else stage_timings(raw)
 
     def profile(self) -> str:
         """The timings on one line (``name/phase=1.2ms ... total=3.4ms``); empty when off."""

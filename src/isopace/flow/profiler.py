@@ -8,7 +8,7 @@ With ``Flow(profiler=True)`` every prepare (also one that raises), commit and ab
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 
 class Phase(StrEnum):
@@ -25,6 +25,29 @@ class StageTiming(NamedTuple):
     stage: str
     phase: Phase
     seconds: float
+
+
+Mark: TypeAlias = tuple[str, float] | tuple[str, float, BaseException]
+"""One clock reading of a run: ``(phase, reading)`` where a chain of timings starts,
+``(stage, reading)`` where a stage method ended, ``(stage, reading, error)`` where one raised."""
+
+Marks: TypeAlias = list[Mark]
+
+
+def stage_timings(marks: Marks) -> list[StageTiming]:
+    """The timings of a run's marks: each stage method's time is the distance from the mark
+    before it, its phase the one the last phase mark named."""
+    timings: list[StageTiming] = []
+    phase = Phase.PREPARE
+    last = 0.0
+    for mark in marks:
+        name, reading = mark[0], mark[1]
+        if isinstance(name, Phase):
+            phase = name
+        else:
+            timings.append(StageTiming(name, phase, reading - last))
+        last = reading
+    return timings
 
 
 def format_seconds(seconds: float) -> str:
