@@ -38,10 +38,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from isopace.iso8583 import _json, _values
+from isopace.iso8583 import _json, _render, _values
 from isopace.iso8583._json import REDACTED_FIELDS as REDACTED_FIELDS
-from isopace.iso8583.errors import DecodeError, EncodeError, Iso8583Error
-from isopace.iso8583.masking import mask_value
+from isopace.iso8583.errors import DecodeError, EncodeError
 from isopace.iso8583.mti import response_mti
 from isopace.iso8583.tlv import TLV, parse_tlv
 
@@ -344,7 +343,7 @@ class Message:
     def composite(self, n: int, spec: Spec | None = None) -> dict[Any, Any]:
         """The sub-fields of a composite field (e.g. DE 43, DE 127) per the spec's format
         (``spec``, else the message's own, else ISO 8583:1987 ASCII)."""
-        sp = spec or self.spec or _fallback_spec()
+        sp = spec or self.spec or _render.fallback_spec()
         return sp.composite(n).parse(self[n])  # type: ignore[no-any-return]
 
     # --- changing ---------------------------------------------------------------------------
@@ -513,25 +512,11 @@ class Message:
             h = self._hash = hash((self._mti, self._hdr, tuple(self.fields().items())))
         return h
 
-    # --- masking, describing ----------------------------------------------------------------
+    # --- masking, describing (the renderings: :mod:`isopace.iso8583._render`) ------------
     def to_masked_dict(self) -> dict[str, str]:
         """``{"mti": ..., "2": "476173******0010", ...}``: printable, masked values for logs and
         journal records. Built once per message (a copy is returned)."""
-        memo = self._memo
-        if memo is None:
-            memo = self._memo = {}
-        else:
-            out = memo.get("masked")
-            if out is not None:
-                return out.copy()  # type: ignore[no-any-return]
-        out = {"mti": self._mti}
-        for n, v in self.fields().items():
-            if n == 55:
-                out["55"] = mask_value(55, self._icc(v))
-            else:
-                out[_NAMES[n]] = mask_value(n, v)
-        memo["masked"] = out
-        return out.copy()
+        return self.derived(_render.masked_dict).copy()
 
     def derived(self, make: Callable[[Message], _T]) -> _T:
         """``make(self)``, computed once per message and remembered (messages are immutable):
@@ -546,38 +531,13 @@ class Message:
         value = memo[make] = make(self)
         return value
 
-    def _icc(self, v: Value) -> Value | TLV:
-        """DE 55's TLV (parsed once per message), or ``v`` as it is when it does not parse."""
-        try:
-            return self.tlv(55)
-        except (Iso8583Error, ValueError):
-            return v
-
     def __repr__(self) -> str:
-        inner = ", ".join(f"{n}: {mask_value(n, v)!r}" for n, v in self._safe_items())
-        return f"Message({self._mti!r}, {{{inner}}})"
-
-    def _safe_items(self) -> list[tuple[int, Value]]:
-        out = []
-        for n in self._sorted_keys():
-            try:
-                out.append((n, self[n]))
-            except Iso8583Error:
-                out.append((n, "<undecodable>"))
-        return out
+        return _render.masked_repr(self)
 
     def describe(self, spec: Spec | None = None) -> str:
         """A table of the fields with their descriptions (from ``spec``, else the message's own,
         else ISO 8583:1987 ASCII's); card data masked."""
-        sp = spec or self.spec or _fallback_spec()
-        rows = [("MTI", "Message Type Indicator", self._mti)]
-        if self._hdr is not None:
-            rows.insert(0, ("h", "Message Header", mask_value(0, self._hdr)))
-        for n, v in self._safe_items():
-            rows.append((str(n), sp.description(n), mask_value(n, v)))
-        w0 = max(len(r[0]) for r in rows)
-        w1 = min(40, max(len(r[1]) for r in rows))
-        return "\n".join(f"{a:>{w0}}  {b[:w1]:<{w1}}  {c}" for a, b, c in rows)
+        return _render.describe(self, spec)
 
     # --- JSON -------------------------------------------------------------------------------
     def to_json(self, redact: bool = False) -> str:
@@ -677,20 +637,3 @@ def _encode(m: Message, spec: Spec, fmt: WireFormat) -> bytes:
     if keys is None:
         keys = m._sorted_keys()
     return fmt.encode(m, keys, m._vals if wire is None else m.fields())
-
-
-_FALLBACK: list[Spec] = []
-
-
-def _use_as_fallback(spec: Spec) -> None:
-    """Make ``spec`` what ``describe`` and ``composite`` read a message that has no spec with
-    (ISO 8583:1987 ASCII, set by :mod:`isopace.iso8583.specs`, which is above this module: a spec
-    builds messages, so a message cannot import the specs)."""
-    _FALLBACK[:] = [spec]
-
-
-def _fallback_spec() -> Spec:
-    return _FALLBACK[0]
-
-
-_NAMES = tuple(str(n) for n in range(193))

@@ -25,9 +25,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from isopace.iso8583._render import use_as_fallback
 from isopace.iso8583.composite import BitmapComposite, Positional
 from isopace.iso8583.errors import Iso8583Error
-from isopace.iso8583.message import _use_as_fallback
 from isopace.iso8583.spec import Spec
 
 # (number, content class, max length, length-prefix digits (0: fixed), description)
@@ -340,7 +340,7 @@ def iso87_ebcdic(encoding: str = "cp500") -> Spec:
 
 
 ISO87_ASCII = iso87_ascii()
-_use_as_fallback(ISO87_ASCII)  # what Message.describe() and .composite() use by default
+use_as_fallback(ISO87_ASCII)  # what Message.describe() and .composite() use by default
 ISO87_ASCII_BINARY_BITMAP = iso87_ascii_binary_bitmap()
 ISO87_BINARY = iso87_binary()
 ISO87_EBCDIC = iso87_ebcdic()
