@@ -164,10 +164,14 @@ async def test_keepalives_keep_a_connection_open() -> None:
 
 async def test_a_connection_waiting_for_its_answer_is_not_idle() -> None:
     async def slow(request: Message) -> Message:
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(1.2)  # more than two idle timeouts
         return request.reply().set(39, "00")
 
-    async with Server(SPEC, slow, idle_timeout=0.2) as server:
+    # Idle time counts from the last frame, so the first check after the answer closes the
+    # connection. While the answer is owed the server checks every idle_timeout (0.5, 1.0,
+    # 1.5 s): an answer at 1.2 s leaves 0.3 s to read the count. The test used to answer at
+    # 0.8 s with a 0.2 s timeout, on a check, and lost that race under CI load.
+    async with Server(SPEC, slow, idle_timeout=0.5) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(_frame(1))
         assert (await _answer(reader))[39] == "00"
