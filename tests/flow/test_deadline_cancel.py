@@ -160,6 +160,39 @@ async def test_cancellation_during_commit_finishes_the_commits(log: Log) -> None
     assert journal.kinds("t") == [EventKind.BEGIN, EventKind.COMMITTING]
 
 
+async def test_cancellation_during_commit_rolls_nothing_back_without_a_journal(log: Log) -> None:
+    """The plain run too: the decision stands, the other commits finish, nothing aborts (a
+    committed stage rolled back would move the money back behind the caller's back)."""
+    in_commit = asyncio.Event()
+
+    class SlowCommit:
+        name = "slow"
+
+        def prepare(self, ex: Exchange) -> None:
+            return None
+
+        async def commit(self, ex: Exchange) -> None:
+            in_commit.set()
+            await asyncio.sleep(3600)
+
+        def abort(self, ex: Exchange) -> None:
+            log.append(("abort", self.name))
+
+    flow = Flow().group("main", Rec("a", log), SlowCommit(), ARec("c", log))
+    for run in range(2):  # the first run resolves the entry; both take the same path
+        in_commit.clear()
+        log.clear()
+        ex = Exchange(f"t{run}", "r")
+        task = asyncio.create_task(flow.run(ex))
+        await in_commit.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert log.of("commit") == ["a", "c"]
+        assert log.of("abort") == []
+        assert not ex.aborted
+
+
 async def test_retry_is_interrupted_by_cancellation(log: Log) -> None:
     from isopace.flow import RetryPolicy, fixed_backoff, retry
 

@@ -89,7 +89,9 @@ class Idempotent:
             await self.journal.record(ex, IDEMPOTENT_HIT_EVENT)
             return Outcome.REPLAYED
         try:
-            outcome = await self.inner(ex, plan, deadline, fingerprint)
+            # The fingerprint becomes a durable property only where a journal keeps it.
+            kept = fingerprint if self.journal.records else None
+            outcome = await self.inner(ex, plan, deadline, kept)
         except BaseException:
             # Cancelled. Before the decision point the run was rolled back: give the key up.
             # During the commit pass the decision stands: keep the outcome for duplicates.

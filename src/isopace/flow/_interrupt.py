@@ -4,6 +4,13 @@ The deadline timer does what ``asyncio.timeout_at`` does, with less machinery (o
 no context manager), and is armed only when there is something to interrupt: a run of
 plain-function stages never suspends, so its deadline is only checked and arms no timer.
 
+A run's deadline comes to its prepare passes as a :class:`Deadline` (a run without one gets
+:data:`NO_DEADLINE`, whose methods do nothing). The passes iterate their stages through
+:meth:`Deadline.steps`, which checks the clock before handing out each stage and once more after
+the last (the decision point), and arms the timer before the first stage whose prepare is a
+coroutine; so the loops hold no test of their own for whether there is a deadline, and a run
+without one pays nothing per stage.
+
 When the timer fires it cancels the task; the ``CancelledError`` that comes out of the awaited
 stage is turned into a timeout (``Expiry.consume()`` returns True) unless the task was also
 cancelled from outside: then the cancellation propagates, as with ``asyncio.timeout``.
@@ -17,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 from isopace._cardtext import error_text
@@ -61,6 +69,90 @@ def arm(deadline: float) -> Expiry | None:
     """A timer interrupting the current task at ``deadline``; None outside a task."""
     task = asyncio.current_task()
     return None if task is None else Expiry(task, deadline)
+
+
+class NoDeadline:
+    """A run without a deadline: never late, nothing to arm."""
+
+    __slots__ = ("late",)
+
+    def __init__(self) -> None:
+        self.late = False
+        """Whether :meth:`steps` stopped because the deadline had passed."""
+
+    def steps(self, items: Iterable[T], is_async: Callable[[T], bool]) -> Iterable[T]:
+        """``items``, for as long as the deadline has not passed (here: all of them)."""
+        return items
+
+    def passed(self) -> bool:
+        """Whether the deadline has passed by now."""
+        return False
+
+    def arm(self) -> None:
+        """Arm the timer (for an await that :meth:`steps` could not foresee)."""
+
+    def consume(self) -> bool:
+        """For a ``CancelledError`` just caught: True if it is the deadline's (a timeout)."""
+        return False
+
+    def disarm(self) -> None:
+        """Stop the timer at the end of the prepare pass (commits are never cut short)."""
+
+
+NO_DEADLINE = NoDeadline()
+
+
+class Deadline(NoDeadline):
+    """A run's deadline ``at`` (loop clock), as its prepare passes keep it."""
+
+    __slots__ = ("at", "expiry", "now")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.now = _clock_of(asyncio.get_running_loop())
+        self.expiry: Expiry | None = None
+        self.late = False
+
+    def steps(self, items: Iterable[T], is_async: Callable[[T], bool]) -> Iterator[T]:
+        """``items`` while the deadline has not passed, checked before each and after the last
+        (then :attr:`late` says why the iteration stopped); the timer is armed before the first
+        item ``is_async`` says will be awaited, and disarmed when the items end."""
+        at = self.at
+        now = self.now
+        for item in items:
+            if now() >= at:
+                self.late = True
+                break
+            if self.expiry is None and is_async(item):
+                self.arm()
+            yield item
+        else:
+            self.late = now() >= at
+        # The pass is over (a pass that leaves the loop early disarms the timer itself).
+        self.disarm()
+
+    def passed(self) -> bool:
+        return self.now() >= self.at
+
+    def arm(self) -> None:
+        if self.expiry is None:
+            self.expiry = arm(self.at)
+
+    def consume(self) -> bool:
+        return self.expiry is not None and self.expiry.consume()
+
+    def disarm(self) -> None:
+        if self.expiry is not None:
+            self.expiry.disarm()
+            self.expiry = None
+
+
+def _clock_of(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The loop's clock as a function. asyncio's own loops read ``time.monotonic()``: then that
+    builtin itself, a Python frame less on every check (other loops, uvloop's, keep theirs)."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
 
 
 async def until(deadline: float, aw: Awaitable[T]) -> T:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 
 class ResolvedStage:
@@ -47,6 +47,10 @@ class ResolvedStage:
         return f"<resolved stage {self.name!r}>"
 
 
+Step: TypeAlias = tuple[int, Callable[[Any], Any], bool]
+"""A stage's position in its group, its prepare and whether that prepare is a coroutine."""
+
+
 class Plan:
     """A group's stages, with the tuples the run loop iterates."""
 
@@ -54,7 +58,9 @@ class Plan:
 
     def __init__(self, stages: tuple[ResolvedStage, ...]) -> None:
         self.stages = stages
-        self.steps = tuple((i, rs.prepare, rs.prepare_async) for i, rs in enumerate(stages))
+        self.steps: tuple[Step, ...] = tuple(
+            (i, rs.prepare, rs.prepare_async) for i, rs in enumerate(stages)
+        )
         commits: list[tuple[int, ResolvedStage, Callable[[Any], Any], bool]] = []
         for rs in stages:
             if rs.commit is not None:

@@ -50,10 +50,10 @@ Decisions beyond the table in the design document, written down here:
   and its passes (:mod:`isopace.flow._transaction`), idempotency as a wrapper of a run
   (:mod:`isopace.flow._idempotent`), the profiler and listener behind a watch and the journal
   behind a recorder (:mod:`isopace.flow._watch`, :mod:`isopace.flow._recorder`), each with a
-  do-nothing default. A flow with nothing configured around its stages and a run without a
-  deadline take ``Transaction.run_plain``, one specialised loop kept for the overhead target
-  (its docstring gives the numbers); the tests run every rule through it and through the
-  general passes.
+  do-nothing default. A flow with nothing configured around its stages takes
+  ``Transaction.run_plain``, with or without a deadline, one specialised loop kept for the
+  overhead target (its docstring gives the numbers); the tests run every rule through it and
+  through the general passes (the first run of a flow, which resolves its entry, included).
 - A stage's prepare may return ``None`` for ``CONTINUE``. A prepare that returns something else
   than a result aborts the run with a ``TypeError`` naming the stage. A plain function that
   returns an awaitable (a callable object with an ``async __call__``, for instance) has it
@@ -67,6 +67,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from isopace.flow._idempotent import Idempotent
+from isopace.flow._interrupt import NO_DEADLINE, Deadline
 from isopace.flow._recorder import UNRECORDED, Recorder
 from isopace.flow._resolve import Plan, ResolvedStage
 from isopace.flow._transaction import Setup, Transaction
@@ -215,17 +216,19 @@ class Flow:
             return self._resolving(ex, timeout)
         if timeout is None:
             if self._entry_fits:
-                return Transaction.run_plain(self._setup, ex, plan)
+                return Transaction.run_plain(self._setup, ex, plan, plan.steps, NO_DEADLINE)
             return self._run(ex, plan, None, None)
         return self._run_until(ex, plan, timeout)
 
     async def _resolving(self, ex: Exchange, timeout: float | None) -> Outcome:
         """The first run (or one after a change to the groups): resolve the entry, then run."""
-        plan = self._resolve_entry()
-        if timeout is None:
-            return await self._run(ex, plan, None, None)
-        return await self._run_until(ex, plan, timeout)
+        self._resolve_entry()
+        return await self.run(ex, timeout=timeout)
 
     async def _run_until(self, ex: Exchange, plan: Plan, timeout: float) -> Outcome:
         deadline = ex.deadline = asyncio.get_running_loop().time() + timeout
+        if self._entry_fits:
+            timer = Deadline(deadline)
+            steps = Transaction.plain_steps(plan, timer)
+            return await Transaction.run_plain(self._setup, ex, plan, steps, timer)
         return await self._run(ex, plan, deadline, None)
