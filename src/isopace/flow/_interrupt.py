@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from isopace._cardtext import error_text
@@ -71,18 +72,25 @@ def arm(deadline: float) -> Expiry | None:
     return None if task is None else Expiry(task, deadline)
 
 
+_PREPARES_ASYNC = attrgetter("prepare_async")
+"""Whether a stage of the work list has a prepare to await."""
+
+
 class NoDeadline:
     """A run without a deadline: never late, nothing to arm."""
 
-    __slots__ = ("late",)
+    __slots__ = ("expiry", "late")
 
     def __init__(self) -> None:
         self.late = False
         """Whether :meth:`steps` stopped because the deadline had passed."""
+        self.expiry: Expiry | None = None
+        """The armed timer, if any."""
 
-    def steps(self, items: Iterable[T], is_async: Callable[[T], bool]) -> Iterable[T]:
-        """``items``, for as long as the deadline has not passed (here: all of them)."""
-        return items
+    steps: Callable[..., Iterator[Any]] = staticmethod(iter)
+    """``steps(items[, is_async])``: ``items``, for as long as the deadline has not passed.
+    Without a deadline, all of them as they come: the builtin ``iter`` (the general prepare
+    pass hands in an iterator, which ``iter`` returns as it is), no Python frame."""
 
     def passed(self) -> bool:
         """Whether the deadline has passed by now."""
@@ -105,15 +113,17 @@ NO_DEADLINE = NoDeadline()
 class Deadline(NoDeadline):
     """A run's deadline ``at`` (loop clock), as its prepare passes keep it."""
 
-    __slots__ = ("at", "expiry", "now")
+    __slots__ = ("at", "now")
 
     def __init__(self, at: float) -> None:
+        self.late = False
+        self.expiry = None
         self.at = at
         self.now = _clock_of(asyncio.get_running_loop())
-        self.expiry: Expiry | None = None
-        self.late = False
 
-    def steps(self, items: Iterable[T], is_async: Callable[[T], bool]) -> Iterator[T]:
+    def steps(
+        self, items: Iterable[T], is_async: Callable[[T], bool] = _PREPARES_ASYNC
+    ) -> Iterator[T]:
         """``items`` while the deadline has not passed, checked before each and after the last
         (then :attr:`late` says why the iteration stopped); the timer is armed before the first
         item ``is_async`` says will be awaited, and disarmed when the items end."""

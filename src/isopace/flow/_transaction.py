@@ -25,7 +25,7 @@ import inspect
 import logging
 from collections.abc import Coroutine, Iterable, Sequence
 from itertools import islice
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from isopace._cardtext import error_text
@@ -51,9 +51,8 @@ _CONTINUE = Vote.CONTINUE
 _SKIP = Vote.SKIP
 _DONE = Vote.DONE
 _ROUTE = Vote.ROUTE
-_STAGE_AWAITS = attrgetter("prepare_async")
 _STEP_AWAITS = itemgetter(2)
-"""Whether a work-list stage / a plan step will be awaited (the deadline arms its timer first)."""
+"""Whether a plan step's prepare will be awaited (the deadline arms its timer first)."""
 
 
 class Setup:
@@ -109,8 +108,8 @@ class Transaction:
             del work[setup.max_stages :]
         self.work = work
         self.joined: list[ResolvedStage] = [] if joined is None else joined
-        ex.record_joined(self.joined)
-        self.mark = setup.watch.marks(ex)
+        marks, self.mark = setup.watch.marks()
+        ex.record_run(self.joined, marks)
 
     # -- the whole run --------------------------------------------------------------------------
 
@@ -170,7 +169,8 @@ class Transaction:
         / 1.32 µs (async) per transaction, this loop 1.08 / 1.73 µs, the general passes with
         the do-nothing watch and journal 3.80 / 3.92 µs. With ``timeout=``, counted with
         callgrind (instructions per transaction, same pipeline): 50,200 (sync) / 78,100
-        (async) through the general passes, REPLACE_SYNC / REPLACE_ASYNC through this loop.
+        (async) through the general passes, 29,500 / 57,600 through this loop (wall
+        clock, best of 9 x 3000 runs: 3.85 µs against 2.21-2.31 µs, sync).
         """
         stages = plan.stages
         index = -1
@@ -214,7 +214,7 @@ class Transaction:
             commit = tx.fail(_deadline_error(ex))
         if tx is None:
             # Every stage joined (and the deadline's steps, if any, disarmed its timer).
-            ex.record_joined(stages)
+            ex.record_run(stages)
             errors: list[Exception] | None = None
             commits = plan.commits
             for position, rs, commit_fn, commit_async in commits:
@@ -253,12 +253,13 @@ class Transaction:
         mark = self.mark
         clock = self.setup.watch.clock
         timer = self.timer
+        join = self.joined.append
         result: Any
         mark((_PREPARE, clock()))
         try:
             # A list iterator sees the stages that routing appends while it runs; the
             # deadline hands each out only while it has not passed.
-            for rs in timer.steps(islice(self.work, start, None), _STAGE_AWAITS):
+            for rs in timer.steps(islice(self.work, start, None)):
                 try:
                     result = rs.prepare(ex)
                     if rs.prepare_async:
@@ -278,7 +279,7 @@ class Transaction:
                 # The common vote is counted inline, a call less per stage (0.3 µs a run on
                 # the 5-stage benchmark); count() still counts every vote, CONTINUE included.
                 if result is None or result is CONTINUE:
-                    self.joined.append(rs)
+                    join(rs)
                     if ex.aborted:
                         return self.fail()
                 elif (decision := self.count(rs, result)) is not None:
@@ -291,7 +292,8 @@ class Transaction:
                 return self.fail(TooManyStagesError(self.setup.max_stages))
             return True
         finally:
-            timer.disarm()
+            if timer.expiry is not None:
+                timer.disarm()
 
     def count(self, rs: ResolvedStage, result: Result | None) -> bool | None:
         """Count the vote of ``rs``: None to go on with the next stage, else the decision.

@@ -1,9 +1,10 @@
 """What the flow measures around its stages: the profiler and the listener, behind one object.
 
 A run takes two things from its watch: ``clock`` and a per-run ``mark`` function
-(:meth:`Watch.marks`). The passes call ``mark((phase, clock()))`` where a chain of timings
-starts and ``mark((stage_name, clock()))`` after every stage method (``(name, clock(), error)``
-after one that raised), with no test of their own for whether anything is watching. A stage's
+(:meth:`Watch.marks`, which also hands out the list the exchange keeps for its timings). The
+passes call ``mark((phase, clock()))`` where a chain of timings starts and
+``mark((stage_name, clock()))`` after every stage method (``(name, clock(), error)`` after one
+that raised), with no test of their own for whether anything is watching. A stage's
 time is the distance from the mark before it, so each includes the flow's own bookkeeping for
 that stage, tens of nanoseconds; :func:`~isopace.flow.profiler.stage_timings` works the
 durations out when ``ex.timings`` is read.
@@ -48,20 +49,27 @@ _IGNORE: MarkFunc = ().count
 tuple): the do-nothing mark, a call without a Python frame."""
 
 
+_UNMARKED: tuple[None, MarkFunc] = (None, _IGNORE)
+
+
 class Watch:
     """Nothing watching: no clock read, nothing recorded."""
 
-    __slots__ = ()
+    __slots__ = ("clock",)
 
     profiles = False
     """Whether runs keep per-stage timings on the exchange (``profiler=True``)."""
 
-    clock: Callable[[], float] = float
-    """The clock the marks read: here ``float``, a builtin that returns 0.0 and reads nothing."""
+    def __init__(self, clock: Callable[[], float] = float) -> None:
+        self.clock = clock
+        """The clock the marks read: without a watch ``float``, a builtin that returns 0.0
+        and reads nothing. An instance attribute, not a class one, so that reading it is
+        one of the interpreter's fast attribute loads."""
 
-    def marks(self, ex: Exchange) -> MarkFunc:
-        """The mark function of one run of ``ex`` (see the module documentation)."""
-        return _IGNORE
+    def marks(self) -> tuple[Marks | None, MarkFunc]:
+        """One run's list of marks for the exchange to keep (None: no timings) and its mark
+        function (see the module documentation)."""
+        return _UNMARKED
 
 
 UNWATCHED = Watch()
@@ -73,12 +81,13 @@ class Profiled(Watch):
     __slots__ = ()
 
     profiles = True
-    clock = _clock
 
-    def marks(self, ex: Exchange) -> MarkFunc:
+    def __init__(self) -> None:
+        super().__init__(_clock)
+
+    def marks(self) -> tuple[Marks | None, MarkFunc]:
         marks: Marks = []
-        ex.record_timings(marks)
-        return marks.append
+        return marks, marks.append
 
 
 class Listening(Watch):
@@ -86,19 +95,15 @@ class Listening(Watch):
 
     __slots__ = ("listener", "log", "profiles")
 
-    clock = _clock
-
     def __init__(self, listener: FlowListener, log: logging.Logger, profiles: bool) -> None:
+        super().__init__(_clock)
         self.listener = listener
         self.log = log
         self.profiles = profiles
 
-    def marks(self, ex: Exchange) -> MarkFunc:
-        kept: Marks | None = None
-        if self.profiles:
-            kept = []
-            ex.record_timings(kept)
-        return _Told(self.listener, self.log, kept).mark
+    def marks(self) -> tuple[Marks | None, MarkFunc]:
+        kept: Marks | None = [] if self.profiles else None
+        return kept, _Told(self.listener, self.log, kept).mark
 
 
 class _Told:

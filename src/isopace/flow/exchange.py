@@ -161,15 +161,13 @@ class Exchange:
         """Set ``ex.error`` without deciding anything (the group of failed commits)."""
         self._error = error
 
-    def record_joined(self, stages: Sequence[Any]) -> None:
-        """The sequence of joined stages (objects with a ``name``, or names) the run fills in;
-        ``joined`` reads it, so the run appends without telling the exchange again."""
-        self._joined = stages
-
-    def record_timings(self, timings: Marks) -> None:
-        """The list of clock marks the profiler appends to; ``timings`` works the stage
-        timings out of it when read."""
-        self._timings = timings
+    def record_run(self, joined: Sequence[Any], marks: Marks | None = None) -> None:
+        """What the run fills in as it goes: the sequence of joined stages (objects with a
+        ``name``, or names), which ``joined`` reads, and with the profiler the list of clock
+        marks, which ``timings`` works the stage timings out of; the run appends to both
+        without telling the exchange again."""
+        self._joined = joined
+        self._timings = marks
 
     # -- profiler -------------------------------------------------------------------------------
 
