@@ -30,6 +30,8 @@ from isopace.flow.result import Outcome
 if TYPE_CHECKING:
     from isopace.flow._resolve import Plan
 
+_REPLAYED = Outcome.REPLAYED
+
 
 class Idempotent:
     """A run made idempotent by ``store`` under the key ``key(ex)``."""
@@ -57,10 +59,13 @@ class Idempotent:
         self, ex: Exchange, plan: Plan, deadline: float | None, fingerprint: str | None = None
     ) -> Outcome:
         """Run ``ex`` once per key (``fingerprint`` is taken here, once per run)."""
+        # The functions kept in slots are read as attributes, then called: the interpreter's
+        # fast attribute load (a method lookup on a slot is a slow one).
+        key_of, fingerprint_of = self.key, self.fingerprint
         try:
-            key = self.key(ex)
-            if key is not None and self.fingerprint is not None:
-                fingerprint = self.fingerprint(ex)
+            key = key_of(ex)
+            if key is not None and fingerprint_of is not None:
+                fingerprint = fingerprint_of(ex)
         except Exception as exc:
             return await self._refuse(ex, exc)
         if key is None:
@@ -86,8 +91,13 @@ class Idempotent:
                 return await self._refuse(ex, FingerprintMismatchError(key))
             response = stored.response
             ex.response = refill(response, ex.request) if response is not None else None
-            await self.journal.record(ex, IDEMPOTENT_HIT_EVENT)
-            return Outcome.REPLAYED
+            journal = self.journal
+            step = journal.step
+            try:
+                await step(ex, IDEMPOTENT_HIT_EVENT)
+            except Exception as exc:
+                journal.failed(ex, EventKind.IDEMPOTENT_HIT, exc)
+            return _REPLAYED
         try:
             # The fingerprint becomes a durable property only where a journal keeps it.
             kept = fingerprint if self.journal.records else None

@@ -217,7 +217,8 @@ class Flow:
         if timeout is None:
             if self._entry_fits:
                 return Transaction.run_plain(self._setup, ex, plan, plan.steps, NO_DEADLINE)
-            return self._run(ex, plan, None, None)
+            run = self._run  # an attribute load, then the call: the fast way to a bound method
+            return run(ex, plan, None, None)
         return self._run_until(ex, plan, timeout)
 
     async def _resolving(self, ex: Exchange, timeout: float | None) -> Outcome:
