@@ -1,27 +1,50 @@
-"""The authorization host end to end: ``isopace bench`` load against an ``isopace serve`` process
-(SQLite ledger and journal with ``synchronous=FULL``, durable SQLite idempotency store, recovery
-at start-up) vs the bare asyncio echo baseline of ``bench_net`` (length-prefixed frames of the
-same size, echoed), both as two processes (server and load generator), same concurrency.
+"""The authorization host end to end, against the host that does nothing: ``isopace bench`` load
+(closed loop, ``CONCURRENCY`` in flight) at ``isopace serve`` processes, each its own process, so
+load generator and server do not share a core's time.
 
-Reported: saturation throughput (closed loop, ``CONCURRENCY`` in flight) and its ratio to the echo
-(target >= 0.25x), then an open-loop run at 50% of that throughput with its latency percentiles
-(target p99 < 20 ms).
+Why these measurements:
 
-The machine is shared, so each measurement runs ``BENCH_ROUNDS`` times (default 3), the echo
-and the host alternating; every round is printed and the best of each is compared (as in
-``bench_net``). ``BENCH_COMPARE=DIR`` runs a second host from another checkout (its ``src``) in
-the same run, its rounds interleaved with this tree's, so a change is measured before and after
-under the same load on the machine; the latency runs then offer both hosts one rate, half the
-slower one's saturation.
+- **The no-op host** (`benchmarks._noop_host`) is ``isopace.net.Server`` with ``isopace serve``'s
+  spec (ascii), framing (binary2) and codec, answering every 0200 at once with its 0210 and
+  DE 39 = 00. It costs what any host on this wire costs, so the durable host's throughput over
+  the no-op's (target >= 0.08x) is what the durable path costs, in the same run under the same
+  load, however busy the shared machine is. (It replaces the bare asyncio echo, which ran a
+  different load generator and so compared two things at once.) Each round also says how many
+  cores the server and the load generator used: against the no-op host the server uses well
+  under one and the rate does not grow with more in flight, so the reference is the most this
+  load generator gets answered through ``Server``, not ``Server``'s own limit.
+- **CPU per approval**: the ``isopace serve`` process's utime + stime (``/proc/PID/stat``, every
+  thread's) over each saturation round, over the approvals (DE 39 = 00) of that round (target
+  <= 200 µs). Throughput on a shared machine depends on the neighbours; CPU time per approval
+  depends on them less, and it says what a transaction costs when the host is the only
+  thing running.
+- **Transaction logging**: a second durable host with ``--no-log-transactions`` (which also
+  turns the per-stage profiler off), rounds interleaved with the first's; logging on costs
+  <= 5% of the throughput with it off. Both run at ``--log-level INFO``, serve's default (the
+  one that logs the transactions), their output into a file.
+- **Latency**: an open-loop run at 50% of the durable host's saturation with its percentiles
+  (target p99 < 10 ms): saturation alone says nothing of the wait at an ordinary load.
+
+The machine is shared, so each measurement runs ``BENCH_ROUNDS`` times (default 3), the servers
+taking turns within each round so that a noisy moment hits all of them; every round is printed
+and the best of each is compared (as in ``bench_net``). ``BENCH_COMPARE=DIR`` runs a second host
+from another checkout (its ``src``) in the same run, its rounds interleaved with this tree's, so a
+change is measured before and after under the same load on the machine; the latency runs then
+offer both hosts one rate, half the slower one's saturation.
 
 Run: ``./scripts/bench host``; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_CONCURRENCY``
 (default 64), ``BENCH_ROUNDS`` (default 3), ``BENCH_SERVE_ARGS`` (extra ``isopace serve`` flags,
-e.g. ``--uvloop``), ``BENCH_COMPARE`` (a checkout to measure beside this one).
+e.g. ``--uvloop``, which the no-op host follows too), ``BENCH_COMPARE`` (a checkout to measure
+beside this one). The databases live in a temporary directory removed at the end; every process
+started is stopped, also when the run fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import math
 import os
 import socket
 import subprocess
@@ -31,7 +54,6 @@ import time
 from pathlib import Path
 
 from isopace.cli._bench import BenchResult, run_load
-from isopace.iso8583 import ISO87_ASCII
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
@@ -42,16 +64,11 @@ SERVE_ARGS = os.environ.get("BENCH_SERVE_ARGS", "").split()
 COMPARE = Path(os.environ["BENCH_COMPARE"]).resolve() if os.environ.get("BENCH_COMPARE") else None
 ROOT = Path(__file__).resolve().parents[1]
 
-_ECHO_SERVER = """
-import asyncio, sys
-from benchmarks.bench_net import _EchoServer
-async def main():
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_EchoServer, "127.0.0.1", int(sys.argv[1]))
-    async with server:
-        await server.serve_forever()
-asyncio.run(main())
-"""
+NOOP_RATIO_TARGET = 0.08  # durable / no-op saturation, at least
+CPU_TARGET_US = 200.0  # serve's CPU per approval, at most
+LOG_COST_TARGET = 0.05  # throughput lost to transaction logging, at most
+P99_TARGET_MS = 10.0  # at half the saturation, below
+APPROVED = "00"
 
 
 def _free_port() -> int:
@@ -60,51 +77,180 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env() -> dict[str, str]:
+def _env(tree: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    paths = [str(tree / "src"), str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid``, all its threads, in seconds (``proc(5)``: fields 14 and
+    15, counted after the parenthesised command name, which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class _Round:
+    """One saturation run, the server's CPU time over it and the load generator's (this
+    process's): which of the two was the limit."""
+
+    result: BenchResult
+    cpu: float
+    load_cpu: float
+
+    @property
+    def busy(self) -> str:
+        """CPU use of server and load generator, in cores."""
+        elapsed = self.result.elapsed
+        return f"server {self.cpu / elapsed:.2f}, bench {self.load_cpu / elapsed:.2f} cores"
+
+    @property
+    def tps(self) -> float:
+        return self.result.tps
+
+    @property
+    def us_per_approval(self) -> float:
+        approvals = self.result.codes[APPROVED]
+        return self.cpu / approvals * 1e6 if approvals else math.nan
+
+
+class _Server:
+    """One server process under load: an ``isopace serve`` or the no-op host."""
+
+    def __init__(self, label: str, argv: list[str], port: int, tree: Path, log: Path) -> None:
+        self.label = label
+        self.port = port
+        self.rounds: list[_Round] = []
+        self.paced: list[BenchResult] = []
+        self._log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"server did not open port {port}")
+            self.proc = subprocess.Popen(
+                argv, stdout=self._log, stderr=subprocess.STDOUT, env=_env(tree), cwd=tree
+            )
+        except BaseException:
+            self._log.close()
+            raise
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.label} did not open port {self.port}{self._log_tail()}")
+
+    def warm_up(self) -> None:
+        asyncio.run(run_load(port=self.port, duration=1.0, concurrency=CONCURRENCY))
+
+    def saturate(self) -> None:
+        self._check_alive()
+        before, load_before = _cpu_seconds(self.proc.pid), time.process_time()
+        result = asyncio.run(run_load(port=self.port, duration=SECONDS, concurrency=CONCURRENCY))
+        load_cpu = time.process_time() - load_before
+        self._check_alive()
+        self.rounds.append(_Round(result, _cpu_seconds(self.proc.pid) - before, load_cpu))
+
+    def pace(self, tps: float) -> None:
+        self.paced.append(asyncio.run(run_load(port=self.port, duration=SECONDS, tps=tps)))
+
+    def stop(self) -> None:
+        try:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        finally:
+            self._log.close()
+
+    @property
+    def best(self) -> _Round:
+        return max(self.rounds, key=lambda r: r.tps)
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.label} exited with {self.proc.returncode}{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        tail = self._log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "".join(f"\n  | {line}" for line in tail)
 
 
-async def _echo_rate(port: int) -> float:
-    """Closed-loop echo round trips per second through one connection (CONCURRENCY in flight)."""
-    from benchmarks.bench_net import REQUEST, _EchoClient
+def _serve(label: str, tree: Path, tmp: Path, name: str, *flags: str) -> _Server:
+    """``isopace serve`` from ``tree`` with its defaults (SQLite, synchronous=FULL, durable
+    idempotency, recovery at start-up, transactions logged at INFO), on a free port."""
+    port = _free_port()
+    argv = [
+        sys.executable, "-m", "isopace", "serve", "--port", str(port),
+        "--db", str(tmp / name / "bench.db"), "--log-level", "INFO", *flags, *SERVE_ARGS,
+    ]  # fmt: skip
+    return _Server(label, argv, port, tree, tmp / f"{name}.log")
 
-    loop = asyncio.get_running_loop()
-    transport, client = await loop.create_connection(_EchoClient, "127.0.0.1", port)
-    payload = ISO87_ASCII.encode(REQUEST)
-    frame = len(payload).to_bytes(2, "big") + payload
-    count = 0
-    stop = False
 
-    async def worker() -> None:
-        nonlocal count
-        while not stop:
-            await client.request(frame)
-            count += 1
+def _noop(tmp: Path) -> _Server:
+    port = _free_port()
+    argv = [sys.executable, "-m", "benchmarks._noop_host", str(port)]
+    if "--uvloop" in SERVE_ARGS:
+        argv.append("--uvloop")
+    return _Server("no-op host (Server, reply 00)", argv, port, ROOT, tmp / "noop.log")
 
-    tasks = [loop.create_task(worker()) for _ in range(CONCURRENCY)]
-    await asyncio.sleep(0.5)
-    start_count, t0 = count, time.perf_counter()
-    await asyncio.sleep(SECONDS)
-    rate = (count - start_count) / (time.perf_counter() - t0)
-    stop = True
-    await asyncio.gather(*tasks)
-    transport.close()
-    return rate
+
+@dataclasses.dataclass
+class _Lineup:
+    noop: _Server
+    host: _Server  # isopace serve, this tree, transactions logged
+    quiet: _Server  # the same with --no-log-transactions
+    compare: _Server | None  # BENCH_COMPARE's isopace serve
+    half: float = 0.0  # the offered rate of the latency runs
+
+    @property
+    def durable(self) -> list[_Server]:
+        return [self.host] if self.compare is None else [self.host, self.compare]
+
+    @property
+    def every(self) -> list[_Server]:
+        return [self.noop, self.host, self.quiet, *self.durable[1:]]
+
+
+def _start(tmp: Path, stack: contextlib.ExitStack) -> _Lineup:
+    """Start every server, each one's stop on ``stack`` as soon as it runs."""
+
+    def run(server: _Server) -> _Server:
+        stack.callback(server.stop)
+        return server
+
+    noop = run(_noop(tmp))
+    host = run(_serve("isopace serve (this tree)", ROOT, tmp, "host"))
+    quiet = run(
+        _serve("isopace serve --no-log-transactions", ROOT, tmp, "quiet", "--no-log-transactions")
+    )
+    compare = None
+    if COMPARE is not None:
+        compare = run(_serve(f"BENCH_COMPARE {COMPARE.name}", COMPARE, tmp, "compare"))
+    return _Lineup(noop, host, quiet, compare)
+
+
+def _measure(lineup: _Lineup) -> None:
+    for server in lineup.every:
+        server.wait_ready()
+        server.warm_up()
+    for _ in range(ROUNDS):  # the servers take turns, so a noisy moment hits every one
+        for server in lineup.every:
+            server.saturate()
+    # One offered rate for every durable host: half the slowest saturation, so latencies compare.
+    lineup.half = max(1.0, min(host.best.tps for host in lineup.durable) / 2)
+    for _ in range(ROUNDS):
+        for host in lineup.durable:
+            host.pace(lineup.half)
 
 
 def _line(name: str, r: BenchResult) -> str:
@@ -114,103 +260,91 @@ def _line(name: str, r: BenchResult) -> str:
     return f"{name:30s} {r.tps:9,.0f} tps   {pct}   [{codes}; {ok}]"
 
 
-class _Host:
-    """One ``isopace serve`` process, from this checkout or from ``BENCH_COMPARE``'s."""
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
 
-    def __init__(self, name: str, tree: Path, tmp: Path) -> None:
-        self.name = name
-        self.port = _free_port()
-        self.saturated: list[BenchResult] = []
-        self.paced: list[BenchResult] = []
-        self._log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
-        env = _env()
-        env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), env["PYTHONPATH"]])
-        # isopace serve with its defaults: SQLite, synchronous=FULL, durable idempotency, recovery.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "isopace", "serve", "--port", str(self.port),
-             "--db", str(tmp / name / "bench.db"), "--log-level", "WARNING", *SERVE_ARGS],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=tree,
-        )  # fmt: skip
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        self._log.close()
+def _per_round(values: list[float], fmt: str) -> str:
+    return ", ".join(format(v, fmt) for v in values)
 
-    @property
-    def best(self) -> BenchResult:
-        return max(self.saturated, key=lambda r: r.tps)
+
+def _print_rounds(server: _Server) -> None:
+    print(f"--- {server.label}")
+    for i, r in enumerate(server.rounds, 1):
+        cpu = f"{r.us_per_approval:4.0f} µs CPU/approval ({r.busy})"
+        print(_line(f"saturation round {i} (c={CONCURRENCY})", r.result), cpu)
+    print(f"best {server.best.tps:,.0f} tps of {len(server.rounds)} rounds x {SECONDS:g} s")
+
+
+def _print_against_noop(host: _Server, noop: _Server) -> None:
+    ratios = [h.tps / n.tps for h, n in zip(host.rounds, noop.rounds, strict=True)]
+    best = host.best.tps / noop.best.tps
+    print(
+        f"durable / no-op: {best:.3f}x best of {host.best.tps:,.0f} over {noop.best.tps:,.0f} "
+        f"(per round: {_per_round(ratios, '.3f')}; target >= {NOOP_RATIO_TARGET:g}x)",
+        _verdict(best >= NOOP_RATIO_TARGET),
+    )
+
+
+def _print_cpu(host: _Server) -> None:
+    per_round = [r.us_per_approval for r in host.rounds]
+    best = min(per_round)
+    print(
+        f"CPU per approval: {best:.0f} µs best (per round: {_per_round(per_round, '.0f')} µs; "
+        f"target <= {CPU_TARGET_US:g} µs)",
+        _verdict(best <= CPU_TARGET_US),
+    )
+
+
+def _print_latency(host: _Server, half: float) -> None:
+    for i, r in enumerate(host.paced, 1):
+        print(_line(f"at {half:,.0f} tps round {i}", r))
+    p99 = min(r.percentile(99) for r in host.paced) * 1000
+    print(
+        f"best p99 at {half:,.0f} tps: {p99:.2f} ms (target < {P99_TARGET_MS:g} ms)",
+        _verdict(p99 < P99_TARGET_MS),
+    )
+
+
+def _print_logging_cost(on: _Server, off: _Server) -> None:
+    ratios = [b.tps / a.tps for a, b in zip(on.rounds, off.rounds, strict=True)]
+    ratio = off.best.tps / on.best.tps
+    cost = 1 - on.best.tps / off.best.tps
+    print(
+        f"transaction log off / on: {ratio:.3f}x best (per round: {_per_round(ratios, '.3f')}); "
+        f"logging costs {cost:.1%} of the throughput (target <= {LOG_COST_TARGET:.0%})",
+        _verdict(cost <= LOG_COST_TARGET),
+    )
+
+
+def _report(lineup: _Lineup) -> None:
+    _print_rounds(lineup.noop)
+    for host in lineup.durable:
+        _print_rounds(host)
+        _print_against_noop(host, lineup.noop)
+        _print_cpu(host)
+        _print_latency(host, lineup.half)
+    _print_rounds(lineup.quiet)
+    _print_logging_cost(lineup.host, lineup.quiet)
+    if lineup.compare is not None:
+        this, other = lineup.host, lineup.compare
+        ratios = [a.tps / b.tps for a, b in zip(this.rounds, other.rounds, strict=True)]
+        print(
+            f"this tree / BENCH_COMPARE saturation: {this.best.tps / other.best.tps:.2f}x best "
+            f"(per round: {_per_round(ratios, '.2f')})"
+        )
 
 
 def main() -> None:
-    echo_port = _free_port()
-    echo = subprocess.Popen(
-        [sys.executable, "-c", _ECHO_SERVER, str(echo_port)], env=_env(), cwd=ROOT
-    )
-    tmp = tempfile.TemporaryDirectory()
-    trees = [("this tree", ROOT)]
-    if COMPARE:
-        trees.append((f"BENCH_COMPARE {COMPARE.name}", COMPARE))
-    hosts = [_Host(f"host{i}", tree, Path(tmp.name)) for i, (_, tree) in enumerate(trees)]
-    names = {host.name: label for host, (label, _) in zip(hosts, trees, strict=True)}
-    echoes: list[float] = []
-    try:
-        _wait_port(echo_port, echo)
-        for host in hosts:
-            _wait_port(host.port, host.proc)
-            asyncio.run(run_load(port=host.port, duration=1.0, concurrency=CONCURRENCY))  # warm-up
-        for _ in range(ROUNDS):  # echo and hosts alternate, so a noisy moment hits every one
-            echoes.append(asyncio.run(_echo_rate(echo_port)))
-            for host in hosts:
-                host.saturated.append(
-                    asyncio.run(run_load(port=host.port, duration=SECONDS, concurrency=CONCURRENCY))
-                )
-        # One offered rate for every host: half the slowest saturation, so latencies compare.
-        half = max(1.0, min(host.best.tps for host in hosts) / 2)
-        for _ in range(ROUNDS):
-            for host in hosts:
-                host.paced.append(asyncio.run(run_load(port=host.port, duration=SECONDS, tps=half)))
-    finally:
-        echo.terminate()
-        echo.wait(30)
-        for host in hosts:
-            host.stop()
-        tmp.cleanup()
-
-    echo_tps = max(echoes)
-    print(
-        f"bare asyncio echo              {echo_tps:9,.0f} rt/s  ({CONCURRENCY} in flight, "
-        f"2 processes, best of {ROUNDS} x {SECONDS:g} s; rounds: "
-        + ", ".join(f"{e:,.0f}" for e in echoes)
-        + ")"
-    )
-    for host in hosts:
-        label = names[host.name]
-        ratio = host.best.tps / echo_tps if echo_tps else 0.0
-        print(f"--- {label}")
-        for i, r in enumerate(host.saturated, 1):
-            print(_line(f"saturation round {i} (c={CONCURRENCY})", r))
-        print(
-            f"best {host.best.tps:,.0f} tps: ratio {ratio:.3f}x of the bare echo (target >= 0.25x)",
-            "ok" if ratio >= 0.25 else "MISSED",
-        )
-        for i, r in enumerate(host.paced, 1):
-            print(_line(f"at {half:,.0f} tps round {i}", r))
-        calm = min(host.paced, key=lambda r: r.percentile(99))
-        p99 = calm.percentile(99) * 1000
-        print(
-            f"best p99 at {half:,.0f} tps: {p99:.2f} ms (target < 20 ms)",
-            "ok" if p99 < 20 else "MISSED",
-        )
-    if len(hosts) == 2:
-        this, other = hosts
-        per_round = ", ".join(
-            f"{a.tps / b.tps:.2f}" for a, b in zip(this.saturated, other.saturated, strict=True)
-        )
-        print(
-            f"this tree / BENCH_COMPARE saturation: {this.best.tps / other.best.tps:.2f}x best "
-            f"(per round: {per_round})"
-        )
+    # the stack stops every server started (each even when another's stop fails), then the
+    # temporary directory with the databases goes
+    with (
+        tempfile.TemporaryDirectory(prefix="isopace-bench-host-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        lineup = _start(Path(tmp), stack)
+        _measure(lineup)
+    _report(lineup)
 
 
 if __name__ == "__main__":
