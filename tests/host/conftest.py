@@ -112,22 +112,6 @@ class HostProcess:
 
     @property
     def output(self) -> str:
-        """The process's log so far. A serving process writes its log from a thread of its
-        own (``isopace.cli._logging``), a moment after the answer it logs may have left: while
-        the process runs, the log is read once it has not grown for 50 ms (at most 2 s)."""
-        text = self._read()
-        if self.proc is None or self.proc.poll() is not None:
-            return text
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            again = self._read()
-            if again == text:
-                break
-            text = again
-        return text
-
-    def _read(self) -> str:
         try:
             return self.log.read_text(errors="replace")
         except OSError:

@@ -12,7 +12,6 @@ import signal
 import sys
 from typing import Any
 
-from isopace.cli._logging import QueuedLog
 from isopace.cli._output import Output, money
 from isopace.cli._spec import add_spec_flags
 from isopace.host.config import HostConfig, load_config, option_help, option_name, parse_bins
@@ -117,21 +116,21 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from isopace.net import raise_open_file_limit
+
     config = config_from_args(args)
     # whatever the caller's umask, what the host creates is its user's alone (the host also
     # creates its files 0600 explicitly: isopace.host.datadir)
     os.umask(0o077)
-    queued = QueuedLog(getattr(logging, config.log_level.upper(), logging.INFO))
-    try:
-        return _run(config)
-    finally:
-        queued.stop()
-
-
-def _run(config: HostConfig) -> int:
-    from isopace.net import raise_open_file_limit
-
+    _setup_logging(config.log_level)
     sys.setswitchinterval(config.switch_interval)
     # a server's descriptors: the default --max-connections is a share of this limit
     raise_open_file_limit()

@@ -517,7 +517,7 @@ class AuthorizationHost:
             code,
             outcome,
             cause,
-            _Profile(ex),
+            ex.profile(),
             extra={
                 "tx_id": ex.id,
                 "mti": request.mti,
@@ -526,19 +526,6 @@ class AuthorizationHost:
                 "outcome": str(outcome),
             },
         )
-
-
-class _Profile:
-    """``ex.profile()``, built when the line is rendered: by the writer thread when the log
-    is queued (``isopace serve``), not on the event loop."""
-
-    __slots__ = ("ex",)
-
-    def __init__(self, ex: Exchange) -> None:
-        self.ex = ex
-
-    def __str__(self) -> str:
-        return self.ex.profile()
 
 
 def _check_bindable(what: str, host: str, port: int) -> None:
