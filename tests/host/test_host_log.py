@@ -53,3 +53,59 @@ async def test_stage_error_with_card_data_is_masked_in_the_log(
     assert PAN_OK not in text
     assert "25121010000012300000" not in text
     assert "2512101000001230" not in text
+
+
+class _CountingStream:
+    """A text stream that counts its flushes and what was flushed by then."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.flushed: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        self.flushed.append(self.text)
+
+
+def test_serve_log_flushes_once_per_loop_turn_and_at_once_elsewhere() -> None:
+    import asyncio
+
+    from isopace.cli._logging import FORMAT, TurnFlushed
+
+    stream = _CountingStream()
+    handler = TurnFlushed(stream)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter(FORMAT))
+    log = logging.getLogger("isopace.test.turns")
+    log.propagate = False
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        log.info("before the loop")
+        assert stream.flushed == [stream.text]  # off the loop: at once
+
+        async def turns() -> None:
+            for n in range(50):
+                log.info("turn one %d", n)
+            assert len(stream.flushed) == 1  # written, not yet flushed
+            await asyncio.sleep(0)
+            assert len(stream.flushed) == 2 and stream.flushed[-1].count("turn one") == 50
+            log.info("turn two")
+            # the loop stops before the turn's flush runs
+
+        asyncio.run(turns())
+        log.info("after the loop")
+        assert stream.flushed[-1].endswith("after the loop\n")
+
+        async def next_loop() -> None:
+            log.info("a later loop")
+            await asyncio.sleep(0)  # its own flush, not the stopped loop's
+
+        asyncio.run(next_loop())
+        assert stream.flushed[-1].endswith("a later loop\n")
+        assert "INFO    isopace.test.turns: turn one 49" in stream.text
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True

@@ -117,10 +117,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    from isopace.cli import _logging
+
+    _logging.setup(getattr(logging, level.upper(), logging.INFO), sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
