@@ -129,6 +129,46 @@ async def test_synced_waits_for_the_open_batch_and_groups_syncs(db: SqliteDataba
     await db.synced()  # nothing new: returns at once
 
 
+async def test_writes_made_while_a_sync_runs_share_one_commit_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch opened during an fdatasync commits when the sync ends, however many iterations
+    its writes span: one commit, then one more sync for them; a waiter returns only then."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        entered.set()
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held)
+    database = SqliteDatabase(tmp_path / "s.db")  # its sync thread uses `held`
+    try:
+        database.setup(_table)
+        first = asyncio.ensure_future(database.call(_put, "first", durable=True))
+        while not entered.is_set():
+            await asyncio.sleep(0.001)
+        commits = database.commits
+        later = []
+        for n in range(5):  # five iterations' writes while the sync is held
+            later.append(asyncio.ensure_future(database.call(_put, f"k{n}", durable=True)))
+            await asyncio.sleep(0)
+        assert database.commits == commits  # kept open: nothing of them can be on disk yet
+        assert _rows(tmp_path / "s.db") == {"first": 1}
+        assert not any(f.done() for f in later)
+        release.set()
+        await first
+        await asyncio.gather(*later)
+        assert database.commits == commits + 1  # the five iterations, one commit
+        assert len(_rows(tmp_path / "s.db")) == 6
+    finally:
+        release.set()
+        await database.close()
+
+
 async def test_normal_mode_never_syncs(tmp_path: Path) -> None:
     database = SqliteDatabase(tmp_path / "n.db", synchronous="NORMAL")
     try:

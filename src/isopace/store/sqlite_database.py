@@ -96,6 +96,8 @@ class SqliteDatabase:
         self.commits = 0
         self._synced = 0
         self._batch_open = False
+        #: an fdatasync is running: the open batch commits when it ends (see `commit`)
+        self._syncing = False
         self._failed: BaseException | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,7 +130,7 @@ class SqliteDatabase:
                 raise StoreError(f"database {self.path}: {exc}") from exc
             self._batch_open = True
             try:
-                asyncio.get_running_loop().call_soon(self.commit)
+                asyncio.get_running_loop().call_soon(self._next_iteration)
             except RuntimeError:  # no loop: commit at once
                 self._batch_open = False
                 return self._single(conn, fn, args)
@@ -167,13 +169,21 @@ class SqliteDatabase:
         self.commits += 1
         return result
 
-    def commit(self) -> None:
-        """Commit the open batch now (the loop does it at the start of the next iteration).
+    def commit(self, *, now: bool = True) -> None:
+        """Commit the open batch (the loop asks at the start of the next iteration, with
+        ``now=False``).
+
+        With ``now=False`` a batch opened while an fdatasync runs stays open until that sync
+        ends (`_on_synced` commits it): nothing it holds can be on disk before the next sync
+        anyway, and the writes of the iterations meanwhile then share one commit, a page they
+        all touch (an account's, an index's) going to the WAL once instead of once an
+        iteration. Other processes see those writes a sync later; one that writes waits for
+        the write lock meanwhile, as it waits for any open batch.
 
         A failed commit undoes writes whose callers already went on with their results, so,
         as after a failed sync, the database refuses every later call (restart the process;
         recovery then finishes what was in flight from what is on disk)."""
-        if not self._batch_open:
+        if not self._batch_open or (self._syncing and not now):
             return
         self._batch_open = False
         try:
@@ -187,6 +197,9 @@ class SqliteDatabase:
         self.commits += 1
         if self._waiters:
             self._sync_wanted.set()
+
+    def _next_iteration(self) -> None:
+        self.commit(now=False)
 
     def setup(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` outside any batch: for schema set-up and migrations, which
@@ -264,10 +277,12 @@ class SqliteDatabase:
 
     def _on_synced(self, target: int, error: BaseException | None) -> None:
         """On the loop: settle the waiters the sync covered; ask for another if some remain."""
+        self._syncing = False
         if error is not None:
             self._fail(error)
             return
         self._synced = max(self._synced, target)
+        self.commit()  # the batch that waited for this sync (it asks for the next one)
         remaining = []
         for item in self._waiters:
             wanted, fut = item
@@ -293,6 +308,7 @@ class SqliteDatabase:
                 if self._closed and not self._waiters:
                     return
                 target = self.commits  # every commit counted here finished before the sync
+                self._syncing = True
                 error: BaseException | None = None
                 try:
                     if wal_fd is None:
