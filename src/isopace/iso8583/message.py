@@ -615,9 +615,9 @@ def _encode(m: Message, spec: Spec, fmt: WireFormat) -> bytes:
     unchanged message, those bytes patched for a changed one, else the fields encoded."""
     wire = m._wire
     if wire is not None and wire[0] is spec:  # decoded with this spec
-        _, data, lay, offs = wire
         if m._clean:
-            return data
+            return wire[1]  # the hot path: before the unpacking the patch paths need
+        _, data, lay, offs = wire
         keys = m._keys
         if keys is None:
             keys = m._sorted_keys()
