@@ -2,7 +2,7 @@
 
 The durable host is only worth what it adds to the part no host can avoid: accepting the
 connections, framing, decoding the 0200 and encoding its 0210. This process does exactly that
-part, built the way ``isopace serve`` builds it (`isopace.net.Server` with the default
+part, built the way ``isopace serve`` builds it (`isopace.host.build_server`: the default
 configuration's spec, framing and port limits, the collector frozen after start-up, the same
 switch interval, uvloop when asked), and answers every request at once with ``request.reply()``
 and DE 39 = 00, as the host's ``Respond`` stage does. Its throughput under the same ``isopace
@@ -19,35 +19,20 @@ import gc
 import signal
 import sys
 
-from isopace.host.config import HostConfig, load_config
+from isopace.host import build_server
+from isopace.host.config import load_config
 from isopace.iso8583 import Message
 from isopace.iso8583 import response_codes as rc
-from isopace.net import Framing, LengthHeader, Server, raise_open_file_limit
+from isopace.net import raise_open_file_limit
 
 
 async def _approve(request: Message) -> Message:
     return request.reply().set(39, rc.APPROVED)
 
 
-def _server(config: HostConfig, port: int) -> Server:
-    """The Server ``isopace serve`` would build from ``config`` (`AuthorizationHost`), around a
-    handler that approves everything."""
-    return Server(
-        config.wire_spec(),
-        _approve,
-        framing=Framing(header=LengthHeader(config.framing)),
-        host=config.host,
-        port=port,
-        max_in_flight=config.max_in_flight,
-        idle_timeout=config.idle_timeout or None,
-        frame_timeout=config.frame_timeout or None,
-        max_connections=config.max_connections,
-        max_buffered_bytes=config.max_buffered_bytes or None,
-    )
-
-
 async def _serve(port: int) -> None:
-    server = _server(load_config(), port)
+    config = load_config()
+    server = build_server(config, config.wire_spec(), _approve, port=port)
     await server.start()
     gc.collect()
     gc.freeze()  # as isopace serve does after start-up

@@ -133,21 +133,31 @@ async def test_cancellation_of_a_decline_abort_pass_still_completes_it(log: Log)
     assert log.of("abort") == ["d", "slow", "a"]
 
 
+class _SlowCommit:
+    """A stage whose commit sets ``in_commit`` and then waits for ever (until cancelled)."""
+
+    name = "slow"
+
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.in_commit = asyncio.Event()
+
+    def prepare(self, ex: Exchange) -> None:
+        return None
+
+    async def commit(self, ex: Exchange) -> None:
+        self.in_commit.set()
+        await asyncio.sleep(3600)
+
+    def abort(self, ex: Exchange) -> None:
+        self.log.append(("abort", self.name))
+
+
 async def test_cancellation_during_commit_finishes_the_commits(log: Log) -> None:
     journal = MemoryJournal()
-    in_commit = asyncio.Event()
-
-    class SlowCommit:
-        name = "slow"
-
-        def prepare(self, ex: Exchange) -> None:
-            return None
-
-        async def commit(self, ex: Exchange) -> None:
-            in_commit.set()
-            await asyncio.sleep(3600)
-
-    flow = Flow(journal=journal).group("main", Rec("a", log), SlowCommit(), ARec("c", log))
+    slow = _SlowCommit(log)
+    in_commit = slow.in_commit
+    flow = Flow(journal=journal).group("main", Rec("a", log), slow, ARec("c", log))
     ex = Exchange("t", "r")
     task = asyncio.create_task(flow.run(ex))
     await in_commit.wait()
@@ -163,22 +173,9 @@ async def test_cancellation_during_commit_finishes_the_commits(log: Log) -> None
 async def test_cancellation_during_commit_rolls_nothing_back_without_a_journal(log: Log) -> None:
     """The plain run too: the decision stands, the other commits finish, nothing aborts (a
     committed stage rolled back would move the money back behind the caller's back)."""
-    in_commit = asyncio.Event()
-
-    class SlowCommit:
-        name = "slow"
-
-        def prepare(self, ex: Exchange) -> None:
-            return None
-
-        async def commit(self, ex: Exchange) -> None:
-            in_commit.set()
-            await asyncio.sleep(3600)
-
-        def abort(self, ex: Exchange) -> None:
-            log.append(("abort", self.name))
-
-    flow = Flow().group("main", Rec("a", log), SlowCommit(), ARec("c", log))
+    slow = _SlowCommit(log)
+    in_commit = slow.in_commit
+    flow = Flow().group("main", Rec("a", log), slow, ARec("c", log))
     for run in range(2):  # the first run resolves the entry; both take the same path
         in_commit.clear()
         log.clear()

@@ -15,7 +15,14 @@
   ``ledger``, ``keys``) use these, so the rules are written once.
 """
 
-from isopace.host.app import BENCH_PAN, DEMO_CARDS, AuthorizationHost, build_flow, idempotency_key
+from isopace.host.app import (
+    BENCH_PAN,
+    DEMO_CARDS,
+    AuthorizationHost,
+    build_flow,
+    build_server,
+    idempotency_key,
+)
 from isopace.host.config import HostConfig, load_config
 from isopace.host.errors import ConfigError, HostError, LedgerError, StartupError
 from isopace.host.ledger import (
@@ -84,6 +91,7 @@ __all__ = [
     "Stores",
     "Velocity",
     "build_flow",
+    "build_server",
     "idempotency_key",
     "load_config",
     "lock_data",

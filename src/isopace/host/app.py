@@ -91,10 +91,17 @@ if TYPE_CHECKING:
 
     from isopace.flow import FlowListener, IdempotencyStore, Journal
     from isopace.iso8583 import Message, Spec
-    from isopace.net import Server
+    from isopace.net import Handler, Server
     from isopace.store import RecoveryReport
 
-__all__ = ["BENCH_PAN", "DEMO_CARDS", "AuthorizationHost", "build_flow", "idempotency_key"]
+__all__ = [
+    "BENCH_PAN",
+    "DEMO_CARDS",
+    "AuthorizationHost",
+    "build_flow",
+    "build_server",
+    "idempotency_key",
+]
 
 log = logging.getLogger("isopace.host")
 
@@ -173,6 +180,35 @@ def build_flow(
     flow.group("respond", stages.Respond())
     apply_extensions(flow, ledger, config)  # the user's own stages (`isopace.host.extensions`)
     return flow
+
+
+def build_server(
+    cfg: HostConfig,
+    spec: Spec,
+    handler: Handler,
+    *,
+    port: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Server:
+    """The `Server` the host listens with for ``cfg`` (framing, address, limits), around
+    ``handler``; ``port`` overrides ``cfg.port``. Also what the host benchmark's no-op host is
+    built with, so that the two differ only in what answers."""
+    from isopace.net import Framing, LengthHeader, Server
+
+    return Server(
+        spec,
+        handler,
+        framing=Framing(header=LengthHeader(cfg.framing)),
+        host=cfg.host,
+        port=cfg.port if port is None else port,
+        ssl=ssl_context,
+        max_in_flight=cfg.max_in_flight,
+        # 0 in the configuration: no limit
+        idle_timeout=cfg.idle_timeout or None,
+        frame_timeout=cfg.frame_timeout or None,
+        max_connections=cfg.max_connections,
+        max_buffered_bytes=cfg.max_buffered_bytes or None,
+    )
 
 
 class AuthorizationHost:
@@ -408,23 +444,8 @@ class AuthorizationHost:
             self.reload_keys()
 
     async def _start_server(self, ssl_context: ssl.SSLContext | None) -> None:
-        from isopace.net import Framing, LengthHeader, Server
-
         cfg = self.config
-        self.server = Server(
-            self.spec,
-            self.handle,
-            framing=Framing(header=LengthHeader(cfg.framing)),
-            host=cfg.host,
-            port=cfg.port,
-            ssl=ssl_context,
-            max_in_flight=cfg.max_in_flight,
-            # 0 in the configuration: no limit
-            idle_timeout=cfg.idle_timeout or None,
-            frame_timeout=cfg.frame_timeout or None,
-            max_connections=cfg.max_connections,
-            max_buffered_bytes=cfg.max_buffered_bytes or None,
-        )
+        self.server = build_server(cfg, self.spec, self.handle, ssl_context=ssl_context)
         try:
             await self.server.start()
         except OSError as exc:
